@@ -1,0 +1,214 @@
+"""Argument validation and derived sizes for the STCA operators.
+
+Every backend receives an already validated :class:`STCAGeometry`, so the
+checks below live in exactly one place. The names follow ``STCA_SPEC.md``:
+``P`` grid side, ``K`` cells per window, ``m`` masked cells per window,
+``N_keep`` kept patch tokens per frame, ``I`` mixed channels per direction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+import torch
+
+MIXING_MODES = ("continual", "separate", "none")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+@dataclass(frozen=True)
+class STCAGeometry:
+    """Everything an STCA gather/scatter needs besides the tensors.
+
+    Shapes for ``B`` clips of ``T = num_frames`` frames, ``D`` channels:
+    ``x``/``full``: ``(B*T, 1 + grid**2, D)``;
+    ``mixed``: ``(len(scales), B*T, 1 + num_kept, D)``; ``phase``: ``(B, T)``.
+    """
+
+    num_frames: int  # T
+    grid: int  # P: patches per side, N = P * P
+    window: tuple[int, int]  # (w1, w2)
+    masked: int  # m: masked cells per window
+    scales: tuple[int, ...] | None  # S; None for pad_scatter, which takes S from mixed.shape[0]
+    channel_fold: int  # F
+    mixing: str  # "continual" | "separate" | "none"
+    channels: int  # D
+
+    @property
+    def cells(self) -> int:  # K = w1 * w2
+        return self.window[0] * self.window[1]
+
+    @property
+    def kept_per_window(self) -> int:  # K - m
+        return self.cells - self.masked
+
+    @property
+    def windows_per_row(self) -> int:  # P / w2
+        return self.grid // self.window[1]
+
+    @property
+    def num_windows(self) -> int:  # (P / w1) * (P / w2)
+        return (self.grid // self.window[0]) * self.windows_per_row
+
+    @property
+    def num_kept(self) -> int:  # N_keep
+        return self.num_windows * self.kept_per_window
+
+    @property
+    def mix_channels(self) -> int:  # I = D // F
+        return self.channels // self.channel_fold
+
+
+def _positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def _window(window) -> tuple[int, int]:
+    if (
+        not isinstance(window, (tuple, list))
+        or len(window) != 2
+        or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in window)
+    ):
+        raise ValueError(f"window must be a pair of positive ints (w1, w2), got {window!r}")
+    return int(window[0]), int(window[1])
+
+
+def masked_cells(window: tuple[int, int], mask_ratio) -> int:
+    """``m = round(mask_ratio * K)``, at least one cell of each window kept."""
+    if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
+        raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
+    if not 0.0 <= float(mask_ratio) < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
+    cells = window[0] * window[1]
+    masked = round(float(mask_ratio) * cells)
+    if masked >= cells:
+        raise ValueError(
+            f"mask_ratio={mask_ratio!r} masks all {cells} cells of a window {window}; "
+            "at least one cell must be kept"
+        )
+    return masked
+
+
+def _scales(scales) -> tuple[int, ...]:
+    if not isinstance(scales, (tuple, list)) or len(scales) == 0:
+        raise ValueError(f"scales must be a non-empty tuple of positive ints, got {scales!r}")
+    for s in scales:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ValueError(f"scales must hold positive ints, got {scales!r}")
+    if len(set(scales)) != len(scales):
+        raise ValueError(f"scales must be distinct, got {scales!r}")
+    return tuple(int(s) for s in scales)
+
+
+def grid_side(num_tokens: int, name: str) -> int:
+    """``P`` from the token count ``1 + P*P`` (CLS first)."""
+    patches = num_tokens - 1
+    side = math.isqrt(max(patches, 0))
+    if patches < 1 or side * side != patches:
+        raise ValueError(
+            f"{name}.shape[1] must be 1 + P*P tokens (CLS then a square P x P patch grid), "
+            f"got {num_tokens}"
+        )
+    return side
+
+
+def check_float_tensor(t, name: str, ndim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}"
+        )
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def make_geometry(
+    *,
+    num_tokens: int,
+    channels: int,
+    rows: int,
+    num_frames,
+    window,
+    mask_ratio,
+    scales,
+    channel_fold,
+    mixing: str,
+    tensor_name: str,
+) -> STCAGeometry:
+    """Validate the operator arguments; raises ``ValueError`` naming the culprit."""
+    num_frames = _positive_int(num_frames, "num_frames")
+    if rows % num_frames != 0:
+        raise ValueError(
+            f"{tensor_name}.shape[0] (B*T = {rows}) must be divisible by num_frames={num_frames}"
+        )
+    window = _window(window)
+    grid = grid_side(num_tokens, tensor_name)
+    if grid % window[0] != 0 or grid % window[1] != 0:
+        raise ValueError(
+            f"window {window} must tile the {grid}x{grid} patch grid: "
+            f"{grid} is not divisible by both window sides"
+        )
+    masked = masked_cells(window, mask_ratio)
+    scales = None if scales is None else _scales(scales)
+    channel_fold = _positive_int(channel_fold, "channel_fold")
+    if mixing not in MIXING_MODES:
+        raise ValueError(f"mixing must be one of {MIXING_MODES}, got {mixing!r}")
+    mix = channels // channel_fold
+    if mixing != "none":
+        if mix < 1:
+            raise ValueError(
+                f"channel_fold={channel_fold} leaves I = D // F = 0 mixed channels for D={channels}; "
+                "use channel_fold <= D (or mixing='none')"
+            )
+        if 2 * mix > channels:
+            raise ValueError(
+                f"channel_fold={channel_fold} gives I={mix}, but 2*I must fit in D={channels}"
+            )
+        if mixing == "continual":
+            for s in scales or ():
+                if mix % s != 0:
+                    raise ValueError(
+                        f"continual mixing needs I = D // channel_fold = {mix} divisible by every "
+                        f"scale; scale {s} in scales={scales} does not divide it"
+                    )
+    return STCAGeometry(
+        num_frames=num_frames,
+        grid=grid,
+        window=window,
+        masked=masked,
+        scales=scales,
+        channel_fold=channel_fold,
+        mixing=mixing,
+        channels=channels,
+    )
+
+
+def check_phase(
+    phase, batch: int, geometry: STCAGeometry, device: torch.device, check_values: bool = True
+) -> torch.Tensor:
+    """Validate a ``(B, T)`` integer phase tensor with values in ``[0, K)``.
+
+    The value-range check reads the tensor back to the host (a device sync on
+    GPU); ``check_values=False`` skips it for callers that validated the phase
+    already, e.g. once per forward pass of a whole STCA stack.
+    """
+    if not isinstance(phase, torch.Tensor):
+        raise ValueError(f"phase must be an integer torch.Tensor of shape (B, T), got {type(phase).__name__}")
+    if phase.dtype.is_floating_point or phase.dtype.is_complex or phase.dtype == torch.bool:
+        raise ValueError(f"phase must have an integer dtype, got {phase.dtype}")
+    expected = (batch, geometry.num_frames)
+    if tuple(phase.shape) != expected:
+        raise ValueError(f"phase must have shape (B, T) = {expected}, got {tuple(phase.shape)}")
+    if phase.device != device:
+        raise ValueError(f"phase is on {phase.device} but the tokens are on {device}")
+    if check_values and phase.numel() > 0:
+        low, high = int(phase.min()), int(phase.max())
+        if low < 0 or high >= geometry.cells:
+            raise ValueError(
+                f"phase values must be in [0, K) = [0, {geometry.cells}) for window "
+                f"{geometry.window}, got values in [{low}, {high}]"
+            )
+    return phase

@@ -1,0 +1,178 @@
+"""Public, validating entry points of the STCA operators (see ``STCA_SPEC.md``).
+
+These check every argument once (``ValueError`` naming the argument), resolve
+the backend (:mod:`stdd_kernels.dispatch`) and call it with a validated
+:class:`~stdd_kernels.geometry.STCAGeometry`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from . import reference
+from .dispatch import Backend, register_backend, resolve_backend
+from .geometry import (
+    FLOAT_DTYPES,
+    STCAGeometry,
+    _positive_int,
+    _window,
+    check_float_tensor,
+    check_phase,
+    make_geometry,
+)
+
+register_backend(
+    Backend(
+        name="reference",
+        mix_gather=reference.mix_gather,
+        pad_scatter=reference.pad_scatter,
+        supports=lambda device, dtype: None if dtype in FLOAT_DTYPES else f"dtype {dtype}",
+        auto_priority={"cpu": 0, "cuda": 0},
+        description="plain PyTorch indexing (stdd_kernels/reference.py), any device",
+    )
+)
+
+
+def _phase_for(phase, batch: int, geometry: STCAGeometry, device, validate: bool) -> torch.Tensor:
+    if phase is None:
+        return reference.mask_phase(batch, geometry.num_frames, geometry.cells, device=device)
+    return check_phase(phase, batch, geometry, device, check_values=validate)
+
+
+def mix_gather(
+    x: torch.Tensor,
+    num_frames: int,
+    *,
+    scales: Sequence[int] = (1, 2),
+    channel_fold: int = 32,
+    window: Sequence[int] = (2, 2),
+    mask_ratio: float = 0.5,
+    phase: Optional[torch.Tensor] = None,
+    mixing: str = "continual",
+    backend: Optional[str] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Window-shift masking + multi-scale channel mixing (spec steps 1-2).
+
+    ``x``: ``(B*T, 1 + P*P, D)`` tokens, frames of a clip contiguous, CLS first.
+    Returns ``mixed``: ``(len(scales), B*T, 1 + N_keep, D)``.
+    ``phase``: ``(B, T)`` ints in ``[0, K)``; ``None`` = evaluation phases
+    ``t mod K``. ``validate=False`` skips only the phase value-range check,
+    which syncs with the device (shapes, dtypes and devices are always checked).
+    """
+    check_float_tensor(x, "x", 3)
+    geometry = make_geometry(
+        num_tokens=x.shape[1],
+        channels=x.shape[2],
+        rows=x.shape[0],
+        num_frames=num_frames,
+        window=window,
+        mask_ratio=mask_ratio,
+        scales=scales,
+        channel_fold=channel_fold,
+        mixing=mixing,
+        tensor_name="x",
+    )
+    batch = x.shape[0] // geometry.num_frames
+    phase = _phase_for(phase, batch, geometry, x.device, validate)
+    return resolve_backend(backend, x.device, x.dtype).mix_gather(x, phase, geometry)
+
+
+def pad_scatter(
+    full: torch.Tensor,
+    mixed: torch.Tensor,
+    num_frames: int,
+    *,
+    window: Sequence[int] = (2, 2),
+    mask_ratio: float = 0.5,
+    phase: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Padding (+ the block's short-cut add when ``residual`` is given), spec step 4.
+
+    ``full``: ``(B*T, 1 + P*P, D)``; ``mixed``: ``(S, B*T, 1 + N_keep, D)``;
+    ``residual``: like ``full`` or ``None``. Returns ``(B*T, 1 + P*P, D)``:
+    ``full`` with CLS and the kept patch tokens replaced by the mean of
+    ``mixed`` over its first dimension, plus ``residual``.
+    """
+    check_float_tensor(full, "full", 3)
+    check_float_tensor(mixed, "mixed", 4)
+    if mixed.shape[0] < 1:
+        raise ValueError(f"mixed must hold at least one scale, got shape {tuple(mixed.shape)}")
+    # The scatter reads only the number of scales (mixed.shape[0]); no mixing settings.
+    geometry = make_geometry(
+        num_tokens=full.shape[1],
+        channels=full.shape[2],
+        rows=full.shape[0],
+        num_frames=num_frames,
+        window=window,
+        mask_ratio=mask_ratio,
+        scales=None,
+        channel_fold=1,
+        mixing="none",
+        tensor_name="full",
+    )
+    expected = (mixed.shape[0], full.shape[0], 1 + geometry.num_kept, full.shape[2])
+    if tuple(mixed.shape) != expected:
+        raise ValueError(
+            f"mixed must have shape (S, B*T, 1 + N_keep, D) = (S, {expected[1]}, {expected[2]}, "
+            f"{expected[3]}) for full {tuple(full.shape)}, window {geometry.window} and "
+            f"mask_ratio {mask_ratio}, got {tuple(mixed.shape)}"
+        )
+    for name, other in (("mixed", mixed), ("residual", residual)):
+        if other is None:
+            continue
+        if name == "residual":
+            check_float_tensor(other, "residual", 3)
+            if other.shape != full.shape:
+                raise ValueError(
+                    f"residual must have the shape of full {tuple(full.shape)}, got {tuple(other.shape)}"
+                )
+        if other.dtype != full.dtype:
+            raise ValueError(f"{name} has dtype {other.dtype} but full has {full.dtype}")
+        if other.device != full.device:
+            raise ValueError(f"{name} is on {other.device} but full is on {full.device}")
+    batch = full.shape[0] // geometry.num_frames
+    phase = _phase_for(phase, batch, geometry, full.device, validate)
+    return resolve_backend(backend, full.device, full.dtype).pad_scatter(
+        full, mixed, phase, geometry, residual
+    )
+
+
+def mask_phase(
+    batch: int,
+    num_frames: int,
+    *,
+    window: Sequence[int] = (2, 2),
+    mode: str = "eval",
+    generator: Optional[torch.Generator] = None,
+    shuffle: bool = False,
+    device=None,
+) -> torch.Tensor:
+    """Window-shift phases ``(B, T)`` (int64) in ``[0, K)``, ``K = w1 * w2``.
+
+    ``mode="eval"``: ``t mod K`` (deterministic). ``mode="train"``: a random
+    offset per clip, ``(t + i_b) mod K``; ``shuffle=True`` also permutes each
+    clip's phases. Draws come from ``generator`` (a CPU ``torch.Generator``),
+    so seeding it reproduces the phases on any ``device``.
+    """
+    batch = _positive_int(batch, "batch")
+    num_frames = _positive_int(num_frames, "num_frames")
+    w1, w2 = _window(window)
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if generator is not None and generator.device.type != "cpu":
+        raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
+    if not isinstance(shuffle, bool):
+        raise ValueError(f"shuffle must be a bool, got {shuffle!r}")
+    if shuffle and mode != "train":
+        raise ValueError("shuffle=True only applies to mode='train'")
+    return reference.mask_phase(
+        batch, num_frames, w1 * w2, mode=mode, generator=generator, shuffle=shuffle, device=device
+    )
