@@ -9,11 +9,15 @@ reports which are available here.
 
 Note on names: the Triton kernels live in the submodules
 ``stdd_kernels/mix_gather.py`` and ``stdd_kernels/pad_scatter.py``, whose
-names equal the public functions'. The optional backends are imported below,
-before the functions are bound, so ``stdd_kernels.mix_gather`` is always the
-function; reach the kernel modules with ``from stdd_kernels.mix_gather import ...``
-or ``importlib.import_module``, not ``import stdd_kernels.mix_gather as m``.
+names equal the public functions'. Importing a submodule normally rebinds the
+package attribute of that name to the module; the package class below keeps
+``stdd_kernels.mix_gather`` / ``pad_scatter`` the functions. Reach the kernel
+modules with ``from stdd_kernels.mix_gather import ...`` or
+``importlib.import_module``, not ``import stdd_kernels.mix_gather as m``.
 """
+
+import sys
+import types
 
 from .dispatch import (
     ENV_VAR,
@@ -23,12 +27,21 @@ from .dispatch import (
     unavailable_backends,
 )
 from .geometry import STCAGeometry
+from .ops import mask_phase, mix_gather, pad_scatter  # also registers the reference backend
 
-from . import ops as _ops  # registers the reference backend
+_PUBLIC_OPS = ("mix_gather", "pad_scatter", "mask_phase")
 
-load_optional_backends()  # must run before the public names below are bound
 
-from .ops import mask_phase, mix_gather, pad_scatter  # noqa: E402
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        if name in _PUBLIC_OPS and isinstance(value, types.ModuleType):
+            return  # a kernel submodule of the same name was imported: keep the public function
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+
+load_optional_backends()
 
 __all__ = [
     "ENV_VAR",
