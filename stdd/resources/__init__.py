@@ -1,0 +1,121 @@
+"""Shipped data: class lists of the benchmark datasets and the ASKG graphs/prompts.
+
+`class_names(dataset)` returns the official class names in the official order
+(the order class indices refer to); `display_name(dataset, name)` is the plain
+text form used in prompts ("ApplyEyeMakeup" -> "apply eye makeup").
+
+Sources of the lists (see classes/README.md): UCF101 classInd.txt, HMDB51's 51
+directory names, the Kinetics-400 / Kinetics-600 label csvs (as shipped by
+ActionCLIP / X-CLIP style `kinetics_*_labels.csv` files and mmaction2's
+label maps). `k600_new` is the Kinetics-600 classes that are new relative to
+Kinetics-400 (the K600 zero-shot benchmark), i.e. K600 minus K400 minus the
+K400 classes that Kinetics-600 only renamed (`K400_RENAMED_IN_K600`).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+RESOURCES_DIR = Path(__file__).resolve().parent
+CLASSES_DIR = RESOURCES_DIR / "classes"
+ASKG_DIR = RESOURCES_DIR / "askg"
+
+# Expected number of classes per shipped list; a list with another count is a
+# corrupted install or a bad edit and must fail loudly, not shift class indices.
+CLASS_COUNTS = {"ucf101": 101, "hmdb51": 51, "k400": 400, "k600": 600, "k600_new": 220}
+DATASETS = tuple(CLASS_COUNTS)
+
+# Kinetics-600 renamed (or narrowed with a "(not ...)" qualifier) these K400
+# classes; the K600 name covers the same videos, so it is not a class unseen by
+# a K400-trained model. "The short note about Kinetics-600" (Carreira et al.
+# 2018) says 368 K400 classes are unchanged and the other 32 were renamed,
+# split or removed; the 12 below are the renames/narrowings, which leaves the
+# 220 K600-only classes of the usual zero-shot protocol (Chen & Huang 2021).
+# The public ER-ZSAR class index file was not readable here, so this table is a
+# reconstruction from the two label lists: K600 has 232 names not spelled as in
+# K400, and these 12 are the ones that denote a K400 class.
+K400_RENAMED_IN_K600 = {
+    "baby waking up": "waking up",
+    "balloon blowing": "inflating balloons",
+    "changing wheel": "changing wheel (not on bike)",
+    "cooking sausages": "cooking sausages (not on barbeque)",
+    "dying hair": "dyeing hair",
+    "garbage collecting": "person collecting garbage",
+    "hugging": "hugging (not baby)",
+    "making bed": "making the bed",
+    "opening bottle": "opening bottle (not wine)",
+    # Same class; the K600 label csv writes "american" in lower case here.
+    "passing American football (not in game)": "passing american football (not in game)",
+    "throwing ball": "throwing ball (not baseball or American football)",
+    "tying tie": "tying necktie",
+}
+
+
+def _check_dataset(dataset: str) -> str:
+    if not isinstance(dataset, str) or dataset.lower() not in CLASS_COUNTS:
+        raise ValueError(f"dataset={dataset!r}: expected one of {', '.join(DATASETS)}")
+    return dataset.lower()
+
+
+@functools.lru_cache(maxsize=None)
+def _load_class_names(dataset: str) -> tuple[str, ...]:
+    path = CLASSES_DIR / f"{dataset}.txt"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"class list {path} is missing (broken install?)") from None
+    names = [line.strip() for line in text.splitlines() if line.strip()]
+    expected = CLASS_COUNTS[dataset]
+    if len(names) != expected:
+        raise ValueError(f"class list {path}: {len(names)} names, expected {expected}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"class list {path}: duplicated names {duplicates}")
+    return tuple(names)
+
+
+def class_names(dataset: str) -> list[str]:
+    """Official class names of `dataset` (ucf101|hmdb51|k400|k600|k600_new), in index order."""
+    return list(_load_class_names(_check_dataset(dataset)))
+
+
+# "ApplyEyeMakeup" -> apply|eye|makeup; "YoYo" -> yo|yo; "HTMLParser" -> html|parser;
+# digit runs stay words of their own ("Top10Moves" -> top|10|moves).
+_CAMEL_WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|[0-9]+")
+
+
+def display_name(dataset: str, class_name: str) -> str:
+    """The class name as plain lower-case words, the form prompts must mention.
+
+    UCF101: CamelCase split into words ("ApplyEyeMakeup" -> "apply eye makeup",
+    "YoYo" -> "yo yo"); HMDB51: underscores to spaces ("brush_hair" -> "brush
+    hair"); Kinetics: unchanged. Any other dataset name (a user's own class
+    file) gets the Kinetics rule: the name as written, whitespace collapsed.
+    """
+    if not isinstance(class_name, str) or not class_name.strip():
+        raise ValueError(f"class_name={class_name!r}: expected a non-empty string")
+    key = dataset.lower() if isinstance(dataset, str) else dataset
+    if key == "ucf101":
+        words = _CAMEL_WORD.findall(class_name)
+        if "".join(words) != re.sub(r"[^A-Za-z0-9]", "", class_name):
+            raise ValueError(f"class_name={class_name!r}: not a CamelCase UCF101 name")
+        return " ".join(w.lower() for w in words)
+    if key == "hmdb51":
+        return " ".join(class_name.replace("_", " ").split())
+    return " ".join(class_name.split())
+
+
+def askg_path(dataset: str) -> Path:
+    """Path of the shipped ASKG file for ucf101|hmdb51|k400|k600_new."""
+    dataset = _check_dataset(dataset)
+    if dataset == "k600":
+        raise ValueError("dataset='k600': ASKG graphs ship as k400 + k600_new (the 220 new classes)")
+    return ASKG_DIR / f"{dataset}.json"
+
+
+__all__ = [
+    "ASKG_DIR", "CLASSES_DIR", "CLASS_COUNTS", "DATASETS", "K400_RENAMED_IN_K600",
+    "askg_path", "class_names", "display_name",
+]
