@@ -1,0 +1,1 @@
+"""Text side of STDD: ASKG construction (LLM pipeline, schema) and prompt lists."""

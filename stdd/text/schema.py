@@ -1,0 +1,295 @@
+"""The ASKG schema: one Action Semantic Knowledge Graph per class, and the file of them.
+
+A graph (JSON object) is what stage 1 (objects, sub-actions, relation triples)
+and stage 2 (prompt sentences) of the ASKG pipeline produce for one class:
+
+    {"class": "archery",
+     "objects": [5..10 distinct objects],
+     "sub_actions": [3..10 distinct sub-actions, in temporal order],
+     "relations": {"object_object": [[obj, predicate, obj], ...]    (>= 3),
+                   "action_object": [[sub_action, predicate, obj], ...]  (>= 1),
+                   "action_action": [[sub_action, predicate, sub_action], ...]  (>= 2)},
+     "prompts": {"spatial": [>= 3 sentences from object_object triples],
+                 "temporal": [>= 3 sentences from action_* triples]}}
+
+Every prompt is one sentence "This is a video of <display name>, ...". The
+shipped files (`stdd/resources/askg/<set>.json`) hold
+{"schema_version": 1, "dataset", "provenance", "classes": {name: graph}} with
+every class of the set's class list, in class-list order.
+
+Validators return lists of error strings (empty = valid) so a file with many
+problems is reported in one pass; each error names the class and the field.
+`python -m stdd.text.schema FILE...` validates files from the shell.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from stdd.resources import CLASS_COUNTS, class_names, display_name
+
+SCHEMA_VERSION = 1
+
+OBJECTS_MIN, OBJECTS_MAX = 5, 10
+SUB_ACTIONS_MIN, SUB_ACTIONS_MAX = 3, 10
+RELATION_MINIMUMS = {"object_object": 3, "action_object": 1, "action_action": 2}
+PROMPT_MINIMUMS = {"spatial": 3, "temporal": 3}
+# Prompts are fed to the CLIP text encoder (77 tokens, roughly 50-60 words):
+# a longer sentence would be truncated silently.
+PROMPT_MAX_WORDS = 45
+
+GRAPH_KEYS = ("class", "objects", "sub_actions", "relations", "prompts")
+SHIPPED_SETS = ("ucf101", "hmdb51", "k400", "k600_new")
+FILE_KEYS = ("schema_version", "dataset", "provenance", "classes")
+SHIPPED_PROVENANCE_KEYS = ("generator", "how", "date", "regenerate")
+
+# Two sentences glued together: a sentence end followed by a capitalised word.
+_SENTENCE_BREAK = re.compile(r"[.!?;]\s+[A-Z]")
+
+
+def normalize_entity(text: str) -> str:
+    """Comparison key of an entity: lower case, single spaces (LLMs vary case/spacing)."""
+    return " ".join(text.lower().split())
+
+
+def prompt_prefix(display: str) -> str:
+    return f"This is a video of {display},"
+
+
+def _string_list(value: Any, where: str, errors: list[str]) -> list[str]:
+    if not isinstance(value, list):
+        errors.append(f"{where}: expected a list of strings, got {type(value).__name__}")
+        return []
+    good = []
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            errors.append(f"{where}[{i}]: expected a non-empty string, got {item!r}")
+        else:
+            good.append(item)
+    return good
+
+
+def _check_entities(items: list[str], where: str, low: int, high: int, errors: list[str]) -> None:
+    if not low <= len(items) <= high:
+        errors.append(f"{where}: {len(items)} entries, expected {low}-{high}")
+    seen: dict[str, str] = {}
+    for item in items:
+        key = normalize_entity(item)
+        if key in seen:
+            errors.append(f"{where}: duplicate entry {item!r}")
+        seen[key] = item
+
+
+def check_prompt(sentence: str, display: str) -> str | None:
+    """Why `sentence` is not a valid prompt for a class shown as `display`, or None."""
+    prefix = prompt_prefix(display)
+    if not sentence.lower().startswith(prefix.lower()):
+        return f"must start with {prefix!r}"
+    if "\n" in sentence or "\r" in sentence:
+        return "must be one line"
+    if not sentence.rstrip().endswith("."):
+        return "must end with '.'"
+    clause = sentence[len(prefix):].strip()
+    if len(clause.rstrip(".").split()) < 3:
+        return "needs a clause of at least 3 words after the prefix"
+    if _SENTENCE_BREAK.search(sentence.rstrip()[:-1]):
+        return "must be a single sentence"
+    if len(sentence.split()) > PROMPT_MAX_WORDS:
+        return f"longer than {PROMPT_MAX_WORDS} words (CLIP's 77-token context)"
+    return None
+
+
+def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
+    """Errors of one class's graph (empty list: valid).
+
+    `dataset` picks the display-name rule (see `stdd.resources.display_name`);
+    any name outside the known sets (a user's class file) keeps names as written.
+    """
+    where = f"class {class_name!r}"
+    if not isinstance(graph, dict):
+        return [f"{where}: expected a JSON object, got {type(graph).__name__}"]
+    errors: list[str] = []
+    missing = [k for k in GRAPH_KEYS if k not in graph]
+    if missing:
+        errors.append(f"{where}: missing fields {missing}")
+    unknown = sorted(set(graph) - set(GRAPH_KEYS))
+    if unknown:
+        errors.append(f"{where}: unknown fields {unknown}")
+    if "class" in graph and graph["class"] != class_name:
+        errors.append(f"{where}: field 'class' is {graph['class']!r}, expected {class_name!r}")
+    try:
+        display = display_name(dataset, class_name)
+    except ValueError as exc:
+        return errors + [f"{where}: {exc}"]
+
+    objects = _string_list(graph.get("objects", []), f"{where}.objects", errors)
+    sub_actions = _string_list(graph.get("sub_actions", []), f"{where}.sub_actions", errors)
+    _check_entities(objects, f"{where}.objects", OBJECTS_MIN, OBJECTS_MAX, errors)
+    _check_entities(sub_actions, f"{where}.sub_actions", SUB_ACTIONS_MIN, SUB_ACTIONS_MAX, errors)
+    object_keys = {normalize_entity(o) for o in objects}
+    action_keys = {normalize_entity(a) for a in sub_actions}
+    entity_sets = {
+        "object_object": (object_keys, object_keys, "objects", "objects"),
+        "action_object": (action_keys, object_keys, "sub_actions", "objects"),
+        "action_action": (action_keys, action_keys, "sub_actions", "sub_actions"),
+    }
+
+    relations = graph.get("relations", {})
+    if not isinstance(relations, dict):
+        errors.append(f"{where}.relations: expected an object, got {type(relations).__name__}")
+        relations = {}
+    unknown = sorted(set(relations) - set(RELATION_MINIMUMS))
+    if unknown:
+        errors.append(f"{where}.relations: unknown kinds {unknown}")
+    for kind, minimum in RELATION_MINIMUMS.items():
+        triples = relations.get(kind)
+        rwhere = f"{where}.relations.{kind}"
+        if not isinstance(triples, list):
+            errors.append(f"{rwhere}: expected a list of [subject, predicate, object] triples")
+            continue
+        if len(triples) < minimum:
+            errors.append(f"{rwhere}: {len(triples)} triples, expected at least {minimum}")
+        subjects, objects_, subject_field, object_field = entity_sets[kind]
+        seen = set()
+        for i, triple in enumerate(triples):
+            if (not isinstance(triple, list) or len(triple) != 3
+                    or not all(isinstance(t, str) and t.strip() for t in triple)):
+                errors.append(f"{rwhere}[{i}]: expected [subject, predicate, object] non-empty strings, got {triple!r}")
+                continue
+            subject, _, obj = (normalize_entity(t) for t in triple)
+            if subject not in subjects:
+                errors.append(f"{rwhere}[{i}]: subject {triple[0]!r} is not in {subject_field}")
+            if obj not in objects_:
+                errors.append(f"{rwhere}[{i}]: object {triple[2]!r} is not in {object_field}")
+            if subject == obj:
+                errors.append(f"{rwhere}[{i}]: subject and object are the same ({triple[0]!r})")
+            key = tuple(normalize_entity(t) for t in triple)
+            if key in seen:
+                errors.append(f"{rwhere}[{i}]: duplicate triple {triple!r}")
+            seen.add(key)
+
+    prompts = graph.get("prompts", {})
+    if not isinstance(prompts, dict):
+        errors.append(f"{where}.prompts: expected an object, got {type(prompts).__name__}")
+        prompts = {}
+    unknown = sorted(set(prompts) - set(PROMPT_MINIMUMS))
+    if unknown:
+        errors.append(f"{where}.prompts: unknown kinds {unknown}")
+    for kind, minimum in PROMPT_MINIMUMS.items():
+        pwhere = f"{where}.prompts.{kind}"
+        sentences = _string_list(prompts.get(kind, []), pwhere, errors)
+        if len(sentences) < minimum:
+            errors.append(f"{pwhere}: {len(sentences)} sentences, expected at least {minimum}")
+        # Spatial prompts describe objects, temporal ones sub-actions: a sentence
+        # naming none of its graph's entities is filler, not drawn from a triple.
+        entities = object_keys if kind == "spatial" else action_keys | object_keys
+        needed = "an object" if kind == "spatial" else "a sub-action or object"
+        seen_sentences = set()
+        for i, sentence in enumerate(sentences):
+            problem = check_prompt(sentence, display)
+            if problem:
+                errors.append(f"{pwhere}[{i}]: {problem}: {sentence!r}")
+                continue
+            lowered = normalize_entity(sentence)
+            if lowered in seen_sentences:
+                errors.append(f"{pwhere}[{i}]: duplicate sentence {sentence!r}")
+            seen_sentences.add(lowered)
+            clause = lowered[len(normalize_entity(prompt_prefix(display))):]
+            if entities and not any(e in clause for e in entities):
+                errors.append(f"{pwhere}[{i}]: names no {needed} of the graph: {sentence!r}")
+        if kind == "temporal" and action_keys and sentences:
+            # At least one temporal sentence must carry an ordered sub-action.
+            if not any(any(a in normalize_entity(s) for a in action_keys) for s in sentences):
+                errors.append(f"{pwhere}: no sentence names a sub-action")
+    return errors
+
+
+def validate_askg_document(document: Any, source: str = "<document>", *,
+                           require_complete: bool = True) -> list[str]:
+    """Errors of a whole ASKG file already parsed from JSON (see `validate_askg_file`)."""
+    if not isinstance(document, dict):
+        return [f"{source}: expected a JSON object, got {type(document).__name__}"]
+    errors: list[str] = []
+    missing = [k for k in FILE_KEYS if k not in document]
+    if missing:
+        errors.append(f"{source}: missing fields {missing}")
+    if "schema_version" in document and document["schema_version"] != SCHEMA_VERSION:
+        errors.append(f"{source}: schema_version {document['schema_version']!r}, expected {SCHEMA_VERSION}")
+    dataset = document.get("dataset")
+    if not isinstance(dataset, str) or not dataset:
+        errors.append(f"{source}: field 'dataset' must be a non-empty string")
+        dataset = "custom"
+    provenance = document.get("provenance")
+    if not isinstance(provenance, dict):
+        errors.append(f"{source}: field 'provenance' must be an object")
+    elif dataset in SHIPPED_SETS:
+        for key in SHIPPED_PROVENANCE_KEYS:
+            if not isinstance(provenance.get(key), str) or not provenance[key].strip():
+                errors.append(f"{source}: provenance.{key} must be a non-empty string")
+    classes = document.get("classes")
+    if not isinstance(classes, dict):
+        errors.append(f"{source}: field 'classes' must be an object mapping class name -> graph")
+        return errors
+    if dataset in CLASS_COUNTS and require_complete:
+        expected = class_names(dataset)
+        missing_classes = [c for c in expected if c not in classes]
+        extra = [c for c in classes if c not in set(expected)]
+        if missing_classes:
+            errors.append(f"{source}: {len(missing_classes)} of {len(expected)} {dataset} classes missing, "
+                          f"e.g. {missing_classes[:5]}")
+        if extra:
+            errors.append(f"{source}: classes not in the {dataset} list: {extra[:5]}")
+        if not missing_classes and not extra and list(classes) != expected:
+            errors.append(f"{source}: classes are not in {dataset} class-list order")
+    for name, graph in classes.items():
+        errors.extend(f"{source}: {e}" for e in validate_graph(graph, dataset, name))
+    return errors
+
+
+def validate_askg_file(path: str | Path, *, require_complete: bool = True) -> list[str]:
+    """Errors of an ASKG JSON file (empty list: valid).
+
+    For a known dataset (ucf101, hmdb51, k400, k600, k600_new) every class of
+    its list must be present, in list order, unless `require_complete=False`.
+    """
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return [f"{path}: file not found"]
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return [f"{path}: not valid JSON ({exc})"]
+    return validate_askg_document(document, str(path), require_complete=require_complete)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m stdd.text.schema",
+                                     description="Validate ASKG JSON files against the schema.")
+    parser.add_argument("files", nargs="+", type=Path)
+    parser.add_argument("--partial", action="store_true",
+                        help="do not require every class of the dataset (files written in batches)")
+    parser.add_argument("--max-errors", type=int, default=50)
+    args = parser.parse_args(argv)
+    status = 0
+    for path in args.files:
+        errors = validate_askg_file(path, require_complete=not args.partial)
+        if errors:
+            status = 1
+            print(f"{path}: {len(errors)} error(s)")
+            for error in errors[: args.max_errors]:
+                print(f"  {error}")
+            if len(errors) > args.max_errors:
+                print(f"  ... {len(errors) - args.max_errors} more")
+        else:
+            print(f"{path}: OK")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
