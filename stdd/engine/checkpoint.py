@@ -1,0 +1,237 @@
+"""Checkpoints: atomic writes, validity checks, ``--resume auto``, RNG capture.
+
+A checkpoint is one ``torch.save`` file holding plain data (tensors, numbers,
+strings, lists, dicts) so it loads with ``weights_only=True``::
+
+    {"format": "stdd-checkpoint-v1", "epoch": int, "step_in_epoch": int,
+     "global_step": int (optimizer steps so far), "model": state_dict, "optimizer": ...,
+     "scheduler": ..., "scaler": ... or None, "ema": ... or None,
+     "rng": capture_rng_state(), "config": resolved config (dict),
+     "metrics": {...}}
+
+``epoch``/``step_in_epoch`` say where training resumes: after 3 complete
+epochs they are (3, 0); inside the 0-based epoch 3 after 17 optimizer steps,
+(3, 17) (a ``-mid`` checkpoint).
+
+Writes go to a temporary file in the same directory, are flushed and fsynced,
+then renamed over the final name (``os.replace`` is atomic on POSIX), so a crash
+mid-write leaves either the old file or nothing under the final name, never a
+half file. ``find_latest_checkpoint`` still *loads* each candidate, newest
+first, and skips any that fail (a file truncated by a disk error or copied
+partially), so ``--resume auto`` always lands on the newest loadable one.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Mapping, Optional, Union
+
+import numpy as np
+import torch
+
+CHECKPOINT_FORMAT = "stdd-checkpoint-v1"
+REQUIRED_KEYS = ("format", "epoch", "step_in_epoch", "global_step", "model")
+_NAME_PATTERN = re.compile(r"^checkpoint-e(\d{4,})-s(\d{9,})(-mid)?\.pt$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used; the message names the file and why."""
+
+
+def checkpoint_name(epoch: int, global_step: int, mid_epoch: bool = False) -> str:
+    """``checkpoint-e0003-s000001234.pt`` after 3 complete epochs (global step 1234);
+    ``...-mid.pt`` for a checkpoint taken inside epoch ``epoch`` (0-based), which
+    is superseded by the next one and may be pruned."""
+    return f"checkpoint-e{epoch:04d}-s{global_step:09d}{'-mid' if mid_epoch else ''}.pt"
+
+
+def parse_checkpoint_name(name: str) -> Optional[tuple[int, int, bool]]:
+    """``(epoch, global_step, mid_epoch)`` or None if ``name`` is not a checkpoint name."""
+    match = _NAME_PATTERN.match(name)
+    return (int(match.group(1)), int(match.group(2)), match.group(3) is not None) if match else None
+
+
+def _fsync_directory(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return  # some filesystems do not allow opening a directory; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_payload(payload: bytes, handle) -> None:
+    """Write the bytes of a file (its own function so a test can crash a process inside it)."""
+    handle.write(payload)
+
+
+def atomic_write_bytes(path: Union[str, Path], payload: bytes) -> Path:
+    """Write ``payload`` to ``path`` via temp file + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            _write_payload(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        try:
+            os.unlink(temp_name)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_directory(path.parent)
+    return path
+
+
+def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
+    """Load and check a checkpoint; ``CheckpointError`` names the file and the problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, wrong format, unpickling refused ...
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded ({type(error).__name__}: {error})") from error
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not an stdd checkpoint (expected format {CHECKPOINT_FORMAT!r})")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: missing keys {missing}")
+    return state
+
+
+def save_checkpoint(directory: Union[str, Path], state: Mapping[str, Any]) -> Path:
+    """Atomically write ``state`` (must hold REQUIRED_KEYS except format) under its standard name."""
+    state = dict(state)
+    state["format"] = CHECKPOINT_FORMAT
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"save_checkpoint: state is missing keys {missing}")
+    mid_epoch = int(state["step_in_epoch"]) > 0
+    path = Path(directory) / checkpoint_name(int(state["epoch"]), int(state["global_step"]), mid_epoch)
+    return atomic_torch_save(state, path)
+
+
+def prune_mid_epoch_checkpoints(directory: Union[str, Path], keep_last: int = 1) -> list[Path]:
+    """Delete all but the newest ``keep_last`` mid-epoch checkpoints (end-of-epoch ones are
+    kept: weight averaging reads them). Returns the deleted paths."""
+    mids = [p for p in list_checkpoints(directory) if parse_checkpoint_name(p.name)[2]]
+    doomed = mids[: max(len(mids) - keep_last, 0)]
+    for path in doomed:
+        path.unlink(missing_ok=True)
+    return doomed
+
+
+def list_checkpoints(directory: Union[str, Path]) -> list[Path]:
+    """Checkpoint files in ``directory``, oldest first (by epoch, then global step)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for entry in directory.iterdir():
+        parsed = parse_checkpoint_name(entry.name)
+        if parsed is not None and entry.is_file():
+            # an end-of-epoch file and the mid-epoch one of the next epoch never share a
+            # global step unless the epoch is empty; the end-of-epoch one sorts first then
+            found.append((parsed[1], parsed[2], parsed[0], entry))
+    return [entry for *_, entry in sorted(found)]
+
+
+def find_latest_checkpoint(directory: Union[str, Path]) -> Optional[tuple[Path, dict]]:
+    """Newest checkpoint in ``directory`` that loads, with its state; None if there is none.
+
+    Unloadable files are reported with a warning and skipped, not deleted (a
+    person may want to look at them).
+    """
+    for path in reversed(list_checkpoints(directory)):
+        try:
+            return path, load_checkpoint(path)
+        except CheckpointError as error:
+            warnings.warn(f"resume: skipping {error}", stacklevel=2)
+    return None
+
+
+def checkpoint_for_epoch(directory: Union[str, Path], epoch: int) -> Path:
+    """The checkpoint written after ``epoch`` complete epochs (0 = before training)."""
+    candidates = [
+        p for p in list_checkpoints(directory)
+        if parse_checkpoint_name(p.name)[0] == epoch and not parse_checkpoint_name(p.name)[2]
+    ]
+    if not candidates:
+        raise CheckpointError(f"no end-of-epoch checkpoint for epoch {epoch} in {directory}")
+    return candidates[-1]
+
+
+# ----------------------------------------------------------------------------------------- RNG
+def _numpy_state_to_plain(state) -> dict:
+    name, keys, position, has_gauss, cached_gaussian = state
+    return {
+        "name": name,
+        "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        "position": int(position),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached_gaussian),
+    }
+
+
+def _numpy_state_from_plain(state: Mapping) -> tuple:
+    keys = state["keys"].numpy().astype(np.uint32)
+    return (state["name"], keys, state["position"], state["has_gauss"], state["cached_gaussian"])
+
+
+def capture_rng_state(generators: Optional[Mapping[str, torch.Generator]] = None) -> dict:
+    """Every random stream a training step may draw from, as plain data.
+
+    ``generators``: named ``torch.Generator`` objects owned by the model/data
+    (e.g. the STCA phase generator), captured alongside the global streams.
+    """
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": {"version": version, "internal": list(internal), "gauss": gauss},
+        "numpy": _numpy_state_to_plain(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "generators": {name: gen.get_state() for name, gen in (generators or {}).items()},
+    }
+    return state
+
+
+def restore_rng_state(state: Mapping, generators: Optional[Mapping[str, torch.Generator]] = None) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["internal"]), python["gauss"]))
+    np.random.set_state(_numpy_state_from_plain(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available():
+        cuda_states = list(state["cuda"])
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+        else:
+            warnings.warn(
+                f"resume: checkpoint has CUDA RNG states for {len(cuda_states)} devices, this process sees "
+                f"{torch.cuda.device_count()}; CUDA random streams are not restored",
+                stacklevel=2,
+            )
+    saved = state.get("generators", {})
+    for name, gen in (generators or {}).items():
+        if name not in saved:
+            raise CheckpointError(f"resume: checkpoint has no state for random generator {name!r}")
+        gen.set_state(saved[name])
