@@ -1,0 +1,382 @@
+"""Annotation formats -> a list of `VideoRecord(path, label)`.
+
+Supported (each parser names the file and line of a malformed entry and says what was expected):
+
+- `read_video_list`: mmaction2-style "relative/path label" lines (path may contain spaces; the label
+  is the last whitespace-separated token, an integer).
+- `read_csv_list`: "path,label" rows, optional header row; label an integer or a class name (needs
+  `class_names`).
+- `read_class_names`: one class name per line (label = line number - 1), or "<id> <name>" lines as in
+  UCF101's classInd.txt (ids 1-based and consecutive).
+- `read_ucf101_split`: UCF101 official classInd.txt + trainlist0{1,2,3}.txt ("Class/v_....avi 1-based
+  label") / testlist0{1,2,3}.txt ("Class/v_....avi", label from the class directory).
+- `read_hmdb51_split`: HMDB51 official split files "<class>_test_split{1,2,3}.txt" with lines
+  "<video>.avi <id>", id 1 = train, 2 = test, 0 = unused; videos under <root>/<class>/<video>.avi;
+  labels are the class names sorted (or given `class_names`).
+- `read_kinetics_csv`: Kinetics csv "label,youtube_id,time_start,time_end,split[,is_cc]"; file names
+  from `path_template` (default "{youtube_id}_{time_start:06d}_{time_end:06d}.mp4", optionally with
+  "{split}/{label}/" directories).
+
+`load_annotations(path, format=..., ...)` picks a parser by name, and `resolve_videos(records,
+on_missing="fail"|"skip")` checks that the files exist (counted and reported either way).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+logger = logging.getLogger(__name__)
+
+ANNOTATION_FORMATS = ("list", "csv", "ucf101", "hmdb51", "kinetics")
+
+
+class AnnotationError(ValueError):
+    """A malformed annotation entry; the message starts with "file:line:"."""
+
+    def __init__(self, file: str | os.PathLike, line_number: int | None, message: str):
+        location = f"{file}:{line_number}" if line_number is not None else f"{file}"
+        super().__init__(f"{location}: {message}")
+        self.file = str(file)
+        self.line_number = line_number
+
+
+@dataclass(frozen=True)
+class VideoRecord:
+    """One video of a dataset: absolute (or root-joined) path and integer label (-1 = unlabelled)."""
+
+    path: Path
+    label: int
+
+
+def _content_lines(path: Path) -> Iterable[tuple[int, str]]:
+    """(1-based line number, stripped text) for non-empty, non-comment lines."""
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    with open(path, encoding="utf-8-sig") as handle:  # -sig: tolerate a UTF-8 byte order mark
+        for line_number, line in enumerate(handle, start=1):
+            text = line.strip()
+            if text and not text.startswith("#"):
+                yield line_number, text
+
+
+def _join(root: Path | None, relative: str) -> Path:
+    relative_path = Path(relative)
+    return relative_path if root is None or relative_path.is_absolute() else root / relative_path
+
+
+def _check_label(file: Path, line_number: int, label: int, num_classes: int | None) -> None:
+    if label < 0 or (num_classes is not None and label >= num_classes):
+        bound = f"in [0, {num_classes - 1}]" if num_classes is not None else ">= 0"
+        raise AnnotationError(file, line_number, f"label {label} out of range, expected {bound}")
+
+
+def read_class_names(path: str | os.PathLike) -> list[str]:
+    """Class names by label. Lines "name" (label = order) or "<id> <name>" (ids 1..K or 0..K-1, in order)."""
+    path = Path(path)
+    entries = list(_content_lines(path))
+    if not entries:
+        raise AnnotationError(path, None, "expected at least one class name, the file is empty")
+    numbered = [re.fullmatch(r"(\d+)\s+(\S.*)", text) for _, text in entries]
+    if all(match is not None for match in numbered):
+        first_id = int(numbered[0].group(1))
+        if first_id not in (0, 1):
+            raise AnnotationError(path, entries[0][0], f"expected class ids to start at 0 or 1, got {first_id}")
+        names = []
+        for position, ((line_number, _), match) in enumerate(zip(entries, numbered)):
+            if int(match.group(1)) != first_id + position:
+                raise AnnotationError(
+                    path, line_number, f"expected class id {first_id + position} (consecutive ids), got {match.group(1)}"
+                )
+            names.append(match.group(2).strip())
+    else:
+        names = [text for _, text in entries]
+    seen: dict[str, int] = {}
+    for (line_number, _), name in zip(entries, names):
+        if name in seen:
+            raise AnnotationError(path, line_number, f"duplicate class name {name!r} (first at line {seen[name]})")
+        seen[name] = line_number
+    return names
+
+
+def read_video_list(
+    path: str | os.PathLike, root: str | os.PathLike | None = None, *, num_classes: int | None = None
+) -> list[VideoRecord]:
+    """mmaction2-style list: "relative/path label" per line; paths joined to `root` (default: the list's directory)."""
+    path = Path(path)
+    root_path = Path(root) if root is not None else path.parent
+    records = []
+    for line_number, text in _content_lines(path):
+        parts = text.rsplit(maxsplit=1)
+        if len(parts) != 2 or not re.fullmatch(r"-?\d+", parts[1]):
+            raise AnnotationError(path, line_number, f"expected '<relative/path> <integer label>', got {text!r}")
+        label = int(parts[1])
+        _check_label(path, line_number, label, num_classes)
+        records.append(VideoRecord(_join(root_path, parts[0]), label))
+    return records
+
+
+def read_csv_list(
+    path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    *,
+    class_names: Sequence[str] | None = None,
+) -> list[VideoRecord]:
+    """csv "path,label" rows (a first row "path,label" or similar non-numeric header is skipped).
+
+    A label is an integer, or a class name looked up in `class_names`.
+    """
+    path = Path(path)
+    root_path = Path(root) if root is not None else path.parent
+    label_of = {name: index for index, name in enumerate(class_names)} if class_names is not None else None
+    records = []
+    if not path.is_file():
+        raise FileNotFoundError(f"annotation file not found: {path}")
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        for row_number, row in enumerate(csv.reader(handle), start=1):
+            if not row or all(not cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
+                continue
+            if len(row) != 2:
+                raise AnnotationError(path, row_number, f"expected 2 columns 'path,label', got {len(row)}: {row!r}")
+            video, label_text = row[0].strip(), row[1].strip()
+            if row_number == 1 and video.lower() in ("path", "video", "filename", "file") and not label_text.isdigit():
+                continue  # header
+            if re.fullmatch(r"-?\d+", label_text):
+                label = int(label_text)
+            elif label_of is not None and label_text in label_of:
+                label = label_of[label_text]
+            elif label_of is None:
+                raise AnnotationError(
+                    path, row_number, f"expected an integer label (or pass class_names for names), got {label_text!r}"
+                )
+            else:
+                raise AnnotationError(path, row_number, f"unknown class name {label_text!r}")
+            if not video:
+                raise AnnotationError(path, row_number, "expected a video path in column 1, got an empty cell")
+            _check_label(path, row_number, label, len(class_names) if class_names is not None else None)
+            records.append(VideoRecord(_join(root_path, video), label))
+    return records
+
+
+def read_ucf101_split(
+    split_file: str | os.PathLike,
+    class_index_file: str | os.PathLike,
+    video_root: str | os.PathLike,
+) -> tuple[list[VideoRecord], list[str]]:
+    """UCF101 official split: trainlist0N.txt ("Class/v_X.avi <1-based label>") or testlist0N.txt ("Class/v_X.avi").
+
+    Returns (records with 0-based labels, class names from classInd.txt). The class directory must agree
+    with the label when both are given.
+    """
+    split_file = Path(split_file)
+    class_names = read_class_names(class_index_file)
+    label_of = {name: index for index, name in enumerate(class_names)}
+    records = []
+    for line_number, text in _content_lines(split_file):
+        parts = text.split()
+        if len(parts) not in (1, 2) or "/" not in parts[0]:
+            raise AnnotationError(
+                split_file, line_number, f"expected '<Class>/<video>.avi' optionally followed by a 1-based label, got {text!r}"
+            )
+        class_directory = parts[0].split("/")[0]
+        if class_directory not in label_of:
+            raise AnnotationError(split_file, line_number, f"class directory {class_directory!r} is not in {class_index_file}")
+        label = label_of[class_directory]
+        if len(parts) == 2:
+            if not parts[1].isdigit():
+                raise AnnotationError(split_file, line_number, f"expected a 1-based integer label, got {parts[1]!r}")
+            if int(parts[1]) - 1 != label:
+                raise AnnotationError(
+                    split_file, line_number, f"label {parts[1]} (1-based) disagrees with class directory {class_directory!r} (label {label + 1})"
+                )
+        records.append(VideoRecord(Path(video_root) / parts[0], label))
+    return records, class_names
+
+
+_HMDB_SPLIT_NAME = re.compile(r"(?P<name>.+)_test_split(?P<split>[123])\.txt")
+
+
+def read_hmdb51_split(
+    split_dir: str | os.PathLike,
+    video_root: str | os.PathLike,
+    *,
+    split: int = 1,
+    subset: str = "test",
+    class_names: Sequence[str] | None = None,
+) -> tuple[list[VideoRecord], list[str]]:
+    """HMDB51 official splits: every "<class>_test_split<split>.txt" in `split_dir`.
+
+    Lines "<video>.avi <id>": id 1 = train, 2 = test, 0 = not used. Returns (records of `subset`,
+    class names); labels index the sorted class names unless `class_names` is given.
+    """
+    if split not in (1, 2, 3):
+        raise ValueError(f"split: expected 1, 2 or 3, got {split!r}")
+    wanted_id = {"train": "1", "test": "2"}.get(subset)
+    if wanted_id is None:
+        raise ValueError(f"subset: expected 'train' or 'test', got {subset!r}")
+    split_dir = Path(split_dir)
+    if not split_dir.is_dir():
+        raise FileNotFoundError(f"split_dir: HMDB51 split directory not found: {split_dir}")
+    split_files = {}
+    for file in split_dir.iterdir():
+        match = _HMDB_SPLIT_NAME.fullmatch(file.name)
+        if match and int(match.group("split")) == split:
+            split_files[match.group("name")] = file
+    if not split_files:
+        raise FileNotFoundError(f"split_dir: no '<class>_test_split{split}.txt' files in {split_dir}")
+    names = list(class_names) if class_names is not None else sorted(split_files)
+    missing = sorted(set(split_files) - set(names))
+    if missing:
+        raise ValueError(f"class_names: split files in {split_dir} name classes not in class_names: {missing}")
+    records = []
+    for label, name in enumerate(names):
+        if name not in split_files:
+            raise FileNotFoundError(f"split_dir: no split file {name}_test_split{split}.txt in {split_dir}")
+        for line_number, text in _content_lines(split_files[name]):
+            parts = text.split()
+            if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
+                raise AnnotationError(
+                    split_files[name], line_number, f"expected '<video>.avi <0|1|2>' (1 train, 2 test, 0 unused), got {text!r}"
+                )
+            if parts[1] == wanted_id:
+                records.append(VideoRecord(Path(video_root) / name / parts[0], label))
+    return records, names
+
+
+KINETICS_DEFAULT_TEMPLATE = "{youtube_id}_{time_start:06d}_{time_end:06d}.mp4"
+
+
+def read_kinetics_csv(
+    csv_file: str | os.PathLike,
+    video_root: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    path_template: str = KINETICS_DEFAULT_TEMPLATE,
+) -> tuple[list[VideoRecord], list[str]]:
+    """Kinetics csv (header "label,youtube_id,time_start,time_end,split[,is_cc]").
+
+    Video paths: video_root / path_template.format(label=..., youtube_id=..., time_start=int,
+    time_end=int, split=...). Labels index `class_names` (default: the csv's labels sorted). A csv
+    without a label column (a test set) gives label -1.
+    """
+    csv_file = Path(csv_file)
+    if not csv_file.is_file():
+        raise FileNotFoundError(f"annotation file not found: {csv_file}")
+    with open(csv_file, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        header = next(reader, None)
+        if header is None:
+            raise AnnotationError(csv_file, 1, "expected a header 'label,youtube_id,time_start,time_end,split', the file is empty")
+        columns = {name.strip(): position for position, name in enumerate(header)}
+        required = ("youtube_id", "time_start", "time_end")
+        if any(name not in columns for name in required):
+            raise AnnotationError(
+                csv_file, 1, f"expected a header with columns label,youtube_id,time_start,time_end,split, got {header!r}"
+            )
+        rows = [(row_number, row) for row_number, row in enumerate(reader, start=2) if any(cell.strip() for cell in row)]
+    has_label = "label" in columns
+    if class_names is None:
+        class_names = sorted({row[columns["label"]].strip() for _, row in rows if len(row) == len(header)}) if has_label else []
+    label_of = {name: index for index, name in enumerate(class_names)}
+    records = []
+    for row_number, row in rows:
+        if len(row) != len(header):
+            raise AnnotationError(csv_file, row_number, f"expected {len(header)} columns as in the header, got {len(row)}: {row!r}")
+        values = {name: row[position].strip() for name, position in columns.items()}
+        try:
+            values["time_start"] = int(float(values["time_start"]))
+            values["time_end"] = int(float(values["time_end"]))
+        except ValueError:
+            raise AnnotationError(
+                csv_file, row_number, f"expected integer time_start/time_end, got {values['time_start']!r}/{values['time_end']!r}"
+            ) from None
+        label = -1
+        if has_label:
+            if values["label"] not in label_of:
+                raise AnnotationError(csv_file, row_number, f"label {values['label']!r} is not in class_names")
+            label = label_of[values["label"]]
+        values.setdefault("label", "")
+        values.setdefault("split", "")
+        try:
+            relative = path_template.format(**values)
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"path_template: cannot format {path_template!r} with {sorted(values)}: {error}") from None
+        records.append(VideoRecord(Path(video_root) / relative, label))
+    return records, list(class_names)
+
+
+@dataclass
+class MissingVideoReport:
+    total: int
+    missing: list[Path]
+
+    @property
+    def found(self) -> int:
+        return self.total - len(self.missing)
+
+    def summary(self, source: str = "annotations") -> str:
+        text = f"{source}: {self.found}/{self.total} videos found, {len(self.missing)} missing"
+        if self.missing:
+            text += " (first: " + ", ".join(str(path) for path in self.missing[:5]) + ")"
+        return text
+
+
+def resolve_videos(
+    records: Sequence[VideoRecord], *, on_missing: str = "fail", source: str = "annotations"
+) -> tuple[list[VideoRecord], MissingVideoReport]:
+    """Check every video exists. on_missing="fail": raise FileNotFoundError naming the count and the
+    first missing paths; "skip": drop them with one warning. Returns (kept records, report)."""
+    if on_missing not in ("fail", "skip"):
+        raise ValueError(f"on_missing: expected 'fail' or 'skip', got {on_missing!r}")
+    kept, missing = [], []
+    for record in records:
+        (kept if record.path.is_file() else missing).append(record)
+    report = MissingVideoReport(total=len(records), missing=[record.path for record in missing])
+    if missing:
+        if on_missing == "fail":
+            raise FileNotFoundError(report.summary(source) + "; pass on_missing='skip' to drop them")
+        logger.warning("%s; skipping them", report.summary(source))
+    return kept, report
+
+
+def load_annotations(
+    path: str | os.PathLike,
+    *,
+    format: str = "list",
+    root: str | os.PathLike | None = None,
+    class_names: Sequence[str] | str | os.PathLike | None = None,
+    **options,
+) -> tuple[list[VideoRecord], list[str] | None]:
+    """Read annotations of `format` ("list" | "csv" | "ucf101" | "hmdb51" | "kinetics").
+
+    path: the list/csv file; for "ucf101" the train/testlist file (options: class_index_file, defaults to
+    classInd.txt next to it); for "hmdb51" the split directory (options: split, subset); for "kinetics"
+    the csv (options: path_template). root: the video root. class_names: a list or a class-name file.
+    Returns (records, class names or None when the format carries none and none were given).
+    """
+    if isinstance(class_names, (str, os.PathLike)):
+        class_names = read_class_names(class_names)
+    if format == "list":
+        records = read_video_list(path, root, num_classes=len(class_names) if class_names is not None else None)
+        return records, list(class_names) if class_names is not None else None
+    if format == "csv":
+        return read_csv_list(path, root, class_names=class_names), list(class_names) if class_names is not None else None
+    if format == "ucf101":
+        class_index_file = options.pop("class_index_file", Path(path).parent / "classInd.txt")
+        if options:
+            raise TypeError(f"load_annotations(format='ucf101'): unexpected options {sorted(options)}")
+        return read_ucf101_split(path, class_index_file, root if root is not None else Path(path).parent)
+    if format == "hmdb51":
+        if root is None:
+            raise ValueError("root: HMDB51 needs the video root (<root>/<class>/<video>.avi)")
+        return read_hmdb51_split(path, root, class_names=class_names, **options)
+    if format == "kinetics":
+        if root is None:
+            raise ValueError("root: Kinetics needs the video root")
+        return read_kinetics_csv(path, root, class_names=class_names, **options)
+    raise ValueError(f"format: expected one of {ANNOTATION_FORMATS}, got {format!r}")

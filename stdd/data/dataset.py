@@ -1,0 +1,344 @@
+"""PyAV-backed video dataset and its DataLoader.
+
+Batch format (the same for the PyAV and DALI loaders) -- a dict:
+
+    "video":    float32, CLIP-normalised RGB.
+                training:   (B, T, 3, S, S)
+                evaluation: (B, V, T, 3, S, S), V = n_temporal_views * n_spatial_crops, view
+                            v = temporal_view * n_spatial_crops + spatial_crop (V may be 1)
+    "label":    int64 (B,)   (-1 for unlabelled videos)
+    "index":    int64 (B,)   position of the video in `dataset.records`
+    "failures": list of `DecodeFailure` for videos of this batch that could not be decoded
+
+T = sampling.clip_length, S = crop_size. Typical use:
+
+    loader = build_dataloader("data/train.txt", training=True, batch_size=8, num_workers=2,
+                              sampling=ClipSampling(clip_length=8, stride=4), crop_size=224,
+                              horizontal_flip=False)  # synthetic motion classes: no flips
+    for epoch in range(epochs):
+        for batch in loader:          # each `for` is one epoch; seeds advance automatically
+            logits = model(batch["video"].cuda()); ...
+        print(loader.last_epoch_report.summary())
+
+Bad files: with on_error="skip" (default) a video that fails to decode is reported with a warning and
+counted in `loader.last_epoch_report`; in training the sample is replaced by another video (so every
+batch keeps its size and distributed ranks stay in step), in evaluation it is dropped (the batch is
+smaller, possibly empty, but still yielded). on_error="fail" raises `VideoDecodeError` instead.
+
+Randomness (clip start, crop, flip, shuffling) is derived from (seed, epoch, index), so results do not
+depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
+
+from .annotations import VideoRecord, load_annotations, resolve_videos
+from .decoders import PyAVDecoder, VideoDecodeError
+from .sampling import ClipSampling, sample_clip_indices
+from .transforms import eval_transform, train_transform
+
+logger = logging.getLogger(__name__)
+
+ON_ERROR_POLICIES = ("skip", "fail")
+
+
+@dataclass(frozen=True)
+class DecodeFailure:
+    index: int
+    path: str
+    reason: str
+
+
+@dataclass
+class EpochReport:
+    """What one pass over a loader delivered."""
+
+    epoch: int
+    batches: int = 0
+    samples: int = 0
+    failures: list[DecodeFailure] = field(default_factory=list)
+
+    @property
+    def failed_videos(self) -> int:
+        return len({failure.index for failure in self.failures})
+
+    def summary(self) -> str:
+        text = f"epoch {self.epoch}: {self.samples} clips in {self.batches} batches, {self.failed_videos} videos failed to decode"
+        if self.failures:
+            text += " (first: " + "; ".join(f"{failure.path}: {failure.reason}" for failure in self.failures[:3]) + ")"
+        return text
+
+
+class VideoDataset(Dataset):
+    """Clips from video files decoded with PyAV; item = dict as one row of the batch format above.
+
+    records: `VideoRecord`s (see stdd.data.annotations). training: random clip start / crop / flip and
+    one view; otherwise evenly spaced temporal views and centre (or 3) crops. short_side: frames are
+    decoded with their shorter side resized to this (default crop_size); training then takes a
+    random-resized crop of it, evaluation centre/three crops. scale: area range of the random crop.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[VideoRecord],
+        *,
+        training: bool,
+        sampling: ClipSampling | None = None,
+        crop_size: int = 224,
+        short_side: int | None = None,
+        horizontal_flip: bool = True,
+        scale: tuple[float, float] = (0.25, 1.0),
+        on_error: str = "skip",
+        replace_failed: bool | None = None,
+        max_replacements: int = 10,
+        seed: int = 0,
+        decoder: PyAVDecoder | None = None,
+    ):
+        if on_error not in ON_ERROR_POLICIES:
+            raise ValueError(f"on_error: expected one of {ON_ERROR_POLICIES}, got {on_error!r}")
+        if crop_size < 1:
+            raise ValueError(f"crop_size: expected a positive size, got {crop_size}")
+        self.records = list(records)
+        if not self.records:
+            raise ValueError("records: expected at least one video")
+        self.training = training
+        self.sampling = sampling if sampling is not None else ClipSampling()
+        self.crop_size = crop_size
+        self.short_side = short_side if short_side is not None else crop_size
+        if self.short_side < crop_size:
+            raise ValueError(f"short_side: expected >= crop_size {crop_size}, got {self.short_side}")
+        self.horizontal_flip = horizontal_flip
+        self.scale = scale
+        self.on_error = on_error
+        self.replace_failed = training if replace_failed is None else replace_failed
+        self.max_replacements = max_replacements
+        self.seed = seed
+        self.epoch = 0
+        self.decoder = decoder if decoder is not None else PyAVDecoder(short_side=self.short_side)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        clip = (self.sampling.clip_length, 3, self.crop_size, self.crop_size)
+        return clip if self.training else (self.sampling.num_views(False), *clip)
+
+    def _load(self, index: int, attempt: int) -> torch.Tensor:
+        record = self.records[index]
+        # Per-(seed, epoch, index, attempt) streams: independent of worker count and order.
+        rng = np.random.default_rng([self.seed, self.epoch, index, attempt])
+        generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        clip = self.decoder.decode(
+            record.path, lambda num_frames: sample_clip_indices(num_frames, self.sampling, training=self.training, rng=rng)
+        )
+        frames = torch.from_numpy(clip.frames).permute(0, 1, 4, 2, 3)  # (Vt, T, H, W, 3) -> (Vt, T, 3, H, W)
+        if self.training:
+            return train_transform(frames[0], self.crop_size, flip=self.horizontal_flip, scale=self.scale, generator=generator)
+        views = [
+            eval_transform(view, self.crop_size, short_side=self.short_side, n_spatial_crops=self.sampling.n_spatial_crops)
+            for view in frames
+        ]  # each (n_spatial, T, 3, S, S)
+        return torch.cat(views)  # (Vt * n_spatial, T, 3, S, S), temporal-major
+
+    def __getitem__(self, index: int) -> dict:
+        failures = []
+        candidate = index
+        for attempt in range(self.max_replacements + 1):
+            try:
+                video = self._load(candidate, attempt)
+                return {"video": video, "label": self.records[candidate].label, "index": candidate, "failures": failures}
+            except VideoDecodeError as error:
+                if self.on_error == "fail":
+                    raise
+                failures.append(DecodeFailure(candidate, error.path, error.reason))
+                warnings.warn(f"skipping undecodable video {error}", RuntimeWarning, stacklevel=2)
+                if not self.replace_failed:
+                    break
+                # Replacement: a pseudo-random other video, reproducible from (seed, epoch, index, attempt).
+                candidate = int(np.random.default_rng([self.seed, self.epoch, index, attempt, 1]).integers(len(self.records)))
+        if self.replace_failed:
+            raise RuntimeError(
+                f"{len(failures)} consecutive videos failed to decode while replacing index {index}; "
+                f"the dataset looks broken: {failures[:3]}"
+            )
+        return {"video": None, "label": self.records[index].label, "index": index, "failures": failures}
+
+
+class VideoBatchCollate:
+    """Stacks dataset items into the batch dict; drops items without a video (failed, not replaced)."""
+
+    def __init__(self, sample_shape: tuple[int, ...]):
+        self.sample_shape = tuple(sample_shape)
+
+    def __call__(self, items: list[dict]) -> dict:
+        failures = [failure for item in items for failure in item["failures"]]
+        kept = [item for item in items if item["video"] is not None]
+        if kept:
+            video = torch.stack([item["video"] for item in kept])
+        else:
+            video = torch.empty((0, *self.sample_shape), dtype=torch.float32)
+        return {
+            "video": video,
+            "label": torch.tensor([item["label"] for item in kept], dtype=torch.int64),
+            "index": torch.tensor([item["index"] for item in kept], dtype=torch.int64),
+            "failures": failures,
+        }
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Workers are the parallelism; intra-op threads in each would oversubscribe the cores.
+    torch.set_num_threads(1)
+
+
+class VideoLoader:
+    """Iterable of batch dicts; one `for` loop over it is one epoch.
+
+    The epoch number (seeding clip sampling, crops and shuffling) advances by one per pass unless
+    `set_epoch` is called before the pass. After each pass, `last_epoch_report` holds the counts and
+    decode failures, and a summary is logged (warning level when videos failed).
+    """
+
+    def __init__(self, dataloader: DataLoader, dataset: VideoDataset, sampler: DistributedSampler):
+        self.dataloader = dataloader
+        self.dataset = dataset
+        self.sampler = sampler
+        self.next_epoch = 0
+        self.last_epoch_report: EpochReport | None = None
+        self.reports: list[EpochReport] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        self.next_epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataloader)
+
+    def __iter__(self):
+        epoch = self.next_epoch
+        self.next_epoch += 1
+        self.dataset.set_epoch(epoch)  # copied to the workers, which are created per pass
+        self.sampler.set_epoch(epoch)
+        report = EpochReport(epoch=epoch)
+        for batch in self.dataloader:
+            report.batches += 1
+            report.samples += batch["video"].shape[0]
+            report.failures.extend(batch["failures"])
+            yield batch
+        self.last_epoch_report = report
+        self.reports.append(report)
+        logger.log(logging.WARNING if report.failures else logging.INFO, "%s", report.summary())
+
+
+def _distributed_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def build_dataset(
+    annotation_file: str | os.PathLike | None = None,
+    *,
+    records: Sequence[VideoRecord] | None = None,
+    format: str = "list",
+    root: str | os.PathLike | None = None,
+    class_names=None,
+    on_missing: str = "fail",
+    annotation_options: dict | None = None,
+    **dataset_options,
+) -> VideoDataset:
+    """Read annotations (or take `records`), check the videos exist, build a `VideoDataset`."""
+    if (annotation_file is None) == (records is None):
+        raise ValueError("build_dataset: pass exactly one of annotation_file or records")
+    source = "records"
+    if records is None:
+        records, _ = load_annotations(annotation_file, format=format, root=root, class_names=class_names, **(annotation_options or {}))
+        source = str(annotation_file)
+    records, report = resolve_videos(records, on_missing=on_missing, source=source)
+    logger.info("%s", report.summary(source))
+    return VideoDataset(records, **dataset_options)
+
+
+def build_dataloader(
+    annotation_file: str | os.PathLike | None = None,
+    *,
+    training: bool,
+    records: Sequence[VideoRecord] | None = None,
+    format: str = "list",
+    root: str | os.PathLike | None = None,
+    class_names=None,
+    batch_size: int = 8,
+    num_workers: int = 2,
+    sampling: ClipSampling | None = None,
+    crop_size: int = 224,
+    short_side: int | None = None,
+    horizontal_flip: bool = True,
+    on_missing: str = "fail",
+    on_error: str = "skip",
+    seed: int = 0,
+    distributed: bool | None = None,
+    drop_last: bool | None = None,
+    pin_memory: bool = False,
+    backend: str = "pyav",
+    annotation_options: dict | None = None,
+    **backend_options,
+):
+    """Build a clip loader; returns an iterable of batch dicts (format in this module's docstring).
+
+    annotation_file + format ("list" | "csv" | "ucf101" | "hmdb51" | "kinetics", see
+    stdd.data.annotations) and root (video root; default the annotation file's directory), or ready
+    `records`. training: shuffled, random clips/crops, drop_last by default. distributed (default: when
+    torch.distributed is initialised): each rank reads its shard (DistributedSampler; in evaluation the
+    last shard is padded with repeated videos, as DistributedSampler does). on_missing: "fail" | "skip"
+    for videos listed but absent. on_error: "skip" | "fail" for videos that do not decode.
+    backend: "pyav" (CPU decoding in `num_workers` processes) or "dali" (see stdd.data.dali).
+    """
+    if backend == "dali":
+        from .dali import build_dali_loader
+
+        return build_dali_loader(
+            annotation_file, training=training, records=records, format=format, root=root, class_names=class_names,
+            batch_size=batch_size, sampling=sampling, crop_size=crop_size, short_side=short_side,
+            horizontal_flip=horizontal_flip, on_missing=on_missing, seed=seed, distributed=distributed,
+            num_threads=max(1, num_workers), annotation_options=annotation_options, **backend_options,
+        )
+    if backend != "pyav":
+        raise ValueError(f"backend: expected 'pyav' or 'dali', got {backend!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
+    dataset = build_dataset(
+        annotation_file, records=records, format=format, root=root, class_names=class_names, on_missing=on_missing,
+        annotation_options=annotation_options, training=training, sampling=sampling, crop_size=crop_size,
+        short_side=short_side, horizontal_flip=horizontal_flip, on_error=on_error, seed=seed, **backend_options,
+    )
+    rank, world_size = _distributed_rank_world()
+    if distributed is False:
+        rank, world_size = 0, 1
+    # DistributedSampler with one replica is also our seeded, set_epoch-able shuffler.
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=training, seed=seed)
+    dataloader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=VideoBatchCollate(dataset.sample_shape),
+        drop_last=training if drop_last is None else drop_last,
+        pin_memory=pin_memory,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        # Workers are re-created each pass so they see the new epoch (seeding) set in the main process.
+        persistent_workers=False,
+    )
+    return VideoLoader(dataloader, dataset, sampler)

@@ -1,0 +1,215 @@
+"""PyAV (CPU) video decoding: open a file, learn its frame count, decode only the frames a clip needs.
+
+`PyAVDecoder.decode(path, choose_indices)` opens the file once, calls `choose_indices(num_frames)` with
+the video's frame count (so sampling can depend on it), then decodes the requested frames, seeking to
+the nearest preceding keyframe whenever the next wanted frame lies more than `seek_gap_frames` ahead.
+Any failure (unreadable container, no video stream, corrupt packets, a file that ends before the frames
+its header promises) raises `VideoDecodeError` naming the file, so a dataset can skip it and count it.
+
+The DALI decoders (GPU, and DALI's CPU video decoder) live in `stdd/data/dali.py` and produce the same
+batch format as the PyAV DataLoader (see `stdd/data/dataset.py`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Callable
+
+import numpy as np
+
+
+class VideoDecodeError(RuntimeError):
+    """A video that cannot be decoded (corrupt, truncated, empty, no video stream)."""
+
+    def __init__(self, path: str | os.PathLike, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    num_frames: int
+    fps: float
+    height: int
+    width: int
+    frame_count_exact: bool  # False: estimated from the duration (e.g. webm has no frame count)
+
+
+@dataclass
+class DecodedClip:
+    frames: np.ndarray  # uint8 (*indices.shape, H, W, 3) RGB
+    indices: np.ndarray  # int64, the frame indices that were asked for
+    info: VideoInfo
+
+
+def _output_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+    if short_side is None:
+        return height, width
+    if height <= width:
+        return short_side, max(1, round(width * short_side / height))
+    return max(1, round(height * short_side / width)), short_side
+
+
+class PyAVDecoder:
+    """Decode selected frames with PyAV on the CPU.
+
+    short_side: if set, frames are resized (bilinear, during the YUV -> RGB conversion, which is cheaper
+    than resizing RGB afterwards) so their shorter side is `short_side`.
+    seek_gap_frames: seek instead of decoding through when the next wanted frame is further ahead.
+    threads: decoder threads per file (1 suits multi-worker DataLoaders: the workers are the parallelism).
+    """
+
+    def __init__(self, *, short_side: int | None = None, seek_gap_frames: int = 48, threads: int = 1):
+        if short_side is not None and short_side < 1:
+            raise ValueError(f"short_side: expected a positive size or None, got {short_side}")
+        self.short_side = short_side
+        self.seek_gap_frames = seek_gap_frames
+        self.threads = threads
+
+    @staticmethod
+    def _open(path: str | os.PathLike):
+        import av
+
+        if not os.path.isfile(path):
+            raise VideoDecodeError(path, "file not found")
+        if os.path.getsize(path) == 0:
+            raise VideoDecodeError(path, "empty file (0 bytes)")
+        try:
+            container = av.open(str(path), mode="r")
+        except (av.error.FFmpegError, OSError, ValueError) as error:
+            raise VideoDecodeError(path, f"cannot open container: {error}") from None
+        if not container.streams.video:
+            container.close()
+            raise VideoDecodeError(path, "no video stream")
+        return container
+
+    @staticmethod
+    def _info(path, container) -> tuple[VideoInfo, object]:
+        stream = container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if not rate:
+            raise VideoDecodeError(path, "unknown frame rate")
+        fps = float(rate)
+        num_frames, exact = int(stream.frames or 0), True
+        if num_frames <= 0:
+            exact = False
+            if stream.duration is not None and stream.time_base is not None:
+                seconds = float(stream.duration * stream.time_base)
+            elif container.duration is not None:
+                seconds = container.duration / 1_000_000  # av.time_base: microseconds
+            else:
+                raise VideoDecodeError(path, "no frame count and no duration in the container")
+            num_frames = int(round(seconds * fps))
+        if num_frames <= 0:
+            raise VideoDecodeError(path, "container reports no frames")
+        height, width = stream.codec_context.height, stream.codec_context.width
+        if not height or not width:
+            raise VideoDecodeError(path, "unknown frame size")
+        return VideoInfo(num_frames, fps, height, width, exact), stream
+
+    def probe(self, path: str | os.PathLike) -> VideoInfo:
+        container = self._open(path)
+        try:
+            return self._info(path, container)[0]
+        finally:
+            container.close()
+
+    def decode(self, path: str | os.PathLike, choose_indices: Callable[[int], np.ndarray] | np.ndarray) -> DecodedClip:
+        """Decode frames; `choose_indices` is an index array or a function num_frames -> index array."""
+        import av
+
+        container = self._open(path)
+        try:
+            info, stream = self._info(path, container)
+            indices = np.asarray(choose_indices(info.num_frames) if callable(choose_indices) else choose_indices, dtype=np.int64)
+            if indices.size == 0:
+                raise ValueError("choose_indices: expected at least one frame index")
+            if indices.min() < 0:
+                raise ValueError(f"choose_indices: negative frame index {indices.min()}")
+            stream.thread_count = self.threads
+            wanted = np.unique(indices)  # sorted
+            try:
+                decoded = self._decode_frames(container, stream, info, wanted)
+            except av.error.FFmpegError as error:
+                raise VideoDecodeError(path, f"decoding failed: {error}") from None
+            if not decoded:
+                raise VideoDecodeError(path, "no frame could be decoded")
+            last_decoded = max(decoded)
+            missing = wanted[wanted > last_decoded]
+            # Frame counts estimated from the duration may overshoot by a frame or two: those indices
+            # are served by the last frame. Beyond that (or with an exact count) the file is truncated.
+            tolerance = 0 if info.frame_count_exact else 2
+            if missing.size and (missing.max() - last_decoded > tolerance or missing.max() >= info.num_frames + tolerance):
+                raise VideoDecodeError(
+                    path, f"truncated: frames end at index {last_decoded}, needed index {int(missing.max())} of {info.num_frames}"
+                )
+            holes = [int(index) for index in wanted if index <= last_decoded and int(index) not in decoded]
+            if holes:
+                raise VideoDecodeError(path, f"frames {holes[:5]} could not be decoded (corrupt data)")
+            lookup = {int(index): decoded[min(int(index), last_decoded)] for index in wanted}
+            frames = np.stack([lookup[int(index)] for index in indices.reshape(-1)])
+            frames = frames.reshape(*indices.shape, *frames.shape[1:])
+            return DecodedClip(frames=frames, indices=indices, info=info)
+        finally:
+            container.close()
+
+    def _decode_frames(self, container, stream, info: VideoInfo, wanted: np.ndarray) -> dict[int, np.ndarray]:
+        """{frame index: (H, W, 3) uint8} for the wanted indices (sorted, unique) that exist."""
+        time_base = stream.time_base or Fraction(1, 1)
+        start_pts = stream.start_time or 0
+        out_height, out_width = _output_size(info.height, info.width, self.short_side)
+        wanted_set = {int(index) for index in wanted}
+        decoded: dict[int, np.ndarray] = {}
+        frame_iterator = None
+        position = -1  # index of the last frame decoded so far
+        sequential_count = 0
+
+        def frame_index(frame) -> int:
+            nonlocal sequential_count
+            if frame.pts is None:  # no timestamps: count frames (only valid when decoding from the start)
+                sequential_count += 1
+                return sequential_count - 1
+            return int(round(float((frame.pts - start_pts) * time_base) * info.fps))
+
+        def convert(frame) -> np.ndarray:
+            if (out_height, out_width) != (frame.height, frame.width):
+                frame = frame.reformat(width=out_width, height=out_height, format="rgb24", interpolation="BILINEAR")
+                return frame.to_ndarray()
+            return frame.to_ndarray(format="rgb24")
+
+        for target in (int(index) for index in wanted):
+            if target in decoded or target <= position:
+                continue
+            if frame_iterator is None or target - position > self.seek_gap_frames:
+                if target > self.seek_gap_frames // 2:
+                    # Seek to the keyframe at or before the target's timestamp (half a frame early so
+                    # rounding cannot land us after it).
+                    seconds = max(0.0, (target - 0.5) / info.fps)
+                    container.seek(start_pts + int(math.floor(seconds / time_base)), stream=stream, backward=True, any_frame=False)
+                elif frame_iterator is not None:
+                    container.seek(start_pts, stream=stream, backward=True, any_frame=False)
+                frame_iterator = container.decode(stream)
+                position = -1
+            reached = False
+            for frame in frame_iterator:
+                index = frame_index(frame)
+                if index > target and position < 0 and target not in decoded:
+                    # The seek landed after the target (no earlier keyframe found): restart from the start.
+                    container.seek(start_pts, stream=stream, backward=True, any_frame=False)
+                    frame_iterator = container.decode(stream)
+                    position = -1
+                    sequential_count = 0
+                    continue
+                position = index
+                if index in wanted_set and index not in decoded:
+                    decoded[index] = convert(frame)
+                if index >= target:
+                    reached = True
+                    break
+            if not reached:
+                break  # end of stream: later targets do not exist either
+        return decoded
