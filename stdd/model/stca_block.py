@@ -186,11 +186,11 @@ class STCABlock(nn.Module):
         """Reseed the generator that draws training phases."""
         self.generator.manual_seed(int(seed))
 
-    def sample_phase(self, batch: int, device=None) -> torch.Tensor:
+    def sample_phase(self, batch: int, device=None, num_frames: Optional[int] = None) -> torch.Tensor:
         """Random training phases ``(B, T)``: a per-clip offset (+ shuffle if enabled)."""
         return stdd_kernels.mask_phase(
             batch,
-            self.num_frames,
+            self.num_frames if num_frames is None else num_frames,
             window=self.window,
             mode="train",
             generator=self.generator,
@@ -198,21 +198,22 @@ class STCABlock(nn.Module):
             device=device,
         )
 
-    def check_phase(self, phase: torch.Tensor, batch: int, device) -> torch.Tensor:
+    def check_phase(
+        self, phase: torch.Tensor, batch: int, device, num_frames: Optional[int] = None
+    ) -> torch.Tensor:
         """Shape/dtype/device check of an explicit phase and, outside torch.compile, its value range.
 
         The value check reads the tensor back (a device sync): callers running a
         stack of blocks (:class:`~stdd.model.VideoEncoder`) check once and call the
         blocks with ``check_phase=False``.
         """
+        frames = self.num_frames if num_frames is None else num_frames
         if not isinstance(phase, torch.Tensor):
             raise ValueError(f"phase must be an integer tensor of shape (B, T), got {type(phase).__name__}")
         if phase.dtype.is_floating_point or phase.dtype.is_complex or phase.dtype == torch.bool:
             raise ValueError(f"phase must have an integer dtype, got {phase.dtype}")
-        if tuple(phase.shape) != (batch, self.num_frames):
-            raise ValueError(
-                f"phase must have shape (B, T) = ({batch}, {self.num_frames}), got {tuple(phase.shape)}"
-            )
+        if tuple(phase.shape) != (batch, frames):
+            raise ValueError(f"phase must have shape (B, T) = ({batch}, {frames}), got {tuple(phase.shape)}")
         if phase.device != device:
             raise ValueError(f"phase is on {phase.device} but the tokens are on {device}")
         if not torch.compiler.is_compiling() and phase.numel() > 0:
@@ -235,28 +236,37 @@ class STCABlock(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, phase: Optional[torch.Tensor] = None, *, check_phase: bool = True
+        self,
+        x: torch.Tensor,
+        phase: Optional[torch.Tensor] = None,
+        *,
+        check_phase: bool = True,
+        num_frames: Optional[int] = None,
     ) -> torch.Tensor:
-        """``x`` ``(B*T, 1+N, D)`` -> ``(B*T, 1+N, D)``; see the class docstring for ``phase``."""
+        """``x`` ``(B*T, 1+N, D)`` -> ``(B*T, 1+N, D)``; see the class docstring for ``phase``.
+
+        ``num_frames`` overrides the constructor's ``T`` for this call (the video
+        encoder passes the clip length of its input). ``check_phase=False`` skips
+        the checks of an explicit ``phase`` (the caller did them).
+        """
+        frames = self.num_frames if num_frames is None else num_frames
         if x.dim() != 3:
             raise ValueError(f"x must have shape (B*T, 1+N, D), got {tuple(x.shape)}")
-        if x.shape[0] % self.num_frames:
-            raise ValueError(
-                f"x.shape[0] (B*T = {x.shape[0]}) must be divisible by num_frames={self.num_frames}"
-            )
-        batch = x.shape[0] // self.num_frames
+        if x.shape[0] % frames:
+            raise ValueError(f"x.shape[0] (B*T = {x.shape[0]}) must be divisible by num_frames={frames}")
+        batch = x.shape[0] // frames
         if phase is None:
             if self.training:
-                phase = self.sample_phase(batch, x.device)
+                phase = self.sample_phase(batch, x.device, frames)
             # else: the ops use the evaluation phases t mod K
         elif check_phase:
-            phase = self.check_phase(phase, batch, x.device)
+            phase = self.check_phase(phase, batch, x.device, frames)
         settings = dict(window=self.window, mask_ratio=self.mask_ratio, phase=phase, backend=self.backend)
 
         # Steps 1-2: (S, B*T, 1+N_keep, D), every scale from the same input tokens.
         mixed = stdd_kernels.mix_gather(
             x,
-            self.num_frames,
+            frames,
             scales=self.scales,
             channel_fold=self.channel_fold,
             mixing=self.mixing,
@@ -277,7 +287,7 @@ class STCABlock(nn.Module):
         mixed = mixed.to(full.dtype)
         residual = residual.to(full.dtype)
         return stdd_kernels.pad_scatter(
-            full, mixed, self.num_frames, residual=residual, validate=False, **settings
+            full, mixed, frames, residual=residual, validate=False, **settings
         )
 
     def extra_repr(self) -> str:

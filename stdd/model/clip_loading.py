@@ -1,0 +1,180 @@
+"""Loading open_clip CLIP models with their weights, and naming those weights.
+
+Weights come from an open_clip pretrained tag (``load_clip("ViT-B-16", "openai")``,
+downloaded by open_clip into its cache) or from a local checkpoint file
+(``load_clip("ViT-B-16", "/models/ViT-B-16.bin")``, an open_clip / OpenAI CLIP
+state dict, as ``open_clip.create_model(pretrained=<file>)`` accepts it). With
+neither, loading fails with a message saying how to provide them; a random
+initialisation needs the explicit ``allow_random_init=True`` (tests, demos).
+
+The tiny configs in ``stdd/model/configs/`` (``STDD-Tiny-ViT``: 32 px, 8 px
+patches, a 4x4 grid; ``STDD-Tiny-ViT-64``: 64 px, an 8x8 grid) are registered
+with open_clip on import, so they load by name like the released models.
+
+:class:`ClipSource` says which weights a model holds (``weights_id``: the tag,
+the checkpoint's SHA-256, or a hash of randomly initialised parameters); the
+text-feature cache is keyed by it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import open_clip
+import torch
+from torch import nn
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+TINY_MODEL_NAMES = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
+
+
+def register_model_configs() -> None:
+    """Make the configs in ``stdd/model/configs/`` known to open_clip (idempotent)."""
+    known = set(open_clip.list_models())
+    if not all(name in known for name in TINY_MODEL_NAMES):
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+register_model_configs()
+
+
+@dataclass(frozen=True)
+class ClipSource:
+    """Which CLIP model and weights were loaded.
+
+    ``pretrained``: the tag, the absolute checkpoint path, or ``None`` for a
+    random initialisation. ``weights_id``: ``"tag:<tag>"``,
+    ``"sha256:<hex>"`` of the checkpoint file, or ``"random:<hex>"`` hashed
+    from the randomly initialised parameters.
+    """
+
+    model_name: str
+    pretrained: Optional[str]
+    weights_id: str
+
+    @property
+    def random_init(self) -> bool:
+        return self.pretrained is None
+
+
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def file_sha256(path: Union[str, Path]) -> str:
+    """SHA-256 of a file, memoised per (path, size, mtime) within the process."""
+    path = os.path.realpath(path)
+    stat = os.stat(path)
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_HASHES:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+        _FILE_HASHES[key] = digest.hexdigest()
+    return _FILE_HASHES[key]
+
+
+def parameters_sha256(module: nn.Module) -> str:
+    """SHA-256 over a module's state dict (names, shapes, dtypes and values)."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def _how_to_provide(model_name: str) -> str:
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    tag_hint = f"one of its open_clip tags {tags}" if tags else "no open_clip tag (none exist for it)"
+    return (
+        f"Provide weights for {model_name!r} as either (a) {tag_hint}, downloaded by open_clip into "
+        "its cache (pass cache_dir=..., or pre-fill the Hugging Face cache and set HF_HUB_OFFLINE=1 "
+        "on machines without network), or (b) the path of a local checkpoint file (an open_clip or "
+        "OpenAI CLIP state dict). For tests and demos only: pretrained=None with "
+        "allow_random_init=True."
+    )
+
+
+def load_clip(
+    model_name: str,
+    pretrained: Optional[str],
+    *,
+    allow_random_init: bool = False,
+    device: Union[str, torch.device] = "cpu",
+    precision: str = "fp32",
+    cache_dir: Optional[str] = None,
+) -> tuple[nn.Module, ClipSource]:
+    """Build an open_clip CLIP model by name with its weights.
+
+    Args:
+        model_name: an open_clip architecture name (``"ViT-B-16"``, ``"ViT-L-14"``,
+            ``"STDD-Tiny-ViT"``; see ``open_clip.list_models()``).
+        pretrained: an open_clip pretrained tag (``"openai"``), a local checkpoint
+            file, or ``None`` (needs ``allow_random_init=True``).
+        precision: open_clip precision (``"fp32"``, ``"bf16"``, ``"fp16"``, ...).
+
+    Returns ``(model, source)``; the model is in eval mode.
+    Raises ``ValueError`` for an unknown model name, a missing file, an unknown
+    tag or missing weights, and ``RuntimeError`` when a tag's download fails.
+    """
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"model_name must be an open_clip model name, got {model_name!r}")
+    if open_clip.get_model_config(model_name) is None:
+        raise ValueError(
+            f"model_name {model_name!r} is not an open_clip model config; known ViT names include "
+            f"{[m for m in open_clip.list_models() if m.startswith(('ViT', 'STDD'))][:12]} ..."
+        )
+    if pretrained is None:
+        if not allow_random_init:
+            raise ValueError(f"pretrained=None: no weights given for {model_name!r}. {_how_to_provide(model_name)}")
+        model = open_clip.create_model(model_name, pretrained=None, device=device, precision=precision)
+        source = ClipSource(model_name, None, "random:" + parameters_sha256(model))
+        return model.eval(), source
+    if not isinstance(pretrained, (str, os.PathLike)):
+        raise ValueError(f"pretrained must be a tag, a file path or None, got {pretrained!r}")
+    pretrained = os.fspath(pretrained)
+    if open_clip.get_pretrained_cfg(model_name, pretrained):
+        try:
+            model = open_clip.create_model(
+                model_name, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir,
+                require_pretrained=True,
+            )
+        except Exception as error:  # download / hub errors come in many types
+            raise RuntimeError(
+                f"could not load the {model_name!r} weights for pretrained tag {pretrained!r}: {error}. "
+                f"{_how_to_provide(model_name)}"
+            ) from error
+        return model.eval(), ClipSource(model_name, pretrained, f"tag:{pretrained}")
+    looks_like_path = os.sep in pretrained or Path(pretrained).suffix != ""
+    if not os.path.isfile(pretrained):
+        what = "checkpoint file does not exist" if looks_like_path else "is neither a known tag nor a file"
+        raise ValueError(f"pretrained={pretrained!r} {what}. {_how_to_provide(model_name)}")
+    path = os.path.abspath(pretrained)
+    try:
+        model = open_clip.create_model(
+            model_name, pretrained=path, device=device, precision=precision, require_pretrained=True
+        )
+    except Exception as error:
+        raise ValueError(
+            f"checkpoint file {path} does not hold {model_name!r} CLIP weights "
+            f"(expected an open_clip/OpenAI CLIP state dict for that architecture): {error}"
+        ) from error
+    return model.eval(), ClipSource(model_name, path, "sha256:" + file_sha256(path))
+
+
+def vision_tower(clip_model: nn.Module) -> nn.Module:
+    """The open_clip ``VisionTransformer`` of a CLIP model (``ValueError`` if it has none)."""
+    from open_clip.transformer import VisionTransformer
+
+    visual = getattr(clip_model, "visual", None)
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(
+            "the CLIP model's image tower must be an open_clip VisionTransformer (ViT-B/32, B/16, L/14, "
+            f"...), got {type(visual).__name__}; ResNet and timm towers have no STCA form"
+        )
+    return visual

@@ -1,0 +1,299 @@
+"""Text side: class names -> prompt sentences -> frozen CLIP text features (cached).
+
+Prompt sources (both give an ordered ``{class name: [sentence, ...]}`` dict whose
+order is the class index order):
+
+- :func:`template_prompts`: hand-written templates x class name;
+- :func:`load_prompt_file`: a JSON object ``{"<class name>": ["sentence", ...], ...}``
+  (the format the ASKG pipeline writes, ``stdd.text``).
+
+:class:`TextEncoder` runs the frozen open_clip text tower and returns
+:class:`ClassTextFeatures`: ``features (K, N_max, E)`` (unit norm) and a
+``mask (K, N_max)`` marking real prompts (classes have different prompt counts:
+the rest is zero padding, masked in the alignment, never repeated prompts).
+With a ``cache_dir`` the features are stored on disk under a key made from the
+model name, its weights (tag, checkpoint SHA-256 or hash of random weights), the
+tokenizer's context length and every prompt; any change gives a new key, so
+features are recomputed exactly when something they depend on changed. Files are
+written atomically (temporary file + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import open_clip
+import torch
+from torch import nn
+
+from .clip_loading import ClipSource, load_clip
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+# Video templates in the style of ActionCLIP / FROSTER (photo/video/example/demonstration of a person ...).
+DEFAULT_TEMPLATES: tuple[str, ...] = (
+    "a photo of {}.",
+    "a photo of a person {}.",
+    "a photo of a person doing {}.",
+    "a photo of a person performing {}.",
+    "a video of {}.",
+    "a video of a person {}.",
+    "a video of a person doing {}.",
+    "a video of a person performing {}.",
+    "a video of a person practicing {}.",
+    "an example of {}.",
+    "an example of a person {}.",
+    "an example of a person doing {}.",
+    "a demonstration of {}.",
+    "a demonstration of a person {}.",
+    "a demonstration of a person performing {}.",
+    "{}",
+)
+
+
+def _check_class_names(class_names, name: str = "class_names") -> list[str]:
+    if isinstance(class_names, str) or not isinstance(class_names, Sequence):
+        raise ValueError(f"{name} must be a sequence of class-name strings, got {type(class_names).__name__}")
+    names = list(class_names)
+    for item in names:
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"{name} must hold non-empty strings, got {item!r}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"{name} has duplicate entries: {duplicates[:10]}")
+    if not names:
+        raise ValueError(f"{name} is empty")
+    return names
+
+
+def template_prompts(
+    class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES
+) -> dict[str, list[str]]:
+    """``{class: [template.format(class) for template in templates]}`` in ``class_names`` order."""
+    names = _check_class_names(class_names)
+    if isinstance(templates, str) or not templates:
+        raise ValueError("templates must be a non-empty sequence of strings with one '{}' each")
+    for template in templates:
+        if not isinstance(template, str) or template.count("{}") != 1:
+            raise ValueError(f"every template needs exactly one '{{}}' placeholder, got {template!r}")
+    return {name: [template.format(name) for template in templates] for name in names}
+
+
+def check_prompts(prompts: Mapping[str, Sequence[str]], source: str = "prompts") -> dict[str, list[str]]:
+    """Validate a ``{class: [sentence, ...]}`` mapping (``ValueError`` naming ``source``)."""
+    if not isinstance(prompts, Mapping):
+        raise ValueError(f"{source} must be an object {{class name: [sentences]}}, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError(f"{source} holds no classes")
+    checked = {}
+    for name, sentences in prompts.items():
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"{source}: class names must be non-empty strings, got {name!r}")
+        if isinstance(sentences, str) or not isinstance(sentences, Sequence) or len(sentences) == 0:
+            raise ValueError(f"{source}: class {name!r} must map to a non-empty list of sentences, got {sentences!r}")
+        for sentence in sentences:
+            if not isinstance(sentence, str) or not sentence.strip():
+                raise ValueError(f"{source}: class {name!r} has an empty or non-string sentence {sentence!r}")
+        checked[name] = list(sentences)
+    return checked
+
+
+def load_prompt_file(
+    path: Union[str, os.PathLike], class_names: Optional[Sequence[str]] = None
+) -> dict[str, list[str]]:
+    """Read a prompt file ``{"<class>": ["sentence", ...], ...}`` (UTF-8 JSON).
+
+    With ``class_names`` the result holds exactly those classes, in that order
+    (``ValueError`` naming the file and the missing classes otherwise; extra
+    classes in the file are ignored). Without, the file's order is kept.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"prompt file {path} is not valid UTF-8 JSON: {error}") from error
+    prompts = check_prompts(data, source=f"prompt file {path}")
+    if class_names is None:
+        return prompts
+    names = _check_class_names(class_names)
+    missing = [name for name in names if name not in prompts]
+    if missing:
+        raise ValueError(
+            f"prompt file {path} has no prompts for {len(missing)} of {len(names)} classes, e.g. {missing[:5]}"
+        )
+    return {name: prompts[name] for name in names}
+
+
+@dataclass(frozen=True)
+class ClassTextFeatures:
+    """Prompt features of ``K`` classes.
+
+    ``features``: ``(K, N_max, E)`` float32, unit-norm rows, zeros where padded;
+    ``mask``: ``(K, N_max)`` bool, True for real prompts; ``class_names`` and
+    ``prompts`` in class-index order. ``cache_path`` / ``cache_hit``: where the
+    features are stored and whether they were read from there.
+    """
+
+    class_names: tuple[str, ...]
+    prompts: tuple[tuple[str, ...], ...]
+    features: torch.Tensor
+    mask: torch.Tensor
+    cache_path: Optional[str] = None
+    cache_hit: bool = False
+
+    def to(self, device) -> "ClassTextFeatures":
+        return replace(self, features=self.features.to(device), mask=self.mask.to(device))
+
+
+def _atomic_torch_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
+    try:
+        with handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(handle.name, path)
+    except BaseException:
+        if os.path.exists(handle.name):
+            os.unlink(handle.name)
+        raise
+
+
+class TextEncoder(nn.Module):
+    """The frozen open_clip text tower (eval mode, no grad) with a prompt-feature cache.
+
+    Build with :meth:`from_pretrained` or from a loaded CLIP model and its
+    :class:`~stdd.model.clip_loading.ClipSource`; the CLIP model's image tower
+    is dropped (``clip_model.visual = None``) so this module holds text weights only.
+    """
+
+    def __init__(self, clip_model: nn.Module, source: ClipSource, *, tokenizer=None, batch_size: int = 256):
+        super().__init__()
+        if not hasattr(clip_model, "encode_text"):
+            raise ValueError(f"clip_model must be an open_clip CLIP model, got {type(clip_model).__name__}")
+        if not isinstance(source, ClipSource):
+            raise ValueError(f"source must be a ClipSource (from load_clip), got {type(source).__name__}")
+        if getattr(clip_model, "visual", None) is not None:
+            clip_model.visual = None  # the text side never needs it; the video encoder owns its own
+        self.clip = clip_model
+        self.clip.requires_grad_(False)
+        self.clip.eval()
+        self.source = source
+        self.tokenizer = tokenizer if tokenizer is not None else open_clip.get_tokenizer(source.model_name)
+        self.context_length = int(getattr(self.tokenizer, "context_length", 0) or 0)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_name: str,
+        pretrained: Optional[str],
+        *,
+        allow_random_init: bool = False,
+        device="cpu",
+        precision: str = "fp32",
+        cache_dir: Optional[str] = None,
+        batch_size: int = 256,
+    ) -> "TextEncoder":
+        clip_model, source = load_clip(
+            model_name, pretrained, allow_random_init=allow_random_init, device=device,
+            precision=precision, cache_dir=cache_dir,
+        )
+        return cls(clip_model, source, batch_size=batch_size)
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        return super().train(False)  # frozen: always eval
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.clip.parameters()).device
+
+    @torch.no_grad()
+    def encode(self, sentences: Sequence[str]) -> torch.Tensor:
+        """Unit-norm features ``(len(sentences), E)``, float32 on the CPU."""
+        if isinstance(sentences, str):
+            raise ValueError("sentences must be a list of strings, not one string")
+        outputs = []
+        for start in range(0, len(sentences), self.batch_size):
+            tokens = self.tokenizer(list(sentences[start:start + self.batch_size])).to(self.device)
+            outputs.append(self.clip.encode_text(tokens, normalize=True).float().cpu())
+        if not outputs:
+            raise ValueError("sentences is empty")
+        return torch.cat(outputs, dim=0)
+
+    def cache_key(self, prompts: Mapping[str, Sequence[str]]) -> str:
+        """SHA-256 over the model, its weights, the context length and every prompt (in order)."""
+        material = {
+            "format": CACHE_FORMAT,
+            "model_name": self.source.model_name,
+            "weights_id": self.source.weights_id,
+            "context_length": self.context_length,
+            "classes": [[name, list(sentences)] for name, sentences in prompts.items()],
+        }
+        return hashlib.sha256(json.dumps(material, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+    def class_features(
+        self, prompts: Mapping[str, Sequence[str]], cache_dir: Optional[Union[str, os.PathLike]] = None
+    ) -> ClassTextFeatures:
+        """Features ``(K, N_max, E)`` + mask for ``{class: [sentences]}`` (order = class index).
+
+        With ``cache_dir``: reuse ``<cache_dir>/text-<model>-<key>.pt`` when its key
+        matches, else compute and store it atomically. An unreadable cache file
+        is recomputed (and overwritten) with a warning.
+        """
+        prompts = check_prompts(prompts)
+        key = self.cache_key(prompts)
+        path = None
+        if cache_dir is not None:
+            safe_model = "".join(c if c.isalnum() or c in "-_." else "_" for c in self.source.model_name)
+            path = Path(cache_dir) / f"text-{safe_model}-{key[:32]}.pt"
+            if path.is_file():
+                try:
+                    stored = torch.load(path, map_location="cpu", weights_only=True)
+                    if stored.get("key") == key:
+                        return self._result(prompts, stored["features"], stored["mask"], path, cache_hit=True)
+                    logger.warning("text-feature cache %s holds another key; recomputing", path)
+                except Exception as error:  # a truncated/corrupt file: recompute
+                    logger.warning("text-feature cache %s is unreadable (%s); recomputing", path, error)
+        counts = [len(sentences) for sentences in prompts.values()]
+        flat = [sentence for sentences in prompts.values() for sentence in sentences]
+        encoded = self.encode(flat)  # (sum of counts, E)
+        classes, longest, dim = len(counts), max(counts), encoded.shape[1]
+        features = torch.zeros(classes, longest, dim)
+        mask = torch.zeros(classes, longest, dtype=torch.bool)
+        for index, chunk in enumerate(torch.split(encoded, counts)):
+            features[index, : len(chunk)] = chunk
+            mask[index, : len(chunk)] = True
+        if path is not None:
+            _atomic_torch_save(
+                {"key": key, "features": features, "mask": mask, "class_names": list(prompts),
+                 "model_name": self.source.model_name, "weights_id": self.source.weights_id},
+                path,
+            )
+        return self._result(prompts, features, mask, path, cache_hit=False)
+
+    @staticmethod
+    def _result(prompts, features, mask, path, cache_hit) -> ClassTextFeatures:
+        return ClassTextFeatures(
+            class_names=tuple(prompts),
+            prompts=tuple(tuple(s) for s in prompts.values()),
+            features=features,
+            mask=mask,
+            cache_path=None if path is None else str(path),
+            cache_hit=cache_hit,
+        )
