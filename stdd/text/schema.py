@@ -103,29 +103,8 @@ def check_prompt(sentence: str, display: str) -> str | None:
     return None
 
 
-def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
-    """Errors of one class's graph (empty list: valid).
-
-    `dataset` picks the display-name rule (see `stdd.resources.display_name`);
-    any name outside the known sets (a user's class file) keeps names as written.
-    """
-    where = f"class {class_name!r}"
-    if not isinstance(graph, dict):
-        return [f"{where}: expected a JSON object, got {type(graph).__name__}"]
-    errors: list[str] = []
-    missing = [k for k in GRAPH_KEYS if k not in graph]
-    if missing:
-        errors.append(f"{where}: missing fields {missing}")
-    unknown = sorted(set(graph) - set(GRAPH_KEYS))
-    if unknown:
-        errors.append(f"{where}: unknown fields {unknown}")
-    if "class" in graph and graph["class"] != class_name:
-        errors.append(f"{where}: field 'class' is {graph['class']!r}, expected {class_name!r}")
-    try:
-        display = display_name(dataset, class_name)
-    except ValueError as exc:
-        return errors + [f"{where}: {exc}"]
-
+def _validate_knowledge(graph: dict, where: str, errors: list[str]) -> tuple[set[str], set[str]]:
+    """Check objects, sub_actions and relations; return the normalized object / sub-action sets."""
     objects = _string_list(graph.get("objects", []), f"{where}.objects", errors)
     sub_actions = _string_list(graph.get("sub_actions", []), f"{where}.sub_actions", errors)
     _check_entities(objects, f"{where}.objects", OBJECTS_MIN, OBJECTS_MAX, errors)
@@ -171,6 +150,33 @@ def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
             if key in seen:
                 errors.append(f"{rwhere}[{i}]: duplicate triple {triple!r}")
             seen.add(key)
+    return object_keys, action_keys
+
+
+def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
+    """Errors of one class's graph (empty list: valid).
+
+    `dataset` picks the display-name rule (see `stdd.resources.display_name`);
+    any name outside the known sets (a user's class file) keeps names as written.
+    """
+    where = f"class {class_name!r}"
+    if not isinstance(graph, dict):
+        return [f"{where}: expected a JSON object, got {type(graph).__name__}"]
+    errors: list[str] = []
+    missing = [k for k in GRAPH_KEYS if k not in graph]
+    if missing:
+        errors.append(f"{where}: missing fields {missing}")
+    unknown = sorted(set(graph) - set(GRAPH_KEYS))
+    if unknown:
+        errors.append(f"{where}: unknown fields {unknown}")
+    if "class" in graph and graph["class"] != class_name:
+        errors.append(f"{where}: field 'class' is {graph['class']!r}, expected {class_name!r}")
+    try:
+        display = display_name(dataset, class_name)
+    except ValueError as exc:
+        return errors + [f"{where}: {exc}"]
+
+    object_keys, action_keys = _validate_knowledge(graph, where, errors)
 
     prompts = graph.get("prompts", {})
     if not isinstance(prompts, dict):
@@ -187,7 +193,7 @@ def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
         # Spatial prompts describe objects, temporal ones sub-actions: a sentence
         # naming none of its graph's entities is filler, not drawn from a triple.
         entities = object_keys if kind == "spatial" else action_keys | object_keys
-        needed = "an object" if kind == "spatial" else "a sub-action or object"
+        needed = "object" if kind == "spatial" else "sub-action or object"
         seen_sentences = set()
         for i, sentence in enumerate(sentences):
             problem = check_prompt(sentence, display)
@@ -205,6 +211,25 @@ def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
             # At least one temporal sentence must carry an ordered sub-action.
             if not any(any(a in normalize_entity(s) for a in action_keys) for s in sentences):
                 errors.append(f"{pwhere}: no sentence names a sub-action")
+    return errors
+
+
+STAGE1_KEYS = ("objects", "sub_actions", "relations")
+
+
+def validate_stage1(answer: Any, class_name: str) -> list[str]:
+    """Errors of a stage-1 answer (objects, sub_actions, relations; no prompts yet)."""
+    where = f"class {class_name!r}"
+    if not isinstance(answer, dict):
+        return [f"{where}: expected a JSON object, got {type(answer).__name__}"]
+    errors: list[str] = []
+    missing = [k for k in STAGE1_KEYS if k not in answer]
+    if missing:
+        errors.append(f"{where}: missing fields {missing}")
+    unknown = sorted(set(answer) - set(STAGE1_KEYS))
+    if unknown:
+        errors.append(f"{where}: unknown fields {unknown}")
+    _validate_knowledge(answer, where, errors)
     return errors
 
 

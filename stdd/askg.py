@@ -1,0 +1,178 @@
+"""`python -m stdd.askg`: build ASKG graphs with an LLM, export prompt lists, inspect, validate.
+
+  build     --classes <file|ucf101|hmdb51|k400|k600|k600_new> --out DIR [--model M]
+            [--base-url URL] [--concurrency N] [--retries N] [--api-key-env NAME]
+            Two-stage pipeline (stdd.text.askg); resumable: rerun the same command
+            after a crash or Ctrl-C and only unfinished classes are requested.
+            Exit status 0 when every class was built, 1 when some failed (see
+            DIR/report.json), 2 on a usage / endpoint error, 130 when interrupted.
+  prompts   --graph <DIR|file.json|ucf101|hmdb51|k400|k600_new> --out prompts.json [--only S|T|ST]
+            Writes {"<class>": ["sentence", ...]} in class order (what the model's
+            text side consumes).
+  inspect   --graph ... --class NAME [--json]
+  validate  FILE_OR_SET...   (schema check; the shipped sets by name)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from stdd.resources import askg_path
+from stdd.text import askg as askg_lib
+from stdd.text.askg import AskgBuilder, AskgConfig, AskgError
+
+SHIPPED_NAMES = ("ucf101", "hmdb51", "k400", "k600_new")
+
+
+def _graph_source(spec: str) -> Path:
+    return askg_path(spec) if spec.lower() in SHIPPED_NAMES and not Path(spec).exists() else Path(spec)
+
+
+def _cmd_build(args) -> int:
+    dataset, names = askg_lib.resolve_classes(args.classes)
+    if args.dataset:
+        dataset = args.dataset
+    if args.limit:
+        names = names[: args.limit]
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # A log file next to the results (the key is never formatted into any message).
+    file_handler = logging.FileHandler(out_dir / "build.log", encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(message)s"))
+    logging.getLogger("stdd").addHandler(file_handler)
+    config = AskgConfig(model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
+                        temperature=args.temperature, concurrency=args.concurrency, retries=args.retries,
+                        backoff_base_s=args.backoff, timeout_s=args.timeout, json_mode=not args.no_json_mode)
+    try:
+        builder = AskgBuilder(config)
+        report = builder.build(names, out_dir, dataset=dataset)
+    finally:
+        logging.getLogger("stdd").removeHandler(file_handler)
+        file_handler.close()
+    if report.interrupted:
+        print(f"interrupted; {len(report.built) + len(report.cached)}/{len(names)} classes done; "
+              f"rerun the same command to resume", file=sys.stderr)
+        return 130
+    if report.failed:
+        print(f"{len(report.failed)} of {len(names)} classes failed (details in {out_dir / 'report.json'}):",
+              file=sys.stderr)
+        for name, error in list(report.failed.items())[:20]:
+            print(f"  {name}: {error}", file=sys.stderr)
+        return 1
+    print(f"built {len(report.built)}, cached {len(report.cached)}, {report.requests} requests -> "
+          f"{out_dir / 'askg.json'}")
+    return 0
+
+
+def _cmd_prompts(args) -> int:
+    dataset, graphs = askg_lib.load_graphs(_graph_source(args.graph), allow_missing=args.allow_missing)
+    prompts = askg_lib.prompt_lists(graphs, args.only)
+    askg_lib.atomic_write_json(Path(args.out), prompts)
+    count = sum(len(v) for v in prompts.values())
+    print(f"{len(prompts)} classes, {count} prompts ({args.only.upper()}) -> {args.out}")
+    return 0
+
+
+def _cmd_inspect(args) -> int:
+    _, graphs = askg_lib.load_graphs(_graph_source(args.graph), allow_missing=True)
+    graph = graphs.get(args.class_name)
+    if graph is None:
+        lowered = {k.lower(): k for k in graphs}
+        key = lowered.get(args.class_name.lower())
+        if key is None:
+            close = [k for k in graphs if args.class_name.lower() in k.lower()][:10]
+            raise AskgError(f"--class {args.class_name!r}: not in {args.graph}"
+                            + (f"; similar: {close}" if close else ""))
+        graph, args.class_name = graphs[key], key
+    if args.json:
+        print(json.dumps(graph, ensure_ascii=False, indent=1))
+    else:
+        print(askg_lib.format_graph(args.class_name, graph))
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from stdd.text.schema import validate_askg_file
+
+    status = 0
+    for spec in args.files:
+        path = _graph_source(spec)
+        errors = validate_askg_file(path, require_complete=not args.partial)
+        if errors:
+            status = 1
+            print(f"{path}: {len(errors)} error(s)")
+            for error in errors[:50]:
+                print(f"  {error}")
+        else:
+            print(f"{path}: OK")
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stdd.askg", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every retry")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="build graphs + prompts with an LLM endpoint")
+    build.add_argument("--classes", required=True, help="class-list file (one name per line) or a set name")
+    build.add_argument("--out", required=True, help="output directory (cache; rerun to resume)")
+    build.add_argument("--dataset", help="display-name rule / dataset label for a class file "
+                                         "(ucf101: CamelCase split, hmdb51: underscores; default: names as written)")
+    build.add_argument("--model", default=askg_lib.DEFAULT_MODEL)
+    build.add_argument("--base-url", default=None, help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1")
+    build.add_argument("--api-key-env", default=askg_lib.DEFAULT_API_KEY_ENV,
+                       help="name of the environment variable holding the API key (the key itself is never a flag)")
+    build.add_argument("--concurrency", type=int, default=4)
+    build.add_argument("--retries", type=int, default=3, help="retries per stage after the first attempt")
+    build.add_argument("--temperature", type=float, default=askg_lib.DEFAULT_TEMPERATURE)
+    build.add_argument("--backoff", type=float, default=1.0, help="first retry wait in seconds (doubles each retry)")
+    build.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
+    build.add_argument("--no-json-mode", action="store_true",
+                       help="do not send response_format=json_object (servers that reject it)")
+    build.add_argument("--limit", type=int, default=0, help="only the first N classes (trial runs)")
+    build.set_defaults(func=_cmd_build)
+
+    prompts = sub.add_parser("prompts", help="write {class: [prompt, ...]} from graphs")
+    prompts.add_argument("--graph", required=True, help="build directory, ASKG json, or shipped set name")
+    prompts.add_argument("--out", required=True)
+    prompts.add_argument("--only", default="ST", choices=["S", "T", "ST", "s", "t", "st"],
+                         help="S: spatial, T: temporal, ST: both (default)")
+    prompts.add_argument("--allow-missing", action="store_true", help="accept a partly built directory")
+    prompts.set_defaults(func=_cmd_prompts)
+
+    inspect = sub.add_parser("inspect", help="print one class's graph and prompts")
+    inspect.add_argument("--graph", required=True)
+    inspect.add_argument("--class", dest="class_name", required=True)
+    inspect.add_argument("--json", action="store_true")
+    inspect.set_defaults(func=_cmd_inspect)
+
+    validate = sub.add_parser("validate", help="schema-check ASKG files")
+    validate.add_argument("files", nargs="+", help="ASKG json files or shipped set names")
+    validate.add_argument("--partial", action="store_true", help="do not require every class")
+    validate.set_defaults(func=_cmd_validate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose or args.command == "build" else logging.WARNING,
+                        format="%(levelname)s %(message)s")
+    # httpx logs every request URL at INFO; keep the console about the ASKG run.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    try:
+        return args.func(args)
+    except (AskgError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,630 @@
+"""ASKG pipeline: an LLM builds an Action Semantic Knowledge Graph per class, then prompts.
+
+Two stages per class, against any OpenAI-compatible chat-completions endpoint
+(the `openai` client; hosted or a local server via --base-url):
+
+  stage 1  "knowledge": objects (5-10), ordered sub-actions (3-10) and the
+           relation triples object-object / action-object / action-action
+           (the paper's "Return the object entity list ..." and "Find the proper
+           predicate names ..." prompts, asked for JSON);
+  stage 2  "prompts": one sentence per triple, "This is a video of <class>, ...":
+           spatial prompts from object-object triples, temporal prompts from the
+           action triples ("Try to complete the whole sentence according to each
+           relation triple").
+
+Every answer is parsed as JSON and validated (`stdd.text.schema`); an invalid
+answer, HTTP 429/5xx, a timeout or a dropped connection is retried with
+exponential backoff (the retry of an invalid answer shows the model its errors),
+up to `retries` times, after which the class is reported as failed and the run
+goes on. Only validated results are written: `<out>/stage1/<slug>.json` after
+stage 1 and `<out>/classes/<slug>.json` after stage 2, each atomically (temp
+file + rename), so a crashed or interrupted run resumes where it stopped and
+never reads a half-written or invalid file. Provenance (model, prompt version,
+temperature, base URL without credentials, time) is stored with every result.
+
+The API key is read from an environment variable (OPENAI_API_KEY unless
+--api-key-env names another) and is never logged or written; error texts are
+scrubbed of it before they reach a log or the report.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+from stdd.resources import CLASS_COUNTS, class_names as dataset_class_names, display_name
+from stdd.text.schema import (
+    OBJECTS_MAX, OBJECTS_MIN, SCHEMA_VERSION, SUB_ACTIONS_MAX, SUB_ACTIONS_MIN,
+    normalize_entity, validate_askg_document, validate_graph, validate_stage1,
+)
+
+log = logging.getLogger("stdd.askg")
+
+# Bump PROMPT_VERSION whenever a prompt text or the temperature changes: it is
+# recorded with every cached result, and a cache built with another version is
+# not reused (see `_cached`).
+PROMPT_VERSION = "askg-v1"
+DEFAULT_TEMPERATURE = 0.2
+DEFAULT_MODEL = "gpt-3.5-turbo"  # the paper used GPT-3.5; any chat model works
+DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
+
+SYSTEM_PROMPT = (
+    "You are an expert in human actions and video understanding. You build Action Semantic "
+    "Knowledge Graphs (ASKG) that decompose an action class into the static objects seen in "
+    "its videos and the dynamic sub-actions it is made of, and the relations between them. "
+    "Be specific to the given action: name real objects and real phases of the action, never "
+    "generic filler. Answer with one JSON object only, no prose and no code fences."
+)
+
+STAGE1_PROMPT = """Action class: {class_name}
+Action (plain words): {display}
+
+1. Return the object entity list containing Top K ({objects_min} <= K <= {objects_max}) most relevant objects involved in action: "{display}". Objects are concrete things visible in a video of it (equipment, body parts in use, clothing, places).
+2. Return the sub-action entity list containing Top K ({actions_min} <= K <= {actions_max}) most relevant sub-actions involved in action: "{display}", in the temporal order in which they happen. Write each sub-action as a short gerund phrase (e.g. "drawing the bowstring").
+3. Find the proper predicate names that concisely describe the relationship between each object / sub-action pair chosen from the entity lists, as [subject, predicate, object] triples:
+   - "object_object": at least 3 triples [object, predicate, object] (static spatial relations, e.g. ["arrow", "rests on", "bow"]);
+   - "action_object": at least 1 triple [sub-action, predicate, object] (e.g. ["drawing the bowstring", "pulls back", "bowstring"]);
+   - "action_action": at least 2 triples [sub-action, predicate, sub-action] (temporal order, e.g. ["aiming at the target", "comes before", "releasing the arrow"]).
+   Subjects and objects of the triples must be copied exactly from the entity lists.
+
+Return JSON of exactly this form:
+{{"objects": ["..."], "sub_actions": ["..."], "relations": {{"object_object": [["...", "...", "..."]], "action_object": [["...", "...", "..."]], "action_action": [["...", "...", "..."]]}}}}"""
+
+STAGE2_PROMPT = """Action class: {class_name}
+Action (plain words): {display}
+
+Relation triples of the action's knowledge graph:
+object_object (static appearance): {object_object}
+action_object (dynamic motion): {action_object}
+action_action (dynamic motion): {action_action}
+
+Try to complete the whole sentence according to each relation triple: "This is a video of {display}, ..."
+- "spatial": one sentence for each object_object triple;
+- "temporal": one sentence for each action_action triple and each action_object triple.
+Every sentence is a single sentence that starts exactly with "This is a video of {display}, ", ends with a period, and uses the entity names of its triple word for word (e.g. "This is a video of archery, where aiming at the target comes before releasing the arrow.").
+
+Return JSON of exactly this form:
+{{"spatial": ["..."], "temporal": ["..."]}}"""
+
+REPAIR_PROMPT = """Your answer was not valid:
+{errors}
+Answer again with the complete corrected JSON object only."""
+
+
+class AskgError(RuntimeError):
+    """A class could not be built (after retries), or a run could not start."""
+
+
+class FatalEndpointError(AskgError):
+    """The endpoint refuses every request (bad key, unknown model): stop the run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AskgConfig:
+    model: str = DEFAULT_MODEL
+    base_url: str | None = None           # None: the openai client default (api.openai.com)
+    api_key_env: str = DEFAULT_API_KEY_ENV
+    temperature: float = DEFAULT_TEMPERATURE
+    concurrency: int = 4
+    retries: int = 3                      # retries after the first attempt, per stage
+    backoff_base_s: float = 1.0           # wait before retry r: base * 2**r (capped), +-25% jitter
+    backoff_max_s: float = 60.0
+    timeout_s: float = 120.0
+    json_mode: bool = True                # send response_format={"type": "json_object"}
+    max_tokens: int = 1500
+
+    def __post_init__(self):
+        if self.concurrency < 1:
+            raise ValueError(f"concurrency={self.concurrency}: expected >= 1")
+        if self.retries < 0:
+            raise ValueError(f"retries={self.retries}: expected >= 0")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise ValueError(f"temperature={self.temperature}: expected 0..2")
+        if self.backoff_base_s < 0 or self.backoff_max_s < 0:
+            raise ValueError("backoff times must be >= 0")
+
+
+@dataclasses.dataclass
+class BuildReport:
+    out_dir: Path
+    dataset: str
+    built: list[str]                      # built by this run
+    cached: list[str]                     # already finished by an earlier run
+    failed: dict[str, str]                # class -> error
+    requests: int                         # chat-completion requests sent by this run
+    interrupted: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.interrupted
+
+    def to_json(self) -> dict:
+        return {"dataset": self.dataset, "built": self.built, "cached": self.cached,
+                "failed": self.failed, "requests": self.requests, "interrupted": self.interrupted}
+
+
+# ---------------------------------------------------------------- helpers
+
+def redact_url(url: str | None) -> str | None:
+    """URL without user:password, query or fragment (where credentials may hide)."""
+    if url is None:
+        return None
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+class _Redactor:
+    """Replaces every occurrence of secret strings (the API key) in a text."""
+
+    def __init__(self, secrets: Iterable[str]):
+        self.secrets = [s for s in secrets if s]
+
+    def __call__(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def class_slug(name: str) -> str:
+    """File-name-safe, collision-free name: readable part + hash of the exact name.
+
+    (K600 has names differing only in case, e.g. "passing American/american football".)
+    """
+    readable = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")[:60] or "class"
+    return f"{readable}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"
+
+
+def atomic_write_json(path: Path, payload: Any) -> None:
+    """Write JSON to `path` via a temp file in the same directory + os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(payload, handle, ensure_ascii=False, indent=1)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def parse_json_answer(content: str | None) -> Any:
+    """The JSON object in a model answer (tolerates ```json fences and text around it)."""
+    if content is None or not content.strip():
+        raise ValueError("empty answer")
+    text = content.strip()
+    fence = re.search(r"```(?:json)?\s*(.*?)```", text, flags=re.S)
+    if fence:
+        text = fence.group(1).strip()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        start, end = text.find("{"), text.rfind("}")
+        if 0 <= start < end:
+            try:
+                return json.loads(text[start:end + 1])
+            except json.JSONDecodeError:
+                pass
+        raise ValueError(f"answer is not valid JSON: {content[:200]!r}") from None
+
+
+def _clean_strings(value: Any) -> Any:
+    if isinstance(value, str):
+        return " ".join(value.split())
+    if isinstance(value, list):
+        return [_clean_strings(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _clean_strings(v) for k, v in value.items()}
+    return value
+
+
+def canonicalize_stage1(answer: dict) -> dict:
+    """Whitespace-clean the answer and spell triple entities as in the entity lists."""
+    answer = _clean_strings(answer)
+    spelling = {}
+    for key in ("sub_actions", "objects"):  # objects win when a name is in both lists
+        for entity in answer.get(key, []) if isinstance(answer.get(key), list) else []:
+            if isinstance(entity, str):
+                spelling[normalize_entity(entity)] = entity
+    relations = answer.get("relations")
+    if isinstance(relations, dict):
+        for kind, triples in relations.items():
+            if not isinstance(triples, list):
+                continue
+            fixed = []
+            for triple in triples:
+                if isinstance(triple, list) and len(triple) == 3 and all(isinstance(t, str) for t in triple):
+                    triple = [spelling.get(normalize_entity(triple[0]), triple[0]), triple[1],
+                              spelling.get(normalize_entity(triple[2]), triple[2])]
+                fixed.append(triple)
+            relations[kind] = fixed
+    return answer
+
+
+def render_stage1(class_name: str, display: str) -> str:
+    return STAGE1_PROMPT.format(class_name=class_name, display=display,
+                                objects_min=OBJECTS_MIN, objects_max=OBJECTS_MAX,
+                                actions_min=SUB_ACTIONS_MIN, actions_max=SUB_ACTIONS_MAX)
+
+
+def render_stage2(class_name: str, display: str, knowledge: dict) -> str:
+    relations = knowledge["relations"]
+    return STAGE2_PROMPT.format(
+        class_name=class_name, display=display,
+        **{kind: json.dumps(relations[kind], ensure_ascii=False)
+           for kind in ("object_object", "action_object", "action_action")})
+
+
+def read_class_file(path: str | Path) -> list[str]:
+    """Class names from a text file: one per line; blank lines and '#' comments skipped."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"--classes {path}: no such file (or use one of {', '.join(CLASS_COUNTS)})") from None
+    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not names:
+        raise ValueError(f"--classes {path}: no class names (expected one name per line)")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"--classes {path}: duplicated class names {duplicates[:5]}")
+    return names
+
+
+def resolve_classes(spec: str) -> tuple[str, list[str]]:
+    """(dataset name, class names) for a shipped set name or a class-list file."""
+    if spec.lower() in CLASS_COUNTS:
+        return spec.lower(), dataset_class_names(spec)
+    return Path(spec).stem, read_class_file(spec)
+
+
+# ---------------------------------------------------------------- the builder
+
+class _Stopped(Exception):
+    pass
+
+
+class AskgBuilder:
+    """Runs the two-stage pipeline over classes with a thread pool and a disk cache."""
+
+    def __init__(self, config: AskgConfig, *, api_key: str | None = None, client: Any = None):
+        self.config = config
+        if client is None:
+            if api_key is None:
+                api_key = os.environ.get(config.api_key_env)
+            if not api_key:
+                raise AskgError(
+                    f"no API key: environment variable {config.api_key_env} is not set "
+                    f"(name another with --api-key-env; for a local server that ignores keys, set it to any value)")
+            import openai  # imported here: the rest of stdd.text works without it
+
+            client = openai.OpenAI(api_key=api_key, base_url=config.base_url,
+                                   max_retries=0, timeout=config.timeout_s)
+        self.client = client
+        self.redact = _Redactor([api_key] if api_key else [])
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self.requests = 0
+
+    # -- one request -------------------------------------------------------
+    def _chat(self, messages: list[dict]) -> str:
+        kwargs = dict(model=self.config.model, messages=messages,
+                      temperature=self.config.temperature, max_tokens=self.config.max_tokens)
+        if self.config.json_mode:
+            kwargs["response_format"] = {"type": "json_object"}
+        with self._lock:
+            self.requests += 1
+        response = self.client.chat.completions.create(**kwargs)
+        if not getattr(response, "choices", None):
+            raise ValueError("answer has no choices")
+        return response.choices[0].message.content
+
+    def _sleep_backoff(self, retry_index: int) -> None:
+        delay = min(self.config.backoff_max_s, self.config.backoff_base_s * (2 ** retry_index))
+        delay *= random.uniform(0.75, 1.25)
+        if self._stop.wait(delay):
+            raise _Stopped()
+
+    @staticmethod
+    def _classify(exc: Exception) -> str:
+        """'retry' (transient / invalid answer) or 'fatal' (the endpoint will refuse every class)."""
+        import openai
+
+        if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)):
+            return "fatal"
+        if isinstance(exc, openai.APIStatusError):
+            return "retry" if exc.status_code == 429 or exc.status_code >= 500 else "final"
+        if isinstance(exc, (openai.APIConnectionError, openai.APITimeoutError)):
+            return "retry"
+        return "final"
+
+    def _ask(self, class_name: str, stage: str, user_prompt: str,
+             validate: Callable[[Any], tuple[Any, list[str]]]) -> tuple[Any, int]:
+        """Ask until `validate` accepts the parsed answer; returns (result, attempts)."""
+        messages = [{"role": "system", "content": SYSTEM_PROMPT},
+                    {"role": "user", "content": user_prompt}]
+        last_error = "no attempt made"
+        attempts = self.config.retries + 1
+        for attempt in range(attempts):
+            if self._stop.is_set():
+                raise _Stopped()
+            if attempt:
+                self._sleep_backoff(attempt - 1)
+            try:
+                content = self._chat(messages)
+            except Exception as exc:  # noqa: BLE001 - classified below
+                kind = self._classify(exc)
+                last_error = self.redact(f"{type(exc).__name__}: {exc}")
+                if kind == "fatal":
+                    raise FatalEndpointError(f"{stage}: {last_error}") from None
+                if kind == "final":
+                    raise AskgError(f"{stage}: {last_error}") from None
+                log.warning("%s: %s attempt %d/%d failed: %s", class_name, stage, attempt + 1, attempts, last_error)
+                continue
+            try:
+                parsed = parse_json_answer(content)
+                result, errors = validate(parsed)
+            except ValueError as exc:
+                result, errors = None, [str(exc)]
+            if not errors:
+                return result, attempt + 1
+            last_error = self.redact("invalid answer: " + "; ".join(errors[:8]))
+            log.warning("%s: %s attempt %d/%d: %s", class_name, stage, attempt + 1, attempts, last_error)
+            # Show the model its answer and what was wrong with it (a repair turn).
+            messages = messages[:2] + [
+                {"role": "assistant", "content": content or ""},
+                {"role": "user", "content": REPAIR_PROMPT.format(errors="\n".join(f"- {e}" for e in errors[:20]))},
+            ]
+        raise AskgError(f"{stage}: gave up after {attempts} attempts; last error: {last_error}")
+
+    # -- one class ---------------------------------------------------------
+    def _provenance(self, attempts: int) -> dict:
+        return {"generator": "stdd.askg build", "model": self.config.model,
+                "prompt_version": PROMPT_VERSION, "temperature": self.config.temperature,
+                "base_url": redact_url(self.config.base_url) or "https://api.openai.com/v1",
+                "attempts": attempts, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+
+    @staticmethod
+    def _cached(path: Path, class_name: str, check: Callable[[Any], list[str]]) -> Any | None:
+        """A cache entry if it exists, is this class's, of this prompt version and valid."""
+        if not path.exists():
+            return None
+        try:
+            entry = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+            log.warning("%s: ignoring unreadable cache file %s (%s)", class_name, path, exc)
+            return None
+        if (not isinstance(entry, dict) or entry.get("class") != class_name
+                or entry.get("provenance", {}).get("prompt_version") != PROMPT_VERSION):
+            log.info("%s: cache file %s is from another class or prompt version; rebuilding", class_name, path)
+            return None
+        if check(entry.get("result")):
+            log.warning("%s: cache file %s does not validate; rebuilding", class_name, path)
+            return None
+        return entry["result"]
+
+    def build_class(self, out_dir: Path, dataset: str, class_name: str) -> tuple[dict, bool]:
+        """(graph, built_now) for one class: from the cache, or by asking the endpoint."""
+        display = display_name(dataset, class_name)
+        slug = class_slug(class_name)
+        final_path = out_dir / "classes" / f"{slug}.json"
+        stage1_path = out_dir / "stage1" / f"{slug}.json"
+
+        graph = self._cached(final_path, class_name, lambda g: validate_graph(g, dataset, class_name))
+        if graph is not None:
+            return graph, False
+
+        knowledge = self._cached(stage1_path, class_name, lambda k: validate_stage1(k, class_name))
+        if knowledge is None:
+            def check_stage1(parsed):
+                if not isinstance(parsed, dict):
+                    return None, [f"expected a JSON object, got {type(parsed).__name__}"]
+                answer = canonicalize_stage1(parsed)
+                return answer, validate_stage1(answer, class_name)
+
+            knowledge, attempts = self._ask(class_name, "stage 1 (knowledge graph)",
+                                            render_stage1(class_name, display), check_stage1)
+            atomic_write_json(stage1_path, {"class": class_name, "result": knowledge,
+                                            "provenance": self._provenance(attempts)})
+
+        def check_stage2(parsed):
+            if not isinstance(parsed, dict):
+                return None, [f"expected a JSON object, got {type(parsed).__name__}"]
+            unknown = sorted(set(parsed) - {"spatial", "temporal"})
+            graph = {"class": class_name, **knowledge,
+                     "prompts": {"spatial": _clean_strings(parsed.get("spatial", [])),
+                                 "temporal": _clean_strings(parsed.get("temporal", []))}}
+            errors = [f"unknown fields {unknown}"] if unknown else []
+            return graph, errors + validate_graph(graph, dataset, class_name)
+
+        graph, attempts = self._ask(class_name, "stage 2 (prompts)",
+                                    render_stage2(class_name, display, knowledge), check_stage2)
+        atomic_write_json(final_path, {"class": class_name, "result": graph,
+                                       "provenance": self._provenance(attempts)})
+        return graph, True
+
+    # -- a run -------------------------------------------------------------
+    def build(self, names: Sequence[str], out_dir: str | Path, *, dataset: str,
+              on_class_done: Callable[[str, bool], None] | None = None) -> BuildReport:
+        """Build every class of `names` into `out_dir`; resumable; never raises for one class.
+
+        `on_class_done(class_name, ok)` runs in the calling thread after each class
+        (a KeyboardInterrupt raised there or by Ctrl-C stops the run cleanly:
+        finished classes stay cached, the report says `interrupted`).
+        """
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        names = list(names)
+        if len(set(names)) != len(names):
+            raise ValueError("class names must be unique")
+        atomic_write_json(out_dir / "manifest.json", {
+            "schema_version": SCHEMA_VERSION, "dataset": dataset, "classes": names,
+            "provenance": self._run_provenance(dataset)})
+        report = BuildReport(out_dir, dataset, built=[], cached=[], failed={}, requests=0)
+        self._stop.clear()
+        start_requests = self.requests
+        pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.config.concurrency,
+                                                     thread_name_prefix="askg")
+        futures = {pool.submit(self.build_class, out_dir, dataset, name): name for name in names}
+        pending = set(futures)
+        fatal: FatalEndpointError | None = None
+        try:
+            while pending:
+                # Short waits keep the main thread responsive to Ctrl-C.
+                done, pending = concurrent.futures.wait(pending, timeout=0.2,
+                                                        return_when=concurrent.futures.FIRST_COMPLETED)
+                for future in done:
+                    name = futures[future]
+                    ok = False
+                    try:
+                        _, built_now = future.result()
+                        (report.built if built_now else report.cached).append(name)
+                        ok = True
+                    except _Stopped:
+                        continue
+                    except FatalEndpointError as exc:
+                        report.failed[name] = str(exc)
+                        if fatal is None:
+                            fatal = exc
+                            log.error("endpoint refuses requests, stopping the run: %s", exc)
+                            self._stop.set()
+                    except Exception as exc:  # noqa: BLE001 - one class never stops the run
+                        report.failed[name] = self.redact(f"{exc}")
+                        log.error("%s: failed: %s", name, report.failed[name])
+                    if on_class_done is not None:
+                        on_class_done(name, ok)
+        except KeyboardInterrupt:
+            report.interrupted = True
+            log.warning("interrupted: finished classes are cached; run the same command again to resume")
+            self._stop.set()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            report.requests = self.requests - start_requests
+            self._finish(report, names, dataset)
+        if fatal is not None:
+            raise fatal
+        return report
+
+    def _run_provenance(self, dataset: str) -> dict:
+        base = redact_url(self.config.base_url)
+        regenerate = f"python -m stdd.askg build --classes {dataset} --out <dir> --model {self.config.model}"
+        if base:
+            regenerate += f" --base-url {base}"
+        return {"generator": "stdd.askg build",
+                "how": "two-stage LLM pipeline (knowledge graph, then prompts), JSON answers validated "
+                       "against stdd.text.schema",
+                "model": self.config.model, "prompt_version": PROMPT_VERSION,
+                "temperature": self.config.temperature,
+                "base_url": base or "https://api.openai.com/v1",
+                "date": datetime.now(timezone.utc).date().isoformat(),
+                "regenerate": regenerate}
+
+    def _finish(self, report: BuildReport, names: list[str], dataset: str) -> None:
+        """Write report.json and askg.json (the finished classes, in class order)."""
+        classes = {}
+        for name in names:
+            path = report.out_dir / "classes" / f"{class_slug(name)}.json"
+            if path.exists() and name not in report.failed:
+                try:
+                    classes[name] = json.loads(path.read_text(encoding="utf-8"))["result"]
+                except (OSError, json.JSONDecodeError, KeyError):
+                    continue
+        document = {"schema_version": SCHEMA_VERSION, "dataset": dataset,
+                    "provenance": self._run_provenance(dataset), "classes": classes}
+        atomic_write_json(report.out_dir / "askg.json", document)
+        missing = [n for n in names if n not in classes]
+        atomic_write_json(report.out_dir / "report.json", {
+            **report.to_json(), "complete": not missing, "missing": missing})
+        log.info("ASKG %s: %d built, %d from cache, %d failed, %d missing, %d requests -> %s",
+                 dataset, len(report.built), len(report.cached), len(report.failed), len(missing),
+                 report.requests, report.out_dir / "askg.json")
+
+
+# ---------------------------------------------------------------- reading graphs
+
+def load_graphs(path: str | Path, *, allow_missing: bool = False) -> tuple[str, dict[str, dict]]:
+    """(dataset, {class: graph}) from a shipped/merged ASKG json or a `build --out` directory.
+
+    Everything read is validated; a directory's classes that are not built yet are
+    an error unless `allow_missing`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        manifest_path = path / "manifest.json"
+        if not manifest_path.exists():
+            raise AskgError(f"--graph {path}: a directory must be a `stdd.askg build --out` directory "
+                            f"(no manifest.json)")
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        dataset, names = manifest["dataset"], manifest["classes"]
+        graphs, missing, errors = {}, [], []
+        for name in names:
+            cache = path / "classes" / f"{class_slug(name)}.json"
+            if not cache.exists():
+                missing.append(name)
+                continue
+            graph = json.loads(cache.read_text(encoding="utf-8"))["result"]
+            problems = validate_graph(graph, dataset, name)
+            if problems:
+                errors.extend(f"{cache}: {p}" for p in problems)
+            graphs[name] = graph
+        if errors:
+            raise AskgError("invalid graphs:\n" + "\n".join(errors[:20]))
+        if missing and not allow_missing:
+            raise AskgError(f"--graph {path}: {len(missing)} of {len(names)} classes not built yet "
+                            f"(e.g. {missing[:3]}); rerun build to finish, or pass --allow-missing")
+        return dataset, graphs
+    if not path.exists():
+        raise AskgError(f"--graph {path}: no such file or directory")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AskgError(f"--graph {path}: not valid JSON ({exc})") from None
+    errors = validate_askg_document(document, str(path), require_complete=not allow_missing)
+    if errors:
+        raise AskgError("invalid ASKG file:\n" + "\n".join(errors[:20]))
+    return document["dataset"], dict(document["classes"])
+
+
+PROMPT_KINDS = {"S": ("spatial",), "T": ("temporal",), "ST": ("spatial", "temporal")}
+
+
+def prompt_lists(graphs: dict[str, dict], only: str = "ST") -> dict[str, list[str]]:
+    """{class: [sentences]}: spatial, temporal, or spatial then temporal prompts."""
+    kinds = PROMPT_KINDS.get(only.upper())
+    if kinds is None:
+        raise ValueError(f"--only {only!r}: expected one of {', '.join(PROMPT_KINDS)}")
+    return {name: [s for kind in kinds for s in graph["prompts"][kind]] for name, graph in graphs.items()}
+
+
+def format_graph(name: str, graph: dict) -> str:
+    """Human-readable view of one class's graph and prompts."""
+    lines = [f"class: {name}", "objects: " + ", ".join(graph["objects"]),
+             "sub-actions (in order): " + " -> ".join(graph["sub_actions"]), "relations:"]
+    for kind in ("object_object", "action_object", "action_action"):
+        lines.append(f"  {kind}:")
+        lines.extend(f"    ({s}) --{p}--> ({o})" for s, p, o in graph["relations"][kind])
+    for kind in ("spatial", "temporal"):
+        lines.append(f"{kind} prompts:")
+        lines.extend(f"  - {s}" for s in graph["prompts"][kind])
+    return "\n".join(lines)
