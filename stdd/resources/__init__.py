@@ -98,10 +98,9 @@ def display_name(dataset: str, class_name: str) -> str:
         raise ValueError(f"class_name={class_name!r}: expected a non-empty string")
     key = dataset.lower() if isinstance(dataset, str) else dataset
     if key == "ucf101":
-        words = _CAMEL_WORD.findall(class_name)
-        if "".join(words) != re.sub(r"[^A-Za-z0-9]", "", class_name):
-            raise ValueError(f"class_name={class_name!r}: not a CamelCase UCF101 name")
-        return " ".join(w.lower() for w in words)
+        if not re.fullmatch(r"[A-Za-z0-9]+", class_name):
+            raise ValueError(f"class_name={class_name!r}: not a CamelCase UCF101 name (letters/digits only)")
+        return " ".join(w.lower() for w in _CAMEL_WORD.findall(class_name))
     if key == "hmdb51":
         return " ".join(class_name.replace("_", " ").split())
     return " ".join(class_name.split())

@@ -1,0 +1,126 @@
+"""ASKG schema validator: each rule catches its violation; the shipped files validate."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+
+from stdd.resources import ASKG_DIR, class_names, display_name
+from stdd.text.schema import (
+    SHIPPED_SETS, check_prompt, validate_askg_document, validate_askg_file, validate_graph, validate_stage1,
+)
+
+ARCHERY = {
+    "class": "archery",
+    "objects": ["bow", "arrow", "target", "bowstring", "quiver", "arm guard"],
+    "sub_actions": ["nocking the arrow", "drawing the bowstring", "aiming at the target", "releasing the arrow"],
+    "relations": {
+        "object_object": [["arrow", "rests on", "bow"], ["bowstring", "attached to", "bow"], ["quiver", "holds", "arrow"]],
+        "action_object": [["drawing the bowstring", "pulls back", "bowstring"]],
+        "action_action": [["nocking the arrow", "comes before", "drawing the bowstring"],
+                          ["aiming at the target", "comes before", "releasing the arrow"]],
+    },
+    "prompts": {
+        "spatial": ["This is a video of archery, where the arrow rests on the bow.",
+                    "This is a video of archery, where the bowstring is attached to the bow.",
+                    "This is a video of archery, where the quiver holds the arrows."],
+        "temporal": ["This is a video of archery, where aiming at the target comes before releasing the arrow.",
+                     "This is a video of archery, where nocking the arrow comes before drawing the bowstring.",
+                     "This is a video of archery, where drawing the bowstring pulls back the bowstring."],
+    },
+}
+
+
+def broken(edit):
+    graph = copy.deepcopy(ARCHERY)
+    edit(graph)
+    return validate_graph(graph, "k400", "archery")
+
+
+def test_valid_graph_has_no_errors():
+    assert validate_graph(ARCHERY, "k400", "archery") == []
+    stage1 = {k: ARCHERY[k] for k in ("objects", "sub_actions", "relations")}
+    assert validate_stage1(stage1, "archery") == []
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda g: g.__setitem__("objects", g["objects"][:4]), "4 entries, expected 5-10"),
+    (lambda g: g["objects"].extend(f"thing {i}" for i in range(5)), "11 entries, expected 5-10"),
+    (lambda g: g["objects"].__setitem__(5, "Bow"), "duplicate entry 'Bow'"),
+    (lambda g: g.__setitem__("sub_actions", g["sub_actions"][:2]), "2 entries, expected 3-10"),
+    (lambda g: g["objects"].__setitem__(0, ""), "expected a non-empty string"),
+    (lambda g: g.pop("relations"), "missing fields ['relations']"),
+    (lambda g: g.__setitem__("extra", 1), "unknown fields ['extra']"),
+    (lambda g: g.__setitem__("class", "rowing"), "field 'class' is 'rowing'"),
+    (lambda g: g["relations"]["object_object"].pop(), "2 triples, expected at least 3"),
+    (lambda g: g["relations"]["action_action"].pop(), "1 triples, expected at least 2"),
+    (lambda g: g["relations"].__setitem__("action_object", []), "0 triples, expected at least 1"),
+    (lambda g: g["relations"]["object_object"].append(["arrow", "hits", "moon"]), "object 'moon' is not in objects"),
+    (lambda g: g["relations"]["action_object"].append(["bow", "holds", "arrow"]), "subject 'bow' is not in sub_actions"),
+    (lambda g: g["relations"]["action_action"].append(["nocking the arrow", "before", "bow"]),
+     "object 'bow' is not in sub_actions"),
+    (lambda g: g["relations"]["object_object"].append(["arrow", "", "bow"]), "non-empty strings"),
+    (lambda g: g["relations"]["object_object"].append(["arrow", "rests on"]), "non-empty strings"),
+    (lambda g: g["relations"]["object_object"].append(["arrow", "rests on", "bow"]), "duplicate triple"),
+    (lambda g: g["relations"]["object_object"].append(["arrow", "touches", "arrow"]), "subject and object are the same"),
+    (lambda g: g["prompts"]["spatial"].pop(), "2 sentences, expected at least 3"),
+    (lambda g: g["prompts"]["temporal"].__setitem__(0, "Archery is a sport where aiming comes first."),
+     "must start with 'This is a video of archery,'"),
+    (lambda g: g["prompts"]["spatial"].__setitem__(0, "This is a video of archery, where the arrow rests. The bow is wood."),
+     "single sentence"),
+    (lambda g: g["prompts"]["spatial"].__setitem__(0, "This is a video of archery, where the arrow rests on the bow"),
+     "must end with '.'"),
+    (lambda g: g["prompts"]["spatial"].__setitem__(0, "This is a video of archery, where people enjoy the sport."),
+     "names no object of the graph"),
+    (lambda g: g["prompts"]["spatial"].__setitem__(1, g["prompts"]["spatial"][0]), "duplicate sentence"),
+    (lambda g: g["prompts"]["temporal"].__setitem__(slice(None), [
+        "This is a video of archery, where the bow bends.", "This is a video of archery, where the arrow flies.",
+        "This is a video of archery, where the target shakes."]), "no sentence names a sub-action"),
+])
+def test_each_rule_is_enforced(edit, message):
+    errors = broken(edit)
+    assert any(message in e for e in errors), errors
+
+
+def test_prompt_rules_use_the_display_name():
+    assert display_name("ucf101", "ApplyEyeMakeup") == "apply eye makeup"
+    assert display_name("ucf101", "YoYo") == "yo yo"
+    assert display_name("hmdb51", "brush_hair") == "brush hair"
+    assert display_name("k400", "passing American football (in game)") == "passing American football (in game)"
+    assert check_prompt("This is a video of Apply Eye Makeup, where the brush sweeps the eyelid.", "apply eye makeup") is None
+    assert "must start" in check_prompt("This is a video of ApplyEyeMakeup, where the brush moves.", "apply eye makeup")
+    assert "3 words" in check_prompt("This is a video of archery, ok.", "archery")
+    long_sentence = "This is a video of archery, where " + "very " * 50 + "long bow."
+    assert "longer than" in check_prompt(long_sentence, "archery")
+
+
+def test_file_level_checks(tmp_path):
+    names = class_names("hmdb51")
+    document = {"schema_version": 1, "dataset": "hmdb51",
+                "provenance": {"generator": "g", "how": "h", "date": "2026-11-26", "regenerate": "r"},
+                "classes": {}}
+    errors = validate_askg_document(document, "doc")
+    assert any("51 of 51 hmdb51 classes missing" in e for e in errors)
+    assert validate_askg_document(document, "doc", require_complete=False) == []
+    document["classes"] = {"archery": ARCHERY}
+    assert any("not in the hmdb51 list" in e for e in validate_askg_document(document, "doc"))
+    bad_version = dict(document, schema_version=2, provenance={"generator": "g"})
+    errors = validate_askg_document(bad_version, "doc", require_complete=False)
+    assert any("schema_version 2" in e for e in errors) and any("provenance.how" in e for e in errors)
+    path = tmp_path / "x.json"
+    path.write_text("{not json")
+    assert "not valid JSON" in validate_askg_file(path)[0]
+    assert len(names) == 51
+
+
+@pytest.mark.parametrize("dataset", SHIPPED_SETS)
+def test_shipped_askg_file_is_present_and_valid(dataset):
+    path = ASKG_DIR / f"{dataset}.json"
+    assert path.exists(), f"shipped ASKG file {path} is missing"
+    errors = validate_askg_file(path)
+    assert errors == [], "\n".join(errors[:30])
+    document = json.loads(path.read_text(encoding="utf-8"))
+    assert document["dataset"] == dataset
+    assert list(document["classes"]) == class_names(dataset)
