@@ -1,0 +1,270 @@
+// CUDA kernels of the STCA ops: one kernel per op and direction. A block is
+// (threads_x channel chunks) x (threads_y output rows); each thread loads and
+// stores V channels at once (16 bytes when D and the channel runs allow it),
+// consecutive threads take consecutive chunks, so every warp reads and writes
+// contiguous, coalesced memory. Every kernel loops over its outputs (a gather
+// through the inverse index map), so no two threads write the same element
+// and there are no atomics. The per-thread work is in stca_kernel_bodies.h,
+// shared with the C++ tests, which run it on the CPU.
+//
+// NOT YET RUN ON A GPU: no GPU was available where this was written; the
+// kernels compile (nvcc 13, sm_90) and their bodies are tested on the CPU.
+#include <algorithm>
+#include <cstdint>
+#include <initializer_list>
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "stca_kernel_bodies.h"
+#include "stca_ops.h"
+
+namespace stdd {
+namespace {
+
+using kernels::MixKernelArgs;
+
+constexpr int kThreadsPerBlock = 256;
+
+struct LaunchShape {
+  dim3 grid, block;
+};
+
+// threads_x covers the row's chunks (a multiple of a warp, at most 256);
+// the rest of the 256 threads take more rows.
+LaunchShape launch_shape(int64_t items, int64_t chunks) {
+  const int64_t threads_x = std::min<int64_t>(kThreadsPerBlock, std::max<int64_t>(32, (chunks + 31) / 32 * 32));
+  const int64_t threads_y = std::max<int64_t>(1, kThreadsPerBlock / threads_x);
+  const int64_t blocks = std::min<int64_t>((items + threads_y - 1) / threads_y, int64_t{1} << 30);
+  return {dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads_x), static_cast<unsigned>(threads_y))};
+}
+
+// 16 bytes per access when every channel-run boundary and every base pointer
+// allows it, else one element.
+template <typename scalar_t>
+int vector_width(std::initializer_list<int64_t> boundaries, std::initializer_list<const void*> pointers) {
+  constexpr int widest = 16 / static_cast<int>(sizeof(scalar_t));
+  for (int64_t boundary : boundaries) {
+    if (boundary % widest != 0) return 1;
+  }
+  for (const void* pointer : pointers) {
+    if (pointer != nullptr && reinterpret_cast<std::uintptr_t>(pointer) % 16 != 0) return 1;
+  }
+  return widest;
+}
+
+int64_t mix_boundaries_ok(const MixKernelArgs& a, int widest) {
+  // D, I, 2I and the continual block widths I / s must all be multiples of V.
+  if (a.channels % widest != 0) return false;
+  if (a.mixing == Mixing::kNone) return true;
+  if (a.mix_channels % widest != 0) return false;
+  if (a.mixing == Mixing::kContinual) {
+    for (int64_t s = 0; s < a.num_scales; ++s) {
+      if ((a.mix_channels / a.scales[s]) % widest != 0) return false;
+    }
+  }
+  return true;
+}
+
+// Grid-stride over items (output rows), block-stride over chunks.
+#define STDD_FOR_EACH_CHUNK(items, chunks)                                                                      \
+  for (int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; item < (items);             \
+       item += static_cast<int64_t>(gridDim.x) * blockDim.y)                                                    \
+    for (int64_t chunk = threadIdx.x; chunk < (chunks); chunk += blockDim.x)
+
+template <typename scalar_t, int V>
+__global__ void mix_gather_cuda_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ phase,
+                                       scalar_t* __restrict__ mixed, const MixKernelArgs a, int64_t items) {
+  const int64_t chunks = a.channels / V;
+  STDD_FOR_EACH_CHUNK(items, chunks) { kernels::mix_gather_chunk<scalar_t, V>(x, phase, mixed, a, item, chunk * V); }
+}
+
+template <typename scalar_t, int V>
+__global__ void mix_gather_backward_cuda_kernel(const scalar_t* __restrict__ grad_mixed,
+                                                const int64_t* __restrict__ phase, scalar_t* __restrict__ grad_x,
+                                                const MixKernelArgs a, int64_t items) {
+  const int64_t chunks = a.channels / V;
+  STDD_FOR_EACH_CHUNK(items, chunks) {
+    kernels::mix_gather_backward_chunk<scalar_t, V>(grad_mixed, phase, grad_x, a, item, chunk * V);
+  }
+}
+
+template <typename scalar_t, int V>
+__global__ void pad_scatter_cuda_kernel(const scalar_t* __restrict__ full, const scalar_t* __restrict__ mixed,
+                                        const scalar_t* __restrict__ residual, const int64_t* __restrict__ phase,
+                                        scalar_t* __restrict__ pad, int64_t num_scales, int64_t rows, int64_t D,
+                                        const MaskGeometry mask, int64_t items) {
+  const int64_t chunks = D / V;
+  STDD_FOR_EACH_CHUNK(items, chunks) {
+    kernels::pad_scatter_chunk<scalar_t, V>(full, mixed, residual, phase, pad, num_scales, rows, D, mask, item,
+                                            chunk * V);
+  }
+}
+
+template <typename scalar_t, int V>
+__global__ void pad_scatter_backward_cuda_kernel(const scalar_t* __restrict__ grad_pad,
+                                                 const int64_t* __restrict__ phase, scalar_t* __restrict__ grad_full,
+                                                 scalar_t* __restrict__ grad_mixed, int64_t num_scales, int64_t rows,
+                                                 int64_t D, const MaskGeometry mask, int64_t items) {
+  const int64_t chunks = D / V;
+  STDD_FOR_EACH_CHUNK(items, chunks) {
+    kernels::pad_scatter_backward_chunk<scalar_t, V>(grad_pad, phase, grad_full, grad_mixed, num_scales, rows, D,
+                                                     mask, item, chunk * V);
+  }
+}
+
+// Calls body.template operator()<V>() with V = 16 bytes' worth or 1.
+template <typename scalar_t, typename Body>
+void with_vector_width(bool vectorized, Body&& body) {
+  constexpr int widest = 16 / static_cast<int>(sizeof(scalar_t));
+  if (vectorized) {
+    body.template operator()<widest>();
+  } else {
+    body.template operator()<1>();
+  }
+}
+
+at::Tensor mix_gather_cuda(const at::Tensor& x, const at::Tensor& phase, int64_t num_frames, at::IntArrayRef window,
+                           int64_t masked, at::IntArrayRef scales, int64_t channel_fold, std::string_view mixing) {
+  detail::check_float(x, "x", 3);
+  const auto plan = detail::plan_mix(x.size(0), detail::grid_from_tokens(x.size(1), "x"), x.size(2), num_frames,
+                                     window, masked, scales, channel_fold, mixing);
+  detail::check_rows(plan.rows, num_frames, "x");
+  const c10::cuda::CUDAGuard device_guard(x.device());
+  const auto phase64 = detail::phase_as_int64(phase, plan.rows, num_frames, x);
+  const auto input = x.contiguous();
+  const MixKernelArgs args = kernels::make_mix_args(plan);
+  auto mixed = at::empty({args.num_scales, plan.rows, 1 + plan.mask.num_kept(), plan.channels}, x.options());
+  const int64_t items = args.num_scales * plan.rows * (1 + plan.mask.num_kept());
+  if (mixed.numel() == 0) return mixed;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stdd::mix_gather (CUDA)", [&] {
+    const bool vectorized = mix_boundaries_ok(args, 16 / sizeof(scalar_t)) &&
+                            vector_width<scalar_t>({plan.channels}, {input.const_data_ptr(), mixed.const_data_ptr()}) > 1;
+    with_vector_width<scalar_t>(vectorized, [&]<int V>() {
+      const auto shape = launch_shape(items, plan.channels / V);
+      mix_gather_cuda_kernel<scalar_t, V><<<shape.grid, shape.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          input.const_data_ptr<scalar_t>(), phase64.const_data_ptr<int64_t>(), mixed.mutable_data_ptr<scalar_t>(),
+          args, items);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return mixed;
+}
+
+at::Tensor mix_gather_backward_cuda(const at::Tensor& grad_mixed, const at::Tensor& phase, int64_t num_frames,
+                                    int64_t grid, at::IntArrayRef window, int64_t masked, at::IntArrayRef scales,
+                                    int64_t channel_fold, std::string_view mixing) {
+  detail::check_float(grad_mixed, "grad_mixed", 4);
+  const auto plan = detail::plan_mix(grad_mixed.size(1), grid, grad_mixed.size(3), num_frames, window, masked, scales,
+                                     channel_fold, mixing);
+  TORCH_CHECK(grad_mixed.size(0) == static_cast<int64_t>(plan.scales.size()) &&
+                  grad_mixed.size(2) == 1 + plan.mask.num_kept(),
+              "grad_mixed must have shape (S, B*T, 1 + N_keep, D) with S = ", plan.scales.size(), " and 1 + N_keep = ",
+              1 + plan.mask.num_kept(), ", got ", grad_mixed.sizes());
+  detail::check_rows(plan.rows, num_frames, "grad_mixed");
+  const c10::cuda::CUDAGuard device_guard(grad_mixed.device());
+  const auto phase64 = detail::phase_as_int64(phase, plan.rows, num_frames, grad_mixed);
+  const auto grad = grad_mixed.contiguous();
+  const MixKernelArgs args = kernels::make_mix_args(plan);
+  auto grad_x = at::empty({plan.rows, plan.mask.num_tokens(), plan.channels}, grad_mixed.options());
+  const int64_t items = plan.rows * plan.mask.num_tokens();
+  if (grad_x.numel() == 0) return grad_x;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stdd::mix_gather_backward (CUDA)", [&] {
+    const bool vectorized = mix_boundaries_ok(args, 16 / sizeof(scalar_t)) &&
+                            vector_width<scalar_t>({plan.channels}, {grad.const_data_ptr(), grad_x.const_data_ptr()}) > 1;
+    with_vector_width<scalar_t>(vectorized, [&]<int V>() {
+      const auto shape = launch_shape(items, plan.channels / V);
+      mix_gather_backward_cuda_kernel<scalar_t, V><<<shape.grid, shape.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          grad.const_data_ptr<scalar_t>(), phase64.const_data_ptr<int64_t>(), grad_x.mutable_data_ptr<scalar_t>(), args,
+          items);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return grad_x;
+}
+
+at::Tensor pad_scatter_cuda(const at::Tensor& full, const at::Tensor& mixed, const at::Tensor& phase,
+                            int64_t num_frames, at::IntArrayRef window, int64_t masked,
+                            const std::optional<at::Tensor>& residual) {
+  detail::check_float(full, "full", 3);
+  detail::check_float(mixed, "mixed", 4);
+  detail::check_same(mixed, "mixed", full, "full");
+  const auto mask = detail::check_mask(detail::grid_from_tokens(full.size(1), "full"), window, masked);
+  const int64_t R = full.size(0), D = full.size(2);
+  TORCH_CHECK(mixed.size(0) >= 1 && mixed.size(1) == R && mixed.size(2) == 1 + mask.num_kept() && mixed.size(3) == D,
+              "mixed must have shape (S, B*T, 1 + N_keep, D) = (S, ", R, ", ", 1 + mask.num_kept(), ", ", D, "), got ",
+              mixed.sizes());
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) {
+    detail::check_float(*residual, "residual", 3);
+    detail::check_same(*residual, "residual", full, "full");
+    TORCH_CHECK(residual->sizes() == full.sizes(), "residual must have the shape of full ", full.sizes(), ", got ",
+                residual->sizes());
+  }
+  detail::check_rows(R, num_frames, "full");
+  const c10::cuda::CUDAGuard device_guard(full.device());
+  const auto phase64 = detail::phase_as_int64(phase, R, num_frames, full);
+  const auto full_c = full.contiguous();
+  const auto mixed_c = mixed.contiguous();
+  const auto residual_c = has_residual ? residual->contiguous() : at::Tensor();
+  auto pad = at::empty(full.sizes(), full.options());
+  const int64_t items = R * mask.num_tokens();
+  const int64_t num_scales = mixed.size(0);
+  if (pad.numel() == 0) return pad;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, full.scalar_type(), "stdd::pad_scatter (CUDA)", [&] {
+    const scalar_t* residual_ptr = has_residual ? residual_c.const_data_ptr<scalar_t>() : nullptr;
+    const bool vectorized =
+        vector_width<scalar_t>({D}, {full_c.const_data_ptr(), mixed_c.const_data_ptr(), residual_ptr, pad.const_data_ptr()}) > 1;
+    with_vector_width<scalar_t>(vectorized, [&]<int V>() {
+      const auto shape = launch_shape(items, D / V);
+      pad_scatter_cuda_kernel<scalar_t, V><<<shape.grid, shape.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          full_c.const_data_ptr<scalar_t>(), mixed_c.const_data_ptr<scalar_t>(), residual_ptr,
+          phase64.const_data_ptr<int64_t>(), pad.mutable_data_ptr<scalar_t>(), num_scales, R, D, mask, items);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return pad;
+}
+
+std::tuple<at::Tensor, at::Tensor> pad_scatter_backward_cuda(const at::Tensor& grad_pad, const at::Tensor& phase,
+                                                             int64_t num_frames, at::IntArrayRef window,
+                                                             int64_t masked, int64_t num_scales) {
+  detail::check_float(grad_pad, "grad_pad", 3);
+  const auto mask = detail::check_mask(detail::grid_from_tokens(grad_pad.size(1), "grad_pad"), window, masked);
+  TORCH_CHECK(num_scales >= 1, "num_scales must be a positive int, got ", num_scales);
+  const int64_t R = grad_pad.size(0), D = grad_pad.size(2);
+  detail::check_rows(R, num_frames, "grad_pad");
+  const c10::cuda::CUDAGuard device_guard(grad_pad.device());
+  const auto phase64 = detail::phase_as_int64(phase, R, num_frames, grad_pad);
+  const auto grad = grad_pad.contiguous();
+  auto grad_full = at::empty(grad_pad.sizes(), grad_pad.options());
+  auto grad_mixed = at::empty({num_scales, R, 1 + mask.num_kept(), D}, grad_pad.options());
+  const int64_t items = R * mask.num_tokens();
+  if (grad_full.numel() == 0) return {grad_full, grad_mixed};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stdd::pad_scatter_backward (CUDA)", [&] {
+    const bool vectorized = vector_width<scalar_t>(
+                                {D}, {grad.const_data_ptr(), grad_full.const_data_ptr(), grad_mixed.const_data_ptr()}) > 1;
+    with_vector_width<scalar_t>(vectorized, [&]<int V>() {
+      const auto shape = launch_shape(items, D / V);
+      pad_scatter_backward_cuda_kernel<scalar_t, V><<<shape.grid, shape.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+          grad.const_data_ptr<scalar_t>(), phase64.const_data_ptr<int64_t>(), grad_full.mutable_data_ptr<scalar_t>(),
+          grad_mixed.mutable_data_ptr<scalar_t>(), num_scales, R, D, mask, items);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {grad_full, grad_mixed};
+}
+
+}  // namespace
+}  // namespace stdd
+
+TORCH_LIBRARY_IMPL(stdd, CUDA, m) {
+  m.impl("mix_gather", &stdd::mix_gather_cuda);
+  m.impl("mix_gather_backward", &stdd::mix_gather_backward_cuda);
+  m.impl("pad_scatter", &stdd::pad_scatter_cuda);
+  m.impl("pad_scatter_backward", &stdd::pad_scatter_backward_cuda);
+}

@@ -1,0 +1,101 @@
+"""Backends ``cpp`` (CPU) and ``cuda`` (GPU): the compiled extension ``stdd_kernels._C``.
+
+The C++/CUDA sources live in ``csrc/`` and are built by ``setup.py``
+(``pip install --no-build-isolation -e .``) or, as a plain libtorch library
+for C++ users, by ``CMakeLists.txt``. Loading ``_C`` registers the ops
+``torch.ops.stdd.mix_gather``, ``pad_scatter``, ``mix_gather_backward`` and
+``pad_scatter_backward`` with the dispatcher (with autograd and meta kernels,
+so ``torch.compile`` traces them); this module adapts them to the backend
+signature of :mod:`stdd_kernels.dispatch` and registers the backends.
+
+``cuda`` is registered only when the extension was compiled with nvcc; a
+CPU-only build registers ``cpp`` alone and records why ``cuda`` is missing.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from .geometry import FLOAT_DTYPES, STCAGeometry
+
+try:
+    from . import _C
+except ImportError as error:  # not built, or built against another torch
+    raise ImportError(
+        "the C++/CUDA extension stdd_kernels._C is not built or does not load "
+        f"({error}); build it with `pip install --no-build-isolation -e .` "
+        "(or `python setup.py build_ext --inplace`) against the installed torch"
+    ) from error
+
+CUDA_COMPILED = bool(_C.CUDA_COMPILED)
+
+
+def mix_gather(x: torch.Tensor, phase: torch.Tensor, geometry: STCAGeometry) -> torch.Tensor:
+    """Backend function (see :func:`stdd_kernels.reference.mix_gather`)."""
+    return torch.ops.stdd.mix_gather(
+        x,
+        phase,
+        geometry.num_frames,
+        list(geometry.window),
+        geometry.masked,
+        list(geometry.scales),
+        geometry.channel_fold,
+        geometry.mixing,
+    )
+
+
+def pad_scatter(
+    full: torch.Tensor,
+    mixed: torch.Tensor,
+    phase: torch.Tensor,
+    geometry: STCAGeometry,
+    residual: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Backend function (see :func:`stdd_kernels.reference.pad_scatter`)."""
+    return torch.ops.stdd.pad_scatter(
+        full, mixed, phase, geometry.num_frames, list(geometry.window), geometry.masked, residual
+    )
+
+
+def _supports(device_type: str):
+    def supports(device: torch.device, dtype: torch.dtype):
+        if device.type != device_type:
+            return f"runs on {device_type} tensors only"
+        if dtype not in FLOAT_DTYPES:
+            return f"dtype {dtype} is not one of {FLOAT_DTYPES}"
+        return None
+
+    return supports
+
+
+dispatch.register_backend(
+    dispatch.Backend(
+        name="cpp",
+        mix_gather=mix_gather,
+        pad_scatter=pad_scatter,
+        supports=_supports("cpu"),
+        auto_priority={"cpu": 10},
+        description="C++ extension on CPU (csrc/stca_cpu.cpp, at::parallel_for)",
+    )
+)
+
+if CUDA_COMPILED:
+    dispatch.register_backend(
+        dispatch.Backend(
+            name="cuda",
+            mix_gather=mix_gather,
+            pad_scatter=pad_scatter,
+            supports=_supports("cuda"),
+            auto_priority={"cuda": 10},
+            description="CUDA extension (csrc/stca_cuda.cu)",
+        )
+    )
+else:
+    # No public hook in dispatch for "this module loaded but one of its backends
+    # cannot exist"; without this line the reason would read "imported but
+    # registered nothing".
+    dispatch._UNAVAILABLE["cuda"] = (
+        "stdd_kernels._C was built without CUDA (torch without CUDA, nvcc not found, "
+        "or STDD_BUILD_CUDA=0 at build time)"
+    )
