@@ -45,8 +45,8 @@ def frame_prompt_scores(similarity: torch.Tensor, text_mask: torch.Tensor) -> to
     # frame-to-prompt: best real prompt per frame, averaged over frames
     v2t = similarity.masked_fill(~valid, float("-inf")).amax(dim=3).mean(dim=2)  # (B, K)
     # prompt-to-frame: best frame per prompt, averaged over the real prompts only
-    best_frame = similarity.amax(dim=2)  # (B, K, N_max)
-    best_frame = torch.where(mask[None], best_frame, torch.zeros_like(best_frame))
+    # (padded columns are zeroed first so that whatever they hold, even NaN, gets no gradient)
+    best_frame = similarity.masked_fill(~valid, 0.0).amax(dim=2)  # (B, K, N_max), zero where padded
     counts = mask.sum(dim=1).to(similarity.dtype)  # (K,)
     t2v = best_frame.sum(dim=2) / counts
     return 0.5 * (v2t + t2v)

@@ -1,0 +1,225 @@
+"""VideoEncoder on open_clip ViTs: parity with encode_image when STCA is off,
+temporal behaviour when on, phases, weights loading and checkpoint round trips."""
+
+import copy
+import hashlib
+
+import open_clip
+import pytest
+import torch
+from open_clip.transformer import QuickGELU, VisionTransformer
+
+from stdd.model import (
+    STCABlock,
+    STDDModel,
+    VideoEncoder,
+    build_stdd,
+    load_clip,
+    template_prompts,
+)
+
+TINY = "STDD-Tiny-ViT"
+
+
+def _tiny_clip(seed=0):
+    torch.manual_seed(seed)
+    clip, source = load_clip(TINY, None, allow_random_init=True)
+    return clip, source
+
+
+def _perturb(module, seed=0):
+    """Non-trivial biases / norms so that parity tests see every parameter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+VARIANTS = {
+    "tiny-config": None,
+    "layer-scale-avg-pool-final-ln": dict(
+        image_size=24, patch_size=6, width=48, layers=2, heads=3, mlp_ratio=2.0, ls_init_value=0.2,
+        pool_type="avg", final_ln_after_pool=True, output_dim=16,
+    ),
+    "no-ln-pre-quickgelu": dict(
+        image_size=24, patch_size=4, width=40, layers=3, heads=5, mlp_ratio=4.0, no_ln_pre=True,
+        act_layer=QuickGELU, output_dim=24,
+    ),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("batch, frames", [(2, 3), (1, 1)])
+def test_switched_off_encoder_equals_encode_image_per_frame(variant, batch, frames):
+    if VARIANTS[variant] is None:
+        clip, _ = _tiny_clip()
+        visual = clip.visual
+    else:
+        torch.manual_seed(0)
+        visual = VisionTransformer(**VARIANTS[variant])
+    _perturb(visual)
+    plain = copy.deepcopy(visual).eval()
+    encoder = VideoEncoder(visual, mask_ratio=0.0, mixing="none", backend="reference").eval()
+    size = plain.image_size
+    video = torch.randn(batch, frames, 3, *size)
+    with torch.no_grad():
+        expected = plain(video.reshape(batch * frames, 3, *size)).reshape(batch, frames, -1)
+        got = encoder(video)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-5
+
+
+def test_tiny_config_encoder_equals_clip_encode_image():
+    clip, _ = _tiny_clip()
+    _perturb(clip.visual)
+    plain = copy.deepcopy(clip).eval()
+    encoder = VideoEncoder(clip.visual, mask_ratio=0.0, mixing="none").eval()
+    video = torch.randn(2, 4, 3, 32, 32)
+    with torch.no_grad():
+        expected = plain.encode_image(video.reshape(8, 3, 32, 32)).reshape(2, 4, -1)
+        assert (encoder(video) - expected).abs().max().item() <= 1e-5
+
+
+def test_every_block_is_stca_and_parameters_are_the_clip_ones():
+    clip, _ = _tiny_clip()
+    parameter_ids = [id(p) for p in clip.visual.parameters()]
+    encoder = VideoEncoder(clip.visual, channel_fold=8)
+    assert all(isinstance(b, STCABlock) for b in encoder.blocks)
+    assert len(encoder.blocks) == 2
+    assert [id(p) for p in encoder.parameters()] == parameter_ids
+    assert "visual.transformer.resblocks.1.block.attn.in_proj_weight" in encoder.state_dict()
+
+
+def test_stca_mixes_frames_within_a_clip_only():
+    clip, _ = _tiny_clip()
+    encoder = VideoEncoder(clip.visual, channel_fold=8, backend="reference").eval()
+    video = torch.randn(2, 4, 3, 32, 32)
+    changed = video.clone()
+    changed[0, 1] += torch.randn(3, 32, 32)  # frame 1 of clip 0
+    with torch.no_grad():
+        before, after = encoder(video), encoder(changed)
+    difference = (before - after).abs().amax(dim=-1)  # (B, T)
+    assert difference[0, 0] > 1e-4 and difference[0, 2] > 1e-4  # neighbours see the change
+    assert difference[1].max() == 0  # the other clip does not
+
+
+def test_training_phases_seeded_and_shared_by_blocks():
+    clip, _ = _tiny_clip()
+    encoder = VideoEncoder(clip.visual, channel_fold=8, backend="reference", seed=5).train()
+    video = torch.randn(2, 4, 3, 32, 32)
+    encoder.manual_seed(1)
+    drawn = encoder.sample_phase(2, 4)
+    encoder.manual_seed(1)
+    with torch.no_grad():
+        random_phase_out = encoder(video)
+        assert torch.equal(random_phase_out, encoder(video, drawn))
+        encoder.eval()
+        eval_out = encoder(video)
+        assert torch.equal(eval_out, encoder(video, torch.arange(4).expand(2, 4) % 4))
+    with pytest.raises(ValueError, match="phase values"):
+        encoder(video, torch.full((2, 4), 4))
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    clip, _ = _tiny_clip()
+    encoder = VideoEncoder(clip.visual, channel_fold=8, backend="reference").train()
+    video = torch.randn(2, 4, 3, 32, 32)
+    phase = torch.tensor([[1, 2, 3, 0], [3, 0, 1, 2]])
+    grads = []
+    for enable in (False, True):
+        encoder.zero_grad()
+        encoder.set_grad_checkpointing(enable)
+        encoder(video, phase).square().sum().backward()
+        grads.append([p.grad.clone() for p in encoder.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_inputs_and_settings_are_named():
+    clip, _ = _tiny_clip()
+    with pytest.raises(ValueError, match="window"):
+        VideoEncoder(copy.deepcopy(clip.visual), window=(3, 3))  # 4x4 grid
+    with pytest.raises(ValueError, match="divisible by every scale"):
+        VideoEncoder(copy.deepcopy(clip.visual), channel_fold=64, scales=(1, 2))  # I = 1
+    dropout_clip = open_clip.create_model(TINY, force_patch_dropout=0.5)
+    with pytest.raises(ValueError, match="patch dropout"):
+        VideoEncoder(dropout_clip.visual)
+    encoder = VideoEncoder(clip.visual, channel_fold=8)
+    with pytest.raises(ValueError, match=r"\(B, T, 3, H, W\)"):
+        encoder(torch.randn(4, 3, 32, 32))
+    with pytest.raises(ValueError, match="pixels"):
+        encoder(torch.randn(1, 2, 3, 64, 64))
+
+
+def test_weights_are_required_unless_random_init_is_explicit(tmp_path):
+    with pytest.raises(ValueError, match="allow_random_init"):
+        load_clip(TINY, None)
+    with pytest.raises(ValueError, match="neither a known tag nor a file"):
+        load_clip(TINY, "openai")  # no released weights for the tiny config
+    missing = tmp_path / "nowhere" / "ViT-B-16.bin"
+    with pytest.raises(ValueError, match="does not exist"):
+        load_clip(TINY, str(missing))
+    with pytest.raises(ValueError, match="not an open_clip model config"):
+        load_clip("ViT-Z-99", None, allow_random_init=True)
+
+
+def test_local_checkpoint_round_trip(tmp_path):
+    clip, _ = _tiny_clip(seed=3)
+    _perturb(clip)
+    path = tmp_path / "tiny_clip.pt"
+    torch.save(clip.state_dict(), path)
+
+    loaded, source = load_clip(TINY, str(path))
+    assert source.weights_id == "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    assert source.pretrained == str(path)
+    for (name, want), (_, got) in zip(clip.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(want, got), name
+
+    encoder = VideoEncoder.from_pretrained(TINY, str(path), mask_ratio=0.0, mixing="none").eval()
+    assert encoder.source == source
+    video = torch.randn(1, 3, 3, 32, 32)
+    with torch.no_grad():
+        expected = clip.eval().encode_image(video[0]).unsqueeze(0)
+        assert (encoder(video) - expected).abs().max().item() <= 1e-5
+
+    wrong = tmp_path / "tiny64.pt"
+    torch.save(open_clip.create_model("STDD-Tiny-ViT-64").state_dict(), wrong)
+    with pytest.raises(ValueError, match="tiny64.pt"):
+        load_clip(TINY, str(wrong))
+
+
+def test_open_clip_visual_state_dict_loads_into_converted_encoder():
+    source_clip, _ = _tiny_clip(seed=1)
+    target_clip, _ = _tiny_clip(seed=2)
+    encoder = VideoEncoder(target_clip.visual, channel_fold=8)
+    encoder.load_clip_visual_state_dict(source_clip.state_dict())  # whole-CLIP keys
+    renamed = {k.replace(".block.", "."): v for k, v in encoder.visual.state_dict().items()}
+    for name, value in source_clip.visual.state_dict().items():
+        assert torch.equal(renamed[name], value), name
+
+
+def test_stdd_model_checkpoint_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model, text = build_stdd(TINY, None, allow_random_init=True, channel_fold=8, seed=0)
+    classes = text.class_features(template_prompts(["archery", "juggling", "surfing"], ["a video of {}."]))
+    video = torch.randn(2, 4, 3, 32, 32)
+    labels = torch.tensor([0, 2])
+    model.train()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(video, classes.features, classes.mask, labels).loss.backward()
+    optimizer.step()  # weights now differ from any fresh build
+    path = tmp_path / "stdd.pt"
+    torch.save(model.state_dict(), path)
+
+    torch.manual_seed(1)
+    restored, _ = build_stdd(TINY, None, allow_random_init=True, channel_fold=8, seed=0)
+    restored.load_state_dict(torch.load(path, weights_only=True))
+    model.eval(), restored.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            restored(video, classes.features, classes.mask).scores,
+            model(video, classes.features, classes.mask).scores,
+            atol=0, rtol=0,
+        )
+    assert isinstance(restored, STDDModel)

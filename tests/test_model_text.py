@@ -1,0 +1,116 @@
+"""Text side: prompt sources, frozen text features with a validity mask, and the
+on-disk feature cache (reuse, invalidation on prompt/model/weights change)."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from stdd.model import TextEncoder, load_clip, load_prompt_file, template_prompts
+
+TINY = "STDD-Tiny-ViT"
+
+
+def _encoder(seed=0, name=TINY):
+    torch.manual_seed(seed)
+    clip, source = load_clip(name, None, allow_random_init=True)
+    return TextEncoder(clip, source)
+
+
+def test_template_prompts():
+    prompts = template_prompts(["archery", "juggling balls"], ["a video of {}.", "{}"])
+    assert prompts == {"archery": ["a video of archery.", "archery"],
+                       "juggling balls": ["a video of juggling balls.", "juggling balls"]}
+    with pytest.raises(ValueError, match="placeholder"):
+        template_prompts(["archery"], ["no placeholder"])
+    with pytest.raises(ValueError, match="duplicate"):
+        template_prompts(["archery", "archery"])
+
+
+def test_prompt_file_order_and_errors(tmp_path):
+    path = tmp_path / "askg.json"
+    path.write_text(json.dumps({"b": ["b one."], "a": ["a one.", "a two."], "c": ["c."]}), encoding="utf-8")
+    assert list(load_prompt_file(path)) == ["b", "a", "c"]
+    assert load_prompt_file(path, ["a", "b"]) == {"a": ["a one.", "a two."], "b": ["b one."]}
+    with pytest.raises(ValueError, match=r"askg.json has no prompts for 1 of 2 classes"):
+        load_prompt_file(path, ["a", "zzz"])
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"a": []}), encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.json: class 'a' must map to a non-empty list"):
+        load_prompt_file(bad)
+    bad.write_text("{not json", encoding="utf-8")
+    with pytest.raises(ValueError, match="not valid UTF-8 JSON"):
+        load_prompt_file(bad)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_prompt_file(tmp_path / "missing.json")
+
+
+def test_features_match_encode_text_with_mask_not_repeats():
+    torch.manual_seed(0)
+    clip, source = load_clip(TINY, None, allow_random_init=True)
+    import copy
+    reference = copy.deepcopy(clip).eval()
+    encoder = TextEncoder(clip, source, batch_size=2)  # several batches
+    prompts = {"archery": ["a video of archery.", "a bow and a target."], "surfing": ["a video of surfing."],
+               "juggling": ["one.", "two.", "three."]}
+    result = encoder.class_features(prompts)
+    assert result.features.shape == (3, 3, 32)
+    assert result.mask.tolist() == [[True, True, False], [True, False, False], [True, True, True]]
+    assert result.class_names == ("archery", "surfing", "juggling")
+    assert (result.features[~result.mask] == 0).all()
+    tokens = encoder.tokenizer(prompts["juggling"])
+    with torch.no_grad():
+        expected = reference.encode_text(tokens, normalize=True)
+    torch.testing.assert_close(result.features[2], expected, atol=1e-6, rtol=1e-5)
+    assert encoder.clip.visual is None
+    assert all(not p.requires_grad for p in encoder.parameters())
+
+
+def test_cache_reused_and_invalidated(tmp_path):
+    cache = tmp_path / "text_cache"
+    encoder = _encoder(seed=0)
+    prompts = template_prompts(["archery", "surfing"], ["a video of {}.", "{}"])
+
+    first = encoder.class_features(prompts, cache_dir=cache)
+    assert not first.cache_hit and os.path.isfile(first.cache_path)
+    second = encoder.class_features(prompts, cache_dir=cache)
+    assert second.cache_hit and second.cache_path == first.cache_path
+    assert torch.equal(second.features, first.features) and torch.equal(second.mask, first.mask)
+    assert [p.name for p in cache.iterdir()] == [os.path.basename(first.cache_path)]  # no temp files left
+
+    # reuse really reads the file: plant known values under the same key
+    stored = torch.load(first.cache_path, weights_only=True)
+    stored["features"] = torch.full_like(stored["features"], 0.25)
+    torch.save(stored, first.cache_path)
+    assert (encoder.class_features(prompts, cache_dir=cache).features == 0.25).all()
+
+    # prompt change -> new key, recomputed
+    changed = dict(prompts, surfing=["a video of surfing.", "surfing waves."])
+    third = encoder.class_features(changed, cache_dir=cache)
+    assert not third.cache_hit and third.cache_path != first.cache_path
+    # other weights (another random init) -> recomputed
+    other_weights = _encoder(seed=1).class_features(prompts, cache_dir=cache)
+    assert not other_weights.cache_hit and other_weights.cache_path != first.cache_path
+    # other model -> recomputed
+    other_model = _encoder(seed=0, name="STDD-Tiny-ViT-64").class_features(prompts, cache_dir=cache)
+    assert not other_model.cache_hit and other_model.features.shape[-1] == 64
+    # a corrupt file is recomputed and rewritten
+    with open(first.cache_path, "wb") as handle:
+        handle.write(b"truncated")
+    recomputed = encoder.class_features(prompts, cache_dir=cache)
+    assert not recomputed.cache_hit
+    torch.testing.assert_close(recomputed.features, first.features)
+    assert encoder.class_features(prompts, cache_dir=cache).cache_hit
+
+
+def test_checkpoint_weights_key_the_cache(tmp_path):
+    torch.manual_seed(0)
+    clip, _ = load_clip(TINY, None, allow_random_init=True)
+    path = tmp_path / "tiny.pt"
+    torch.save(clip.state_dict(), path)
+    encoder = TextEncoder.from_pretrained(TINY, str(path))
+    assert encoder.source.weights_id.startswith("sha256:")
+    prompts = {"archery": ["archery."]}
+    assert not encoder.class_features(prompts, cache_dir=tmp_path / "c").cache_hit
+    assert TextEncoder.from_pretrained(TINY, str(path)).class_features(prompts, cache_dir=tmp_path / "c").cache_hit
