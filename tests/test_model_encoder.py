@@ -3,6 +3,7 @@ temporal behaviour when on, phases, weights loading and checkpoint round trips."
 
 import copy
 import hashlib
+import os
 
 import open_clip
 import pytest
@@ -223,3 +224,48 @@ def test_stdd_model_checkpoint_round_trip(tmp_path):
             atol=0, rtol=0,
         )
     assert isinstance(restored, STDDModel)
+
+
+def _released_vision_tower(name):
+    """The image tower of a released open_clip architecture, randomly initialised (no download)."""
+    from open_clip.model import _build_vision_tower
+
+    config = open_clip.get_model_config(name)
+    torch.manual_seed(0)
+    return _build_vision_tower(config["embed_dim"], config["vision_cfg"]).eval()
+
+
+@pytest.mark.parametrize("name, window", [("ViT-B-32", (7, 1)), ("ViT-B-16", (2, 2))])
+def test_released_architectures_convert_and_match_when_switched_off(name, window):
+    visual = _released_vision_tower(name)
+    plain = copy.deepcopy(visual)
+    encoder = VideoEncoder(visual, window=window, mask_ratio=0.0, mixing="none").eval()
+    video = torch.randn(1, 2, 3, 224, 224)
+    with torch.no_grad():
+        assert (encoder(video) - plain(video[0]).unsqueeze(0)).abs().max().item() <= 1e-5
+
+
+def test_vit_l14_converts_with_paper_settings_and_b32_default_window_is_explained():
+    encoder = VideoEncoder(_released_vision_tower("ViT-L-14"))  # 16x16 grid, width 1024: I = 32
+    assert len(encoder.blocks) == 24 and all(isinstance(b, STCABlock) for b in encoder.blocks)
+    with pytest.raises(ValueError, match=r"7x7 patch grid.*Window sides that tile this grid: \[1, 7\]"):
+        VideoEncoder(_released_vision_tower("ViT-B-32"))
+
+
+def test_missing_tag_download_fails_with_instructions(tmp_path):
+    """Offline (as CI is), a released tag cannot be downloaded: the error says how to provide weights."""
+    import subprocess
+    import sys
+
+    code = (
+        "from stdd.model import load_clip\n"
+        "try:\n"
+        f"    load_clip('ViT-B-16', 'openai', cache_dir={str(tmp_path)!r})\n"
+        "except RuntimeError as error:\n"
+        "    print('MESSAGE', error)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "MESSAGE could not load the 'ViT-B-16' weights for pretrained tag 'openai'" in result.stdout, result.stderr
+    assert "path of a local checkpoint file" in result.stdout

@@ -11,6 +11,27 @@
 - :class:`STDDModel`, :func:`build_stdd` (``stdd_model.py``): all of it assembled.
 - :func:`load_clip` (``clip_loading.py``): open_clip name + tag / checkpoint file;
   registers the tiny configs in ``configs/`` (``STDD-Tiny-ViT``, ``STDD-Tiny-ViT-64``).
+
+Where the paper's equations live, and the test that pins each:
+
+==========  ==========================================================  =========================================
+Eq.         code                                                        test
+==========  ==========================================================  =========================================
+1           ``STCABlock.forward``: ``full = x + ls_1(attn(ln_1(x)))``    tests/test_stca_block.py (literal spec,
+2           ``STCABlock.forward``: ``pad_scatter(full, mixed,            plain-block parity)
+            residual=ls_2(mlp(ln_2(full))))``
+3-4 (WSM)   ``stdd_kernels.mix_gather`` (phases: ``mask_phase``,          tests/test_reference.py (ops);
+            ``STCABlock.sample_phase`` / ``VideoEncoder.sample_phase``)  test_stca_block.py (phases)
+5-6 (MCM)   ``stdd_kernels.mix_gather`` (``mixing="separate"`` /          tests/test_reference.py;
+            ``"continual"``), called by ``STCABlock.forward``           test_stca_block.py (both mixings)
+7           ``STCABlock.forward``: ``mixed + ls_1(attn(ln_1(mixed)))``,   test_stca_block.py (literal spec)
+            all scales in one attention call; average + padding in
+            ``stdd_kernels.pad_scatter``
+8           ``alignment.frame_prompt_scores`` / ``alignment_scores``     tests/test_model_alignment.py
+9           ``losses.classification_loss``                              tests/test_model_losses.py
+distill.    ``losses.ResidualProjector``, ``feature_distillation_loss``;  tests/test_model_losses.py
+            teacher ``video_encoder.FrozenImageEncoder``
+==========  ==========================================================  =========================================
 """
 
 from .alignment import SCORE_MODES, alignment_scores, frame_prompt_scores

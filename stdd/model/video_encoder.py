@@ -57,6 +57,11 @@ class VideoEncoder(nn.Module):
     seedable generator in training mode (one draw per forward, shared by all
     blocks). Any ``T >= 1`` works; the STCA settings are the ``STCA_SPEC.md``
     ones and are checked against the model's patch grid at construction.
+
+    The phase generator is a CPU ``torch.Generator`` (``encoder.generator``):
+    it is not in the state dict, so a resumable run saves
+    ``encoder.generator.get_state()`` next to it, and distributed ranks seed
+    it differently (``manual_seed(seed + rank)``) to draw different phases.
     """
 
     def __init__(
@@ -105,8 +110,10 @@ class VideoEncoder(nn.Module):
                 mixing=mixing, tensor_name="tokens",
             )
         except ValueError as error:
+            sides = [d for d in range(1, grid[0] + 1) if grid[0] % d == 0]
             raise ValueError(
-                f"STCA settings do not fit this ViT ({grid[0]}x{grid[0]} patch grid, width {width}): {error}"
+                f"STCA settings do not fit this ViT ({grid[0]}x{grid[0]} patch grid, width {width}): {error}. "
+                f"Window sides that tile this grid: {sides} (e.g. ViT-B/32 at 224 px has a 7x7 grid)"
             ) from error
         settings = dict(
             num_frames=num_frames, window=window, mask_ratio=mask_ratio, scales=scales,
