@@ -124,3 +124,20 @@ def test_shipped_askg_file_is_present_and_valid(dataset):
     document = json.loads(path.read_text(encoding="utf-8"))
     assert document["dataset"] == dataset
     assert list(document["classes"]) == class_names(dataset)
+
+
+def test_prompt_sources_for_the_text_side(tmp_path):
+    from stdd import askg as askg_cli
+    from stdd.text.askg import AskgError, load_prompts
+
+    spatial = load_prompts("hmdb51", "S")
+    both = load_prompts("hmdb51", "ST")
+    assert list(both) == class_names("hmdb51")
+    assert all(both[c][: len(spatial[c])] == spatial[c] and len(both[c]) > len(spatial[c]) for c in both)
+    out = tmp_path / "prompts.json"
+    assert askg_cli.main(["prompts", "--graph", "ucf101", "--out", str(out), "--only", "T"]) == 0
+    assert load_prompts(out) == load_prompts("ucf101", "T")
+    assert all(p.startswith("This is a video of apply eye makeup, ") for p in load_prompts(out)["ApplyEyeMakeup"])
+    (tmp_path / "bad.json").write_text('{"archery": []}')
+    with pytest.raises(AskgError, match="archery"):
+        load_prompts(tmp_path / "bad.json")

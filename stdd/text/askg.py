@@ -377,6 +377,8 @@ class AskgBuilder:
                 kind = self._classify(exc)
                 last_error = self.redact(f"{type(exc).__name__}: {exc}")
                 if kind == "fatal":
+                    # Stop the other workers now: every further request would be refused too.
+                    self._stop.set()
                     raise FatalEndpointError(f"{stage}: {last_error}") from None
                 if kind == "final":
                     raise AskgError(f"{stage}: {last_error}") from None
@@ -628,3 +630,32 @@ def format_graph(name: str, graph: dict) -> str:
         lines.append(f"{kind} prompts:")
         lines.extend(f"  - {s}" for s in graph["prompts"][kind])
     return "\n".join(lines)
+
+
+def load_prompts(source: str | Path, only: str = "ST", *, allow_missing: bool = False) -> dict[str, list[str]]:
+    """{class: [prompt sentences]} from any prompt source the model's text side may be given.
+
+    `source`: a shipped set name (ucf101, hmdb51, k400, k600_new), an ASKG json
+    (shipped format or `build --out DIR/askg.json`), a build directory, or a
+    prompts json written by `python -m stdd.askg prompts` (then `only` must
+    match what that file holds; it cannot be re-split).
+    """
+    from stdd.resources import askg_path
+
+    path = Path(source)
+    if not path.exists() and isinstance(source, str) and source.lower() in ("ucf101", "hmdb51", "k400", "k600_new"):
+        path = askg_path(source)
+    if path.is_file():
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise AskgError(f"prompt source {path}: not valid JSON ({exc})") from None
+        if isinstance(document, dict) and "classes" not in document:
+            # A prompts file: {class: [sentence, ...]}.
+            bad = [k for k, v in document.items()
+                   if not isinstance(v, list) or not v or not all(isinstance(s, str) and s.strip() for s in v)]
+            if bad:
+                raise AskgError(f"prompt source {path}: classes without a non-empty list of sentences: {bad[:5]}")
+            return {k: list(v) for k, v in document.items()}
+    _, graphs = load_graphs(path, allow_missing=allow_missing)
+    return prompt_lists(graphs, only)
