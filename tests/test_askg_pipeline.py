@@ -76,7 +76,7 @@ def bad_answer(kind: str, name: str):
     if kind == "few_prompts":
         p = prompts_for(name)
         return 200, json.dumps({"spatial": p["spatial"][:1], "temporal": p["temporal"]})
-    if kind in ("429", "500", "401"):
+    if kind in ("429", "500", "401", "400"):
         return int(kind), {"error": {"message": f"scripted {kind}", "type": "scripted", "code": kind}}
     raise ValueError(kind)
 
@@ -376,6 +376,15 @@ def test_unauthorized_endpoint_stops_the_run(server_factory, tmp_path):
         make_builder(server, concurrency=1).build(CLASSES, tmp_path / "out", dataset="custom")
     assert server.count() == 1  # not retried, and no further class is tried
     assert_key_absent(tmp_path / "out")
+
+
+def test_bad_request_is_not_retried_and_hints_at_json_mode(server_factory, tmp_path):
+    server = server_factory(script={("rowing", "stage1"): ["400"]})
+    report = make_builder(server).build(["archery", "rowing"], tmp_path / "out", dataset="custom")
+    assert report.built == ["archery"] and server.count("rowing") == 1
+    assert "BadRequestError" in report.failed["rowing"] and "--no-json-mode" in report.failed["rowing"]
+    report = make_builder(server, json_mode=False).build(["rowing"], tmp_path / "out2", dataset="custom")
+    assert report.ok and "response_format" not in server.requests[-1]["body"]
 
 
 def test_missing_key_and_bad_arguments_are_clear_errors(tmp_path, monkeypatch, capsys):

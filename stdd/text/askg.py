@@ -381,6 +381,8 @@ class AskgBuilder:
                     self._stop.set()
                     raise FatalEndpointError(f"{stage}: {last_error}") from None
                 if kind == "final":
+                    if self.config.json_mode and getattr(exc, "status_code", None) == 400:
+                        last_error += " (if the server rejects response_format, pass --no-json-mode)"
                     raise AskgError(f"{stage}: {last_error}") from None
                 log.warning("%s: %s attempt %d/%d failed: %s", class_name, stage, attempt + 1, attempts, last_error)
                 continue
