@@ -93,3 +93,19 @@ def test_alignment_argument_errors():
     with pytest.raises(ValueError, match="E=4"):
         alignment_scores(video, torch.randn(2, 2, 5), torch.ones(2, 2, dtype=torch.bool))
     assert not math.isnan(alignment_scores(video, text, torch.ones(2, 2, dtype=torch.bool)).sum().item())
+
+
+def test_stdd_model_checks_each_mask_once_but_every_new_mask():
+    from stdd.model import build_stdd
+
+    torch.manual_seed(0)
+    model, _ = build_stdd("STDD-Tiny-ViT", None, allow_random_init=True, channel_fold=8, distill_weight=0.0)
+    frames, text = torch.randn(1, 2, 32), torch.randn(2, 2, 32)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    model.scores(frames, text, mask)
+    model.scores(frames, text, mask)  # checked already: fine
+    mask[1] = False  # edited in place: the version changes, so it is checked again
+    with pytest.raises(ValueError, match="no prompt as valid"):
+        model.scores(frames, text, mask)
+    with pytest.raises(ValueError, match="no prompt as valid"):
+        model.scores(frames, text, torch.tensor([[True, True], [False, False]]))

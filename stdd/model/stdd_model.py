@@ -84,6 +84,7 @@ class STDDModel(nn.Module):
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
         self.distill_weight = float(distill_weight)
         self.score_mode = score_mode
+        self._checked_mask = None
 
     def encode_video(self, video: torch.Tensor, phase: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Per-frame features ``(B, T, E)``."""
@@ -91,7 +92,15 @@ class STDDModel(nn.Module):
 
     def scores(self, frame_features: torch.Tensor, text_features: torch.Tensor, text_mask: torch.Tensor):
         """Class scores ``(B, K)`` from frame features ``(B, T, E)`` and prompt features ``(K, N_max, E)``."""
-        return alignment_scores(frame_features, text_features, text_mask, self.logit_scale, mode=self.score_mode)
+        # The mask's "every class has a prompt" check reads it back from the device: do it
+        # once per mask tensor (same storage, shape and version), not once per training step.
+        signature = (text_mask.data_ptr(), tuple(text_mask.shape), text_mask._version, text_mask.device)
+        check = signature != self._checked_mask
+        scores = alignment_scores(
+            frame_features, text_features, text_mask, self.logit_scale, mode=self.score_mode, check_mask=check
+        )
+        self._checked_mask = signature
+        return scores
 
     def forward(
         self,

@@ -80,12 +80,18 @@ class VideoEncoder(nn.Module):
         num_frames: int = 8,
     ):
         super().__init__()
+        import open_clip
         from open_clip.transformer import VisionTransformer
 
         if not isinstance(visual, VisionTransformer):
             raise ValueError(
                 "visual must be an open_clip VisionTransformer (clip_model.visual of a ViT model), "
                 f"got {type(visual).__name__}"
+            )
+        if not (hasattr(visual, "_embeds") and hasattr(visual, "_pool")):
+            raise ValueError(
+                f"this open_clip ({open_clip.__version__}) VisionTransformer lacks _embeds/_pool; "
+                "stdd needs open_clip_torch >= 3.0"
             )
         if visual.attn_pool is not None:
             raise ValueError("visual uses attentional pooling (CoCa-style); STDD needs the CLS/avg-pooled ViT")
