@@ -431,3 +431,15 @@ def test_helpers_redact_and_parse():
     assert fixed["relations"]["object_object"][0][0] == "archery handle"
     graph = {"class": "archery", **fixed, "prompts": prompts_for("archery")}
     assert validate_graph(graph, "custom", "archery") == []
+
+
+def test_credentials_in_the_base_url_are_not_recorded(server_factory, tmp_path):
+    server = server_factory()
+    with_credentials = server.base_url.replace("http://", "http://alice:url-secret-77@")
+    out = tmp_path / "out"
+    report = make_builder(server, base_url=with_credentials).build(["archery"], out, dataset="custom")
+    assert report.ok
+    for path in out.rglob("*.json"):
+        text = path.read_text()
+        assert "url-secret-77" not in text and "alice" not in text, path
+    assert json.loads((out / "askg.json").read_text())["provenance"]["base_url"] == server.base_url

@@ -322,7 +322,9 @@ class AskgBuilder:
             client = openai.OpenAI(api_key=api_key, base_url=config.base_url,
                                    max_retries=0, timeout=config.timeout_s)
         self.client = client
-        self.redact = _Redactor([api_key] if api_key else [])
+        # Scrub the key, and a password embedded in the base URL, from every error text.
+        url_password = urlsplit(config.base_url).password if config.base_url else None
+        self.redact = _Redactor([api_key or "", url_password or ""])
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.requests = 0
