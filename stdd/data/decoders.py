@@ -24,10 +24,11 @@ import numpy as np
 class VideoDecodeError(RuntimeError):
     """A video that cannot be decoded (corrupt, truncated, empty, no video stream)."""
 
-    def __init__(self, path: str | os.PathLike, reason: str):
-        super().__init__(f"{path}: {reason}")
+    def __init__(self, path: str | os.PathLike, reason: str | None = None):
+        # One-argument form: DataLoader workers re-raise exceptions by calling type(error)(message).
+        super().__init__(f"{path}: {reason}" if reason is not None else str(path))
         self.path = str(path)
-        self.reason = reason
+        self.reason = reason if reason is not None else str(path)
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class VideoInfo:
     height: int
     width: int
     frame_count_exact: bool  # False: estimated from the duration (e.g. webm has no frame count)
+    codec: str = ""  # FFmpeg codec name, e.g. "h264", "vp9"
 
 
 @dataclass
@@ -109,7 +111,7 @@ class PyAVDecoder:
         height, width = stream.codec_context.height, stream.codec_context.width
         if not height or not width:
             raise VideoDecodeError(path, "unknown frame size")
-        return VideoInfo(num_frames, fps, height, width, exact), stream
+        return VideoInfo(num_frames, fps, height, width, exact, stream.codec_context.name or ""), stream
 
     def probe(self, path: str | os.PathLike) -> VideoInfo:
         container = self._open(path)

@@ -107,8 +107,10 @@ def segment_indices(
     _check_positive("num_video_frames", num_video_frames)
     _check_positive("clip_length", clip_length)
     _check_positive("n_views", n_views)
-    segment_length = num_video_frames / clip_length  # float, may be < 1 for short videos
-    segment_starts = np.arange(clip_length) * segment_length  # (clip_length,)
+    boundaries = np.floor(np.arange(clip_length + 1) * num_video_frames / clip_length).astype(np.int64)
+    segment_starts = boundaries[:-1]  # (clip_length,)
+    # A video shorter than clip_length has empty segments: they take their start frame.
+    segment_lengths = np.maximum(boundaries[1:] - segment_starts, 1)
     if training:
         if n_views != 1:
             raise ValueError(f"n_views: training samples one clip per video, got n_views={n_views}")
@@ -117,7 +119,8 @@ def segment_indices(
         fractions = rng.uniform(0.0, 1.0, size=(1, clip_length))
     else:
         fractions = np.broadcast_to(((np.arange(n_views) + 0.5) / n_views)[:, None], (n_views, clip_length))
-    indices = np.floor(segment_starts[None, :] + fractions * segment_length).astype(np.int64)
+    offsets = np.minimum(np.floor(fractions * segment_lengths[None, :]).astype(np.int64), segment_lengths - 1)
+    indices = segment_starts[None, :] + offsets
     return np.clip(indices, 0, num_video_frames - 1)
 
 

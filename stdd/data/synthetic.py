@@ -250,11 +250,19 @@ def render_motion_frames(
     return frames
 
 
-def encode_video(path: str | os.PathLike, frames: np.ndarray, *, fps: int = 16, codec: str = "h264") -> None:
+def encode_video(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    *,
+    fps: int = 16,
+    codec: str = "h264",
+    keyframe_interval: int | None = None,
+) -> None:
     """Encode uint8 RGB frames (T, H, W, 3) to `path` with PyAV (atomically: temp file + rename).
 
     codec "h264" -> libx264 yuv420p (use a .mp4 path), "vp9" -> libvpx-vp9 yuv420p (use .webm).
-    Height and width must be even (yuv420p chroma subsampling).
+    Height and width must be even (yuv420p chroma subsampling). keyframe_interval: maximum frames
+    between keyframes (encoder default if None); small values make seeking matter in tests.
     """
     import av
 
@@ -275,6 +283,8 @@ def encode_video(path: str | os.PathLike, frames: np.ndarray, *, fps: int = 16, 
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
             stream.options = dict(options)
+            if keyframe_interval is not None:
+                stream.codec_context.gop_size = keyframe_interval
             for frame_array in frames:
                 frame = av.VideoFrame.from_ndarray(frame_array, format="rgb24")
                 for packet in stream.encode(frame):

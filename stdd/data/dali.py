@@ -1,0 +1,432 @@
+"""NVIDIA DALI video loading: GPU decoding (NVDEC) and DALI's CPU video decoder behind one pipeline.
+
+Two ways to pick frames, the same augmentation/normalisation code after the decoder:
+
+mode="reader" (training default): DALI's video reader walks every video in clips of
+    `clip_length` frames `stride` apart, one clip every `step` frames (default: the clip span, so the
+    clips of a video do not overlap), shuffles them (`random_shuffle`, buffer `initial_fill`) and
+    shards them (`shard_id`/`num_shards` = rank/world size of torch.distributed). An epoch is every
+    clip of every video, not one clip per video. On the GPU this is `fn.readers.video` (NVDEC: H.264,
+    HEVC, ...; reader="experimental" picks `fn.experimental.readers.video`); on the CPU it is
+    `fn.experimental.readers.video(device="cpu")`, which in DALI 2.x decodes VP8/VP9/MJPEG only (H.264
+    is GPU-only). Videos shorter than a clip span: the experimental reader pads with the last frame;
+    the GPU `fn.readers.video` has no such padding, so they are reported and left out.
+mode="indexed" (evaluation default): frame indices come from stdd.data.sampling (exactly as the PyAV
+    dataset draws them for the same seed/epoch/video: dense or TSN segments, n_temporal_views x
+    n_spatial_crops evaluation views), encoded bytes and indices enter through `fn.external_source`,
+    and `fn.decoders.video(frames=...)` decodes them on the GPU (device "mixed") or the CPU.
+
+After decoding (on the decoder's device, so on the GPU for GPU decoding): training takes one
+random-resized crop per clip (+ horizontal flip, probability 0.5) and CLIP-normalises; evaluation
+resizes the shorter side to `short_side`, takes a centre crop (or 3 crops along the longer side) and
+normalises. Batches are the dicts of stdd/data/dataset.py ("video", "label", "index", "failures";
+reader mode adds "frame_start", the first frame index of each clip), torch tensors on the pipeline's
+device, delivered through `DALIGenericIterator`.
+
+Bad files: every video is opened once with PyAV at build (`verify_videos="open"`; "decode" decodes
+every frame, slow but thorough). Unreadable ones are skipped (on_error="skip") and listed in every
+epoch's report, or raise (on_error="fail"). DALI itself cannot report a file that breaks mid-stream
+per sample (its reader drops such files, its decoder pads the missing frames), hence the check.
+
+GPU decoding was not run on this project's machines yet (no GPU lent); the CPU path is tested.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .annotations import VideoRecord, load_annotations, resolve_videos
+from .dataset import DecodeFailure, EpochReport, ON_ERROR_POLICIES, _distributed_rank_world
+from .decoders import PyAVDecoder, VideoDecodeError, VideoInfo
+from .sampling import ClipSampling, clip_span, sample_clip_indices
+from .transforms import CLIP_MEAN, CLIP_STD
+
+logger = logging.getLogger(__name__)
+
+# Codecs DALI's CPU video decoder handles (DALI 2.x operator docs); everything else needs the GPU.
+CPU_DECODABLE_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
+DALI_MODES = ("reader", "indexed")
+DALI_READERS = ("legacy", "experimental")
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _require_dali() -> None:
+    if not dali_available():
+        raise ImportError(
+            "backend='dali' needs NVIDIA DALI: pip install nvidia-dali-cuda130 (or `pip install stdd[dali]`)"
+        )
+
+
+def _clip_transforms(video, *, training: bool, crop_size: int, short_side: int, horizontal_flip: bool,
+                     scale: tuple[float, float], n_spatial_crops: int):
+    """video: DataNode (F, H, W, 3) uint8 -> (F, 3, S, S) float32, or in evaluation with 3 crops
+    (3, F, 3, S, S). One crop window (and flip) per sample, shared by all its frames."""
+    from nvidia.dali import fn, types
+
+    mean = [value * 255.0 for value in CLIP_MEAN]
+    std = [value * 255.0 for value in CLIP_STD]
+    normalise = dict(dtype=types.FLOAT, output_layout="FCHW", mean=mean, std=std)
+    if training:
+        video = fn.random_resized_crop(
+            video, size=(crop_size, crop_size), random_area=list(scale), random_aspect_ratio=[3 / 4, 4 / 3], antialias=True
+        )
+        mirror = fn.random.coin_flip(probability=0.5) if horizontal_flip else 0
+        return fn.crop_mirror_normalize(video, mirror=mirror, **normalise)
+    video = fn.resize(video, resize_shorter=short_side, antialias=True)
+    if n_spatial_crops == 1:
+        return fn.crop_mirror_normalize(video, crop=(crop_size, crop_size), crop_pos_x=0.5, crop_pos_y=0.5, **normalise)
+    # Three crops along the longer side (start, centre, end), centred on the shorter one, as
+    # stdd.data.transforms.three_crop_boxes. The shape lives on the host even for GPU data.
+    shape = video.shape(dtype=types.FLOAT)  # (F, H, W, C)
+    is_wide = fn.cast(shape[2] >= shape[1], dtype=types.FLOAT)
+    crops = []
+    for position in (0.0, 0.5, 1.0):
+        crop_pos_x = is_wide * position + (1.0 - is_wide) * 0.5
+        crop_pos_y = is_wide * 0.5 + (1.0 - is_wide) * position
+        crops.append(
+            fn.crop_mirror_normalize(video, crop=(crop_size, crop_size), crop_pos_x=crop_pos_x, crop_pos_y=crop_pos_y, **normalise)
+        )
+    return fn.stack(*crops, axis=0)
+
+
+def _reader_pipeline(*, filenames, device, reader, training, clip_length, stride, step, shard_id, num_shards,
+                     initial_fill, apply_transforms, transform_options):
+    from nvidia.dali import fn
+
+    options = dict(
+        device=device,
+        filenames=list(filenames),
+        # The "label" DALI carries is the video's position in our record list: class label and index
+        # are looked up from it after the iterator.
+        labels=list(range(len(filenames))),
+        sequence_length=clip_length,
+        stride=stride,
+        step=step,
+        random_shuffle=training,
+        initial_fill=initial_fill,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=not training,
+        name="Reader",
+    )
+    if reader == "legacy":
+        video, position, frame_start = fn.readers.video(enable_frame_num=True, **options)
+    else:
+        video, position, frame_start = fn.experimental.readers.video(enable_frame_num="scalar", pad_mode="edge", **options)
+    if apply_transforms:
+        video = _clip_transforms(video, training=training, **transform_options)
+    return video, position, frame_start
+
+
+def _indexed_pipeline(*, source, decoder_device, training, apply_transforms, transform_options):
+    from nvidia.dali import fn, types
+
+    encoded, frame_indices, position = fn.external_source(
+        source=source, num_outputs=3, batch=True, batch_info=True, dtype=[types.UINT8, types.INT32, types.INT64]
+    )
+    video = fn.decoders.video(encoded, frames=frame_indices, device=decoder_device)
+    if apply_transforms:
+        video = _clip_transforms(video, training=training, **transform_options)
+    return video, position, frame_indices
+
+
+class _IndexedSource:
+    """External-source callback: one batch of (encoded bytes, flattened frame indices, record position).
+
+    The order of videos per epoch is DistributedSampler's (seeded shuffle in training, rank's shard),
+    and frame indices use the PyAV dataset's seeds, so both backends pick the same frames.
+    """
+
+    def __init__(self, records, infos, sampling, *, training, batch_size, seed, rank, world_size, drop_last):
+        self.records, self.infos, self.sampling = records, infos, sampling
+        self.training, self.batch_size, self.seed = training, batch_size, seed
+        self.drop_last = drop_last
+        self.sampler = torch.utils.data.distributed.DistributedSampler(
+            range(len(records)), num_replicas=world_size, rank=rank, shuffle=training, seed=seed
+        )
+        self.epoch_offset = 0
+        self._order_epoch, self._order = None, []
+
+    def order(self, epoch: int) -> list[int]:
+        if self._order_epoch != epoch:
+            self.sampler.set_epoch(epoch)
+            self._order, self._order_epoch = list(self.sampler), epoch
+        return self._order
+
+    def num_batches(self) -> int:
+        count = len(self.sampler)
+        return count // self.batch_size if self.drop_last else -(-count // self.batch_size)
+
+    def __call__(self, batch_info):
+        epoch = self.epoch_offset + batch_info.epoch_idx  # DALI counts its passes from 0
+        if batch_info.iteration >= self.num_batches():
+            raise StopIteration
+        order = self.order(epoch)
+        positions = order[batch_info.iteration * self.batch_size : (batch_info.iteration + 1) * self.batch_size]
+        encoded, frame_indices, position_arrays = [], [], []
+        for position in positions:
+            encoded.append(np.fromfile(self.records[position].path, dtype=np.uint8))
+            rng = np.random.default_rng([self.seed, epoch, position, 0])  # = VideoDataset._load(position, attempt 0)
+            indices = sample_clip_indices(self.infos[position].num_frames, self.sampling, training=self.training, rng=rng)
+            frame_indices.append(indices.reshape(-1).astype(np.int32))  # (Vt * T,), view-major
+            position_arrays.append(np.array([position], dtype=np.int64))
+        return encoded, frame_indices, position_arrays
+
+
+@dataclass
+class _LoaderSettings:
+    training: bool
+    mode: str
+    sampling: ClipSampling
+    crop_size: int
+    batch_size: int
+
+
+class DALIVideoLoader:
+    """Iterable of batch dicts (see module docstring); one `for` loop is one epoch.
+
+    `last_epoch_report` after each pass lists the videos left out at build (unreadable, too short for
+    the GPU reader) -- they are skipped in every epoch.
+    """
+
+    def __init__(self, pipeline, iterator, records: list[VideoRecord], settings: _LoaderSettings,
+                 skipped: list[DecodeFailure], source: _IndexedSource | None, device: torch.device):
+        self.pipeline, self.iterator, self.records = pipeline, iterator, records
+        self.settings, self.skipped, self.source, self.device = settings, skipped, source, device
+        self.label_table = torch.tensor([record.label for record in records], dtype=torch.int64, device=device)
+        self.next_epoch = 0
+        self._passes_started = False
+        self.last_epoch_report: EpochReport | None = None
+        self.reports: list[EpochReport] = []
+
+    def set_epoch(self, epoch: int) -> None:
+        """Number the next pass. Before the first pass any epoch (resuming a run); afterwards the epochs
+        advance one per pass and only that next number is accepted: DALI prefetches the next epoch's
+        first batches as soon as a pass ends, with the seeds of the next number."""
+        if self._passes_started and epoch != self.next_epoch:
+            raise ValueError(
+                f"epoch: the DALI loader's next pass is epoch {self.next_epoch}; set_epoch can only choose the "
+                f"starting epoch before the first pass, got {epoch}"
+            )
+        self.next_epoch = epoch
+        if self.source is not None:
+            self.source.epoch_offset = epoch
+
+    def __len__(self) -> int:
+        if self.source is not None:
+            return self.source.num_batches()
+        return len(self.iterator)
+
+    def _to_batch(self, outputs: dict) -> dict:
+        settings = self.settings
+        position = outputs["position"].reshape(-1).to(torch.int64)
+        video = outputs["video"]
+        if not settings.training:
+            # (B, F, 3, S, S) or (B, n_spatial, F, 3, S, S) with F = Vt * T, view-major
+            n_temporal = video.shape[-4] // settings.sampling.clip_length
+            if video.ndim == 5:
+                video = video.unsqueeze(1)
+            batch, n_spatial = video.shape[:2]
+            video = video.reshape(batch, n_spatial, n_temporal, settings.sampling.clip_length, *video.shape[-3:])
+            video = video.transpose(1, 2).reshape(batch, n_temporal * n_spatial, settings.sampling.clip_length, *video.shape[-3:])
+        batch = {
+            "video": video,
+            "label": self.label_table[position.to(self.label_table.device)],
+            "index": position,
+            "failures": [],
+        }
+        if "frame_start" in outputs:
+            batch["frame_start"] = outputs["frame_start"].reshape(-1).to(torch.int64)
+        if "frame_indices" in outputs:
+            batch["frame_indices"] = outputs["frame_indices"]
+        return batch
+
+    def __iter__(self):
+        epoch = self.next_epoch
+        self.next_epoch += 1
+        self._passes_started = True
+        report = EpochReport(epoch=epoch, failures=list(self.skipped))
+        for outputs in self.iterator:
+            batch = self._to_batch(outputs[0])
+            report.batches += 1
+            report.samples += batch["video"].shape[0]
+            yield batch
+        self.last_epoch_report = report
+        self.reports.append(report)
+        logger.log(logging.WARNING if report.failures else logging.INFO, "%s", report.summary())
+
+
+def _probe_videos(records: Sequence[VideoRecord], *, verify_videos: str, on_error: str):
+    decoder = PyAVDecoder()
+    kept, infos, failures = [], [], []
+    for position, record in enumerate(records):
+        try:
+            info = decoder.probe(record.path)
+            if verify_videos == "decode":
+                decoder.decode(record.path, np.arange(info.num_frames))
+        except VideoDecodeError as error:
+            if on_error == "fail":
+                raise
+            failures.append(DecodeFailure(position, error.path, error.reason))
+            continue
+        kept.append(record)
+        infos.append(info)
+    return kept, infos, failures
+
+
+def build_dali_loader(
+    annotation_file: str | os.PathLike | None = None,
+    *,
+    training: bool,
+    records: Sequence[VideoRecord] | None = None,
+    format: str = "list",
+    root: str | os.PathLike | None = None,
+    class_names=None,
+    batch_size: int = 8,
+    sampling: ClipSampling | None = None,
+    crop_size: int = 224,
+    short_side: int | None = None,
+    horizontal_flip: bool = True,
+    scale: tuple[float, float] = (0.25, 1.0),
+    on_missing: str = "fail",
+    on_error: str = "skip",
+    seed: int = 0,
+    distributed: bool | None = None,
+    num_threads: int = 2,
+    annotation_options: dict | None = None,
+    device: str | None = None,
+    device_id: int | None = None,
+    mode: str | None = None,
+    reader: str | None = None,
+    step: int | None = None,
+    initial_fill: int = 256,
+    prefetch_queue_depth: int = 2,
+    verify_videos: str = "open",
+    apply_transforms: bool = True,
+) -> DALIVideoLoader:
+    """Build a DALI loader (arguments as `stdd.data.build_dataloader`, plus):
+
+    device: "gpu" (default when CUDA is available) or "cpu" (DALI's CPU decoder: VP8/VP9/MJPEG only).
+    device_id: the GPU (default torch.cuda.current_device()). mode: "reader" | "indexed" (default:
+    reader for training, indexed for evaluation). reader: "legacy" (fn.readers.video, GPU only, the
+    default on GPU) | "experimental" (fn.experimental.readers.video, the only one on CPU). step: frames
+    between clip starts in reader mode (default the clip span). verify_videos: "open" | "decode".
+    apply_transforms=False returns the decoded uint8 frames (B, F, H, W, 3) untouched (for checks).
+    """
+    _require_dali()
+    from nvidia.dali import pipeline_def
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+    sampling = sampling if sampling is not None else ClipSampling()
+    short_side = short_side if short_side is not None else crop_size
+    if on_error not in ON_ERROR_POLICIES:
+        raise ValueError(f"on_error: expected one of {ON_ERROR_POLICIES}, got {on_error!r}")
+    if verify_videos not in ("open", "decode"):
+        raise ValueError(f"verify_videos: expected 'open' or 'decode', got {verify_videos!r}")
+    if device is None:
+        device = "gpu" if torch.cuda.is_available() else "cpu"
+    if device not in ("gpu", "cpu"):
+        raise ValueError(f"device: expected 'gpu' or 'cpu', got {device!r}")
+    if device == "gpu" and not torch.cuda.is_available():
+        raise RuntimeError("device='gpu': no CUDA device visible; use device='cpu' (VP8/VP9/MJPEG) or backend='pyav'")
+    mode = mode if mode is not None else ("reader" if training else "indexed")
+    if mode not in DALI_MODES:
+        raise ValueError(f"mode: expected one of {DALI_MODES}, got {mode!r}")
+    reader = reader if reader is not None else ("legacy" if device == "gpu" else "experimental")
+    if reader not in DALI_READERS:
+        raise ValueError(f"reader: expected one of {DALI_READERS}, got {reader!r}")
+    if reader == "legacy" and device == "cpu":
+        raise ValueError("reader='legacy': fn.readers.video decodes on the GPU only; use reader='experimental' on the CPU")
+    if mode == "reader":
+        if sampling.mode != "dense":
+            raise ValueError(f"sampling.mode={sampling.mode!r}: DALI's reader takes dense clips only; use mode='indexed'")
+        if not training and sampling.num_views(False) != 1:
+            raise ValueError("mode='reader' gives one view per clip; use mode='indexed' for multi-view evaluation")
+    if (annotation_file is None) == (records is None):
+        raise ValueError("build_dali_loader: pass exactly one of annotation_file or records")
+    source_name = "records"
+    if records is None:
+        records, _ = load_annotations(annotation_file, format=format, root=root, class_names=class_names, **(annotation_options or {}))
+        source_name = str(annotation_file)
+    records, missing_report = resolve_videos(records, on_missing=on_missing, source=source_name)
+    logger.info("%s", missing_report.summary(source_name))
+
+    records, infos, skipped = _probe_videos(records, verify_videos=verify_videos, on_error=on_error)
+    if device == "cpu":
+        unsupported = [(record.path, info.codec) for record, info in zip(records, infos) if info.codec not in CPU_DECODABLE_CODECS]
+        if unsupported:
+            raise ValueError(
+                f"device='cpu': DALI's CPU video decoder handles {sorted(CPU_DECODABLE_CODECS)} only; "
+                f"{len(unsupported)} videos use other codecs (first: {unsupported[0][0]} is {unsupported[0][1]}); "
+                "decode them on the GPU or with backend='pyav'"
+            )
+    if mode == "reader" and reader == "legacy":
+        span = clip_span(sampling.clip_length, sampling.stride)
+        short = [(record, info) for record, info in zip(records, infos) if info.num_frames < span]
+        for record, info in short:
+            skipped.append(DecodeFailure(-1, str(record.path), f"{info.num_frames} frames, shorter than a clip span of {span} (fn.readers.video cannot pad)"))
+        short_paths = {record.path for record, _ in short}
+        kept = [(record, info) for record, info in zip(records, infos) if record.path not in short_paths]
+        records, infos = [record for record, _ in kept], [info for _, info in kept]
+    for failure in skipped:
+        logger.warning("DALI loader: leaving out %s: %s", failure.path, failure.reason)
+    if not records:
+        raise ValueError(f"{source_name}: no usable videos left for DALI ({len(skipped)} left out)")
+
+    rank, world_size = _distributed_rank_world()
+    if distributed is False:
+        rank, world_size = 0, 1
+    if device == "gpu":
+        device_id = device_id if device_id is not None else torch.cuda.current_device()
+        torch_device = torch.device("cuda", device_id)
+    else:
+        device_id, torch_device = None, torch.device("cpu")
+    transform_options = dict(
+        crop_size=crop_size, short_side=short_side, horizontal_flip=horizontal_flip, scale=tuple(scale),
+        n_spatial_crops=sampling.n_spatial_crops,
+    )
+    pipeline_options = dict(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
+                            prefetch_queue_depth=prefetch_queue_depth)
+    source = None
+    if mode == "reader":
+        pipeline = pipeline_def(_reader_pipeline)(
+            filenames=[str(record.path) for record in records], device=device, reader=reader, training=training,
+            clip_length=sampling.clip_length, stride=sampling.stride,
+            step=step if step is not None else clip_span(sampling.clip_length, sampling.stride),
+            shard_id=rank, num_shards=world_size, initial_fill=initial_fill,
+            apply_transforms=apply_transforms, transform_options=transform_options, **pipeline_options,
+        )
+        output_map = ["video", "position", "frame_start"]
+        iterator_options = dict(reader_name="Reader")
+    else:
+        source = _IndexedSource(records, infos, sampling, training=training, batch_size=batch_size, seed=seed,
+                                rank=rank, world_size=world_size, drop_last=training)
+        pipeline = pipeline_def(_indexed_pipeline)(
+            source=source, decoder_device="mixed" if device == "gpu" else "cpu", training=training,
+            apply_transforms=apply_transforms, transform_options=transform_options, **pipeline_options,
+        )
+        output_map = ["video", "position", "frame_indices"]
+        iterator_options = dict(size=-1)
+    pipeline.build()
+    iterator = DALIGenericIterator(
+        pipeline, output_map, auto_reset=True,
+        # No batch before the first pass: set_epoch may still change the seeds of the first epoch.
+        prepare_first_batch=False,
+        last_batch_policy=LastBatchPolicy.DROP if training else LastBatchPolicy.PARTIAL,
+        **iterator_options,
+    )
+    settings = _LoaderSettings(training=training, mode=mode, sampling=sampling, crop_size=crop_size, batch_size=batch_size)
+    return DALIVideoLoader(pipeline, iterator, records, settings, skipped, source, torch_device)
