@@ -38,17 +38,17 @@ def _cmd_build(args) -> int:
         dataset = args.dataset
     if args.limit:
         names = names[: args.limit]
+    config = AskgConfig(model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
+                        temperature=args.temperature, concurrency=args.concurrency, retries=args.retries,
+                        backoff_base_s=args.backoff, timeout_s=args.timeout, json_mode=not args.no_json_mode)
+    builder = AskgBuilder(config)  # fails on a missing key before anything is written
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     # A log file next to the results (the key is never formatted into any message).
     file_handler = logging.FileHandler(out_dir / "build.log", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(message)s"))
     logging.getLogger("stdd").addHandler(file_handler)
-    config = AskgConfig(model=args.model, base_url=args.base_url, api_key_env=args.api_key_env,
-                        temperature=args.temperature, concurrency=args.concurrency, retries=args.retries,
-                        backoff_base_s=args.backoff, timeout_s=args.timeout, json_mode=not args.no_json_mode)
     try:
-        builder = AskgBuilder(config)
         report = builder.build(names, out_dir, dataset=dataset)
     finally:
         logging.getLogger("stdd").removeHandler(file_handler)
