@@ -269,3 +269,11 @@ def test_missing_tag_download_fails_with_instructions(tmp_path):
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert "MESSAGE could not load the 'ViT-B-16' weights for pretrained tag 'openai'" in result.stdout, result.stderr
     assert "path of a local checkpoint file" in result.stdout
+
+
+def test_openai_tags_get_the_activation_their_weights_were_trained_with():
+    from stdd.model.clip_loading import tag_needs_quick_gelu
+
+    assert tag_needs_quick_gelu("ViT-B-16", "openai")
+    assert not tag_needs_quick_gelu("ViT-B-16-quickgelu", "openai")
+    assert not tag_needs_quick_gelu("ViT-B-16", "laion2b_s34b_b88k")

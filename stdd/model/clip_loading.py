@@ -100,6 +100,17 @@ def _how_to_provide(model_name: str) -> str:
     )
 
 
+def tag_needs_quick_gelu(model_name: str, tag: str) -> bool:
+    """Whether weights ``tag`` were trained with QuickGELU but config ``model_name`` uses GELU.
+
+    open_clip only warns about this mismatch (``ViT-B-16`` + ``openai``); the
+    activation must match the weights, so :func:`load_clip` forces QuickGELU then.
+    """
+    trained_quick = bool(open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
+    config = open_clip.get_model_config(model_name) or {}
+    return trained_quick and not bool(config.get("quick_gelu", False))
+
+
 def load_clip(
     model_name: str,
     pretrained: Optional[str],
@@ -115,7 +126,10 @@ def load_clip(
         model_name: an open_clip architecture name (``"ViT-B-16"``, ``"ViT-L-14"``,
             ``"STDD-Tiny-ViT"``; see ``open_clip.list_models()``).
         pretrained: an open_clip pretrained tag (``"openai"``), a local checkpoint
-            file, or ``None`` (needs ``allow_random_init=True``).
+            file, or ``None`` (needs ``allow_random_init=True``). A tag trained with
+            QuickGELU gets QuickGELU whatever the config says; for a checkpoint
+            file of such weights (OpenAI's) name the ``-quickgelu`` config
+            (``"ViT-B-16-quickgelu"``), as the file does not say which activation it needs.
         precision: open_clip precision (``"fp32"``, ``"bf16"``, ``"fp16"``, ...).
 
     Returns ``(model, source)``; the model is in eval mode.
@@ -142,7 +156,7 @@ def load_clip(
         try:
             model = open_clip.create_model(
                 model_name, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir,
-                require_pretrained=True,
+                require_pretrained=True, force_quick_gelu=tag_needs_quick_gelu(model_name, pretrained),
             )
         except Exception as error:  # download / hub errors come in many types
             raise RuntimeError(
