@@ -193,6 +193,7 @@ class _LoaderSettings:
     sampling: ClipSampling
     crop_size: int
     batch_size: int
+    apply_transforms: bool
 
 
 class DALIVideoLoader:
@@ -234,7 +235,7 @@ class DALIVideoLoader:
         settings = self.settings
         position = outputs["position"].reshape(-1).to(torch.int64)
         video = outputs["video"]
-        if not settings.training:
+        if not settings.training and settings.apply_transforms:
             # (B, F, 3, S, S) or (B, n_spatial, F, 3, S, S) with F = Vt * T, view-major
             n_temporal = video.shape[-4] // settings.sampling.clip_length
             if video.ndim == 5:
@@ -428,5 +429,6 @@ def build_dali_loader(
         last_batch_policy=LastBatchPolicy.DROP if training else LastBatchPolicy.PARTIAL,
         **iterator_options,
     )
-    settings = _LoaderSettings(training=training, mode=mode, sampling=sampling, crop_size=crop_size, batch_size=batch_size)
+    settings = _LoaderSettings(training=training, mode=mode, sampling=sampling, crop_size=crop_size, batch_size=batch_size,
+                              apply_transforms=apply_transforms)
     return DALIVideoLoader(pipeline, iterator, records, settings, skipped, source, torch_device)

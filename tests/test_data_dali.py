@@ -1,0 +1,186 @@
+"""DALI loader on the CPU (VP9): same frames as PyAV, transforms, epochs, bad files, sharding.
+
+DALI's CPU video decoder handles VP8/VP9/MJPEG; H.264 needs the GPU path, which is not run here.
+"""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+pytest.importorskip("nvidia.dali")
+
+from stdd.data import ClipSampling, PyAVDecoder, VideoDecodeError, VideoRecord, build_dataloader  # noqa: E402
+from stdd.data.dali import build_dali_loader  # noqa: E402
+from stdd.data.sampling import sample_clip_indices  # noqa: E402
+from stdd.data.synthetic import encode_video, generate_synthetic_dataset  # noqa: E402
+
+CODE_BITS = 8
+
+
+def index_coded_frames(count, size=32, offset=0):
+    """Frame t shows t + offset in binary: 8 vertical white/black stripes of 4 pixels."""
+    frames = np.zeros((count, size, size, 3), dtype=np.uint8)
+    for t in range(count):
+        for bit in range(CODE_BITS):
+            if ((t + offset) >> bit) & 1:
+                frames[t, :, bit * 4 : bit * 4 + 4] = 255
+    return frames
+
+
+def read_codes(frames):
+    stripes = frames[..., 8:24, :, :].astype(np.float32).mean(axis=(-3, -1)).reshape(*frames.shape[:-3], CODE_BITS, 4).mean(-1)
+    return ((stripes > 128).astype(np.int64) * (1 << np.arange(CODE_BITS))).sum(-1)
+
+
+@pytest.fixture(scope="module")
+def coded_records(tmp_path_factory):
+    """Three VP9 videos of 40, 57 and 90 frames whose pixels spell their frame index."""
+    root = tmp_path_factory.mktemp("coded_vp9")
+    records = []
+    for position, count in enumerate((40, 57, 90)):
+        path = root / f"coded_{count}.webm"
+        encode_video(path, index_coded_frames(count), fps=25, codec="vp9", keyframe_interval=16)
+        records.append(VideoRecord(path, position))
+    return records
+
+
+@pytest.fixture(scope="module")
+def vp9_set(tmp_path_factory):
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("synthetic_vp9"), videos_per_class=2, val_videos_per_class=1,
+                                      num_frames=16, height=32, width=32, codec="vp9", seed=2)
+
+
+def test_reader_mode_decodes_the_frames_pyav_decodes(coded_records):
+    sampling = ClipSampling(clip_length=4, stride=5)  # span 16
+    loader = build_dali_loader(records=coded_records, training=False, mode="reader", sampling=sampling, batch_size=2,
+                               device="cpu", apply_transforms=False)
+    decoder = PyAVDecoder()
+    len_of = {0: 40, 1: 57, 2: 90}
+    seen = []
+    for batch in loader:
+        for frames, position, start in zip(batch["video"].numpy(), batch["index"].tolist(), batch["frame_start"].tolist()):
+            # the last clip of a video may run past its end: padded with the last frame
+            expected = np.minimum(start + 5 * np.arange(4), len_of[position] - 1)
+            assert np.array_equal(read_codes(frames), expected)  # DALI's own frame numbers are right
+            reference = decoder.decode(coded_records[position].path, expected).frames
+            # same frames, decoded by two FFmpeg builds: only YUV->RGB rounding at the stripe edges differs
+            assert np.abs(reference.astype(np.int16) - frames.astype(np.int16)).mean() < 2.0
+            seen.append((position, start))
+    # every clip of every video once: a clip every step = span = 16 frames, from every start inside the video
+    expected_clips = [(position, start) for position, count in enumerate((40, 57, 90)) for start in range(0, count, 16)]
+    assert sorted(set(seen)) == expected_clips
+
+
+def test_indexed_mode_uses_the_pyav_dataset_frame_choice(coded_records):
+    sampling = ClipSampling(mode="segments", clip_length=6)
+    loader = build_dali_loader(records=coded_records, training=True, mode="indexed", sampling=sampling, batch_size=3,
+                               device="cpu", apply_transforms=False, seed=4)
+    loader.set_epoch(2)
+    for batch in loader:
+        for frames, position, indices in zip(batch["video"].numpy(), batch["index"].tolist(), batch["frame_indices"].numpy()):
+            count = (40, 57, 90)[position]
+            expected = sample_clip_indices(count, sampling, training=True, rng=np.random.default_rng([4, 2, position, 0]))[0]
+            assert np.array_equal(indices, expected)
+            assert np.array_equal(read_codes(frames), expected)
+
+
+def test_evaluation_views_match_the_pyav_loader(vp9_set):
+    sampling = ClipSampling(clip_length=4, stride=3, n_temporal_views=2, n_spatial_crops=3)
+    options = dict(training=False, batch_size=3, sampling=sampling, crop_size=24, short_side=32)
+    pyav_batches = list(build_dataloader(vp9_set.val_annotation, num_workers=0, **options))
+    dali_loader = build_dataloader(vp9_set.val_annotation, backend="dali", device="cpu", **options)
+    dali_batches = list(dali_loader)
+    assert len(pyav_batches) == len(dali_batches) == 3  # 8 videos: 3 + 3 + 2, the partial batch kept
+    for pyav_batch, dali_batch in zip(pyav_batches, dali_batches):
+        assert dali_batch["video"].shape == pyav_batch["video"].shape
+        assert dali_batch["video"].shape[1:] == (6, 4, 3, 24, 24)
+        assert torch.equal(dali_batch["index"], pyav_batch["index"]) and torch.equal(dali_batch["label"], pyav_batch["label"])
+        difference = (dali_batch["video"] - pyav_batch["video"]).abs()
+        # no resize (short side 32 = frame size): only colour conversion rounding, ~1/255 / 0.27 per pixel
+        assert difference.mean() < 0.05, difference.mean()
+
+
+def test_training_reader_shuffles_per_epoch_and_normalises(vp9_set):
+    loader = build_dali_loader(vp9_set.train_annotation, training=True, batch_size=4, device="cpu", crop_size=24,
+                               sampling=ClipSampling(clip_length=4, stride=3), horizontal_flip=False, seed=0)
+    epochs = []
+    for _ in range(2):
+        batches = list(loader)
+        # 16 videos of 16 frames, span 10 = step: clips start at 0 and 10 (the second padded)
+        assert len(batches) == len(loader) == 8
+        video = batches[0]["video"]
+        assert video.shape == (4, 4, 3, 24, 24) and video.dtype == torch.float32
+        assert video.min() < -1.0 and video.max() > 0.5
+        epochs.append(torch.cat([batch["index"] for batch in batches]).tolist())
+        labels = torch.cat([batch["label"] for batch in batches])
+        assert torch.equal(labels, torch.tensor([loader.records[i].label for i in epochs[-1]]))
+    assert sorted(epochs[0]) == sorted(epochs[1]) == sorted(list(range(16)) * 2)
+    assert epochs[0] != epochs[1]
+    assert loader.last_epoch_report.epoch == 1
+    with pytest.raises(ValueError, match="starting epoch"):
+        loader.set_epoch(7)
+
+
+def test_bad_files_left_out_and_reported_each_epoch(vp9_set, tmp_path):
+    good = vp9_set.train_annotation.read_text().splitlines()
+    source = (vp9_set.root / good[0].split()[0]).read_bytes()
+    (tmp_path / "zero.webm").write_bytes(b"")
+    (tmp_path / "garbage.webm").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
+    (tmp_path / "header_only.webm").write_bytes(source[:200])
+    listing = tmp_path / "list.txt"
+    listing.write_text("".join(f"{vp9_set.root / line.split()[0]} {line.split()[1]}\n" for line in good)
+                       + "".join(f"{tmp_path / name} 0\n" for name in ("zero.webm", "garbage.webm", "header_only.webm")))
+    options = dict(training=True, batch_size=4, device="cpu", crop_size=16, sampling=ClipSampling(clip_length=2, stride=2))
+    loader = build_dali_loader(listing, **options)
+    for epoch in range(2):
+        assert sum(batch["video"].shape[0] for batch in loader) == 16 * 6  # 16 frames, span 3 = step: 6 clips per video
+        report = loader.last_epoch_report
+        assert report.epoch == epoch and report.failed_videos == 3
+        assert {os.path.basename(failure.path) for failure in report.failures} == {"zero.webm", "garbage.webm", "header_only.webm"}
+    with pytest.raises(VideoDecodeError, match="zero.webm: empty file"):
+        build_dali_loader(listing, on_error="fail", **options)
+
+
+def test_h264_on_the_cpu_is_refused_with_the_file_name(tmp_path):
+    encode_video(tmp_path / "clip.mp4", index_coded_frames(8), codec="h264")
+    with pytest.raises(ValueError, match=r"CPU video decoder handles .*clip\.mp4 is h264"):
+        build_dali_loader(records=[VideoRecord(tmp_path / "clip.mp4", 0)], training=True, device="cpu",
+                          sampling=ClipSampling(clip_length=2, stride=1))
+    with pytest.raises(ValueError, match="fn.readers.video decodes on the GPU only"):
+        build_dali_loader(records=[VideoRecord(tmp_path / "clip.mp4", 0)], training=True, device="cpu", reader="legacy")
+
+
+def _free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _shard_worker(rank, world_size, port, annotation, results):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        options = dict(training=False, batch_size=2, device="cpu", crop_size=16, sampling=ClipSampling(clip_length=2, stride=2))
+        reader = build_dali_loader(annotation, mode="reader", **options)
+        indexed = build_dali_loader(annotation, mode="indexed", **options)
+        results[rank] = (
+            torch.cat([batch["index"] for batch in reader]).tolist(),
+            torch.cat([batch["index"] for batch in indexed]).tolist(),
+        )
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_shards_follow_torch_distributed_rank(vp9_set):
+    manager = mp.Manager()
+    results = manager.dict()
+    # val split: 8 videos of 16 frames, span 3 = step: clips start at 0, 3, ..., 15 -> 6 per video
+    mp.spawn(_shard_worker, args=(2, _free_port(), str(vp9_set.val_annotation), results), nprocs=2, join=True)
+    (reader_0, indexed_0), (reader_1, indexed_1) = results[0], results[1]
+    assert sorted(indexed_0 + indexed_1) == list(range(8)) and not set(indexed_0) & set(indexed_1)
+    # DALI shards by clip: 48 clips, 24 per rank, together every clip of every video
+    assert len(reader_0) == len(reader_1) == 24
+    assert sorted(reader_0 + reader_1) == sorted(list(range(8)) * 6)
