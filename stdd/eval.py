@@ -1,0 +1,229 @@
+"""Zero-shot evaluation: ``python -m stdd.eval --checkpoint W --protocol ep1|ep2|ep3|k600 ...``.
+
+Protocols (``stdd.engine.protocols``):
+  ep1   random half of the classes, 10 seeded draws (``--draws``, ``--seed``), all given videos
+  ep2   all classes, all given videos
+  ep3   the official test splits: UCF101 ``--format ucf101 --annotations testlist01.txt testlist02.txt
+        testlist03.txt``; HMDB51 ``--format hmdb51 --annotations <split dir>`` (splits 1-3, test ids)
+  k600  the 220 Kinetics-600 classes new to K400, 3 seeded splits of 160, or ``--split-file``
+
+Every video is scored once (``eval.n_temporal_views`` x ``eval.n_spatial_crops`` views, 3 x 1 by
+default, aggregated by the mean of the per-view softmax over each split's classes), then each
+split only selects rows and columns. Writes ``results.json`` (top-1/top-5 per split and
+mean ± std), ``per_class.csv`` and ``confusion.png`` (summed over the splits) to ``--out-dir``.
+
+Weights: ``--checkpoint`` takes ``final.pt`` / ``averaged.pt`` / ``ema.pt`` or a training
+checkpoint; the model settings come from the config stored in it (``--config`` and
+``key=value`` overrides change them). Without ``--checkpoint`` the configured CLIP weights are
+evaluated as they are (e.g. ``--config k400_vitb16 model.stca.enabled=false`` is plain CLIP).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .engine import metrics, protocols
+from .engine.checkpoint import atomic_write_bytes
+from .engine.config import ConfigError, apply_overrides, load_config
+from .engine.distributed import cleanup_distributed, init_distributed
+
+PROTOCOLS = ("ep1", "ep2", "ep3", "k600")
+
+
+def config_for_weights(checkpoint: Optional[str], config: Optional[str], overrides: Sequence[str]) -> tuple[DictConfig, Optional[dict]]:
+    """The config to rebuild the model: stored in the checkpoint, else ``config`` (default
+    ``k400_vitb16``); then overrides. Returns ``(cfg, student state dict or None)``."""
+    from .train import load_weights
+
+    state = None
+    if checkpoint is not None:
+        loaded = load_weights(checkpoint)
+        state = loaded["model"]
+        if config is None and loaded["config"] is not None:
+            cfg = OmegaConf.create(loaded["config"])
+            return apply_overrides(cfg, overrides), state
+    return load_config(config or "k400_vitb16", overrides), state
+
+
+def load_model_for_inference(cfg: DictConfig, state: Optional[dict], device, *, checkpoint_name: str = "--checkpoint"):
+    """``(STDDModel without teacher, TextEncoder)`` in eval mode, weights loaded."""
+    from .engine.task import build_model, load_student_state_dict
+
+    model, text = build_model(cfg, "cpu", with_teacher=False)
+    if state is not None:
+        load_student_state_dict(model, state, source=checkpoint_name)
+    return model.to(device).eval(), text.to(device)
+
+
+def _records_for(args, class_names: Optional[list[str]]):
+    """``(records, class names, per-file record index lists)`` from ``--annotations``."""
+    from .data import load_annotations
+
+    all_records, per_file, names = [], [], class_names
+    position = {}
+    sources = list(args.annotations)
+    if args.format == "hmdb51":
+        if len(sources) != 1:
+            raise ConfigError("--format hmdb51 takes one --annotations: the directory of *_test_split{1,2,3}.txt")
+        splits = [1, 2, 3] if args.protocol == "ep3" else [args.hmdb_split]
+        jobs = [(sources[0], {"split": s, "subset": "test"}) for s in splits]
+    else:
+        jobs = [(source, {}) for source in sources]
+    for source, options in jobs:
+        records, file_names = load_annotations(source, format=args.format, root=args.root, class_names=names, **options)
+        if names is None:
+            names = file_names
+        elif file_names is not None and list(file_names) != list(names):
+            raise ConfigError(f"--annotations {source}: its class list differs from the others / --classes")
+        indices = []
+        for record in records:
+            key = str(record.path)
+            if key not in position:
+                position[key] = len(all_records)
+                all_records.append(record)
+            indices.append(position[key])
+        per_file.append(indices)
+    if names is None:
+        raise ConfigError("--classes is required for this annotation format (it carries no class names)")
+    return all_records, list(names), per_file
+
+
+def build_splits(args, class_names: list[str], per_file: list[list[int]]) -> list[protocols.ZeroShotSplit]:
+    if args.split_file:
+        return protocols.read_split_file(args.split_file, class_names)
+    if args.protocol == "ep1":
+        return protocols.ep1_splits(class_names, draws=args.draws, seed=args.seed)
+    if args.protocol == "ep2":
+        return protocols.ep2_splits(class_names)
+    if args.protocol == "ep3":
+        if len(per_file) < 2:
+            raise ConfigError("--protocol ep3 needs the official test lists: give --annotations three times "
+                              "(UCF101 testlist01..03) or an HMDB51 split directory with --format hmdb51")
+        return protocols.ep3_splits(class_names, per_file)
+    if args.protocol == "k600":
+        from .resources import K400_RENAMED_IN_K600, class_names as shipped
+
+        return protocols.k600_splits(class_names, shipped("k400"), renamed=K400_RENAMED_IN_K600, seed=args.seed,
+                                     num_splits=args.k600_splits)
+    raise ConfigError(f"--protocol {args.protocol!r}: expected one of {PROTOCOLS}")
+
+
+def run_evaluation(args) -> dict:
+    from .engine.evaluation import score_dataset
+    from .engine.task import build_prompts, build_video_dataset, resolve_class_names, text_features_for
+    from .train import autocast_dtype
+
+    cfg, state = config_for_weights(args.checkpoint, args.config, args.overrides)
+    context = init_distributed(str(cfg.run.get("device", "auto")) if args.device is None else args.device)
+    class_names = resolve_class_names(args.classes, where="--classes") if args.classes else None
+    records, class_names, per_file = _records_for(args, class_names)
+    splits = build_splits(args, class_names, per_file)
+    dataset_key = (args.dataset or (args.classes if isinstance(args.classes, str) else "") or "").lower()
+    if dataset_key not in ("ucf101", "hmdb51", "k400", "k600", "k600_new"):
+        dataset_key = None
+    eval_cfg = cfg.get("eval", {})
+    views = int(args.views or eval_cfg.get("n_temporal_views", 3))
+    crops = int(args.crops or eval_cfg.get("n_spatial_crops", 1))
+    dataset = build_video_dataset(cfg, None, training=False, n_temporal_views=views, n_spatial_crops=crops,
+                                  records=records)
+    model, text = load_model_for_inference(cfg, state, context.device)
+    prompts = build_prompts(args.prompts or cfg.text.get("prompts", "templates"), class_names, dataset=dataset_key,
+                            with_templates=args.with_templates)
+    features = text_features_for(text, prompts, cfg.text.get("cache_dir"))
+    start = time.time()
+    scored = score_dataset(
+        model, dataset, features.features, features.mask, batch_size=int(args.batch_size or eval_cfg.get("batch_size", 8)),
+        num_workers=int(args.num_workers if args.num_workers is not None else cfg.data.get("num_workers", 0)),
+        device=context.device, context=context, progress=not args.quiet,
+        autocast_dtype=autocast_dtype(str(cfg.run.get("precision", "auto")), context.device),
+    )
+    labels = scored.labels.numpy()
+    results = [metrics.evaluate_split(scored.view_scores, labels, split, aggregation=args.aggregation) for split in splits]
+    summary = metrics.summarize(results)
+    total = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
+    for result in results:
+        chosen = np.asarray(result["class_indices"])
+        split_matrix = metrics.confusion_matrix(result["labels"], result["predictions"], len(chosen))
+        total[np.ix_(chosen, chosen)] += split_matrix
+    report = {
+        "protocol": args.protocol if not args.split_file else f"split-file:{args.split_file}",
+        "checkpoint": args.checkpoint,
+        "model": str(cfg.model.clip_name),
+        "stca": bool(cfg.model.stca.get("enabled", True)),
+        "views": f"{views} temporal x {crops} spatial",
+        "aggregation": args.aggregation,
+        "videos": int(len(records)),
+        "videos_failed": len({f.index for f in scored.failures}),
+        "seconds": round(time.time() - start, 2),
+        **summary,
+        "split_classes": [split.to_json(class_names) for split in splits],
+    }
+    if context.is_main:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out / "results.json", (json.dumps(report, indent=2) + "\n").encode())
+        metrics.write_per_class_csv(out / "per_class.csv", class_names, total)
+        metrics.plot_confusion_matrix(out / "confusion.png", total, class_names,
+                                      title=f"{report['protocol']} ({len(splits)} split(s) summed)")
+        if not args.quiet:
+            print(f"{report['protocol']}: top-1 {summary['top1_mean']:.2f} ± {summary['top1_std']:.2f}  "
+                  f"top-5 {summary['top5_mean']:.2f} ± {summary['top5_std']:.2f}  over {len(splits)} split(s), "
+                  f"{report['videos'] - report['videos_failed']} videos ({report['videos_failed']} failed); "
+                  f"written to {out}")
+    return report
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stdd.eval", description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--checkpoint", help="weights file (final.pt / averaged.pt / ema.pt) or training checkpoint")
+    parser.add_argument("--config", help="preset or YAML (default: the config stored in --checkpoint)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="ep2")
+    parser.add_argument("--annotations", nargs="+", required=True, help="annotation file(s) / HMDB51 split directory")
+    parser.add_argument("--format", default="list", choices=["list", "csv", "ucf101", "hmdb51", "kinetics"])
+    parser.add_argument("--root", help="video root directory")
+    parser.add_argument("--classes", help="shipped class list (ucf101, hmdb51, k400, k600) or a class-name file")
+    parser.add_argument("--dataset", help="dataset name for display names / shipped ASKG prompts (default: --classes)")
+    parser.add_argument("--hmdb-split", type=int, default=1, help="HMDB51 split used by ep1/ep2 (default 1)")
+    parser.add_argument("--split-file", help="class splits to evaluate (JSON or text, see stdd.engine.protocols)")
+    parser.add_argument("--draws", type=int, default=10, help="ep1 draws (default 10)")
+    parser.add_argument("--k600-splits", type=int, default=3, help="k600 seeded splits of 160 classes (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the ep1/k600 class draws")
+    parser.add_argument("--prompts", help="templates | askg | dataset | prompts JSON (default: config text.prompts)")
+    parser.add_argument("--with-templates", action="store_true", help="add template sentences to file/ASKG prompts")
+    parser.add_argument("--views", type=int, help="temporal views per video (default eval.n_temporal_views)")
+    parser.add_argument("--crops", type=int, choices=[1, 3], help="spatial crops per view (default eval.n_spatial_crops)")
+    parser.add_argument("--aggregation", choices=metrics.AGGREGATIONS, default="mean_softmax")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--num-workers", type=int)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--out-dir", default="eval_results")
+    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_argument_parser().parse_args(argv)
+    try:
+        run_evaluation(args)
+    except (ConfigError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,189 @@
+"""Classify your own videos with your own action names.
+
+    python -m stdd.predict video.mp4 [more.mp4 ...] --classes "juggling,cooking,dancing" \
+        [--class-file names.txt] [--prompts askg.json] [--checkpoint averaged.pt] [--top-k 5] [--json]
+
+From Python::
+
+    import stdd
+    results = stdd.predict(["video.mp4"], classes=["juggling", "cooking"], checkpoint="averaged.pt")
+    results[0]["predictions"]   # [{"class": "juggling", "score": 0.93}, ...] best first
+
+Scores are the mean over views (``eval.n_temporal_views`` x ``eval.n_spatial_crops`` of the
+config) of the softmax over the given classes of the STDD alignment score (paper Eq. 8).
+``--prompts``: a JSON file ``{"class": ["sentence", ...]}`` (what ``python -m stdd.askg
+prompts`` writes) or a shipped ASKG file; classes it does not cover fall back to the
+video templates. Without ``--checkpoint`` the weights of the configured CLIP model are used
+(``--config``, default ``k400_vitb16``: ViT-B/16 ``openai``, which must be available locally).
+A video that cannot be decoded is reported (``"error"``) and the others are still classified.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .engine.config import ConfigError
+
+
+def _class_list(classes, class_file) -> list[str]:
+    if classes is not None and class_file is not None:
+        raise ValueError("give either classes or class_file, not both")
+    if class_file is not None:
+        from .data import read_class_names
+
+        path = Path(os.path.expanduser(str(class_file)))
+        if not path.is_file():
+            raise ValueError(f"class_file {path}: no such file")
+        names = read_class_names(path)
+    elif classes is None:
+        raise ValueError("no classes given: pass classes (a list or 'a,b,c') or class_file")
+    elif isinstance(classes, str):
+        names = [name.strip() for name in classes.split(",")]
+    else:
+        names = [str(name).strip() for name in classes]
+    if not names or any(not name for name in names):
+        raise ValueError(f"classes: expected non-empty, comma-separated names, got {classes!r}")
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"classes: duplicated names {duplicates}")
+    if len(names) < 2:
+        raise ValueError("classes: give at least two action names (scores are a softmax over them)")
+    return names
+
+
+def _prompts_for(names: list[str], prompts_file) -> dict[str, list[str]]:
+    from .engine.task import _plain, _prompts_from_json, build_prompts
+
+    templates = build_prompts("templates", names)
+    if prompts_file is None:
+        return templates
+    path = Path(os.path.expanduser(str(prompts_file)))
+    if not path.is_file():
+        raise ValueError(f"prompts {path}: no such file")
+    covered = {}
+    for name in names:  # classes missing from the file fall back to the templates
+        try:
+            covered[name] = _prompts_from_json(path, [name])[name]
+        except ConfigError as error:
+            if "no prompts for" not in str(error):
+                raise ValueError(str(error)) from error
+    if not covered:
+        raise ValueError(f"prompts {path}: covers none of the classes {names[:5]}")
+    return {name: covered.get(name, templates[name]) for name in names}
+
+
+def predict(
+    videos: Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]],
+    classes: Optional[Union[str, Sequence[str]]] = None,
+    *,
+    class_file: Optional[Union[str, os.PathLike]] = None,
+    prompts: Optional[Union[str, os.PathLike]] = None,
+    checkpoint: Optional[Union[str, os.PathLike]] = None,
+    config: Optional[str] = None,
+    overrides: Sequence[str] = (),
+    top_k: int = 5,
+    device: Optional[str] = None,
+    batch_size: int = 4,
+) -> list[dict]:
+    """Top-k actions per video: ``[{"video": path, "predictions": [{"class", "score"}, ...]}]``
+    (or ``{"video": path, "error": reason}`` for a video that cannot be decoded)."""
+    from .data import VideoRecord
+    from .engine.evaluation import score_dataset
+    from .engine.metrics import aggregate_views
+    from .engine.task import build_video_dataset, text_features_for
+    from .eval import config_for_weights, load_model_for_inference
+    from .train import autocast_dtype
+
+    if isinstance(videos, (str, os.PathLike)):
+        videos = [videos]
+    paths = [Path(os.path.expanduser(str(v))) for v in videos]
+    if not paths:
+        raise ValueError("videos: give at least one video file")
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"video {path}: no such file")
+    if not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+    names = _class_list(classes, class_file)
+    class_prompts = _prompts_for(names, prompts)
+    cfg, state = config_for_weights(None if checkpoint is None else str(checkpoint), config, list(overrides))
+    from .engine.distributed import resolve_device
+
+    run_device = resolve_device(device or str(cfg.run.get("device", "auto")))
+    model, text = load_model_for_inference(cfg, state, run_device)
+    features = text_features_for(text, class_prompts, cfg.text.get("cache_dir"))
+    eval_cfg = cfg.get("eval", {})
+    dataset = build_video_dataset(
+        cfg, None, training=False, records=[VideoRecord(path, -1) for path in paths],
+        n_temporal_views=int(eval_cfg.get("n_temporal_views", 3)),
+        n_spatial_crops=int(eval_cfg.get("n_spatial_crops", 1)),
+    )
+    scored = score_dataset(model, dataset, features.features, features.mask, batch_size=batch_size,
+                           device=run_device, autocast_dtype=autocast_dtype(str(cfg.run.get("precision", "auto")), run_device))
+    probabilities = aggregate_views(scored.view_scores, range(len(names)))  # (N, C)
+    k = min(top_k, len(names))
+    by_index = {int(i): row for i, row in zip(scored.indices, probabilities)}
+    errors = {f.index: f.reason for f in scored.failures}
+    results = []
+    for index, path in enumerate(paths):
+        if index not in by_index:
+            results.append({"video": str(path), "error": errors.get(index, "could not be decoded")})
+            continue
+        values, order = by_index[index].topk(k)
+        results.append({"video": str(path), "predictions": [
+            {"class": names[int(c)], "score": round(float(v), 6)} for v, c in zip(values, order)
+        ]})
+    return results
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m stdd.predict", description="Top-k actions of videos "
+                                     "for action names you give (zero-shot, STDD).")
+    parser.add_argument("videos", nargs="+", help="video files")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--classes", help='comma-separated action names, e.g. "juggling,cooking,dancing"')
+    group.add_argument("--class-file", help="file with one action name per line")
+    parser.add_argument("--prompts", help="prompt JSON {class: [sentences]} or ASKG file (default: templates)")
+    parser.add_argument("--checkpoint", help="weights (final.pt / averaged.pt) or training checkpoint")
+    parser.add_argument("--config", help="preset or YAML (default: the checkpoint's config, else k400_vitb16)")
+    parser.add_argument("--top-k", type=int, default=5)
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("overrides", nargs="*", default=[], help="config overrides key=value")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_argument_parser().parse_args(argv)
+    # argparse puts "key=value" words after the videos into `videos`; split them back out
+    videos = [v for v in args.videos if not ("=" in v and not Path(v).exists())]
+    overrides = [v for v in args.videos if v not in videos] + list(args.overrides)
+    try:
+        results = predict(videos, args.classes, class_file=args.class_file, prompts=args.prompts,
+                          checkpoint=args.checkpoint, config=args.config, overrides=overrides,
+                          top_k=args.top_k, device=args.device)
+    except (ValueError, ConfigError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results, indent=2))
+    else:
+        for result in results:
+            print(result["video"])
+            if "error" in result:
+                print(f"  error: {result['error']}")
+                continue
+            for rank, prediction in enumerate(result["predictions"], start=1):
+                print(f"  {rank}. {prediction['class']:<40s} {prediction['score']:.4f}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,555 @@
+"""Train STDD: ``python -m stdd.train [--config PRESET|file.yaml] [key=value ...] [--resume auto|PATH]``.
+
+With no arguments this runs the demo (``python -m stdd.demo``): synthetic
+motion videos, a tiny open_clip ViT, CPU, STDD vs a frame-only baseline.
+
+Multi-GPU / multi-node: ``torchrun --nproc_per_node=8 -m stdd.train --config
+k400_vitb16 data.root=...``. Every process trains on its shard of each epoch
+(``ResumableDistributedSampler``); DDP averages the gradients; rank 0 alone
+logs, saves checkpoints and writes the run directory:
+
+    <run.output_dir>/config.yaml         the resolved config of this run
+    <run.output_dir>/metrics.jsonl       one JSON object per logged event
+    <run.output_dir>/tensorboard/        the same scalars for TensorBoard
+    <run.output_dir>/checkpoints/        checkpoint-eEEEE-sSSSSSSSSS[-mid].pt
+    <run.output_dir>/final.pt            the weights after the last epoch
+    <run.output_dir>/averaged.pt         the SWA weights (if averaging.epochs is set)
+
+Reproducibility: the data order of an epoch depends only on (seed, epoch);
+every random stream (Python, NumPy, torch CPU/CUDA, the STCA phase generators,
+per rank) is saved in each checkpoint, so ``--resume auto`` continues the
+run exactly where the checkpoint was taken; on CPU with ``data.num_workers=0``
+the resumed run is bitwise equal to an uninterrupted one (tested). With
+worker processes the augmentation of a sample is still seeded per sample by the
+dataset, so the order-independent part stays reproducible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader
+
+from .engine import checkpoint as ckpt
+from .engine.averaging import ExponentialMovingAverage, average_epoch_checkpoints, parse_epoch_selection
+from .engine.config import ConfigError, load_config, save_config
+from .engine.distributed import (
+    DistributedContext,
+    ResumableDistributedSampler,
+    all_reduce_mean,
+    barrier,
+    cleanup_distributed,
+    init_distributed,
+)
+from .engine.runlog import RunLogger
+from .engine.schedule import build_scheduler, scaled_lr
+
+WEIGHTS_FORMAT = "stdd-weights-v1"
+
+
+# ------------------------------------------------------------------------------------- helpers
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """``auto``: bf16 autocast on CUDA, none (fp32) on CPU."""
+    choices = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in choices:
+        raise ConfigError(f"run.precision {precision!r}: expected one of {sorted(choices)}")
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("run.precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+    return choices[precision]
+
+
+def named_generators(module: torch.nn.Module) -> dict[str, torch.Generator]:
+    """Every ``torch.Generator`` a submodule keeps as ``.generator`` (e.g. the STCA phase
+    generators), by module name: these are part of the training state."""
+    found = {}
+    for name, sub in module.named_modules():
+        generator = getattr(sub, "generator", None)
+        if isinstance(generator, torch.Generator):
+            found[f"{name or 'root'}.generator"] = generator
+    return found
+
+
+def optimizer_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on 1-D parameters (biases, norms, the
+    class/positional embeddings' scalars) as in Open-VCLIP's ZERO_WD_1D_PARAM."""
+    decay, no_decay = [], []
+    for parameter in module.parameters():
+        if parameter.requires_grad:
+            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
+    if not decay and not no_decay:
+        raise ValueError("the model has no trainable parameters")
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def save_weights(path: Path, state_dict: dict, cfg: DictConfig, **extra) -> Path:
+    """A weights-only file ``{"format": "stdd-weights-v1", "model": ..., "config": ...}``
+    that ``stdd.eval`` / ``stdd.predict`` load (as they load training checkpoints)."""
+    payload = {"format": WEIGHTS_FORMAT, "model": state_dict, "config": OmegaConf.to_container(cfg, resolve=True)}
+    payload.update(extra)
+    return ckpt.atomic_torch_save(payload, path)
+
+
+def load_weights(path, map_location="cpu") -> dict:
+    """``{"model": state_dict, "config": dict or None}`` from a weights file or a training checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: no such file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise ckpt.CheckpointError(f"--checkpoint {path}: cannot be loaded ({type(error).__name__}: {error})") from error
+    if not isinstance(payload, dict) or payload.get("format") not in (WEIGHTS_FORMAT, ckpt.CHECKPOINT_FORMAT):
+        raise ckpt.CheckpointError(
+            f"--checkpoint {path}: not an stdd weights file or training checkpoint "
+            f"(expected format {WEIGHTS_FORMAT!r} or {ckpt.CHECKPOINT_FORMAT!r})"
+        )
+    return {"model": payload["model"], "config": payload.get("config")}
+
+
+def _single_thread_worker(_worker_id: int) -> None:
+    torch.set_num_threads(1)  # the workers are the parallelism; threads in each would oversubscribe
+
+
+def _without_teacher(state: dict) -> dict:
+    return {k: v for k, v in state.items() if not k.startswith("teacher.")}
+
+
+def _gather_objects(obj, context: DistributedContext) -> list:
+    if not context.is_distributed:
+        return [obj]
+    import torch.distributed as dist
+
+    gathered = [None] * context.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+# ------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """One training run described by a resolved config (see ``stdd/configs/*.yaml``)."""
+
+    def __init__(self, cfg: DictConfig, *, resume: Optional[str] = None, context: Optional[DistributedContext] = None,
+                 quiet: bool = False):
+        from .engine.task import build_training_task  # model + data, imported lazily (heavy)
+
+        self.cfg = cfg
+        self.context = context or init_distributed(cfg.run.device)
+        self.device = self.context.device
+        self.quiet = quiet
+        self.run_directory = Path(os.path.expanduser(str(cfg.run.output_dir)))
+        self.checkpoint_directory = self.run_directory / "checkpoints"
+        self.logger = RunLogger(
+            self.run_directory, enabled=self.context.is_main,
+            tensorboard=bool(cfg.run.get("tensorboard", True)),
+        )
+        self.quiet = quiet
+
+        # Seeds: model init is identical on every rank (DDP also broadcasts rank 0's weights);
+        # each rank's own random streams (phases, augmentation) differ by rank.
+        seed = int(cfg.run.seed)
+        seed_everything(seed)
+        self.task = build_training_task(cfg, self.device)
+        seed_everything(seed + 1000003 * self.context.rank)
+        for offset, generator in enumerate(named_generators(self.task.module).values()):
+            generator.manual_seed(seed * 7919 + 104729 * self.context.rank + offset)
+
+        self.module = self.task.module.to(self.device)
+        if self.context.is_distributed:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                self.module,
+                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                broadcast_buffers=False,  # buffers are frozen text features / teacher stats: same everywhere
+            )
+        else:
+            self.ddp = self.module
+
+        data = cfg.data
+        self.batch_size = int(data.batch_size)
+        self.accumulation = int(cfg.optim.get("accumulation_steps", 1))
+        if self.batch_size <= 0 or self.accumulation <= 0:
+            raise ConfigError("data.batch_size and optim.accumulation_steps must be positive")
+        self.global_batch = self.batch_size * self.accumulation * self.context.world_size
+        self.sampler = ResumableDistributedSampler(
+            self.task.train_dataset,
+            num_replicas=self.context.world_size,
+            rank=self.context.rank,
+            shuffle=True,
+            seed=seed,
+            drop_last=True,
+        )
+        batches = self.sampler.num_samples // self.batch_size
+        self.steps_per_epoch = batches // self.accumulation
+        if self.steps_per_epoch == 0:
+            raise ConfigError(
+                f"an epoch of {len(self.task.train_dataset)} videos over {self.context.world_size} process(es) gives "
+                f"{self.sampler.num_samples} per process: fewer than one optimizer step of "
+                f"data.batch_size={self.batch_size} x optim.accumulation_steps={self.accumulation}"
+            )
+        self.epochs = int(cfg.optim.epochs)
+        self.total_steps = self.steps_per_epoch * self.epochs
+
+        optim = cfg.optim
+        self.lr = (
+            scaled_lr(float(optim.lr), self.global_batch, int(optim.reference_batch))
+            if optim.get("scale_lr", True) else float(optim.lr)
+        )
+        self.optimizer = torch.optim.AdamW(
+            optimizer_param_groups(self.module, float(optim.weight_decay)),
+            lr=self.lr,
+            betas=tuple(optim.get("betas", (0.9, 0.999))),
+            eps=float(optim.get("eps", 1e-8)),
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer,
+            total_steps=self.total_steps,
+            warmup_steps=min(round(float(optim.warmup_epochs) * self.steps_per_epoch), self.total_steps),
+            warmup_start_factor=float(optim.get("warmup_start_factor", 0.01)),
+            end_factor=float(optim.get("end_factor", 0.01)),
+        )
+        self.autocast_dtype = autocast_dtype(str(cfg.run.precision), self.device)
+        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
+        ema_decay = cfg.averaging.get("ema_decay")
+        self.ema = ExponentialMovingAverage(self.module.model, float(ema_decay)) if ema_decay else None
+        self.grad_clip = optim.get("grad_clip_norm")
+
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self._resume(resume)
+
+    # -------------------------------------------------------------- state
+    def _generators(self) -> dict[str, torch.Generator]:
+        return named_generators(self.module)
+
+    def _state(self) -> dict:
+        rng_states = _gather_objects(ckpt.capture_rng_state(self._generators()), self.context)
+        return {
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "model": self.task.student_state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "rng": rng_states,  # one entry per rank
+            "world_size": self.context.world_size,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        }
+
+    def save_checkpoint(self) -> Optional[Path]:
+        state = self._state()  # every rank takes part in gathering the RNG states
+        path = None
+        if self.context.is_main:
+            path = ckpt.save_checkpoint(self.checkpoint_directory, state)
+            keep = int(self.cfg.checkpoint.get("keep_mid_epoch", 1))
+            ckpt.prune_mid_epoch_checkpoints(self.checkpoint_directory, keep_last=keep)
+            self.logger.log("checkpoint", self.global_step, epoch=self.epoch, path=str(path))
+        barrier(self.context)
+        return path
+
+    def _resume(self, resume: Optional[str]) -> None:
+        existing = ckpt.list_checkpoints(self.checkpoint_directory)
+        if resume in (None, "", "none"):
+            if existing:
+                raise ConfigError(
+                    f"run directory {self.run_directory} already has checkpoints; pass --resume auto to continue "
+                    f"it or set run.output_dir to a new directory"
+                )
+            return
+        if resume == "auto":
+            found = ckpt.find_latest_checkpoint(self.checkpoint_directory)
+            if found is None:
+                self.logger.info(f"--resume auto: no checkpoint in {self.checkpoint_directory}, starting fresh")
+                return
+            path, state = found
+        else:
+            path = Path(resume)
+            state = ckpt.load_checkpoint(path)
+        self.task.load_student_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        saved_schedule = state["scheduler"]
+        self.scheduler.load_state_dict(saved_schedule)
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        self.epoch, self.step_in_epoch, self.global_step = (
+            int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"])
+        )
+        rng_states = state.get("rng") or []
+        if len(rng_states) == self.context.world_size:
+            ckpt.restore_rng_state(rng_states[self.context.rank], self._generators())
+        else:
+            self.logger.info(
+                f"resume: checkpoint was written by {len(rng_states)} process(es), this run has "
+                f"{self.context.world_size}: random streams are reseeded, the run is not bit-reproducible"
+            )
+        if self.step_in_epoch >= self.steps_per_epoch:  # a mid-epoch checkpoint at the very end of an epoch
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.logger.info(f"resumed from {path} (epoch {self.epoch}, step {self.step_in_epoch} of the epoch)")
+
+    # -------------------------------------------------------------- loop
+    def _loader(self, epoch: int, start_step: int) -> DataLoader:
+        self.task.set_epoch(epoch)  # seeds the dataset's per-sample randomness and the phases
+        self.sampler.set_epoch(epoch)
+        self.sampler.set_start_index(start_step * self.accumulation * self.batch_size)
+        workers = int(self.cfg.data.get("num_workers", 0))
+        # A dedicated generator: the loader's per-epoch base seed must not come from (and shift)
+        # the global torch stream, or a resumed run would draw different numbers afterwards.
+        loader_generator = torch.Generator().manual_seed(int(self.cfg.run.seed) * 1_000_003 + epoch)
+        return DataLoader(
+            self.task.train_dataset,
+            batch_size=self.batch_size,
+            sampler=self.sampler,
+            num_workers=workers,
+            collate_fn=self.task.collate,
+            pin_memory=self.device.type == "cuda",
+            drop_last=True,
+            generator=loader_generator,
+            persistent_workers=False,
+            worker_init_fn=_single_thread_worker if workers > 0 else None,
+        )
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    def _micro_step(self, batch, sync: bool) -> dict:
+        video, labels, phase = self.task.to_device(batch, self.device)
+        no_sync = self.ddp.no_sync if (self.context.is_distributed and not sync) else contextlib.nullcontext
+        with no_sync():
+            with self._autocast():
+                out = self.ddp(video, labels, phase)
+            loss = out["loss"] / self.accumulation
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+        return {key: value.detach() for key, value in out.items()}
+
+    def _optimizer_step(self) -> float:
+        grad_norm = float("nan")
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if self.grad_clip:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                [p for p in self.module.parameters() if p.requires_grad], float(self.grad_clip)
+            ))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.module.model)
+        return grad_norm
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        if self.context.is_main:
+            self.run_directory.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_directory / "config.yaml")
+            self.logger.info(
+                f"training {self.epochs} epochs x {self.steps_per_epoch} steps, global batch {self.global_batch} "
+                f"({self.context.world_size} process(es) x {self.batch_size} x {self.accumulation} accumulation), "
+                f"lr {self.lr:.3g}, device {self.device}, precision {cfg.run.precision}"
+            )
+        if self.global_step == 0 and self.step_in_epoch == 0 and cfg.averaging.get("include_raw_clip"):
+            # "epoch 0" for weight averaging: the weights before any update (the raw CLIP weights)
+            if not ckpt.list_checkpoints(self.checkpoint_directory):
+                self.save_checkpoint()
+        max_steps = cfg.run.get("max_steps")
+        log_every = int(cfg.run.get("log_every_steps", 10))
+        every_epochs = int(cfg.checkpoint.get("every_epochs", 1))
+        every_steps = int(cfg.checkpoint.get("every_steps", 0) or 0)
+        eval_every = int(cfg.get("eval", {}).get("every_epochs", 0) or 0)
+        history = []
+        stopped_early = False
+        progress = None
+        if self.context.is_main and not self.quiet:
+            from tqdm import tqdm
+
+            progress = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
+                            desc="train", file=sys.stderr, mininterval=1.0)
+        start_time = time.time()
+        while self.epoch < self.epochs:
+            self.module.train()
+            self.task.set_train_mode(self.module)
+            loader = self._loader(self.epoch, self.step_in_epoch)
+            iterator = iter(loader)
+            epoch_sums: dict[str, torch.Tensor] = {}
+            epoch_count = 0
+            while self.step_in_epoch < self.steps_per_epoch:
+                step_logs: dict[str, torch.Tensor] = {}
+                for micro in range(self.accumulation):
+                    batch = next(iterator)
+                    out = self._micro_step(batch, sync=micro == self.accumulation - 1)
+                    for key, value in out.items():
+                        step_logs[key] = step_logs.get(key, 0) + value / self.accumulation
+                lr_used = self.optimizer.param_groups[0]["lr"]
+                grad_norm = self._optimizer_step()
+                self.global_step += 1
+                self.step_in_epoch += 1
+                for key, value in step_logs.items():
+                    epoch_sums[key] = epoch_sums.get(key, 0) + value
+                epoch_count += 1
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(epoch=self.epoch, loss=f"{float(step_logs['loss']):.4f}", lr=f"{lr_used:.2e}")
+                if self.global_step % log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
+                    reduced = {k: float(all_reduce_mean(v, self.context)) for k, v in step_logs.items()}
+                    self.logger.log("train", self.global_step, epoch=self.epoch, lr=lr_used, grad_norm=grad_norm,
+                                    **reduced)
+                at_epoch_end = self.step_in_epoch == self.steps_per_epoch
+                if at_epoch_end:
+                    self.epoch += 1
+                    self.step_in_epoch = 0
+                hit_max = max_steps is not None and self.global_step >= int(max_steps)
+                want_checkpoint = (
+                    (at_epoch_end and (self.epoch % every_epochs == 0 or self.epoch == self.epochs))
+                    or (not at_epoch_end and every_steps and self.global_step % every_steps == 0)
+                    or hit_max
+                )
+                if want_checkpoint:
+                    self.save_checkpoint()
+                if hit_max and self.epoch < self.epochs:
+                    stopped_early = True
+                    break
+                if at_epoch_end:
+                    break
+            if stopped_early:
+                break
+            epoch_means = {k: float(all_reduce_mean(v / max(epoch_count, 1), self.context)) for k, v in epoch_sums.items()}
+            record = {"epoch": self.epoch, **{f"train_{k}": v for k, v in epoch_means.items()}}
+            if eval_every and (self.epoch % eval_every == 0 or self.epoch == self.epochs):
+                record.update(self.evaluate())
+            history.append(record)
+            self.logger.log("epoch", self.global_step, **record)
+        if progress is not None:
+            progress.close()
+        result = {
+            "epochs_done": self.epoch,
+            "global_step": self.global_step,
+            "stopped_early": stopped_early,
+            "seconds": time.time() - start_time,
+            "history": history,
+            "run_directory": str(self.run_directory),
+        }
+        if not stopped_early:
+            result.update(self._finish())
+        return result
+
+    def evaluate(self) -> dict:
+        """Top-1 of the current weights on the validation set (if the task has one)."""
+        if getattr(self.task, "val_dataset", None) is None:
+            return {}
+        metrics = self.task.evaluate(self.module, self.context)
+        self.module.train()
+        self.task.set_train_mode(self.module)
+        return {f"val_{k}": v for k, v in metrics.items()}
+
+    def _finish(self) -> dict:
+        out = {}
+        if self.context.is_main:
+            final = save_weights(self.run_directory / "final.pt", self.task.student_state_dict(), self.cfg,
+                                 epoch=self.epoch)
+            out["final_weights"] = str(final)
+            if self.ema is not None:
+                out["ema_weights"] = str(save_weights(
+                    self.run_directory / "ema.pt", _without_teacher(self.ema.averaged_state_dict(self.module.model)),
+                    self.cfg
+                ))
+            selection = self.cfg.averaging.get("epochs")
+            if selection:
+                epochs = parse_epoch_selection(selection, self.epochs)
+                if self.cfg.averaging.get("include_raw_clip") and 0 not in epochs:
+                    epochs = [0] + epochs
+                averaged = average_epoch_checkpoints(self.checkpoint_directory, epochs)
+                out["averaged_weights"] = str(save_weights(
+                    self.run_directory / "averaged.pt", averaged, self.cfg, averaged_epochs=epochs
+                ))
+                out["averaged_epochs"] = epochs
+            self.logger.log("done", self.global_step, **{k: v for k, v in out.items() if not isinstance(v, list)})
+        barrier(self.context)
+        return out
+
+    def close(self) -> None:
+        self.logger.close()
+
+
+def run_training(cfg: DictConfig, *, resume: Optional[str] = None, quiet: bool = False) -> dict:
+    context = init_distributed(cfg.run.device)
+    trainer = Trainer(cfg, resume=resume, context=context, quiet=quiet)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def build_argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m stdd.train",
+        description="Train STDD. With no arguments: run the CPU demo (python -m stdd.demo).",
+    )
+    parser.add_argument("--config", help="shipped preset name (demo, k400_vitb16) or a YAML file")
+    parser.add_argument("--resume", default=None,
+                        help="'auto' = newest loadable checkpoint in the run directory, or a checkpoint path")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. optim.lr=1e-5)")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        from . import demo
+
+        return demo.main([])
+    args = build_argument_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(OmegaConf.to_yaml(cfg))
+        return 0
+    try:
+        result = run_training(cfg, resume=args.resume)
+    finally:
+        cleanup_distributed()
+    printable = {k: v for k, v in result.items() if k != "history"}
+    print(printable)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
