@@ -179,6 +179,7 @@ def test_local_checkpoint_round_trip(tmp_path):
 
     encoder = VideoEncoder.from_pretrained(TINY, str(path), mask_ratio=0.0, mixing="none").eval()
     assert encoder.source == source
+    assert encoder.preprocess_cfg["size"] == (32, 32) and len(encoder.preprocess_cfg["mean"]) == 3
     video = torch.randn(1, 3, 3, 32, 32)
     with torch.no_grad():
         expected = clip.eval().encode_image(video[0]).unsqueeze(0)

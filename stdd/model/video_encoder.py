@@ -177,6 +177,11 @@ class VideoEncoder(nn.Module):
     def output_dim(self) -> int:
         return int(self.visual.output_dim)
 
+    @property
+    def preprocess_cfg(self) -> dict:
+        """open_clip's preprocessing for these weights (``size``, ``mean``, ``std``, ``interpolation``, ...)."""
+        return dict(getattr(self.visual, "preprocess_cfg", {}) or {})
+
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward (activation memory ~ one block)."""
         self.grad_checkpointing = bool(enable)
