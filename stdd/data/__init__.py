@@ -5,9 +5,10 @@ Entry points:
   {"video", "label", "index", "failures"} (format in stdd/data/dataset.py), backend "pyav" or "dali".
 - `generate_synthetic_dataset(root, ...)` -> a small labelled dataset of motion-defined classes.
 - `ClipSampling` (stdd/data/sampling.py) says how frames are picked.
-DALI is imported only when backend="dali" is asked for.
+DALI (stdd/data/dali.py) is imported only when a DALI loader is built.
 """
 
+from .dali import build_dali_loader, dali_available  # imports DALI itself only when a loader is built
 from .annotations import AnnotationError, VideoRecord, load_annotations, read_class_names, resolve_videos
 from .dataset import DecodeFailure, EpochReport, VideoDataset, VideoLoader, build_dataloader, build_dataset
 from .decoders import PyAVDecoder, VideoDecodeError, VideoInfo
@@ -22,5 +23,5 @@ __all__ = [
     "PyAVDecoder", "VideoDecodeError", "VideoInfo",
     "ClipSampling", "dense_clip_indices", "sample_clip_indices", "segment_indices",
     "SYNTHETIC_CLASS_NAMES", "SyntheticDataset", "generate_synthetic_dataset",
-    "CLIP_MEAN", "CLIP_STD",
+    "CLIP_MEAN", "CLIP_STD", "build_dali_loader", "dali_available",
 ]

@@ -312,7 +312,7 @@ def build_dataloader(
         return build_dali_loader(
             annotation_file, training=training, records=records, format=format, root=root, class_names=class_names,
             batch_size=batch_size, sampling=sampling, crop_size=crop_size, short_side=short_side,
-            horizontal_flip=horizontal_flip, on_missing=on_missing, seed=seed, distributed=distributed,
+            horizontal_flip=horizontal_flip, on_missing=on_missing, on_error=on_error, seed=seed, distributed=distributed,
             num_threads=max(1, num_workers), annotation_options=annotation_options, **backend_options,
         )
     if backend != "pyav":

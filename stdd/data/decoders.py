@@ -136,8 +136,10 @@ class PyAVDecoder:
             wanted = np.unique(indices)  # sorted
             try:
                 decoded = self._decode_frames(container, stream, info, wanted)
-            except av.error.FFmpegError as error:
-                raise VideoDecodeError(path, f"decoding failed: {error}") from None
+            except (av.error.FFmpegError, OSError, ValueError, RuntimeError) as error:
+                # FFmpeg errors, but also PyAV's ValueError/RuntimeError for frames it cannot convert
+                # (e.g. an unsupported pixel format): either way this file cannot give the clip.
+                raise VideoDecodeError(path, f"decoding failed: {type(error).__name__}: {error}") from None
             if not decoded:
                 raise VideoDecodeError(path, "no frame could be decoded")
             last_decoded = max(decoded)
