@@ -1,0 +1,418 @@
+"""Triton kernels for window-shift masking + multi-scale channel mixing (spec steps 1-2).
+
+``mix_gather``: ``x (B*T, 1+N, D)`` -> ``mixed (S, B*T, 1+N_keep, D)`` with
+``mixed[s, r, 1+j, ch] = x[r + d, kept_j(phase[r + d]), ch]``, ``d = delta_s(ch)``,
+zero when frame ``t + d`` is outside the clip, and ``mixed[s, r, 0] = x[r, 0]``.
+Ground truth: :func:`stdd_kernels.reference.mix_gather`.
+
+Layout of this file (one operator per file): private ``@triton.jit`` helpers
+(index math shared with ``pad_scatter.py``), the forward and backward kernels,
+then the host launchers. The ``torch.library`` ops and autograd wiring live in
+:mod:`stdd_kernels.triton_backend`.
+
+Kernel design (why it is one pass and needs no atomics):
+- forward: one program per (row r, block of kept tokens, block of channels)
+  reads the source tokens of every scale and writes all ``S`` outputs, plus the
+  CLS copy. Kept positions and source frames come from the phase tensor inside
+  the kernel: no index tensors are built or read.
+- backward: one program per (row r', block of patch tokens, block of channels)
+  of ``dx``. A patch ``n`` of frame ``t'`` is kept (under ``phase[r']``, the
+  frame's *own* phase) as kept token ``j`` or not at all; for scale ``s`` it was
+  read only by ``mixed[s, r' - d, 1+j, ch]`` with ``d = delta_s(ch)``. So every
+  ``dx`` element is a sum over scales of at most one element each: a gather,
+  written exactly once, masked tokens get zeros.
+
+Index math, with ``K = w1*w2`` cells per window, ``m`` masked, ``K-m`` kept:
+the kept cells of phase ``o`` are the complement of the cyclic interval
+``[o, o+m) mod K``. With ``wrap = o + m - K``: if ``wrap > 0`` the masked
+interval wraps and the kept cells are ``wrap, ..., o-1`` (``k``-th kept cell
+= ``wrap + k``); otherwise they are ``0..o-1`` then ``o+m..K-1`` (``k``-th =
+``k`` if ``k < o`` else ``k + m``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .geometry import STCAGeometry
+
+MIXING_CODES = {"none": 0, "separate": 1, "continual": 2}
+INT32_LIMIT = 2**31 - 1
+
+# --------------------------------------------------------------------------
+# Index helpers (also imported by pad_scatter.py)
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _channel_delta(channels, SCALE: tl.constexpr, MIX_CHANNELS: tl.constexpr, MIXING: tl.constexpr):
+    """Frame offset ``delta_s(ch)`` read by each channel (spec step 2), shape of ``channels``.
+
+    MIXING 0 = none (all 0), 1 = separate (``[0, I)``: ``-s``, ``[I, 2I)``: ``+s``),
+    2 = continual (block ``q`` of width ``I/s``: ``q - s`` below ``I``, ``q + 1`` in
+    ``[I, 2I)``). Channels ``[2I, D)`` read the frame itself.
+    """
+    if MIXING == 0:
+        delta = channels * 0
+    elif MIXING == 1:
+        delta = tl.where(
+            channels < MIX_CHANNELS, -SCALE, tl.where(channels < 2 * MIX_CHANNELS, SCALE, 0)
+        )
+    else:
+        WIDTH: tl.constexpr = MIX_CHANNELS // SCALE
+        delta = tl.where(
+            channels < MIX_CHANNELS,
+            channels // WIDTH - SCALE,
+            tl.where(channels < 2 * MIX_CHANNELS, (channels - MIX_CHANNELS) // WIDTH + 1, 0),
+        )
+    return delta
+
+
+@triton.jit
+def _kept_cell(k: tl.constexpr, phase, CELLS: tl.constexpr, MASKED: tl.constexpr):
+    """Cell (``r1*w2 + r2``) of the ``k``-th kept cell, ascending, for window phase ``phase``."""
+    wrap = phase + (MASKED - CELLS)
+    return tl.where(wrap > 0, wrap + k, tl.where(k < phase, k, k + MASKED))
+
+
+@triton.jit
+def _kept_rank(
+    patches,
+    phase,
+    GRID: tl.constexpr,
+    WINDOW_ROWS: tl.constexpr,
+    WINDOW_COLS: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Inverse of the kept-token map for one frame.
+
+    ``patches``: patch indices ``n - 1`` in ``[0, P*P)``; ``phase``: the frame's
+    phase (scalar). Returns ``(kept, j)``: whether the patch is kept and, where
+    it is, its kept-token index ``j`` (garbage where it is not).
+    """
+    CELLS: tl.constexpr = WINDOW_ROWS * WINDOW_COLS
+    KEEP: tl.constexpr = CELLS - MASKED
+    WINDOWS_PER_ROW: tl.constexpr = GRID // WINDOW_COLS
+    grid_row = patches // GRID
+    grid_col = patches % GRID
+    window = (grid_row // WINDOW_ROWS) * WINDOWS_PER_ROW + grid_col // WINDOW_COLS
+    cell = (grid_row % WINDOW_ROWS) * WINDOW_COLS + grid_col % WINDOW_COLS
+    # (c - o) mod K >= m, with c - o + K >= 1 so C's remainder is non-negative
+    kept = ((cell - phase + CELLS) % CELLS) >= MASKED
+    wrap = phase + (MASKED - CELLS)
+    rank = tl.where(wrap > 0, cell - wrap, tl.where(cell < phase, cell, cell - MASKED))
+    return kept, window * KEEP + rank
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
+
+
+@triton.jit
+def _mix_gather_forward_kernel(
+    x_ptr,
+    phase_ptr,
+    mixed_ptr,
+    num_frames,
+    num_channels,
+    stride_x_row,
+    stride_x_token,
+    stride_x_channel,
+    stride_phase_clip,
+    stride_phase_frame,
+    stride_mixed_scale,
+    stride_mixed_row,
+    stride_mixed_token,
+    SCALES: tl.constexpr,
+    MIX_CHANNELS: tl.constexpr,
+    MIXING: tl.constexpr,
+    GRID: tl.constexpr,
+    WINDOW_ROWS: tl.constexpr,
+    WINDOW_COLS: tl.constexpr,
+    MASKED: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Program (row r, kept-token block, channel block) -> ``mixed[:, r, 1+j, ch]`` for all scales.
+
+    ``mixed`` has channel stride 1 (the launcher allocates it contiguous).
+    """
+    CELLS: tl.constexpr = WINDOW_ROWS * WINDOW_COLS
+    KEEP: tl.constexpr = CELLS - MASKED
+    WINDOWS_PER_ROW: tl.constexpr = GRID // WINDOW_COLS
+    NUM_KEPT: tl.constexpr = (GRID // WINDOW_ROWS) * WINDOWS_PER_ROW * KEEP
+    row = tl.program_id(0)
+    token_block = tl.program_id(1)
+    channel_block = tl.program_id(2)
+    clip = row // num_frames
+    frame = row % num_frames
+    row64 = row.to(tl.int64)
+
+    channels = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)  # (BC,)
+    channel_ok = channels < num_channels
+    kept = token_block * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)  # (BT,) kept-token index j
+    kept_ok = kept < NUM_KEPT
+    # Token of cell 0 of each kept token's window; the cell adds (c // w2) * P + c % w2.
+    window = kept // KEEP
+    rank = kept % KEEP
+    window_origin = 1 + (window // WINDOWS_PER_ROW) * (WINDOW_ROWS * GRID) + (
+        window % WINDOWS_PER_ROW
+    ) * WINDOW_COLS
+    out_tokens = kept + 1
+    if WIDE_INDEX:
+        out_tokens = out_tokens.to(tl.int64)
+    out_offsets = out_tokens[:, None] * stride_mixed_token + channels[None, :]  # (BT, BC)
+    out_mask = kept_ok[:, None] & channel_ok[None, :]
+    out_row = mixed_ptr + row64 * stride_mixed_row
+
+    if token_block == 0:  # CLS: copied unmixed into every scale
+        cls = tl.load(x_ptr + row64 * stride_x_row + channels * stride_x_channel, mask=channel_ok)
+        for i in tl.static_range(len(SCALES)):
+            scale_offset = tl.full([], i, tl.int64) * stride_mixed_scale
+            tl.store(out_row + scale_offset + channels, cls, mask=channel_ok)
+
+    for i in tl.static_range(len(SCALES)):
+        delta = _channel_delta(channels, SCALES[i], MIX_CHANNELS, MIXING)  # (BC,)
+        source_frame = frame + delta
+        inside = (source_frame >= 0) & (source_frame < num_frames) & channel_ok
+        delta = tl.where(inside, delta, 0)  # any valid frame where the value is a zero
+        source_phase = tl.load(
+            phase_ptr + clip * stride_phase_clip + (frame + delta) * stride_phase_frame
+        ).to(tl.int32)  # (BC,): the phase of the frame each channel reads
+        # Cell offset of the rank-th kept cell under each channel's source phase: (BT, BC).
+        cell = _kept_cell(0, source_phase, CELLS, MASKED)
+        cell_offset = tl.broadcast_to(
+            ((cell // WINDOW_COLS) * GRID + cell % WINDOW_COLS)[None, :], (BLOCK_TOKENS, BLOCK_CHANNELS)
+        )
+        for k in tl.static_range(1, KEEP):
+            cell = _kept_cell(k, source_phase, CELLS, MASKED)
+            cell_offset = tl.where(
+                rank[:, None] == k, ((cell // WINDOW_COLS) * GRID + cell % WINDOW_COLS)[None, :], cell_offset
+            )
+        source_tokens = window_origin[:, None] + cell_offset
+        if WIDE_INDEX:
+            source_tokens = source_tokens.to(tl.int64)
+        channel_offsets = (row64 + delta) * stride_x_row + channels * stride_x_channel  # (BC,) int64
+        values = tl.load(
+            x_ptr + channel_offsets[None, :] + source_tokens * stride_x_token,
+            mask=kept_ok[:, None] & inside[None, :],
+            other=0.0,
+        )
+        scale_offset = tl.full([], i, tl.int64) * stride_mixed_scale
+        tl.store(out_row + scale_offset + out_offsets, values, mask=out_mask)
+
+
+@triton.jit
+def _mix_gather_backward_kernel(
+    grad_mixed_ptr,
+    phase_ptr,
+    grad_x_ptr,
+    num_frames,
+    num_channels,
+    stride_grad_scale,
+    stride_grad_row,
+    stride_grad_token,
+    stride_grad_channel,
+    stride_phase_clip,
+    stride_phase_frame,
+    stride_dx_row,
+    stride_dx_token,
+    SCALES: tl.constexpr,
+    MIX_CHANNELS: tl.constexpr,
+    MIXING: tl.constexpr,
+    GRID: tl.constexpr,
+    WINDOW_ROWS: tl.constexpr,
+    WINDOW_COLS: tl.constexpr,
+    MASKED: tl.constexpr,
+    ACCUMULATE_FP64: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Program (row r', patch block, channel block) -> ``dx[r', 1+n, ch]``, summed over scales.
+
+    ``dx`` has channel stride 1. Accumulates in fp32 (fp64 for fp64 tensors).
+    """
+    ACC: tl.constexpr = tl.float64 if ACCUMULATE_FP64 else tl.float32
+    NUM_PATCHES: tl.constexpr = GRID * GRID
+    row = tl.program_id(0)
+    patch_block = tl.program_id(1)
+    channel_block = tl.program_id(2)
+    clip = row // num_frames
+    frame = row % num_frames
+    row64 = row.to(tl.int64)
+    phase = tl.load(phase_ptr + clip * stride_phase_clip + frame * stride_phase_frame).to(tl.int32)
+
+    channels = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    channel_ok = channels < num_channels
+    patches = patch_block * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
+    patch_ok = patches < NUM_PATCHES
+    kept, kept_index = _kept_rank(patches, phase, GRID, WINDOW_ROWS, WINDOW_COLS, MASKED)
+    kept = kept & patch_ok
+    source_tokens = kept_index + 1  # token of mixed that read this patch
+    dx_tokens = patches + 1
+    if WIDE_INDEX:
+        source_tokens = source_tokens.to(tl.int64)
+        dx_tokens = dx_tokens.to(tl.int64)
+    dx_row = grad_x_ptr + row64 * stride_dx_row
+
+    if patch_block == 0:  # CLS: every scale copied it from this row
+        cls = tl.zeros([BLOCK_CHANNELS], dtype=ACC)
+        for i in tl.static_range(len(SCALES)):
+            scale_offset = tl.full([], i, tl.int64) * stride_grad_scale
+            cls += tl.load(
+                grad_mixed_ptr + scale_offset + row64 * stride_grad_row + channels * stride_grad_channel,
+                mask=channel_ok,
+                other=0.0,
+            ).to(ACC)
+        tl.store(dx_row + channels, cls.to(grad_x_ptr.dtype.element_ty), mask=channel_ok)
+
+    total = tl.zeros([BLOCK_TOKENS, BLOCK_CHANNELS], dtype=ACC)
+    for i in tl.static_range(len(SCALES)):
+        delta = _channel_delta(channels, SCALES[i], MIX_CHANNELS, MIXING)
+        reader_frame = frame - delta  # the frame whose mixed token read this one
+        valid = (reader_frame >= 0) & (reader_frame < num_frames) & channel_ok
+        delta = tl.where(valid, delta, 0)
+        scale_offset = tl.full([], i, tl.int64) * stride_grad_scale
+        channel_offsets = scale_offset + (row64 - delta) * stride_grad_row + channels * stride_grad_channel
+        total += tl.load(
+            grad_mixed_ptr + channel_offsets[None, :] + source_tokens[:, None] * stride_grad_token,
+            mask=kept[:, None] & valid[None, :],
+            other=0.0,
+        ).to(ACC)
+    tl.store(
+        dx_row + dx_tokens[:, None] * stride_dx_token + channels[None, :],
+        total.to(grad_x_ptr.dtype.element_ty),
+        mask=patch_ok[:, None] & channel_ok[None, :],
+    )
+
+
+# --------------------------------------------------------------------------
+# Host launchers
+# --------------------------------------------------------------------------
+
+
+def interpreting() -> bool:
+    """Whether the kernels above were built for Triton's CPU interpreter."""
+    return not isinstance(_mix_gather_forward_kernel, triton.runtime.jit.JITFunction)
+
+
+def _next_power_of_two(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def launch_config(num_channels: int, num_tokens: int) -> tuple[int, int, int]:
+    """``(BLOCK_TOKENS, BLOCK_CHANNELS, num_warps)`` by a small rule from ``D``.
+
+    GPU: channel blocks of up to 256 (D=768 -> 3 blocks, no waste), about 4096
+    elements per program (these are copy kernels: enough bytes in flight per
+    SM, few programs); the token block is the largest power of two <= 4096 / BC
+    that pads the token count by at most 1/16 (98 kept -> 8, 196 patches -> 16).
+    Not autotuned: not yet measured on a GPU (see bench/stca.py).
+    Interpreter: one program per row (the interpreter pays per program, not per element).
+    """
+    num_channels = max(1, num_channels)
+    num_tokens = max(1, num_tokens)
+    if interpreting():
+        block_channels = _next_power_of_two(num_channels)
+        block_tokens = min(_next_power_of_two(num_tokens), max(1, 2**16 // block_channels))
+        return block_tokens, block_channels, 1
+    block_channels = min(_next_power_of_two(num_channels), 256)
+    block_tokens = min(_next_power_of_two(num_tokens), max(1, 4096 // block_channels))
+    while block_tokens > 1 and (-num_tokens % block_tokens) * 16 > num_tokens:
+        block_tokens //= 2
+    num_warps = 4 if block_tokens * block_channels <= 4096 else 8
+    return block_tokens, block_channels, num_warps
+
+
+def max_offset(tensor: torch.Tensor) -> int:
+    """Largest element offset a kernel computes for ``tensor`` (decides int32 vs int64 math)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(tensor.shape, tensor.stride()))
+
+
+def needs_wide_index(*tensors) -> bool:
+    return any(t is not None and t.numel() > 0 and max_offset(t) > INT32_LIMIT for t in tensors)
+
+
+def _geometry_constants(geometry: STCAGeometry) -> dict:
+    return dict(
+        GRID=geometry.grid,
+        WINDOW_ROWS=geometry.window[0],
+        WINDOW_COLS=geometry.window[1],
+        MASKED=geometry.masked,
+    )
+
+
+def mix_gather_forward(x: torch.Tensor, phase: torch.Tensor, geometry: STCAGeometry) -> torch.Tensor:
+    """``x (B*T, 1+N, D)`` any strides, ``phase (B, T)`` int -> ``mixed (S, B*T, 1+N_keep, D)`` contiguous."""
+    rows, _, channels = x.shape
+    scales = tuple(geometry.scales)
+    mixed = torch.empty(
+        (len(scales), rows, 1 + geometry.num_kept, channels), dtype=x.dtype, device=x.device
+    )
+    if mixed.numel() == 0:
+        return mixed
+    block_tokens, block_channels, num_warps = launch_config(channels, geometry.num_kept)
+    grid = (rows, triton.cdiv(geometry.num_kept, block_tokens), triton.cdiv(channels, block_channels))
+    _mix_gather_forward_kernel[grid](
+        x,
+        phase,
+        mixed,
+        geometry.num_frames,
+        channels,
+        *x.stride(),
+        *phase.stride(),
+        mixed.stride(0),
+        mixed.stride(1),
+        mixed.stride(2),
+        SCALES=scales,
+        MIX_CHANNELS=geometry.mix_channels,
+        MIXING=MIXING_CODES[geometry.mixing],
+        WIDE_INDEX=needs_wide_index(x, mixed),
+        BLOCK_TOKENS=block_tokens,
+        BLOCK_CHANNELS=block_channels,
+        num_warps=num_warps,
+        **_geometry_constants(geometry),
+    )
+    return mixed
+
+
+def mix_gather_backward(
+    grad_mixed: torch.Tensor, phase: torch.Tensor, geometry: STCAGeometry
+) -> torch.Tensor:
+    """``grad_mixed (S, B*T, 1+N_keep, D)`` any strides -> ``grad_x (B*T, 1+N, D)`` contiguous.
+
+    ``geometry.grid`` gives ``N = P*P``; masked tokens get zeros.
+    """
+    _, rows, _, channels = grad_mixed.shape
+    num_patches = geometry.grid * geometry.grid
+    grad_x = torch.empty((rows, 1 + num_patches, channels), dtype=grad_mixed.dtype, device=grad_mixed.device)
+    if grad_x.numel() == 0:
+        return grad_x
+    block_tokens, block_channels, num_warps = launch_config(channels, num_patches)
+    grid = (rows, triton.cdiv(num_patches, block_tokens), triton.cdiv(channels, block_channels))
+    _mix_gather_backward_kernel[grid](
+        grad_mixed,
+        phase,
+        grad_x,
+        geometry.num_frames,
+        channels,
+        *grad_mixed.stride(),
+        *phase.stride(),
+        grad_x.stride(0),
+        grad_x.stride(1),
+        SCALES=tuple(geometry.scales),
+        MIX_CHANNELS=geometry.mix_channels,
+        MIXING=MIXING_CODES[geometry.mixing],
+        ACCUMULATE_FP64=grad_mixed.dtype == torch.float64,
+        WIDE_INDEX=needs_wide_index(grad_mixed, grad_x),
+        BLOCK_TOKENS=block_tokens,
+        BLOCK_CHANNELS=block_channels,
+        num_warps=num_warps,
+        **_geometry_constants(geometry),
+    )
+    return grad_x
