@@ -2,6 +2,10 @@
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import av
 import numpy as np
@@ -136,11 +140,18 @@ def test_deterministic_reused_and_resumed(tmp_path):
     options = dict(videos_per_class=1, val_videos_per_class=1, classes=["moving left", "growing"], num_frames=6,
                    height=32, width=32, seed=5)
     first = generate_synthetic_dataset(tmp_path / "a", **options)
-    second = generate_synthetic_dataset(tmp_path / "b", **options)
+    # the same bytes from another process: x264's default CPU-dependent choices and the containers'
+    # random IDs once made them differ between processes, though never within one
+    subprocess.run(
+        [sys.executable, "-c", "import sys; from stdd.data.synthetic import generate_synthetic_dataset as g; "
+         f"g(sys.argv[1], **{options!r})", str(tmp_path / "b")],
+        check=True, cwd=Path(__file__).resolve().parents[1], env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
+    second_root = tmp_path / "b"
     files = sorted(path.relative_to(first.root) for path in first.root.rglob("*.mp4"))
     assert len(files) == 4
-    assert all(digest(first.root / name) == digest(second.root / name) for name in files)
-    assert (first.root / "train.txt").read_text() == (second.root / "train.txt").read_text()
+    assert all(digest(first.root / name) == digest(second_root / name) for name in files)
+    assert (first.root / "train.txt").read_text() == (second_root / "train.txt").read_text()
     other = generate_synthetic_dataset(tmp_path / "c", **{**options, "seed": 6})
     assert digest(first.root / files[0]) != digest(other.root / files[0])
     # a finished dataset is reused as it is; a deleted video is regenerated identically
@@ -165,6 +176,9 @@ def test_vp9_on_request_and_argument_errors(tmp_path):
     with av.open(str(path)) as container:
         assert container.streams.video[0].codec_context.name == "vp9"
     assert decode_all(path).shape == (4, 32, 32, 3)
+    again = generate_synthetic_dataset(tmp_path / "again", videos_per_class=1, val_videos_per_class=0, classes=["shrinking"],
+                                       num_frames=4, height=32, width=32, codec="vp9")
+    assert digest(read_video_list(again.train_annotation)[0].path) == digest(path)
     with pytest.raises(ValueError, match="codec"):
         generate_synthetic_dataset(tmp_path, codec="av1")
     with pytest.raises(ValueError, match="classes"):

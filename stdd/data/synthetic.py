@@ -30,6 +30,9 @@ parameters is reused, an interrupted one is completed):
     dataset.json    the generation parameters (used to decide whether the files can be reused)
     videos/<split>/<class_dir>/<nnnn>.mp4   H.264 (yuv420p) mp4, or .webm (VP9) with codec="vp9"
 
+Sampling: the default videos have 32 frames, so use e.g. `ClipSampling(clip_length=8, stride=4)` (span 29)
+or segment sampling; the paper's 8 x 16 (span 113) would loop a 32-frame video and scramble its motion.
+
 Deterministic: the same seed and parameters give the same frames (and, with the same PyAV/codec build,
 the same bytes: the encoders run single-threaded).
 
@@ -127,9 +130,11 @@ SHAPE_NAMES: tuple[str, ...] = tuple(SHAPES)
 
 CODEC_SETTINGS = {
     # codec name -> (file suffix, PyAV encoder, encoder options). Single-threaded encoders keep the
-    # bytes reproducible; the clips are tiny, so threads would not buy anything.
-    "h264": (".mp4", "libx264", {"crf": "18", "preset": "veryfast", "threads": "1"}),
-    "vp9": (".webm", "libvpx-vp9", {"crf": "24", "b": "0", "deadline": "realtime", "cpu-used": "8", "threads": "1"}),
+    # bytes reproducible (the clips are tiny, threads would not buy anything); x264 also needs
+    # cpu-independent=1: without it, the same frames gave different bytes in different processes on
+    # this project's machine (decoding to the same pixels, but a dataset should be byte-reproducible).
+    "h264": (".mp4", "libx264", {"crf": "18", "preset": "veryfast", "threads": "1", "x264-params": "cpu-independent=1"}),
+    "vp9": (".webm", "libvpx-vp9", {"crf": "24", "b": "0", "deadline": "good", "cpu-used": "5", "threads": "1"}),
 }
 
 _FORMAT_VERSION = 1
@@ -278,15 +283,17 @@ def encode_video(
     descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(descriptor)
     try:
-        with av.open(temporary, mode="w") as container:
+        # bitexact: no random segment UID or date in the container, so the bytes depend only on the frames
+        with av.open(temporary, mode="w", options={"fflags": "+bitexact"}) as container:
             stream = container.add_stream(encoder_name, rate=fps)
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
             stream.options = dict(options)
             if keyframe_interval is not None:
                 stream.codec_context.gop_size = keyframe_interval
-            for frame_array in frames:
+            for frame_index, frame_array in enumerate(frames):
                 frame = av.VideoFrame.from_ndarray(frame_array, format="rgb24")
+                frame.pts = frame_index  # in 1/fps units (the stream's codec time base)
                 for packet in stream.encode(frame):
                     container.mux(packet)
             for packet in stream.encode():  # flush delayed frames
