@@ -347,13 +347,33 @@ def _geometry_constants(geometry: STCAGeometry) -> dict:
     )
 
 
-def mix_gather_forward(x: torch.Tensor, phase: torch.Tensor, geometry: STCAGeometry) -> torch.Tensor:
-    """``x (B*T, 1+N, D)`` any strides, ``phase (B, T)`` int -> ``mixed (S, B*T, 1+N_keep, D)`` contiguous."""
+def output_buffer(out, shape, like: torch.Tensor, name: str) -> torch.Tensor:
+    """A new contiguous output, or the caller's ``out`` after checking it fits.
+
+    ``out`` exists so tests can hand in NaN-filled buffers and check that the
+    kernel writes every element; the kernels assume channel stride 1.
+    """
+    shape = tuple(int(size) for size in shape)
+    if out is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    if tuple(out.shape) != shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(
+            f"{name} must be a {like.dtype} tensor of shape {shape} on {like.device}, got "
+            f"{out.dtype} {tuple(out.shape)} on {out.device}"
+        )
+    if not out.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {out.stride()}")
+    return out
+
+
+def mix_gather_forward(
+    x: torch.Tensor, phase: torch.Tensor, geometry: STCAGeometry, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``x (B*T, 1+N, D)`` any strides, ``phase (B, T)`` int -> ``mixed (S, B*T, 1+N_keep, D)`` contiguous
+    (written into ``out`` when given)."""
     rows, _, channels = x.shape
     scales = tuple(geometry.scales)
-    mixed = torch.empty(
-        (len(scales), rows, 1 + geometry.num_kept, channels), dtype=x.dtype, device=x.device
-    )
+    mixed = output_buffer(out, (len(scales), rows, 1 + geometry.num_kept, channels), x, "out")
     if mixed.numel() == 0:
         return mixed
     block_tokens, block_channels, num_warps = launch_config(channels, geometry.num_kept)
@@ -382,15 +402,19 @@ def mix_gather_forward(x: torch.Tensor, phase: torch.Tensor, geometry: STCAGeome
 
 
 def mix_gather_backward(
-    grad_mixed: torch.Tensor, phase: torch.Tensor, geometry: STCAGeometry
+    grad_mixed: torch.Tensor,
+    phase: torch.Tensor,
+    geometry: STCAGeometry,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``grad_mixed (S, B*T, 1+N_keep, D)`` any strides -> ``grad_x (B*T, 1+N, D)`` contiguous.
+    """``grad_mixed (S, B*T, 1+N_keep, D)`` any strides -> ``grad_x (B*T, 1+N, D)`` contiguous
+    (written into ``out`` when given).
 
     ``geometry.grid`` gives ``N = P*P``; masked tokens get zeros.
     """
     _, rows, _, channels = grad_mixed.shape
     num_patches = geometry.grid * geometry.grid
-    grad_x = torch.empty((rows, 1 + num_patches, channels), dtype=grad_mixed.dtype, device=grad_mixed.device)
+    grad_x = output_buffer(out, (rows, 1 + num_patches, channels), grad_mixed, "out")
     if grad_x.numel() == 0:
         return grad_x
     block_tokens, block_channels, num_warps = launch_config(channels, num_patches)

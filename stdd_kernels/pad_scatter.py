@@ -23,7 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from stdd_kernels.mix_gather import _geometry_constants, _kept_rank, launch_config, needs_wide_index
+from stdd_kernels.mix_gather import (
+    _geometry_constants,
+    _kept_rank,
+    launch_config,
+    needs_wide_index,
+    output_buffer,
+)
 
 from .geometry import STCAGeometry
 
@@ -248,11 +254,12 @@ def pad_scatter_forward(
     phase: torch.Tensor,
     geometry: STCAGeometry,
     residual: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``full``/``residual`` ``(B*T, 1+N, D)``, ``mixed (S, B*T, 1+N_keep, D)``, any strides
-    -> ``out (B*T, 1+N, D)`` contiguous."""
+    -> ``out (B*T, 1+N, D)`` contiguous (the caller's ``out`` when given)."""
     rows, num_tokens, channels = full.shape
-    out = torch.empty((rows, num_tokens, channels), dtype=full.dtype, device=full.device)
+    out = output_buffer(out, full.shape, full, "out")
     if out.numel() == 0:
         return out
     num_patches = num_tokens - 1
@@ -288,14 +295,21 @@ def pad_scatter_forward(
 
 
 def pad_scatter_backward(
-    grad_out: torch.Tensor, phase: torch.Tensor, geometry: STCAGeometry, num_scales: int
+    grad_out: torch.Tensor,
+    phase: torch.Tensor,
+    geometry: STCAGeometry,
+    num_scales: int,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``grad_out (B*T, 1+N, D)`` any strides -> ``(grad_full (B*T, 1+N, D),
-    grad_mixed (S, B*T, 1+N_keep, D))``, both contiguous."""
+    grad_mixed (S, B*T, 1+N_keep, D))``, both contiguous (the caller's ``out`` pair when given)."""
     rows, num_tokens, channels = grad_out.shape
-    grad_full = torch.empty((rows, num_tokens, channels), dtype=grad_out.dtype, device=grad_out.device)
-    grad_mixed = torch.empty(
-        (num_scales, rows, 1 + geometry.num_kept, channels), dtype=grad_out.dtype, device=grad_out.device
+    grad_full = output_buffer(None if out is None else out[0], grad_out.shape, grad_out, "out[0]")
+    grad_mixed = output_buffer(
+        None if out is None else out[1],
+        (num_scales, rows, 1 + geometry.num_kept, channels),
+        grad_out,
+        "out[1]",
     )
     if grad_full.numel() == 0:
         return grad_full, grad_mixed

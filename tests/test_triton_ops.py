@@ -1,0 +1,537 @@
+"""Triton STCA kernels against the reference ops, forward and every gradient.
+
+On a CPU-only machine the kernels run in Triton's interpreter
+(``TRITON_INTERPRET=1``; set here when neither it nor a GPU is present). The
+shape grid of issue 3 (T=1,2,3,8; B=1,3; D=24,40,64,96; P=4,6,14; windows
+(2,2)/(2,1); scales (1,), (1,2), (2,), (1,2,3); random/shuffled/eval phases;
+continual/separate/none mixing; mask ratios 0, 0.25, 0.5) is covered by a few
+combined cases rather than a cartesian product: the interpreter pays per
+kernel launch. Every kernel output is written into a NaN-filled buffer and
+checked element by element. Cases marked ``cuda`` run on a GPU only
+(``bench/gpu_check.sh``).
+
+fp32/fp64 outputs of pure data movement must be bit-exact; sums over scales
+get fp32 rounding tolerance. Low precision follows flash-attention's rule: the
+kernel's error against an fp64 reference may be at most twice the error of
+PyTorch's own computation in that precision (exact where PyTorch is exact).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import dataclass
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined (see reload_kernels)
+
+import pytest
+
+import stdd_kernels
+from stdd_kernels import reference
+from stdd_kernels.geometry import make_geometry
+
+triton_backend = importlib.import_module("stdd_kernels.triton_backend")
+triton_backend.reload_kernels()  # in case stdd_kernels was imported before the variable was set
+mix_gather_module = importlib.import_module("stdd_kernels.mix_gather")
+pad_scatter_module = importlib.import_module("stdd_kernels.pad_scatter")
+
+DEVICE = "cpu" if mix_gather_module.interpreting() else "cuda"
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    clips: int  # B
+    frames: int  # T
+    grid: int  # P
+    channels: int  # D
+    window: tuple
+    mask_ratio: float
+    scales: tuple
+    channel_fold: int
+    mixing: str
+    phases: str  # "eval" | "train" | "shuffle"
+
+    def __str__(self):
+        return self.name
+
+
+CASES = [
+    Case("T1-B1-P4-D24", 1, 1, 4, 24, (2, 2), 0.5, (1,), 4, "continual", "train"),
+    Case("T2-B3-P6-D40-w21", 3, 2, 6, 40, (2, 1), 0.5, (1, 2), 5, "continual", "shuffle"),
+    Case("T3-B1-P14-D64-separate-m1", 1, 3, 14, 64, (2, 2), 0.25, (2,), 8, "separate", "train"),
+    Case("T8-B3-P4-D96-s123", 3, 8, 4, 96, (2, 2), 0.5, (1, 2, 3), 16, "continual", "shuffle"),
+    Case("T8-B1-P6-D24-none-ratio0", 1, 8, 6, 24, (2, 1), 0.0, (1, 2), 4, "none", "eval"),
+    Case("T3-B3-P6-D96-ratio0", 3, 3, 6, 96, (2, 2), 0.0, (1, 2), 12, "continual", "train"),
+    Case("T8-B1-P14-D40-w21-eval-s21", 1, 8, 14, 40, (2, 1), 0.5, (2, 1), 10, "continual", "eval"),
+]
+
+
+def geometry_of(case: Case, scales=True):
+    return make_geometry(
+        num_tokens=1 + case.grid**2,
+        channels=case.channels,
+        rows=case.clips * case.frames,
+        num_frames=case.frames,
+        window=case.window,
+        mask_ratio=case.mask_ratio,
+        scales=case.scales if scales else None,
+        channel_fold=case.channel_fold,
+        mixing=case.mixing,
+        tensor_name="x",
+    )
+
+
+def phases_of(case: Case, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    mode = "eval" if case.phases == "eval" else "train"
+    return stdd_kernels.mask_phase(
+        case.clips,
+        case.frames,
+        window=case.window,
+        mode=mode,
+        generator=generator if mode == "train" else None,
+        shuffle=case.phases == "shuffle",
+        device=DEVICE,
+    )
+
+
+def randn(*shape, dtype=torch.float32, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=generator, dtype=torch.float64).to(DEVICE, dtype)
+
+
+def nan_like(shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), dtype=dtype, device=DEVICE)
+
+
+def assert_fully_written(tensor: torch.Tensor, what: str):
+    missing = torch.isnan(tensor)
+    assert not missing.any(), f"{what}: {int(missing.sum())} of {tensor.numel()} elements never written"
+
+
+def reference_grads(fn, inputs, upstream):
+    """Gradients of ``fn(*inputs)`` (reference autograd) for the upstream gradient ``upstream``."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    return out.detach(), torch.autograd.grad(out, leaves, upstream)
+
+
+def op_kwargs(case: Case, phase):
+    return dict(
+        scales=case.scales,
+        channel_fold=case.channel_fold,
+        window=case.window,
+        mask_ratio=case.mask_ratio,
+        phase=phase,
+        mixing=case.mixing,
+    )
+
+
+# ---------------------------------------------------------------------------
+# mix_gather
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_mix_gather_forward_and_gradient_match_reference(case):
+    geometry = geometry_of(case)
+    rows = case.clips * case.frames
+    x = randn(rows, 1 + case.grid**2, case.channels, seed=1)
+    phase = phases_of(case, seed=2)
+    expected = reference.mix_gather(x, phase, geometry)
+
+    # Launcher into a NaN-filled buffer: every element must be written, bit-exact (pure copies).
+    mixed = mix_gather_module.mix_gather_forward(x, phase, geometry, out=nan_like(expected.shape))
+    assert_fully_written(mixed, "mix_gather forward")
+    torch.testing.assert_close(mixed, expected, rtol=0, atol=0)
+
+    upstream = randn(*expected.shape, seed=3)
+    _, (expected_dx,) = reference_grads(lambda t: reference.mix_gather(t, phase, geometry), [x], upstream)
+    dx = mix_gather_module.mix_gather_backward(upstream, phase, geometry, out=nan_like(x.shape))
+    assert_fully_written(dx, "mix_gather backward")
+    torch.testing.assert_close(dx, expected_dx)
+
+    # The public op (validation + dispatch + torch.library op + autograd) gives the same.
+    leaf = x.clone().requires_grad_(True)
+    out = stdd_kernels.mix_gather(leaf, case.frames, backend="triton", **op_kwargs(case, phase))
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    out.backward(upstream)
+    torch.testing.assert_close(leaf.grad, expected_dx)
+
+
+def test_mix_gather_noncontiguous_input_and_gradient():
+    """Channel-strided x, an expanded (stride-0) upstream gradient and a transposed one."""
+    case = CASES[1]
+    geometry = geometry_of(case)
+    rows, tokens = case.clips * case.frames, 1 + case.grid**2
+    x = randn(case.channels, rows, tokens, seed=4).permute(1, 2, 0)  # (B*T, 1+N, D), channel stride B*T*(1+N)
+    assert not x.is_contiguous()
+    phase = phases_of(case, seed=5)
+    expected = reference.mix_gather(x, phase, geometry)
+    torch.testing.assert_close(mix_gather_module.mix_gather_forward(x, phase, geometry), expected, rtol=0, atol=0)
+
+    leaf = x.detach().requires_grad_(True)
+    stdd_kernels.mix_gather(leaf, case.frames, backend="triton", **op_kwargs(case, phase)).sum().backward()
+    _, (expected_dx,) = reference_grads(
+        lambda t: reference.mix_gather(t, phase, geometry), [x], torch.ones_like(expected)
+    )
+    torch.testing.assert_close(leaf.grad, expected_dx)
+
+    upstream = randn(expected.shape[3], *expected.shape[:3], seed=6).permute(1, 2, 3, 0)
+    _, (expected_dx,) = reference_grads(lambda t: reference.mix_gather(t, phase, geometry), [x], upstream)
+    torch.testing.assert_close(mix_gather_module.mix_gather_backward(upstream, phase, geometry), expected_dx)
+
+
+# ---------------------------------------------------------------------------
+# pad_scatter
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_pad_scatter_forward_and_gradients_match_reference(case):
+    geometry = geometry_of(case, scales=False)
+    rows, tokens = case.clips * case.frames, 1 + case.grid**2
+    num_scales = len(case.scales)
+    full = randn(rows, tokens, case.channels, seed=11)
+    mixed = randn(num_scales, rows, 1 + geometry.num_kept, case.channels, seed=12)
+    with_residual = CASES.index(case) % 2 == 0
+    residual = randn(rows, tokens, case.channels, seed=13) if with_residual else None
+    phase = phases_of(case, seed=14)
+    expected = reference.pad_scatter(full, mixed, phase, geometry, residual)
+
+    out = pad_scatter_module.pad_scatter_forward(full, mixed, phase, geometry, residual, out=nan_like(full.shape))
+    assert_fully_written(out, "pad_scatter forward")
+    torch.testing.assert_close(out, expected)
+
+    upstream = randn(*full.shape, seed=15)
+    inputs = [full, mixed] + ([residual] if with_residual else [])
+    _, expected_grads = reference_grads(
+        lambda f, m, *r: reference.pad_scatter(f, m, phase, geometry, *r), inputs, upstream
+    )
+    grad_full, grad_mixed = pad_scatter_module.pad_scatter_backward(
+        upstream, phase, geometry, num_scales, out=(nan_like(full.shape), nan_like(mixed.shape))
+    )
+    assert_fully_written(grad_full, "pad_scatter backward (grad_full)")
+    assert_fully_written(grad_mixed, "pad_scatter backward (grad_mixed)")
+    torch.testing.assert_close(grad_full, expected_grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(grad_mixed, expected_grads[1])
+
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    result = stdd_kernels.pad_scatter(
+        leaves[0],
+        leaves[1],
+        case.frames,
+        window=case.window,
+        mask_ratio=case.mask_ratio,
+        phase=phase,
+        residual=leaves[2] if with_residual else None,
+        backend="triton",
+    )
+    torch.testing.assert_close(result, expected)
+    result.backward(upstream)
+    for leaf, expected_grad, name in zip(leaves, expected_grads, ("full", "mixed", "residual")):
+        torch.testing.assert_close(leaf.grad, expected_grad, msg=lambda m: f"d_{name}: {m}")
+
+
+def test_pad_scatter_noncontiguous_inputs_and_gradient():
+    case = CASES[3]
+    geometry = geometry_of(case, scales=False)
+    rows, tokens, D = case.clips * case.frames, 1 + case.grid**2, case.channels
+    num_scales = len(case.scales)
+    full = randn(D, tokens, rows, seed=21).permute(2, 1, 0)
+    mixed = randn(rows, num_scales, 1 + geometry.num_kept, D, seed=22).transpose(0, 1)
+    residual = randn(rows, 2 * tokens, D, seed=23)[:, ::2]
+    assert not (full.is_contiguous() or mixed.is_contiguous() or residual.is_contiguous())
+    phase = phases_of(case, seed=24)
+    expected = reference.pad_scatter(full, mixed, phase, geometry, residual)
+    torch.testing.assert_close(
+        pad_scatter_module.pad_scatter_forward(full, mixed, phase, geometry, residual), expected
+    )
+    upstream = torch.ones(1, 1, 1, device=DEVICE).expand(rows, tokens, D)  # stride 0, as from .sum()
+    _, expected_grads = reference_grads(
+        lambda f, m: reference.pad_scatter(f, m, phase, geometry), [full, mixed], upstream
+    )
+    grad_full, grad_mixed = pad_scatter_module.pad_scatter_backward(upstream, phase, geometry, num_scales)
+    torch.testing.assert_close(grad_full, expected_grads[0], rtol=0, atol=0)
+    torch.testing.assert_close(grad_mixed, expected_grads[1])
+
+
+# ---------------------------------------------------------------------------
+# Low precision, wide indices, double backward, op registration
+# ---------------------------------------------------------------------------
+
+
+def assert_within_twice_torch_error(kernel_out, torch_low, exact, what):
+    """flash-attention's rule: |kernel - exact| <= 2 |torch_low - exact| (max over elements)."""
+    kernel_error = (kernel_out.double() - exact).abs().max().item()
+    torch_error = (torch_low.double() - exact).abs().max().item()
+    assert kernel_error <= 2 * torch_error, (
+        f"{what}: kernel error {kernel_error:.3g} > 2x PyTorch's own {kernel_out.dtype} error {torch_error:.3g}"
+    )
+
+
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
+def test_low_precision_matches_fp64_reference(dtype):
+    case = CASES[3]  # three scales: the mean is not exact in low precision
+    geometry = geometry_of(case)
+    scatter_geometry = geometry_of(case, scales=False)
+    rows, tokens, D = case.clips * case.frames, 1 + case.grid**2, case.channels
+    phase = phases_of(case, seed=31)
+    x = randn(rows, tokens, D, dtype=dtype, seed=32)
+    upstream = randn(len(case.scales), rows, 1 + geometry.num_kept, D, dtype=dtype, seed=33)
+
+    # mix_gather is pure data movement: exact in any precision; its backward sums scales.
+    mixed = mix_gather_module.mix_gather_forward(x, phase, geometry, out=nan_like(upstream.shape, dtype))
+    assert_fully_written(mixed, f"mix_gather {dtype}")
+    torch.testing.assert_close(mixed, reference.mix_gather(x, phase, geometry), rtol=0, atol=0)
+    dx = mix_gather_module.mix_gather_backward(upstream, phase, geometry, out=nan_like(x.shape, dtype))
+    assert_fully_written(dx, f"mix_gather backward {dtype}")
+    _, (dx_low,) = reference_grads(lambda t: reference.mix_gather(t, phase, geometry), [x], upstream)
+    _, (dx_exact,) = reference_grads(
+        lambda t: reference.mix_gather(t, phase, geometry), [x.double()], upstream.double()
+    )
+    assert_within_twice_torch_error(dx, dx_low, dx_exact, f"mix_gather backward {dtype}")
+
+    full = randn(rows, tokens, D, dtype=dtype, seed=34)
+    residual = randn(rows, tokens, D, dtype=dtype, seed=35)
+    out = pad_scatter_module.pad_scatter_forward(
+        full, mixed, phase, scatter_geometry, residual, out=nan_like(full.shape, dtype)
+    )
+    assert_fully_written(out, f"pad_scatter {dtype}")
+    low = reference.pad_scatter(full, mixed, phase, scatter_geometry, residual)
+    exact = reference.pad_scatter(full.double(), mixed.double(), phase, scatter_geometry, residual.double())
+    assert_within_twice_torch_error(out, low, exact, f"pad_scatter {dtype}")
+
+    grad_out = randn(rows, tokens, D, dtype=dtype, seed=36)
+    grad_full, grad_mixed = pad_scatter_module.pad_scatter_backward(grad_out, phase, scatter_geometry, 3)
+    _, (full_low, mixed_low) = reference_grads(
+        lambda f, m: reference.pad_scatter(f, m, phase, scatter_geometry), [full, mixed], grad_out
+    )
+    _, (full_exact, mixed_exact) = reference_grads(
+        lambda f, m: reference.pad_scatter(f, m, phase, scatter_geometry),
+        [full.double(), mixed.double()],
+        grad_out.double(),
+    )
+    torch.testing.assert_close(grad_full, full_low, rtol=0, atol=0)
+    assert_within_twice_torch_error(grad_mixed, mixed_low, mixed_exact, f"pad_scatter d_mixed {dtype}")
+
+
+def test_wide_index_path_matches_reference(monkeypatch):
+    """Tensors past 2**31 elements switch the kernels to int64 offsets; force that path here."""
+    for module in (mix_gather_module, pad_scatter_module):
+        monkeypatch.setattr(module, "needs_wide_index", lambda *tensors: True)
+    case = CASES[1]
+    geometry = geometry_of(case)
+    rows, tokens = case.clips * case.frames, 1 + case.grid**2
+    x = randn(rows, tokens, case.channels, seed=41)
+    phase = phases_of(case, seed=42)
+    mixed = mix_gather_module.mix_gather_forward(x, phase, geometry)
+    torch.testing.assert_close(mixed, reference.mix_gather(x, phase, geometry), rtol=0, atol=0)
+    _, (expected_dx,) = reference_grads(lambda t: reference.mix_gather(t, phase, geometry), [x], mixed)
+    torch.testing.assert_close(mix_gather_module.mix_gather_backward(mixed, phase, geometry), expected_dx)
+    out = pad_scatter_module.pad_scatter_forward(x, mixed, phase, geometry, x)
+    torch.testing.assert_close(out, reference.pad_scatter(x, mixed, phase, geometry, x))
+    _, expected_grads = reference_grads(
+        lambda f, m: reference.pad_scatter(f, m, phase, geometry), [x, mixed], out
+    )
+    grads = pad_scatter_module.pad_scatter_backward(out, phase, geometry, len(case.scales))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_double_backward_matches_reference():
+    """Gradients of gradients (the ops are linear: each backward op's backward is the forward op)."""
+    case = CASES[1]
+    rows, tokens, D = case.clips * case.frames, 1 + case.grid**2, case.channels
+    phase = phases_of(case, seed=51)
+    kwargs = op_kwargs(case, phase)
+    geometry = geometry_of(case)
+
+    def second_order(backend):
+        x = randn(rows, tokens, D, seed=52).requires_grad_(True)
+        full = randn(rows, tokens, D, seed=53).requires_grad_(True)
+        residual = randn(rows, tokens, D, seed=54).requires_grad_(True)
+        mixed = stdd_kernels.mix_gather(x, case.frames, backend=backend, **kwargs)
+        out = stdd_kernels.pad_scatter(
+            full, mixed * mixed, case.frames, window=case.window, mask_ratio=case.mask_ratio,
+            phase=phase, residual=residual, backend=backend,
+        )
+        upstream = randn(rows, tokens, D, seed=55).requires_grad_(True)
+        first = torch.autograd.grad(out, (x, full, residual), upstream, create_graph=True)
+        weights = [randn(*g.shape, seed=56 + i) for i, g in enumerate(first)]
+        total = sum((g * w).sum() for g, w in zip(first, weights))
+        return torch.autograd.grad(total, (x, upstream), allow_unused=True)
+
+    assert geometry.num_kept > 0
+    for got, want in zip(second_order("triton"), second_order("reference")):
+        torch.testing.assert_close(got, want)
+
+
+def test_ops_pass_torch_library_opcheck():
+    """Schema, fake (meta) impls, autograd registration of the stdd_triton ops."""
+    case = Case("tiny", 1, 3, 2, 8, (2, 2), 0.5, (1, 2), 2, "continual", "train")
+    geometry = geometry_of(case)
+    rows, tokens = case.clips * case.frames, 1 + case.grid**2
+    phase = phases_of(case, seed=61)
+    x = randn(rows, tokens, case.channels, seed=62).requires_grad_(True)
+    settings = (case.frames, 2, 2, geometry.masked, list(case.scales), case.channel_fold, case.mixing)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.stdd_triton.mix_gather.default, (x, phase, *settings), test_utils=utils)
+    mixed = randn(2, rows, 1 + geometry.num_kept, case.channels, seed=63).requires_grad_(True)
+    torch.library.opcheck(
+        torch.ops.stdd_triton.mix_gather_backward.default, (mixed, phase, tokens, *settings), test_utils=utils
+    )
+    scatter_settings = (case.frames, 2, 2, geometry.masked)
+    for residual in (x, None):
+        torch.library.opcheck(
+            torch.ops.stdd_triton.pad_scatter.default,
+            (x, mixed, phase, residual, *scatter_settings),
+            test_utils=utils,
+        )
+    torch.library.opcheck(
+        torch.ops.stdd_triton.pad_scatter_backward.default, (x, phase, 2, *scatter_settings), test_utils=utils
+    )
+
+
+# ---------------------------------------------------------------------------
+# Dispatch and the compiled (GPU) kernels
+# ---------------------------------------------------------------------------
+
+
+def test_triton_backend_registration_and_support():
+    backend = stdd_kernels.registered_backends()["triton"]
+    assert backend.auto_priority == {"cuda": 20}  # never chosen automatically on CPU
+    assert backend.supports(torch.device(DEVICE), torch.float32) is None
+    assert "dtype" in backend.supports(torch.device(DEVICE), torch.int32)
+    assert "meta" in backend.supports(torch.device("meta"), torch.float32)
+    assert stdd_kernels.resolve_backend(None, torch.device("cpu"), torch.float32).name != "triton"
+    assert stdd_kernels.resolve_backend("triton", torch.device(DEVICE), torch.float32) is backend
+
+
+def test_launch_config_rule():
+    # The rule's intent: few wasted lanes, whole channel blocks for ViT widths.
+    if mix_gather_module.interpreting():
+        assert mix_gather_module.launch_config(40, 98) == (128, 64, 1)
+        return
+    block_tokens, block_channels, num_warps = mix_gather_module.launch_config(768, 98)
+    assert block_channels == 256 and 768 % block_channels == 0
+    assert (-98 % block_tokens) * 16 <= 98 and num_warps in (4, 8)
+
+
+COMPILE_FOR_HOPPER = textwrap.dedent(
+    """
+    import itertools, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from stdd_kernels.mix_gather import _mix_gather_forward_kernel, _mix_gather_backward_kernel
+    from stdd_kernels.pad_scatter import _pad_scatter_forward_kernel, _pad_scatter_backward_kernel
+
+    def compile_for_sm90(kernel, dtype, constants):
+        signature = {}
+        for name in kernel.arg_names:
+            if name in constants:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                signature[name] = "*i64" if name == "phase_ptr" else "*" + dtype
+            else:
+                signature[name] = "i32"
+        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert "cubin" in compiled.asm, kernel.__name__
+
+    geometry = dict(GRID=14, WINDOW_ROWS=2, WINDOW_COLS=2, MASKED=2, BLOCK_TOKENS=16, BLOCK_CHANNELS=256)
+    for dtype, wide in (("bf16", False), ("fp32", True), ("fp64", False)):
+        acc = dtype == "fp64"
+        for mixing in (0, 1, 2):
+            compile_for_sm90(_mix_gather_forward_kernel, dtype,
+                             dict(geometry, SCALES=(1, 2), MIX_CHANNELS=24, MIXING=mixing, WIDE_INDEX=wide))
+        compile_for_sm90(_mix_gather_backward_kernel, dtype,
+                         dict(geometry, SCALES=(1, 2), MIX_CHANNELS=24, MIXING=2, WIDE_INDEX=wide,
+                              ACCUMULATE_FP64=acc))
+        for residual in (True, False):
+            compile_for_sm90(_pad_scatter_forward_kernel, dtype,
+                             dict(geometry, NUM_SCALES=2, HAS_RESIDUAL=residual, WIDE_INDEX=wide,
+                                  ACCUMULATE_FP64=acc))
+        compile_for_sm90(_pad_scatter_backward_kernel, dtype,
+                         dict(geometry, NUM_SCALES=2, WIDE_INDEX=wide, ACCUMULATE_FP64=acc))
+    print("compiled")
+    """
+)
+
+
+def test_kernels_compile_for_hopper_without_interpreter():
+    """The interpreter is lenient; compile every kernel variant to sm_90 cubin (no GPU needed)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILE_FOR_HOPPER], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+
+
+# ---------------------------------------------------------------------------
+# GPU only (bench/gpu_check.sh)
+# ---------------------------------------------------------------------------
+
+VIT_B16 = Case("vit-b16-B4-T8", 4, 8, 14, 768, (2, 2), 0.5, (1, 2), 32, "continual", "shuffle")
+
+
+@pytest.mark.cuda
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+def test_cuda_vit_b16_shapes(dtype):
+    assert DEVICE == "cuda", "CUDA tests need the compiled kernels: unset TRITON_INTERPRET"
+    case = VIT_B16
+    geometry = geometry_of(case)
+    rows, tokens, D = case.clips * case.frames, 1 + case.grid**2, case.channels
+    phase = phases_of(case, seed=71)
+    x = randn(rows, tokens, D, dtype=dtype, seed=72)
+    shape = (2, rows, 1 + geometry.num_kept, D)
+    mixed = mix_gather_module.mix_gather_forward(x, phase, geometry, out=nan_like(shape, dtype))
+    assert_fully_written(mixed, "mix_gather")
+    torch.testing.assert_close(mixed, reference.mix_gather(x, phase, geometry), rtol=0, atol=0)
+    upstream = randn(*shape, dtype=dtype, seed=73)
+    dx = mix_gather_module.mix_gather_backward(upstream, phase, geometry, out=nan_like(x.shape, dtype))
+    assert_fully_written(dx, "mix_gather backward")
+    _, (dx_low,) = reference_grads(lambda t: reference.mix_gather(t, phase, geometry), [x], upstream)
+    _, (dx_exact,) = reference_grads(
+        lambda t: reference.mix_gather(t, phase, geometry), [x.double()], upstream.double()
+    )
+    assert_within_twice_torch_error(dx, dx_low, dx_exact, "mix_gather backward")
+    residual = randn(rows, tokens, D, dtype=dtype, seed=74)
+    out = pad_scatter_module.pad_scatter_forward(x, mixed, phase, geometry, residual, out=nan_like(x.shape, dtype))
+    assert_fully_written(out, "pad_scatter")
+    low = reference.pad_scatter(x, mixed, phase, geometry, residual)
+    exact = reference.pad_scatter(x.double(), mixed.double(), phase, geometry, residual.double())
+    assert_within_twice_torch_error(out, low, exact, "pad_scatter")
+    grad_full, grad_mixed = pad_scatter_module.pad_scatter_backward(
+        residual, phase, geometry, 2, out=(nan_like(x.shape, dtype), nan_like(shape, dtype))
+    )
+    assert_fully_written(grad_full, "pad_scatter d_full")
+    assert_fully_written(grad_mixed, "pad_scatter d_mixed")
+    _, (full_low, mixed_low) = reference_grads(
+        lambda f, m: reference.pad_scatter(f, m, phase, geometry), [x, mixed], residual
+    )
+    torch.testing.assert_close(grad_full, full_low, rtol=0, atol=0)
+    torch.testing.assert_close(grad_mixed, mixed_low, rtol=0, atol=0)  # /2 is exact
+
+
+@pytest.mark.cuda
+@cuda_only
+def test_cuda_odd_shapes_fp32():
+    """The CPU grid again on the GPU (compiled kernels, GPU launch config)."""
+    assert DEVICE == "cuda"
+    for case in CASES:
+        test_mix_gather_forward_and_gradient_match_reference(case)
+        test_pad_scatter_forward_and_gradients_match_reference(case)
