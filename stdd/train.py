@@ -49,6 +49,7 @@ from .engine.distributed import (
     barrier,
     cleanup_distributed,
     init_distributed,
+    parameters_in_sync,
 )
 from .engine.runlog import RunLogger
 from .engine.schedule import build_scheduler, scaled_lr
@@ -171,6 +172,12 @@ class Trainer:
         # Seeds: model init is identical on every rank (DDP also broadcasts rank 0's weights);
         # each rank's own random streams (phases, augmentation) differ by rank.
         seed = int(cfg.run.seed)
+        if str(cfg.data.dataset) == "synthetic":  # generate once (rank 0), the others then reuse it
+            from .engine.task import prepare_synthetic
+
+            if self.context.is_main:
+                prepare_synthetic(cfg)
+            barrier(self.context)
         seed_everything(seed)
         self.task = build_training_task(cfg, self.device)
         seed_everything(seed + 1000003 * self.context.rank)
@@ -455,6 +462,12 @@ class Trainer:
             self.logger.log("epoch", self.global_step, **record)
         if progress is not None:
             progress.close()
+        if self.context.is_distributed:
+            # DDP keeps replicas bitwise equal; a broken invariant would silently train N models
+            in_sync = parameters_in_sync(self.module, self.context)
+            self.logger.log("sync_check", self.global_step, parameters_identical_across_ranks=in_sync)
+            if not in_sync:
+                raise RuntimeError("DDP replicas hold different parameters after training")
         result = {
             "epochs_done": self.epoch,
             "global_step": self.global_step,

@@ -148,3 +148,24 @@ class ResumableDistributedSampler(DistributedSampler):
 
 def batches_per_epoch(num_samples_per_rank: int, batch_size: int, drop_last: bool) -> int:
     return num_samples_per_rank // batch_size if drop_last else math.ceil(num_samples_per_rank / batch_size)
+
+
+def parameters_digest(module: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes (names, shapes, values), computed on the CPU."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, parameter in module.named_parameters():
+        tensor = parameter.detach().to("cpu").contiguous()
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def parameters_in_sync(module: torch.nn.Module, context: DistributedContext) -> bool:
+    """True when every rank holds bitwise the same parameters (DDP's invariant)."""
+    if not context.is_distributed:
+        return True
+    digests = [None] * context.world_size
+    dist.all_gather_object(digests, parameters_digest(module))
+    return len(set(digests)) == 1

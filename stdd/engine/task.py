@@ -238,6 +238,7 @@ def prepare_synthetic(cfg: DictConfig) -> "object":
         width=size,
         seed=int(options.get("seed", 0)),
         codec=str(options.get("codec", "h264")),
+        classes=None if options.get("classes") is None else [str(c) for c in options.get("classes")],
     )
 
 
