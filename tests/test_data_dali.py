@@ -79,13 +79,18 @@ def test_indexed_mode_uses_the_pyav_dataset_frame_choice(coded_records):
     sampling = ClipSampling(mode="segments", clip_length=6)
     loader = build_dali_loader(records=coded_records, training=True, mode="indexed", sampling=sampling, batch_size=3,
                                device="cpu", apply_transforms=False, seed=4)
-    loader.set_epoch(2)
-    for batch in loader:
-        for frames, position, indices in zip(batch["video"].numpy(), batch["index"].tolist(), batch["frame_indices"].numpy()):
-            count = (40, 57, 90)[position]
-            expected = sample_clip_indices(count, sampling, training=True, rng=np.random.default_rng([4, 2, position, 0]))[0]
-            assert np.array_equal(indices, expected)
-            assert np.array_equal(read_codes(frames), expected)
+    loader.set_epoch(2)  # resuming: the first pass is epoch 2, the next epoch 3
+    for epoch in (2, 3):
+        seen = []
+        for batch in loader:
+            for frames, position, indices in zip(batch["video"].numpy(), batch["index"].tolist(), batch["frame_indices"].numpy()):
+                count = (40, 57, 90)[position]
+                expected = sample_clip_indices(count, sampling, training=True, rng=np.random.default_rng([4, epoch, position, 0]))[0]
+                assert np.array_equal(indices, expected)
+                assert np.array_equal(read_codes(frames), expected)
+                seen.append(position)
+        assert sorted(seen) == [0, 1, 2] and loader.last_epoch_report.epoch == epoch
+        loader.set_epoch(epoch + 1)  # allowed: it is the next epoch anyway
 
 
 def test_evaluation_views_match_the_pyav_loader(vp9_set):
@@ -132,8 +137,9 @@ def test_bad_files_left_out_and_reported_each_epoch(vp9_set, tmp_path):
     (tmp_path / "garbage.webm").write_bytes(np.random.default_rng(0).integers(0, 256, 3000, dtype=np.uint8).tobytes())
     (tmp_path / "header_only.webm").write_bytes(source[:200])
     listing = tmp_path / "list.txt"
-    listing.write_text("".join(f"{vp9_set.root / line.split()[0]} {line.split()[1]}\n" for line in good)
-                       + "".join(f"{tmp_path / name} 0\n" for name in ("zero.webm", "garbage.webm", "header_only.webm")))
+    # bad files first: the good videos' positions (batch "index") must still be their line numbers
+    listing.write_text("".join(f"{tmp_path / name} 0\n" for name in ("zero.webm", "garbage.webm", "header_only.webm"))
+                       + "".join(f"{vp9_set.root / line.split()[0]} {line.split()[1]}\n" for line in good))
     options = dict(training=True, batch_size=4, device="cpu", crop_size=16, sampling=ClipSampling(clip_length=2, stride=2))
     loader = build_dali_loader(listing, **options)
     for epoch in range(2):
@@ -141,6 +147,13 @@ def test_bad_files_left_out_and_reported_each_epoch(vp9_set, tmp_path):
         report = loader.last_epoch_report
         assert report.epoch == epoch and report.failed_videos == 3
         assert {os.path.basename(failure.path) for failure in report.failures} == {"zero.webm", "garbage.webm", "header_only.webm"}
+    assert len(loader.records) == 19 and sorted(failure.index for failure in report.failures) == [0, 1, 2]
+    evaluation = build_dali_loader(listing, training=False, batch_size=4, device="cpu", crop_size=16,
+                                   sampling=ClipSampling(clip_length=2, stride=2, n_temporal_views=2, n_spatial_crops=3))
+    batches = list(evaluation)
+    indices, labels = torch.cat([batch["index"] for batch in batches]), torch.cat([batch["label"] for batch in batches])
+    assert sorted(indices.tolist()) == list(range(3, 19))
+    assert labels.tolist() == [int(good[i - 3].split()[1]) for i in indices.tolist()]
     with pytest.raises(VideoDecodeError, match="zero.webm: empty file"):
         build_dali_loader(listing, on_error="fail", **options)
 

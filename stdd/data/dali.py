@@ -71,9 +71,12 @@ def _require_dali() -> None:
 
 
 def _clip_transforms(video, *, training: bool, crop_size: int, short_side: int, horizontal_flip: bool,
-                     scale: tuple[float, float], n_spatial_crops: int):
+                     scale: tuple[float, float], n_spatial_crops: int, is_wide=None):
     """video: DataNode (F, H, W, 3) uint8 -> (F, 3, S, S) float32, or in evaluation with 3 crops
-    (3, F, 3, S, S). One crop window (and flip) per sample, shared by all its frames."""
+    (3, F, 3, S, S). One crop window (and flip) per sample, shared by all its frames.
+
+    is_wide: CPU DataNode, 1.0 where width >= height (needed for 3 crops only; it comes from the
+    PyAV probe, so no GPU -> CPU shape transfer is needed)."""
     from nvidia.dali import fn, types
 
     mean = [value * 255.0 for value in CLIP_MEAN]
@@ -89,9 +92,9 @@ def _clip_transforms(video, *, training: bool, crop_size: int, short_side: int, 
     if n_spatial_crops == 1:
         return fn.crop_mirror_normalize(video, crop=(crop_size, crop_size), crop_pos_x=0.5, crop_pos_y=0.5, **normalise)
     # Three crops along the longer side (start, centre, end), centred on the shorter one, as
-    # stdd.data.transforms.three_crop_boxes. The shape lives on the host even for GPU data.
-    shape = video.shape(dtype=types.FLOAT)  # (F, H, W, C)
-    is_wide = fn.cast(shape[2] >= shape[1], dtype=types.FLOAT)
+    # stdd.data.transforms.three_crop_boxes.
+    if is_wide is None:
+        raise ValueError("n_spatial_crops=3 needs the per-video orientation (indexed mode)")
     crops = []
     for position in (0.0, 0.5, 1.0):
         crop_pos_x = is_wide * position + (1.0 - is_wide) * 0.5
@@ -102,7 +105,7 @@ def _clip_transforms(video, *, training: bool, crop_size: int, short_side: int, 
     return fn.stack(*crops, axis=0)
 
 
-def _reader_pipeline(*, filenames, device, reader, training, clip_length, stride, step, shard_id, num_shards,
+def _reader_pipeline(*, filenames, positions, device, reader, training, clip_length, stride, step, shard_id, num_shards,
                      initial_fill, apply_transforms, transform_options):
     from nvidia.dali import fn
 
@@ -111,7 +114,7 @@ def _reader_pipeline(*, filenames, device, reader, training, clip_length, stride
         filenames=list(filenames),
         # The "label" DALI carries is the video's position in our record list: class label and index
         # are looked up from it after the iterator.
-        labels=list(range(len(filenames))),
+        labels=list(positions),
         sequence_length=clip_length,
         stride=stride,
         step=step,
@@ -134,12 +137,15 @@ def _reader_pipeline(*, filenames, device, reader, training, clip_length, stride
 def _indexed_pipeline(*, source, decoder_device, training, apply_transforms, transform_options):
     from nvidia.dali import fn, types
 
-    encoded, frame_indices, position = fn.external_source(
-        source=source, num_outputs=3, batch=True, batch_info=True, dtype=[types.UINT8, types.INT32, types.INT64]
+    outputs = fn.external_source(
+        source=source, num_outputs=4 if source.with_orientation else 3, batch=True, batch_info=True,
+        dtype=[types.UINT8, types.INT32, types.INT64, types.FLOAT][: 4 if source.with_orientation else 3],
     )
+    encoded, frame_indices, position = outputs[:3]
+    is_wide = outputs[3] if source.with_orientation else None
     video = fn.decoders.video(encoded, frames=frame_indices, device=decoder_device)
     if apply_transforms:
-        video = _clip_transforms(video, training=training, **transform_options)
+        video = _clip_transforms(video, training=training, is_wide=is_wide, **transform_options)
     return video, position, frame_indices
 
 
@@ -150,8 +156,11 @@ class _IndexedSource:
     and frame indices use the PyAV dataset's seeds, so both backends pick the same frames.
     """
 
-    def __init__(self, records, infos, sampling, *, training, batch_size, seed, rank, world_size, drop_last):
-        self.records, self.infos, self.sampling = records, infos, sampling
+    def __init__(self, records, infos, positions, sampling, *, training, batch_size, seed, rank, world_size, drop_last,
+                 with_orientation):
+        # records/infos: the decodable videos; positions: their places in the loader's full record list
+        self.records, self.infos, self.positions, self.sampling = records, infos, positions, sampling
+        self.with_orientation = with_orientation  # 4th output: 1.0 for landscape videos (3-crop evaluation)
         self.training, self.batch_size, self.seed = training, batch_size, seed
         self.drop_last = drop_last
         self.sampler = torch.utils.data.distributed.DistributedSampler(
@@ -176,13 +185,17 @@ class _IndexedSource:
             raise StopIteration
         order = self.order(epoch)
         positions = order[batch_info.iteration * self.batch_size : (batch_info.iteration + 1) * self.batch_size]
-        encoded, frame_indices, position_arrays = [], [], []
-        for position in positions:
-            encoded.append(np.fromfile(self.records[position].path, dtype=np.uint8))
+        encoded, frame_indices, position_arrays, orientations = [], [], [], []
+        for kept in positions:
+            position, info = self.positions[kept], self.infos[kept]
+            encoded.append(np.fromfile(self.records[kept].path, dtype=np.uint8))
             rng = np.random.default_rng([self.seed, epoch, position, 0])  # = VideoDataset._load(position, attempt 0)
-            indices = sample_clip_indices(self.infos[position].num_frames, self.sampling, training=self.training, rng=rng)
+            indices = sample_clip_indices(info.num_frames, self.sampling, training=self.training, rng=rng)
             frame_indices.append(indices.reshape(-1).astype(np.int32))  # (Vt * T,), view-major
             position_arrays.append(np.array([position], dtype=np.int64))
+            orientations.append(np.array(1.0 if info.width >= info.height else 0.0, dtype=np.float32))
+        if self.with_orientation:
+            return encoded, frame_indices, position_arrays, orientations
         return encoded, frame_indices, position_arrays
 
 
@@ -200,7 +213,8 @@ class DALIVideoLoader:
     """Iterable of batch dicts (see module docstring); one `for` loop is one epoch.
 
     `last_epoch_report` after each pass lists the videos left out at build (unreadable, too short for
-    the GPU reader) -- they are skipped in every epoch.
+    the GPU reader) -- they are skipped in every epoch. A batch's "index" is the video's position in
+    `records` (all videos found, as `VideoDataset.records` of the PyAV loader), left-out ones included.
     """
 
     def __init__(self, pipeline, iterator, records: list[VideoRecord], settings: _LoaderSettings,
@@ -217,14 +231,16 @@ class DALIVideoLoader:
         """Number the next pass. Before the first pass any epoch (resuming a run); afterwards the epochs
         advance one per pass and only that next number is accepted: DALI prefetches the next epoch's
         first batches as soon as a pass ends, with the seeds of the next number."""
-        if self._passes_started and epoch != self.next_epoch:
-            raise ValueError(
-                f"epoch: the DALI loader's next pass is epoch {self.next_epoch}; set_epoch can only choose the "
-                f"starting epoch before the first pass, got {epoch}"
-            )
+        if self._passes_started:
+            if epoch != self.next_epoch:
+                raise ValueError(
+                    f"epoch: the DALI loader's next pass is epoch {self.next_epoch}; set_epoch can only choose the "
+                    f"starting epoch before the first pass, got {epoch}"
+                )
+            return
         self.next_epoch = epoch
         if self.source is not None:
-            self.source.epoch_offset = epoch
+            self.source.epoch_offset = epoch  # DALI's pass k is our epoch `epoch + k`
 
     def __len__(self) -> int:
         if self.source is not None:
@@ -271,6 +287,7 @@ class DALIVideoLoader:
 
 
 def _probe_videos(records: Sequence[VideoRecord], *, verify_videos: str, on_error: str):
+    """(positions of the readable videos, their VideoInfo, DecodeFailure of the others)."""
     decoder = PyAVDecoder()
     kept, infos, failures = [], [], []
     for position, record in enumerate(records):
@@ -283,7 +300,7 @@ def _probe_videos(records: Sequence[VideoRecord], *, verify_videos: str, on_erro
                 raise
             failures.append(DecodeFailure(position, error.path, error.reason))
             continue
-        kept.append(record)
+        kept.append(position)
         infos.append(info)
     return kept, infos, failures
 
@@ -365,9 +382,11 @@ def build_dali_loader(
     records, missing_report = resolve_videos(records, on_missing=on_missing, source=source_name)
     logger.info("%s", missing_report.summary(source_name))
 
-    records, infos, skipped = _probe_videos(records, verify_videos=verify_videos, on_error=on_error)
+    records = list(records)  # all videos found; batch "index" is a position in this list
+    positions, infos, skipped = _probe_videos(records, verify_videos=verify_videos, on_error=on_error)
     if device == "cpu":
-        unsupported = [(record.path, info.codec) for record, info in zip(records, infos) if info.codec not in CPU_DECODABLE_CODECS]
+        unsupported = [(records[position].path, info.codec) for position, info in zip(positions, infos)
+                       if info.codec not in CPU_DECODABLE_CODECS]
         if unsupported:
             raise ValueError(
                 f"device='cpu': DALI's CPU video decoder handles {sorted(CPU_DECODABLE_CODECS)} only; "
@@ -376,15 +395,15 @@ def build_dali_loader(
             )
     if mode == "reader" and reader == "legacy":
         span = clip_span(sampling.clip_length, sampling.stride)
-        short = [(record, info) for record, info in zip(records, infos) if info.num_frames < span]
-        for record, info in short:
-            skipped.append(DecodeFailure(-1, str(record.path), f"{info.num_frames} frames, shorter than a clip span of {span} (fn.readers.video cannot pad)"))
-        short_paths = {record.path for record, _ in short}
-        kept = [(record, info) for record, info in zip(records, infos) if record.path not in short_paths]
-        records, infos = [record for record, _ in kept], [info for _, info in kept]
+        for position, info in zip(positions, infos):
+            if info.num_frames < span:
+                skipped.append(DecodeFailure(position, str(records[position].path),
+                                             f"{info.num_frames} frames, shorter than a clip span of {span} (fn.readers.video cannot pad)"))
+        kept = [(position, info) for position, info in zip(positions, infos) if info.num_frames >= span]
+        positions, infos = [position for position, _ in kept], [info for _, info in kept]
     for failure in skipped:
         logger.warning("DALI loader: leaving out %s: %s", failure.path, failure.reason)
-    if not records:
+    if not positions:
         raise ValueError(f"{source_name}: no usable videos left for DALI ({len(skipped)} left out)")
 
     rank, world_size = _distributed_rank_world()
@@ -404,7 +423,8 @@ def build_dali_loader(
     source = None
     if mode == "reader":
         pipeline = pipeline_def(_reader_pipeline)(
-            filenames=[str(record.path) for record in records], device=device, reader=reader, training=training,
+            filenames=[str(records[position].path) for position in positions], positions=positions, device=device,
+            reader=reader, training=training,
             clip_length=sampling.clip_length, stride=sampling.stride,
             step=step if step is not None else clip_span(sampling.clip_length, sampling.stride),
             shard_id=rank, num_shards=world_size, initial_fill=initial_fill,
@@ -413,8 +433,10 @@ def build_dali_loader(
         output_map = ["video", "position", "frame_start"]
         iterator_options = dict(reader_name="Reader")
     else:
-        source = _IndexedSource(records, infos, sampling, training=training, batch_size=batch_size, seed=seed,
-                                rank=rank, world_size=world_size, drop_last=training)
+        source = _IndexedSource([records[position] for position in positions], infos, positions, sampling,
+                                training=training, batch_size=batch_size, seed=seed, rank=rank, world_size=world_size,
+                                drop_last=training,
+                                with_orientation=apply_transforms and not training and sampling.n_spatial_crops == 3)
         pipeline = pipeline_def(_indexed_pipeline)(
             source=source, decoder_device="mixed" if device == "gpu" else "cpu", training=training,
             apply_transforms=apply_transforms, transform_options=transform_options, **pipeline_options,
