@@ -59,13 +59,13 @@ class STCAGeometry:
         return self.channels // self.channel_fold
 
 
-def _positive_int(value, name: str) -> int:
+def positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
-def _window(window) -> tuple[int, int]:
+def check_window(window) -> tuple[int, int]:
     if (
         not isinstance(window, (tuple, list))
         or len(window) != 2
@@ -91,7 +91,7 @@ def masked_cells(window: tuple[int, int], mask_ratio) -> int:
     return masked
 
 
-def _scales(scales) -> tuple[int, ...]:
+def check_scales(scales) -> tuple[int, ...]:
     if not isinstance(scales, (tuple, list)) or len(scales) == 0:
         raise ValueError(f"scales must be a non-empty tuple of positive ints, got {scales!r}")
     for s in scales:
@@ -100,6 +100,36 @@ def _scales(scales) -> tuple[int, ...]:
     if len(set(scales)) != len(scales):
         raise ValueError(f"scales must be distinct, got {scales!r}")
     return tuple(int(s) for s in scales)
+
+
+def check_mixing(channels: int, scales: tuple[int, ...], channel_fold, mixing) -> int:
+    """Check the channel-mixing settings for ``D = channels``; returns ``channel_fold``.
+
+    Needs ``1 <= I = D // F`` and ``2I <= D`` unless ``mixing="none"``, and for
+    continual mixing ``I`` divisible by every scale.
+    """
+    channel_fold = positive_int(channel_fold, "channel_fold")
+    if mixing not in MIXING_MODES:
+        raise ValueError(f"mixing must be one of {MIXING_MODES}, got {mixing!r}")
+    mix = channels // channel_fold
+    if mixing != "none":
+        if mix < 1:
+            raise ValueError(
+                f"channel_fold={channel_fold} leaves I = D // F = 0 mixed channels for D={channels}; "
+                "use channel_fold <= D (or mixing='none')"
+            )
+        if 2 * mix > channels:
+            raise ValueError(
+                f"channel_fold={channel_fold} gives I={mix}, but 2*I must fit in D={channels}"
+            )
+        if mixing == "continual":
+            for s in scales:
+                if mix % s != 0:
+                    raise ValueError(
+                        f"continual mixing needs I = D // channel_fold = {mix} divisible by every "
+                        f"scale; scale {s} in scales={scales} does not divide it"
+                    )
+    return channel_fold
 
 
 def grid_side(num_tokens: int, name: str) -> int:
@@ -139,12 +169,12 @@ def make_geometry(
     tensor_name: str,
 ) -> STCAGeometry:
     """Validate the operator arguments; raises ``ValueError`` naming the culprit."""
-    num_frames = _positive_int(num_frames, "num_frames")
+    num_frames = positive_int(num_frames, "num_frames")
     if rows % num_frames != 0:
         raise ValueError(
             f"{tensor_name}.shape[0] (B*T = {rows}) must be divisible by num_frames={num_frames}"
         )
-    window = _window(window)
+    window = check_window(window)
     grid = grid_side(num_tokens, tensor_name)
     if grid % window[0] != 0 or grid % window[1] != 0:
         raise ValueError(
@@ -152,28 +182,8 @@ def make_geometry(
             f"{grid} is not divisible by both window sides"
         )
     masked = masked_cells(window, mask_ratio)
-    scales = None if scales is None else _scales(scales)
-    channel_fold = _positive_int(channel_fold, "channel_fold")
-    if mixing not in MIXING_MODES:
-        raise ValueError(f"mixing must be one of {MIXING_MODES}, got {mixing!r}")
-    mix = channels // channel_fold
-    if mixing != "none":
-        if mix < 1:
-            raise ValueError(
-                f"channel_fold={channel_fold} leaves I = D // F = 0 mixed channels for D={channels}; "
-                "use channel_fold <= D (or mixing='none')"
-            )
-        if 2 * mix > channels:
-            raise ValueError(
-                f"channel_fold={channel_fold} gives I={mix}, but 2*I must fit in D={channels}"
-            )
-        if mixing == "continual":
-            for s in scales or ():
-                if mix % s != 0:
-                    raise ValueError(
-                        f"continual mixing needs I = D // channel_fold = {mix} divisible by every "
-                        f"scale; scale {s} in scales={scales} does not divide it"
-                    )
+    scales = None if scales is None else check_scales(scales)
+    channel_fold = check_mixing(channels, scales or (), channel_fold, mixing)
     return STCAGeometry(
         num_frames=num_frames,
         grid=grid,
@@ -186,29 +196,45 @@ def make_geometry(
     )
 
 
-def check_phase(
-    phase, batch: int, geometry: STCAGeometry, device: torch.device, check_values: bool = True
+def check_phase_tensor(
+    phase, *, batch: int, num_frames: int, window: tuple[int, int], device, check_values: bool = True
 ) -> torch.Tensor:
-    """Validate a ``(B, T)`` integer phase tensor with values in ``[0, K)``.
+    """Validate a ``(B, T)`` integer phase tensor with values in ``[0, K)``, ``K = w1 * w2``.
 
     The value-range check reads the tensor back to the host (a device sync on
     GPU); ``check_values=False`` skips it for callers that validated the phase
-    already, e.g. once per forward pass of a whole STCA stack.
+    already, e.g. once per forward pass of a whole STCA stack. It is also
+    skipped while ``torch.compile`` traces (a data-dependent host read).
     """
     if not isinstance(phase, torch.Tensor):
         raise ValueError(f"phase must be an integer torch.Tensor of shape (B, T), got {type(phase).__name__}")
     if phase.dtype.is_floating_point or phase.dtype.is_complex or phase.dtype == torch.bool:
         raise ValueError(f"phase must have an integer dtype, got {phase.dtype}")
-    expected = (batch, geometry.num_frames)
+    expected = (batch, num_frames)
     if tuple(phase.shape) != expected:
         raise ValueError(f"phase must have shape (B, T) = {expected}, got {tuple(phase.shape)}")
-    if phase.device != device:
+    if phase.device != torch.device(device):
         raise ValueError(f"phase is on {phase.device} but the tokens are on {device}")
-    if check_values and phase.numel() > 0:
+    if check_values and phase.numel() > 0 and not torch.compiler.is_compiling():
+        cells = window[0] * window[1]
         low, high = int(phase.min()), int(phase.max())
-        if low < 0 or high >= geometry.cells:
+        if low < 0 or high >= cells:
             raise ValueError(
-                f"phase values must be in [0, K) = [0, {geometry.cells}) for window "
-                f"{geometry.window}, got values in [{low}, {high}]"
+                f"phase values must be in [0, K) = [0, {cells}) for window "
+                f"{window}, got values in [{low}, {high}]"
             )
     return phase
+
+
+def check_phase(
+    phase, batch: int, geometry: STCAGeometry, device: torch.device, check_values: bool = True
+) -> torch.Tensor:
+    """:func:`check_phase_tensor` for the frames and window of ``geometry``."""
+    return check_phase_tensor(
+        phase,
+        batch=batch,
+        num_frames=geometry.num_frames,
+        window=geometry.window,
+        device=device,
+        check_values=check_values,
+    )

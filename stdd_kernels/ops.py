@@ -16,11 +16,11 @@ from .dispatch import Backend, register_backend, resolve_backend
 from .geometry import (
     FLOAT_DTYPES,
     STCAGeometry,
-    _positive_int,
-    _window,
     check_float_tensor,
     check_phase,
+    check_window,
     make_geometry,
+    positive_int,
 )
 
 register_backend(
@@ -160,9 +160,9 @@ def mask_phase(
     clip's phases. Draws come from ``generator`` (a CPU ``torch.Generator``),
     so seeding it reproduces the phases on any ``device``.
     """
-    batch = _positive_int(batch, "batch")
-    num_frames = _positive_int(num_frames, "num_frames")
-    w1, w2 = _window(window)
+    batch = positive_int(batch, "batch")
+    num_frames = positive_int(num_frames, "num_frames")
+    w1, w2 = check_window(window)
     if mode not in ("eval", "train"):
         raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
     if generator is not None and not isinstance(generator, torch.Generator):

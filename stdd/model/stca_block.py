@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import stdd_kernels
-from stdd_kernels.geometry import _positive_int, _scales, _window, masked_cells, MIXING_MODES
+from stdd_kernels.geometry import (
+    check_mixing,
+    check_phase_tensor,
+    check_scales,
+    check_window,
+    masked_cells,
+    positive_int,
+)
 
 ATTENTION_KINDS = ("sdpa", "xformers")
 
@@ -130,29 +137,14 @@ class STCABlock(nn.Module):
         super().__init__()
         check_block_supported(block)
         self.block = block
-        self.num_frames = _positive_int(num_frames, "num_frames")
-        self.window = _window(window)
+        self.num_frames = positive_int(num_frames, "num_frames")
+        self.window = check_window(window)
         masked_cells(self.window, mask_ratio)  # validates mask_ratio
         self.mask_ratio = float(mask_ratio)
-        self.scales = _scales(scales)
-        self.channel_fold = _positive_int(channel_fold, "channel_fold")
-        if mixing not in MIXING_MODES:
-            raise ValueError(f"mixing must be one of {MIXING_MODES}, got {mixing!r}")
+        self.scales = check_scales(scales)
+        # Same rules as the ops (I = width // channel_fold), checked now rather than at the first forward.
+        self.channel_fold = check_mixing(block.attn.embed_dim, self.scales, channel_fold, mixing)
         self.mixing = mixing
-        width = block.attn.embed_dim
-        mix_channels = width // self.channel_fold
-        if mixing != "none" and (mix_channels < 1 or 2 * mix_channels > width):
-            raise ValueError(
-                f"channel_fold={channel_fold} gives I = {width} // {channel_fold} = {mix_channels} "
-                f"mixed channels per direction for width {width}; need 1 <= I and 2*I <= width"
-            )
-        if mixing == "continual":
-            for s in self.scales:
-                if mix_channels % s:
-                    raise ValueError(
-                        f"continual mixing needs I = {width} // channel_fold={channel_fold} = "
-                        f"{mix_channels} divisible by every scale; scale {s} of {self.scales} is not"
-                    )
         if backend is not None and not isinstance(backend, str):
             raise ValueError(f"backend must be a backend name or None, got {backend!r}")
         self.backend = backend
@@ -207,23 +199,13 @@ class STCABlock(nn.Module):
         stack of blocks (:class:`~stdd.model.VideoEncoder`) check once and call the
         blocks with ``check_phase=False``.
         """
-        frames = self.num_frames if num_frames is None else num_frames
-        if not isinstance(phase, torch.Tensor):
-            raise ValueError(f"phase must be an integer tensor of shape (B, T), got {type(phase).__name__}")
-        if phase.dtype.is_floating_point or phase.dtype.is_complex or phase.dtype == torch.bool:
-            raise ValueError(f"phase must have an integer dtype, got {phase.dtype}")
-        if tuple(phase.shape) != (batch, frames):
-            raise ValueError(f"phase must have shape (B, T) = ({batch}, {frames}), got {tuple(phase.shape)}")
-        if phase.device != device:
-            raise ValueError(f"phase is on {phase.device} but the tokens are on {device}")
-        if not torch.compiler.is_compiling() and phase.numel() > 0:
-            low, high = int(phase.min()), int(phase.max())
-            if low < 0 or high >= self.cells:
-                raise ValueError(
-                    f"phase values must be in [0, K) = [0, {self.cells}) for window {self.window}, "
-                    f"got values in [{low}, {high}]"
-                )
-        return phase
+        return check_phase_tensor(
+            phase,
+            batch=batch,
+            num_frames=self.num_frames if num_frames is None else num_frames,
+            window=self.window,
+            device=device,
+        )
 
     # --------------------------------------------------------------- forward
     def _attend(self, tokens: torch.Tensor) -> torch.Tensor:
