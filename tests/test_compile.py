@@ -1,0 +1,136 @@
+"""``torch.compile(fullgraph=True)`` traces the STCA ops and blocks with no graph break.
+
+The ``stdd_triton`` ops are ``torch.library.custom_op``s with fake impls and
+registered autograd, so dynamo keeps them as opaque nodes and AOTAutograd
+traces their backward ops too. On CPU this runs with the ``aot_eager``
+backend under Triton's interpreter (``TRITON_INTERPRET=1``, set here when
+neither it nor a GPU is present); results and gradients are compared with the
+eager reference backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import torch
+
+if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined (see reload_kernels)
+
+import pytest
+
+import stdd_kernels
+
+triton_backend = importlib.import_module("stdd_kernels.triton_backend")
+triton_backend.reload_kernels()
+DEVICE = "cpu" if importlib.import_module("stdd_kernels.mix_gather").interpreting() else "cuda"
+
+
+class GraphRecorder:
+    """A compile backend that keeps dynamo's graphs and hands them on to aot_eager."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, graph_module, example_inputs):
+        from torch._dynamo.backends.debugging import aot_eager
+
+        self.graphs.append(graph_module)
+        return aot_eager(graph_module, example_inputs)
+
+    def code(self) -> str:
+        return "\n".join(graph.code for graph in self.graphs)
+
+
+def _inputs(seed=0, rows=6, tokens=17, channels=16):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(rows, tokens, channels, generator=generator).to(DEVICE) for _ in range(3)]
+
+
+def _ops_step(x, full, residual, phase, backend):
+    mixed = stdd_kernels.mix_gather(
+        x, 3, scales=(1, 2), channel_fold=4, phase=phase, backend=backend, validate=False
+    )
+    mixed = torch.tanh(mixed) * 2  # something between the ops, as attention would be
+    return stdd_kernels.pad_scatter(full, mixed, 3, phase=phase, residual=residual, backend=backend, validate=False)
+
+
+@pytest.mark.parametrize("explicit_phase", [True, False], ids=["phase", "eval-phase"])
+def test_public_ops_trace_fullgraph(explicit_phase):
+    """The validating public ops (validate=False) + dispatch + stdd_triton ops: one graph."""
+    torch._dynamo.reset()
+    phase = (
+        stdd_kernels.mask_phase(2, 3, mode="train", generator=torch.Generator().manual_seed(1), device=DEVICE)
+        if explicit_phase
+        else None
+    )
+    recorder = GraphRecorder()
+    compiled = torch.compile(_ops_step, fullgraph=True, backend=recorder)
+
+    leaves = [t.requires_grad_(True) for t in _inputs()]
+    out = compiled(*leaves, phase, "triton")
+    out.square().sum().backward()
+    got = [out.detach()] + [t.grad for t in leaves]
+
+    ref_leaves = [t.requires_grad_(True) for t in _inputs()]
+    ref_out = _ops_step(*ref_leaves, phase, "reference")
+    ref_out.square().sum().backward()
+    expected = [ref_out.detach()] + [t.grad for t in ref_leaves]
+
+    assert len(recorder.graphs) == 1
+    assert "stdd_triton.mix_gather" in recorder.code() and "stdd_triton.pad_scatter" in recorder.code()
+    for name, a, b in zip(("out", "d_x", "d_full", "d_residual"), got, expected):
+        torch.testing.assert_close(a, b, msg=lambda m: f"{name}: {m}")
+
+
+def _tiny_blocks(layers, width=32, heads=2, seed=0):
+    from open_clip.transformer import ResidualAttentionBlock
+
+    torch.manual_seed(seed)
+    blocks = torch.nn.ModuleList([ResidualAttentionBlock(width, heads, ls_init_value=0.5) for _ in range(layers)])
+    with torch.no_grad():  # non-trivial biases and norms
+        for parameter in blocks.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    return blocks.to(DEVICE)
+
+
+def test_stca_block_stack_traces_fullgraph_with_triton_backend():
+    """Two stdd.model.STCABlocks on the triton backend, compiled whole, forward and backward."""
+    from stdd.model import STCABlock
+
+    torch._dynamo.reset()
+    frames, batch, grid, width = 3, 2, 4, 32
+    blocks = _tiny_blocks(2, width)
+
+    def stack(backend):
+        return torch.nn.ModuleList(
+            [STCABlock(block, num_frames=frames, channel_fold=8, backend=backend, seed=0) for block in blocks]
+        ).train()
+
+    def run(modules, x, phase):
+        for module in modules:
+            x = module(x, phase)
+        return x
+
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(batch * frames, 1 + grid * grid, width, generator=generator).to(DEVICE)
+    phase = stdd_kernels.mask_phase(batch, frames, mode="train", generator=generator, device=DEVICE)
+    recorder = GraphRecorder()
+    compiled = torch.compile(run, fullgraph=True, backend=recorder)
+
+    triton_stack = stack("triton")
+    loss = compiled(triton_stack, x, phase).square().mean()
+    loss.backward()
+    got = [loss.detach()] + [p.grad.clone() for p in blocks.parameters()]
+    blocks.zero_grad(set_to_none=True)
+    expected_loss = run(stack("reference"), x, phase).square().mean()
+    expected_loss.backward()
+    expected = [expected_loss.detach()] + [p.grad for p in blocks.parameters()]
+
+    assert len(recorder.graphs) == 1
+    assert recorder.code().count("stdd_triton.mix_gather") == 2
+    assert recorder.code().count("stdd_triton.pad_scatter") == 2
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
