@@ -405,6 +405,57 @@ def test_ops_pass_torch_library_opcheck():
 
 
 # ---------------------------------------------------------------------------
+# A whole stack: 12 tiny STCA blocks, Triton vs reference
+# ---------------------------------------------------------------------------
+
+
+def test_twelve_block_stack_loss_and_every_parameter_gradient_match_reference():
+    """stdd.model.STCABlock x 12 (tiny open_clip blocks), training mode with per-layer random
+    phases: the loss and the gradient of every parameter and of the input agree."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    from stdd.model import STCABlock
+
+    layers, batch, frames, grid, width, heads = 12, 2, 3, 4, 32, 2
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList([ResidualAttentionBlock(width, heads, ls_init_value=0.5) for _ in range(layers)])
+    with torch.no_grad():  # non-trivial biases and norms
+        for parameter in blocks.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    blocks = blocks.to(DEVICE)
+    generator = torch.Generator().manual_seed(7)
+    phases = [
+        stdd_kernels.mask_phase(batch, frames, mode="train", generator=generator, shuffle=True, device=DEVICE)
+        for _ in range(layers)
+    ]
+    x = randn(batch * frames, 1 + grid * grid, width, seed=8)
+    target = randn(batch * frames, 1 + grid * grid, width, seed=9)
+
+    def loss_and_grads(backend):
+        stack = [
+            STCABlock(block, num_frames=frames, channel_fold=8, backend=backend, seed=0).train()
+            for block in blocks
+        ]
+        blocks.zero_grad(set_to_none=True)
+        tokens = x.clone().requires_grad_(True)
+        out = tokens
+        for block, phase in zip(stack, phases):
+            out = block(out, phase)
+        loss = (out - target).square().mean()
+        loss.backward()
+        return loss.detach(), tokens.grad, {name: p.grad.clone() for name, p in blocks.named_parameters()}
+
+    loss, dx, grads = loss_and_grads("triton")
+    expected_loss, expected_dx, expected_grads = loss_and_grads("reference")
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
+    torch.testing.assert_close(dx, expected_dx, rtol=1e-4, atol=1e-7)
+    assert grads.keys() == expected_grads.keys() and len(grads) == layers * 14  # 12 tensors + 2 layer scales
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------
 # Dispatch and the compiled (GPU) kernels
 # ---------------------------------------------------------------------------
 
