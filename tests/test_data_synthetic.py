@@ -185,3 +185,14 @@ def test_vp9_on_request_and_argument_errors(tmp_path):
         generate_synthetic_dataset(tmp_path, classes=["dancing"])
     with pytest.raises(ValueError, match="even"):
         generate_synthetic_dataset(tmp_path, height=33)
+
+
+def test_command_line_writes_the_dataset(tmp_path, capsys):
+    from stdd.data.synthetic import main
+
+    main([str(tmp_path / "cli"), "--videos-per-class", "1", "--val-videos-per-class", "0", "--num-frames", "4",
+          "--size", "32", "--codec", "vp9"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["classes"] == list(CLASS_NAMES)
+    records = read_video_list(printed["annotations"]["train"])
+    assert len(records) == len(CLASS_NAMES) and all(record.path.suffix == ".webm" for record in records)

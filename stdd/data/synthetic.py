@@ -137,7 +137,7 @@ CODEC_SETTINGS = {
     "vp9": (".webm", "libvpx-vp9", {"crf": "24", "b": "0", "deadline": "good", "cpu-used": "5", "threads": "1"}),
 }
 
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: byte-reproducible encoder settings
 
 
 @dataclass(frozen=True)
