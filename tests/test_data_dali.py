@@ -197,3 +197,38 @@ def test_shards_follow_torch_distributed_rank(vp9_set):
     # DALI shards by clip: 48 clips, 24 per rank, together every clip of every video
     assert len(reader_0) == len(reader_1) == 24
     assert sorted(reader_0 + reader_1) == sorted(list(range(8)) * 6)
+
+
+@pytest.mark.parametrize("reader", ["legacy", "experimental"])
+@pytest.mark.parametrize("training", [True, False])
+def test_gpu_graphs_are_valid_dali_graphs(reader, training, coded_records):
+    """The GPU pipelines cannot run here, but DALI checks operator names, arguments and devices when a
+    graph is defined; building (which needs the GPU) is left out. The GPU runs are not measured yet."""
+    from nvidia.dali import pipeline_def
+
+    from stdd.data.dali import _IndexedSource, _indexed_pipeline, _reader_pipeline
+    from stdd.data.decoders import PyAVDecoder
+
+    transform_options = dict(crop_size=32, short_side=32, horizontal_flip=True, scale=(0.25, 1.0), n_spatial_crops=1)
+    pipeline_options = dict(batch_size=2, num_threads=1, device_id=0, seed=0)
+    paths = [str(record.path) for record in coded_records]
+    pipeline_def(_reader_pipeline)(
+        filenames=paths, positions=[0, 1, 2], device="gpu", reader=reader, training=training, clip_length=4, stride=2,
+        step=7, shard_id=0, num_shards=1, initial_fill=16, apply_transforms=True, transform_options=transform_options,
+        **pipeline_options,
+    )
+    n_spatial_crops = 1 if training else 3
+    sampling = ClipSampling(clip_length=4, stride=2, n_temporal_views=1 if training else 2, n_spatial_crops=n_spatial_crops)
+    source = _IndexedSource(coded_records, [PyAVDecoder().probe(path) for path in paths], [0, 1, 2], sampling,
+                            training=training, batch_size=2, seed=0, rank=0, world_size=1, drop_last=training,
+                            with_orientation=n_spatial_crops == 3)
+    pipeline_def(_indexed_pipeline)(
+        source=source, decoder_device="mixed", training=training, apply_transforms=True,
+        transform_options={**transform_options, "n_spatial_crops": n_spatial_crops}, **pipeline_options,
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message given on a machine without a GPU")
+def test_gpu_request_without_gpu_says_what_to_do(coded_records):
+    with pytest.raises(RuntimeError, match="no CUDA device visible; use device='cpu'"):
+        build_dali_loader(records=coded_records, training=True, device="gpu")
