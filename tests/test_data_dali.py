@@ -232,3 +232,30 @@ def test_gpu_graphs_are_valid_dali_graphs(reader, training, coded_records):
 def test_gpu_request_without_gpu_says_what_to_do(coded_records):
     with pytest.raises(RuntimeError, match="no CUDA device visible; use device='cpu'"):
         build_dali_loader(records=coded_records, training=True, device="gpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (NVDEC)")
+@pytest.mark.parametrize("reader", ["legacy", "experimental"])
+def test_gpu_decodes_h264_like_pyav(reader, tmp_path):
+    records = []
+    for position, count in enumerate((40, 57)):
+        path = tmp_path / f"coded_{count}.mp4"
+        encode_video(path, index_coded_frames(count), fps=25, codec="h264", keyframe_interval=16)
+        records.append(VideoRecord(path, position))
+    decoder = PyAVDecoder()
+    sampling = ClipSampling(clip_length=4, stride=5)
+    loader = build_dali_loader(records=records, training=False, mode="reader", reader=reader, sampling=sampling,
+                               batch_size=2, device="gpu", apply_transforms=False)
+    for batch in loader:
+        assert batch["video"].is_cuda
+        for frames, position, start in zip(batch["video"].cpu().numpy(), batch["index"].tolist(), batch["frame_start"].tolist()):
+            expected = np.minimum(start + 5 * np.arange(4), (40, 57)[position] - 1)
+            assert np.array_equal(read_codes(frames), expected)
+            reference = decoder.decode(records[position].path, expected).frames
+            assert np.abs(reference.astype(np.int16) - frames.astype(np.int16)).mean() < 2.0
+    indexed = build_dali_loader(records=records, training=False, mode="indexed", batch_size=2, device="gpu",
+                                sampling=ClipSampling(clip_length=4, stride=3, n_temporal_views=2, n_spatial_crops=3),
+                                crop_size=24, short_side=32)
+    batch = next(iter(indexed))
+    assert batch["video"].is_cuda and batch["video"].shape == (2, 6, 4, 3, 24, 24)
