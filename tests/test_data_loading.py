@@ -4,6 +4,7 @@ import logging
 import os
 import socket
 
+import av
 import numpy as np
 import pytest
 import torch
@@ -41,6 +42,30 @@ def coded_videos(tmp_path_factory):
         # a keyframe every 16 frames, so far targets are reached by seeking, not decoding through
         encode_video(path, frames, fps=25, codec=codec, keyframe_interval=16)
     return paths
+
+
+def write_raw_h264(path, frames):
+    """An elementary H.264 stream: no container, so no frame count, duration or timestamps."""
+    with av.open(str(path), "w", format="h264") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.codec_context.gop_size = 16
+        for index, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_raw_stream_without_timestamps_is_counted_and_decoded_in_order(tmp_path):
+    path = tmp_path / "raw.h264"
+    write_raw_h264(path, index_coded_frames(100))
+    decoder = PyAVDecoder(seek_gap_frames=4)
+    assert decoder.probe(path).num_frames == 100
+    indices = np.array([[0, 10, 50], [99, 90, 10]])
+    assert np.array_equal(read_codes(decoder.decode(path, indices).frames), indices)
 
 
 @pytest.mark.parametrize("codec", ["h264", "vp9"])

@@ -100,18 +100,29 @@ class PyAVDecoder:
         if num_frames <= 0:
             exact = False
             if stream.duration is not None and stream.time_base is not None:
-                seconds = float(stream.duration * stream.time_base)
+                num_frames = int(round(float(stream.duration * stream.time_base) * fps))
             elif container.duration is not None:
-                seconds = container.duration / 1_000_000  # av.time_base: microseconds
+                num_frames = int(round(container.duration / 1_000_000 * fps))  # av.time_base: microseconds
             else:
-                raise VideoDecodeError(path, "no frame count and no duration in the container")
-            num_frames = int(round(seconds * fps))
+                # No count and no duration (e.g. a raw .h264 elementary stream): count the packets, a
+                # demux pass without decoding, in a container of its own so `container` stays at the start.
+                num_frames, exact = PyAVDecoder._count_packets(path), True
         if num_frames <= 0:
             raise VideoDecodeError(path, "container reports no frames")
         height, width = stream.codec_context.height, stream.codec_context.width
         if not height or not width:
             raise VideoDecodeError(path, "unknown frame size")
         return VideoInfo(num_frames, fps, height, width, exact, stream.codec_context.name or ""), stream
+
+    @staticmethod
+    def _count_packets(path) -> int:
+        import av
+
+        try:
+            with av.open(str(path), mode="r") as container:
+                return sum(1 for packet in container.demux(video=0) if packet.size > 0)
+        except (av.error.FFmpegError, OSError) as error:
+            raise VideoDecodeError(path, f"cannot count frames: {error}") from None
 
     def probe(self, path: str | os.PathLike) -> VideoInfo:
         container = self._open(path)
@@ -165,6 +176,9 @@ class PyAVDecoder:
         """{frame index: (H, W, 3) uint8} for the wanted indices (sorted, unique) that exist."""
         time_base = stream.time_base or Fraction(1, 1)
         start_pts = stream.start_time or 0
+        # Streams without a start time (raw elementary streams) carry no usable timestamps: frames are
+        # numbered by counting from the start, so there is no seeking.
+        can_seek = stream.start_time is not None
         out_height, out_width = _output_size(info.height, info.width, self.short_side)
         wanted_set = {int(index) for index in wanted}
         decoded: dict[int, np.ndarray] = {}
@@ -188,8 +202,8 @@ class PyAVDecoder:
         for target in (int(index) for index in wanted):
             if target in decoded or target <= position:
                 continue
-            if frame_iterator is None or target - position > self.seek_gap_frames:
-                if target > self.seek_gap_frames // 2:
+            if frame_iterator is None or (can_seek and target - position > self.seek_gap_frames):
+                if can_seek and target > self.seek_gap_frames // 2:
                     # Seek to the keyframe at or before the target's timestamp (half a frame early so
                     # rounding cannot land us after it).
                     seconds = max(0.0, (target - 0.5) / info.fps)
