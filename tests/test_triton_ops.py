@@ -168,13 +168,13 @@ def test_mix_gather_forward_and_gradient_match_reference(case):
 
 
 def test_mix_gather_noncontiguous_input_and_gradient():
-    """Channel-strided x, an expanded (stride-0) upstream gradient and a transposed one."""
+    """Channel-strided x, an int32 phase, an expanded (stride-0) upstream gradient and a transposed one."""
     case = CASES[1]
     geometry = geometry_of(case)
     rows, tokens = case.clips * case.frames, 1 + case.grid**2
     x = randn(case.channels, rows, tokens, seed=4).permute(1, 2, 0)  # (B*T, 1+N, D), channel stride B*T*(1+N)
     assert not x.is_contiguous()
-    phase = phases_of(case, seed=5)
+    phase = phases_of(case, seed=5).to(torch.int32)  # any integer dtype
     expected = reference.mix_gather(x, phase, geometry)
     torch.testing.assert_close(mix_gather_module.mix_gather_forward(x, phase, geometry), expected, rtol=0, atol=0)
 
@@ -250,7 +250,8 @@ def test_pad_scatter_noncontiguous_inputs_and_gradient():
     mixed = randn(rows, num_scales, 1 + geometry.num_kept, D, seed=22).transpose(0, 1)
     residual = randn(rows, 2 * tokens, D, seed=23)[:, ::2]
     assert not (full.is_contiguous() or mixed.is_contiguous() or residual.is_contiguous())
-    phase = phases_of(case, seed=24)
+    phase = phases_of(case, seed=24).t().contiguous().t()  # column-major (B, T) phase
+    assert not phase.is_contiguous()
     expected = reference.pad_scatter(full, mixed, phase, geometry, residual)
     torch.testing.assert_close(
         pad_scatter_module.pad_scatter_forward(full, mixed, phase, geometry, residual), expected
