@@ -57,7 +57,7 @@ int vector_width(std::initializer_list<int64_t> boundaries, std::initializer_lis
   return widest;
 }
 
-int64_t mix_boundaries_ok(const MixKernelArgs& a, int widest) {
+bool mix_boundaries_ok(const MixKernelArgs& a, int widest) {
   // D, I, 2I and the continual block widths I / s must all be multiples of V.
   if (a.channels % widest != 0) return false;
   if (a.mixing == Mixing::kNone) return true;
@@ -142,7 +142,7 @@ at::Tensor mix_gather_cuda(const at::Tensor& x, const at::Tensor& phase, int64_t
   const int64_t items = args.num_scales * plan.rows * (1 + plan.mask.num_kept());
   if (mixed.numel() == 0) return mixed;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stdd::mix_gather (CUDA)", [&] {
-    const bool vectorized = mix_boundaries_ok(args, 16 / sizeof(scalar_t)) &&
+    const bool vectorized = mix_boundaries_ok(args, 16 / static_cast<int>(sizeof(scalar_t))) &&
                             vector_width<scalar_t>({plan.channels}, {input.const_data_ptr(), mixed.const_data_ptr()}) > 1;
     with_vector_width<scalar_t>(vectorized, [&]<int V>() {
       const auto shape = launch_shape(items, plan.channels / V);
@@ -174,7 +174,7 @@ at::Tensor mix_gather_backward_cuda(const at::Tensor& grad_mixed, const at::Tens
   const int64_t items = plan.rows * plan.mask.num_tokens();
   if (grad_x.numel() == 0) return grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stdd::mix_gather_backward (CUDA)", [&] {
-    const bool vectorized = mix_boundaries_ok(args, 16 / sizeof(scalar_t)) &&
+    const bool vectorized = mix_boundaries_ok(args, 16 / static_cast<int>(sizeof(scalar_t))) &&
                             vector_width<scalar_t>({plan.channels}, {grad.const_data_ptr(), grad_x.const_data_ptr()}) > 1;
     with_vector_width<scalar_t>(vectorized, [&]<int V>() {
       const auto shape = launch_shape(items, plan.channels / V);
