@@ -14,13 +14,17 @@ CPU-only build registers ``cpp`` alone and records why ``cuda`` is missing.
 
 from __future__ import annotations
 
+import importlib
+
 import torch
 
 from . import dispatch
 from .geometry import FLOAT_DTYPES, STCAGeometry
 
 try:
-    from . import _C
+    # import_module, not `from . import _C`: during the package's own import the
+    # latter reports a missing module as a "circular import".
+    _C = importlib.import_module(f"{__package__}._C")
 except ImportError as error:  # not built, or built against another torch
     raise ImportError(
         "the C++/CUDA extension stdd_kernels._C is not built or does not load "
