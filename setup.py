@@ -100,9 +100,10 @@ def _extensions():
     class BuildOptionalExtension(base):
         """A failed compile leaves a working pure-Python install (unless STDD_REQUIRE_EXTENSION=1)."""
 
-        def build_extension(self, ext):
+        def build_extensions(self):
+            # Wraps the whole step: torch checks the compiler here before compiling anything.
             try:
-                super().build_extension(ext)
+                super().build_extensions()
             except Exception as error:
                 if _required():
                     raise
