@@ -261,7 +261,7 @@ def _mix_gather_backward_kernel(
     dx_row = grad_x_ptr + row64 * stride_dx_row
 
     if patch_block == 0:  # CLS: every scale copied it from this row
-        cls = tl.zeros([BLOCK_CHANNELS], dtype=ACC)
+        cls = tl.full([BLOCK_CHANNELS], 0, ACC)
         for i in tl.static_range(len(SCALES)):
             scale_offset = tl.full([], i, tl.int64) * stride_grad_scale
             cls += tl.load(
@@ -271,7 +271,7 @@ def _mix_gather_backward_kernel(
             ).to(ACC)
         tl.store(dx_row + channels, cls.to(grad_x_ptr.dtype.element_ty), mask=channel_ok)
 
-    total = tl.zeros([BLOCK_TOKENS, BLOCK_CHANNELS], dtype=ACC)
+    total = tl.full([BLOCK_TOKENS, BLOCK_CHANNELS], 0, ACC)
     for i in tl.static_range(len(SCALES)):
         delta = _channel_delta(channels, SCALES[i], MIX_CHANNELS, MIXING)
         reader_frame = frame - delta  # the frame whose mixed token read this one

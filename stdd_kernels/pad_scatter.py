@@ -101,7 +101,7 @@ def _pad_scatter_forward_kernel(
     out_row = out_ptr + row64 * stride_out_row
 
     if patch_block == 0:  # CLS: the mean of the scales' CLS tokens
-        cls = tl.zeros([BLOCK_CHANNELS], dtype=ACC)
+        cls = tl.full([BLOCK_CHANNELS], 0, ACC)
         for i in tl.static_range(NUM_SCALES):
             scale_offset = tl.full([], i, tl.int64) * stride_mixed_scale
             cls += tl.load(
@@ -127,7 +127,7 @@ def _pad_scatter_forward_kernel(
         mask=tile_ok & ~take_mixed,
         other=0.0,
     ).to(ACC)
-    mixed_sum = tl.zeros([BLOCK_TOKENS, BLOCK_CHANNELS], dtype=ACC)
+    mixed_sum = tl.full([BLOCK_TOKENS, BLOCK_CHANNELS], 0, ACC)
     for i in tl.static_range(NUM_SCALES):
         scale_offset = tl.full([], i, tl.int64) * stride_mixed_scale
         mixed_sum += tl.load(
@@ -219,7 +219,7 @@ def _pad_scatter_backward_kernel(
         for i in tl.static_range(NUM_SCALES):
             scale_offset = tl.full([], i, tl.int64) * stride_mixed_scale
             tl.store(mixed_row + scale_offset + channels, share, mask=channel_ok)
-        tl.store(full_row + channels, tl.zeros([BLOCK_CHANNELS], dtype=dtype), mask=channel_ok)
+        tl.store(full_row + channels, tl.full([BLOCK_CHANNELS], 0, dtype), mask=channel_ok)
 
     tile_ok = patch_ok[:, None] & channel_ok[None, :]
     grad = tl.load(

@@ -311,6 +311,11 @@ def reload_kernels() -> bool:
     ``TRITON_INTERPRET=1`` after ``stdd_kernels`` was imported calls this.
     Returns whether the kernels were rebuilt. The ops registered above call
     the launchers, whose globals are the reloaded modules' namespaces.
+
+    This works because the kernels use only Triton builtins: library helpers
+    written in Triton (``tl.zeros``, ``tl.sum``, ...) are jitted once when
+    ``triton.language`` is imported and stay compiled-mode functions, which
+    the interpreter cannot call (``tl.full`` stands in for ``tl.zeros``).
     """
     wanted = bool(triton.knobs.runtime.interpret)
     if interpreting() == wanted:
