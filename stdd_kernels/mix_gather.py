@@ -13,8 +13,11 @@ then the host launchers. The ``torch.library`` ops and autograd wiring live in
 Kernel design (why it is one pass and needs no atomics):
 - forward: one program per (row r, block of kept tokens, block of channels)
   reads the source tokens of every scale and writes all ``S`` outputs, plus the
-  CLS copy. Kept positions and source frames come from the phase tensor inside
-  the kernel: no index tensors are built or read.
+  CLS copy. The frame's own channels (``[2I, D)``: 720 of 768 for ViT-B) are
+  the same for every scale, so they are loaded once and stored ``S`` times;
+  only the ``2I`` mixed channels are loaded per scale. Kept positions and
+  source frames come from the phase tensor inside the kernel: no index
+  tensors are built or read.
 - backward: one program per (row r', block of patch tokens, block of channels)
   of ``dx``. A patch ``n`` of frame ``t'`` is kept (under ``phase[r']``, the
   frame's *own* phase) as kept token ``j`` or not at all; for scale ``s`` it was
@@ -71,8 +74,12 @@ def _channel_delta(channels, SCALE: tl.constexpr, MIX_CHANNELS: tl.constexpr, MI
 
 
 @triton.jit
-def _kept_cell(k: tl.constexpr, phase, CELLS: tl.constexpr, MASKED: tl.constexpr):
-    """Cell (``r1*w2 + r2``) of the ``k``-th kept cell, ascending, for window phase ``phase``."""
+def _kept_cell(k, phase, CELLS: tl.constexpr, MASKED: tl.constexpr):
+    """Cell (``r1*w2 + r2``) of the ``k``-th kept cell, ascending, for window phase ``phase``.
+
+    ``k`` and ``phase`` broadcast: a constant rank with per-channel phases, or
+    per-token ranks with one phase.
+    """
     wrap = phase + (MASKED - CELLS)
     return tl.where(wrap > 0, wrap + k, tl.where(k < phase, k, k + MASKED))
 
@@ -175,33 +182,55 @@ def _mix_gather_forward_kernel(
             scale_offset = tl.full([], i, tl.int64) * stride_mixed_scale
             tl.store(out_row + scale_offset + channels, cls, mask=channel_ok)
 
+    # The frame's own channels ([2I, D), or all without mixing) are the same for
+    # every scale: read them once, (BT, BC), and store them S times.
+    if MIXING == 0:
+        own_channel = channel_ok
+    else:
+        own_channel = channel_ok & (channels >= 2 * MIX_CHANNELS)
+    own_phase = tl.load(phase_ptr + clip * stride_phase_clip + frame * stride_phase_frame).to(tl.int32)
+    own_cell = _kept_cell(rank, own_phase, CELLS, MASKED)  # (BT,)
+    own_tokens = window_origin + (own_cell // WINDOW_COLS) * GRID + own_cell % WINDOW_COLS
+    if WIDE_INDEX:
+        own_tokens = own_tokens.to(tl.int64)
+    own = tl.load(
+        x_ptr + row64 * stride_x_row + own_tokens[:, None] * stride_x_token + channels[None, :] * stride_x_channel,
+        mask=kept_ok[:, None] & own_channel[None, :],
+        other=0.0,
+    )
+
     for i in tl.static_range(len(SCALES)):
-        delta = _channel_delta(channels, SCALES[i], MIX_CHANNELS, MIXING)  # (BC,)
-        source_frame = frame + delta
-        inside = (source_frame >= 0) & (source_frame < num_frames) & channel_ok
-        delta = tl.where(inside, delta, 0)  # any valid frame where the value is a zero
-        source_phase = tl.load(
-            phase_ptr + clip * stride_phase_clip + (frame + delta) * stride_phase_frame
-        ).to(tl.int32)  # (BC,): the phase of the frame each channel reads
-        # Cell offset of the rank-th kept cell under each channel's source phase: (BT, BC).
-        cell = _kept_cell(0, source_phase, CELLS, MASKED)
-        cell_offset = tl.broadcast_to(
-            ((cell // WINDOW_COLS) * GRID + cell % WINDOW_COLS)[None, :], (BLOCK_TOKENS, BLOCK_CHANNELS)
-        )
-        for k in tl.static_range(1, KEEP):
-            cell = _kept_cell(k, source_phase, CELLS, MASKED)
-            cell_offset = tl.where(
-                rank[:, None] == k, ((cell // WINDOW_COLS) * GRID + cell % WINDOW_COLS)[None, :], cell_offset
+        if MIXING == 0:
+            values = own
+        else:
+            delta = _channel_delta(channels, SCALES[i], MIX_CHANNELS, MIXING)  # (BC,), 0 on own channels
+            source_frame = frame + delta
+            inside = (source_frame >= 0) & (source_frame < num_frames) & channel_ok
+            neighbour = inside & (delta != 0)
+            delta = tl.where(inside, delta, 0)  # any valid frame where the value is a zero
+            source_phase = tl.load(
+                phase_ptr + clip * stride_phase_clip + (frame + delta) * stride_phase_frame
+            ).to(tl.int32)  # (BC,): the phase of the frame each channel reads
+            # Cell offset of the rank-th kept cell under each channel's source phase: (BT, BC).
+            cell = _kept_cell(0, source_phase, CELLS, MASKED)
+            cell_offset = tl.broadcast_to(
+                ((cell // WINDOW_COLS) * GRID + cell % WINDOW_COLS)[None, :], (BLOCK_TOKENS, BLOCK_CHANNELS)
             )
-        source_tokens = window_origin[:, None] + cell_offset
-        if WIDE_INDEX:
-            source_tokens = source_tokens.to(tl.int64)
-        channel_offsets = (row64 + delta) * stride_x_row + channels * stride_x_channel  # (BC,) int64
-        values = tl.load(
-            x_ptr + channel_offsets[None, :] + source_tokens * stride_x_token,
-            mask=kept_ok[:, None] & inside[None, :],
-            other=0.0,
-        )
+            for k in tl.static_range(1, KEEP):
+                cell = _kept_cell(k, source_phase, CELLS, MASKED)
+                cell_offset = tl.where(
+                    rank[:, None] == k, ((cell // WINDOW_COLS) * GRID + cell % WINDOW_COLS)[None, :], cell_offset
+                )
+            source_tokens = window_origin[:, None] + cell_offset
+            if WIDE_INDEX:
+                source_tokens = source_tokens.to(tl.int64)
+            channel_offsets = (row64 + delta) * stride_x_row + channels * stride_x_channel  # (BC,) int64
+            values = tl.load(
+                x_ptr + channel_offsets[None, :] + source_tokens * stride_x_token,
+                mask=kept_ok[:, None] & neighbour[None, :],
+                other=0.0,
+            )
+            values = tl.where(own_channel[None, :], own, values)
         scale_offset = tl.full([], i, tl.int64) * stride_mixed_scale
         tl.store(out_row + scale_offset + out_offsets, values, mask=out_mask)
 
