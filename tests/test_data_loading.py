@@ -41,6 +41,21 @@ def coded_videos(tmp_path_factory):
     for codec, path in paths.items():
         # a keyframe every 16 frames, so far targets are reached by seeking, not decoding through
         encode_video(path, frames, fps=25, codec=codec, keyframe_interval=16)
+    # UCF101 / HMDB51 style: MPEG-4 part 2 in AVI, here with B-frames, whose AVI timestamps start at 1
+    # while the stream claims to start at 0
+    paths["mpeg4_avi"] = root / "coded.avi"
+    with av.open(str(paths["mpeg4_avi"]), "w") as container:
+        stream = container.add_stream("mpeg4", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        stream.codec_context.gop_size, stream.codec_context.max_b_frames = 12, 2
+        stream.options = {"qscale": "2"}
+        for index, array in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = index
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
     return paths
 
 
@@ -68,7 +83,7 @@ def test_raw_stream_without_timestamps_is_counted_and_decoded_in_order(tmp_path)
     assert np.array_equal(read_codes(decoder.decode(path, indices).frames), indices)
 
 
-@pytest.mark.parametrize("codec", ["h264", "vp9"])
+@pytest.mark.parametrize("codec", ["h264", "vp9", "mpeg4_avi"])
 @pytest.mark.parametrize("seek_gap_frames", [4, 48, 1000])
 def test_pyav_returns_exactly_the_requested_frames(coded_videos, codec, seek_gap_frames):
     decoder = PyAVDecoder(seek_gap_frames=seek_gap_frames)

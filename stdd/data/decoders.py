@@ -12,6 +12,7 @@ batch format as the PyAV DataLoader (see `stdd/data/dataset.py`).
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass
@@ -173,25 +174,35 @@ class PyAVDecoder:
             container.close()
 
     def _decode_frames(self, container, stream, info: VideoInfo, wanted: np.ndarray) -> dict[int, np.ndarray]:
-        """{frame index: (H, W, 3) uint8} for the wanted indices (sorted, unique) that exist."""
+        """{frame index: (H, W, 3) uint8} for the wanted indices (sorted, unique) that exist.
+
+        Frame i is the i-th frame in presentation order. Its number is read from the timestamp relative
+        to the FIRST DECODED frame, not to the stream's start_time: AVI files with B-frames, for one,
+        start their frames at pts 1 while declaring start_time 0.
+        """
         time_base = stream.time_base or Fraction(1, 1)
-        start_pts = stream.start_time or 0
-        # Streams without a start time (raw elementary streams) carry no usable timestamps: frames are
-        # numbered by counting from the start, so there is no seeking.
-        can_seek = stream.start_time is not None
         out_height, out_width = _output_size(info.height, info.width, self.short_side)
         wanted_set = {int(index) for index in wanted}
         decoded: dict[int, np.ndarray] = {}
-        frame_iterator = None
+
+        frames_from_start = container.decode(stream)
+        first = next(frames_from_start, None)
+        if first is None:
+            return decoded
+        # Without timestamps (raw elementary streams) frames are numbered by counting from the start,
+        # and seeking would lose the count.
+        can_seek = first.pts is not None and stream.start_time is not None
+        first_pts = first.pts if first.pts is not None else 0
+        frame_iterator = itertools.chain([first], frames_from_start)
         position = -1  # index of the last frame decoded so far
         sequential_count = 0
 
         def frame_index(frame) -> int:
             nonlocal sequential_count
-            if frame.pts is None:  # no timestamps: count frames (only valid when decoding from the start)
+            if not can_seek or frame.pts is None:
                 sequential_count += 1
                 return sequential_count - 1
-            return int(round(float((frame.pts - start_pts) * time_base) * info.fps))
+            return int(round(float((frame.pts - first_pts) * time_base) * info.fps))
 
         def convert(frame) -> np.ndarray:
             if (out_height, out_width) != (frame.height, frame.width):
@@ -199,34 +210,40 @@ class PyAVDecoder:
                 return frame.to_ndarray()
             return frame.to_ndarray(format="rgb24")
 
+        def restart_from_the_beginning():
+            nonlocal frame_iterator, position, sequential_count
+            container.seek(first_pts, stream=stream, backward=True, any_frame=False)
+            frame_iterator, position, sequential_count = container.decode(stream), -1, 0
+
         for target in (int(index) for index in wanted):
             if target in decoded or target <= position:
                 continue
-            if frame_iterator is None or (can_seek and target - position > self.seek_gap_frames):
-                if can_seek and target > self.seek_gap_frames // 2:
-                    # Seek to the keyframe at or before the target's timestamp (half a frame early so
-                    # rounding cannot land us after it).
-                    seconds = max(0.0, (target - 0.5) / info.fps)
-                    container.seek(start_pts + int(math.floor(seconds / time_base)), stream=stream, backward=True, any_frame=False)
-                elif frame_iterator is not None:
-                    container.seek(start_pts, stream=stream, backward=True, any_frame=False)
-                frame_iterator = container.decode(stream)
-                position = -1
+            just_seeked = False
+            if can_seek and target - position > self.seek_gap_frames and target > self.seek_gap_frames // 2:
+                # Seek to the keyframe at or before the target's timestamp (half a frame early so
+                # rounding cannot land us after it).
+                seconds = max(0.0, (target - 0.5) / info.fps)
+                container.seek(first_pts + int(math.floor(seconds / time_base)), stream=stream, backward=True, any_frame=False)
+                frame_iterator, position, just_seeked = container.decode(stream), -1, True
             reached = False
-            for frame in frame_iterator:
-                index = frame_index(frame)
-                if index > target and position < 0 and target not in decoded:
-                    # The seek landed after the target (no earlier keyframe found): restart from the start.
-                    container.seek(start_pts, stream=stream, backward=True, any_frame=False)
-                    frame_iterator = container.decode(stream)
-                    position = -1
-                    sequential_count = 0
-                    continue
-                position = index
-                if index in wanted_set and index not in decoded:
-                    decoded[index] = convert(frame)
-                if index >= target:
-                    reached = True
+            while True:
+                restarted = False
+                for frame in frame_iterator:
+                    index = frame_index(frame)
+                    if just_seeked and index > target:
+                        # Landed after the target (no usable keyframe before it): decode from the
+                        # beginning instead -- once, so this cannot loop.
+                        restart_from_the_beginning()
+                        just_seeked, restarted = False, True
+                        break
+                    just_seeked = False
+                    position = index
+                    if index in wanted_set and index not in decoded:
+                        decoded[index] = convert(frame)
+                    if index >= target:
+                        reached = True
+                        break
+                if not restarted:
                     break
             if not reached:
                 break  # end of stream: later targets do not exist either
