@@ -67,7 +67,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,6 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 
 import stdd_kernels  # noqa: E402
-from stdd_kernels import reference  # noqa: E402
 from stdd_kernels.geometry import make_geometry  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
@@ -179,7 +178,7 @@ def op_rows(shapes: Shapes, device, dtype, backends, warmup, repeats) -> list[di
     for key, nbytes in bytes_moved.items():
         src = torch.empty(nbytes // (2 * size), dtype=dtype, device=device).normal_()
         dst = torch.empty_like(src)
-        timing = measure(lambda: dst.copy_(src), device, warmup, repeats)
+        timing = measure(lambda dst=dst, src=src: dst.copy_(src), device, warmup, repeats)
         copy_gbps[key] = nbytes / timing.median_ms / 1e6
         del src, dst
 
