@@ -156,6 +156,15 @@ def test_bad_files_left_out_and_reported_each_epoch(vp9_set, tmp_path):
     assert labels.tolist() == [int(good[i - 3].split()[1]) for i in indices.tolist()]
     with pytest.raises(VideoDecodeError, match="zero.webm: empty file"):
         build_dali_loader(listing, on_error="fail", **options)
+    # a probe cache gives the same result; a file changed since is probed again
+    cache = tmp_path / "probe.json"
+    first = build_dali_loader(listing, probe_cache=cache, **options)
+    assert cache.exists() and len(first.skipped) == 3
+    (tmp_path / "zero.webm").write_bytes(source)  # repaired
+    second = build_dali_loader(listing, probe_cache=cache, **options)
+    assert {os.path.basename(failure.path) for failure in second.skipped} == {"garbage.webm", "header_only.webm"}
+    with pytest.raises(VideoDecodeError, match="garbage.webm"):
+        build_dali_loader(listing, probe_cache=cache, on_error="fail", **options)
 
 
 def test_h264_on_the_cpu_is_refused_with_the_file_name(tmp_path):

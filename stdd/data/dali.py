@@ -33,9 +33,12 @@ GPU decoding was not run on this project's machines yet (no GPU lent); the CPU p
 
 from __future__ import annotations
 
+import json
 import logging
 import os
-from dataclasses import dataclass
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -286,22 +289,67 @@ class DALIVideoLoader:
         logger.log(logging.WARNING if report.failures else logging.INFO, "%s", report.summary())
 
 
-def _probe_videos(records: Sequence[VideoRecord], *, verify_videos: str, on_error: str):
-    """(positions of the readable videos, their VideoInfo, DecodeFailure of the others)."""
+def _load_probe_cache(path: Path | None) -> dict:
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as error:
+        logger.warning("probe_cache %s unreadable (%s); probing every video again", path, error)
+        return {}
+    return data.get("entries", {}) if data.get("version") == _PROBE_CACHE_VERSION else {}
+
+
+def _save_probe_cache(path: Path, entries: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+        json.dump({"version": _PROBE_CACHE_VERSION, "entries": entries}, handle)
+    os.replace(temporary, path)
+
+
+_PROBE_CACHE_VERSION = 1
+_VERIFY_LEVEL = {"open": 1, "decode": 2}
+
+
+def _probe_videos(records: Sequence[VideoRecord], *, verify_videos: str, on_error: str, cache_file=None):
+    """(positions of the readable videos, their VideoInfo, DecodeFailure of the others).
+
+    cache_file: JSON of earlier results keyed by path and checked against size and mtime, so a large
+    dataset is probed once (Kinetics: ~240k files); rewritten atomically after probing.
+    """
+    cache_path = Path(cache_file) if cache_file is not None else None
+    cache = _load_probe_cache(cache_path)
     decoder = PyAVDecoder()
     kept, infos, failures = [], [], []
+    changed = False
     for position, record in enumerate(records):
+        key = str(Path(record.path).resolve())
         try:
-            info = decoder.probe(record.path)
-            if verify_videos == "decode":
-                decoder.decode(record.path, np.arange(info.num_frames))
-        except VideoDecodeError as error:
+            status = os.stat(record.path)
+            stamp = [status.st_size, status.st_mtime_ns]
+        except OSError:
+            stamp = None
+        entry = cache.get(key)
+        if entry is None or entry.get("stamp") != stamp or _VERIFY_LEVEL[entry.get("verified", "open")] < _VERIFY_LEVEL[verify_videos]:
+            try:
+                info = decoder.probe(record.path)
+                if verify_videos == "decode":
+                    decoder.decode(record.path, np.arange(info.num_frames))
+                entry = {"stamp": stamp, "verified": verify_videos, "info": asdict(info)}
+            except VideoDecodeError as error:
+                entry = {"stamp": stamp, "verified": verify_videos, "error": error.reason, "path": error.path}
+            cache[key] = entry
+            changed = True
+        if "error" in entry:
             if on_error == "fail":
-                raise
-            failures.append(DecodeFailure(position, error.path, error.reason))
+                raise VideoDecodeError(entry.get("path", str(record.path)), entry["error"])
+            failures.append(DecodeFailure(position, str(record.path), entry["error"]))
             continue
         kept.append(position)
-        infos.append(info)
+        infos.append(VideoInfo(**entry["info"]))
+    if cache_path is not None and changed:
+        _save_probe_cache(cache_path, cache)
     return kept, infos, failures
 
 
@@ -333,6 +381,7 @@ def build_dali_loader(
     initial_fill: int = 256,
     prefetch_queue_depth: int = 2,
     verify_videos: str = "open",
+    probe_cache: str | os.PathLike | None = None,
     apply_transforms: bool = True,
 ) -> DALIVideoLoader:
     """Build a DALI loader (arguments as `stdd.data.build_dataloader`, plus):
@@ -342,6 +391,7 @@ def build_dali_loader(
     reader for training, indexed for evaluation). reader: "legacy" (fn.readers.video, GPU only, the
     default on GPU) | "experimental" (fn.experimental.readers.video, the only one on CPU). step: frames
     between clip starts in reader mode (default the clip span). verify_videos: "open" | "decode".
+    probe_cache: a JSON file remembering the build-time probe per video (size + mtime checked).
     apply_transforms=False returns the decoded uint8 frames (B, F, H, W, 3) untouched (for checks).
     """
     _require_dali()
@@ -383,7 +433,8 @@ def build_dali_loader(
     logger.info("%s", missing_report.summary(source_name))
 
     records = list(records)  # all videos found; batch "index" is a position in this list
-    positions, infos, skipped = _probe_videos(records, verify_videos=verify_videos, on_error=on_error)
+    positions, infos, skipped = _probe_videos(records, verify_videos=verify_videos, on_error=on_error,
+                                              cache_file=probe_cache)
     if device == "cpu":
         unsupported = [(records[position].path, info.codec) for position, info in zip(positions, infos)
                        if info.codec not in CPU_DECODABLE_CODECS]
