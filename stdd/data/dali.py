@@ -9,8 +9,10 @@ mode="reader" (training default): DALI's video reader walks every video in clips
     clip of every video, not one clip per video. On the GPU this is `fn.readers.video` (NVDEC: H.264,
     HEVC, ...; reader="experimental" picks `fn.experimental.readers.video`); on the CPU it is
     `fn.experimental.readers.video(device="cpu")`, which in DALI 2.x decodes VP8/VP9/MJPEG only (H.264
-    is GPU-only). Videos shorter than a clip span: the experimental reader pads with the last frame;
-    the GPU `fn.readers.video` has no such padding, so they are reported and left out.
+    is GPU-only). The experimental reader starts a clip at every multiple of `step` inside the video
+    and pads a clip that runs past the end with the last frame (so short videos give one clip); the
+    GPU `fn.readers.video` only takes whole clips, so videos shorter than a span are reported and
+    left out. Reader mode's "index" is per clip, labels come from the video.
 mode="indexed" (evaluation default): frame indices come from stdd.data.sampling (exactly as the PyAV
     dataset draws them for the same seed/epoch/video: dense or TSN segments, n_temporal_views x
     n_spatial_crops evaluation views), encoded bytes and indices enter through `fn.external_source`,
@@ -20,11 +22,12 @@ After decoding (on the decoder's device, so on the GPU for GPU decoding): traini
 random-resized crop per clip (+ horizontal flip, probability 0.5) and CLIP-normalises; evaluation
 resizes the shorter side to `short_side`, takes a centre crop (or 3 crops along the longer side) and
 normalises. Batches are the dicts of stdd/data/dataset.py ("video", "label", "index", "failures";
-reader mode adds "frame_start", the first frame index of each clip), torch tensors on the pipeline's
-device, delivered through `DALIGenericIterator`.
+reader mode adds "frame_start", the first frame index of each clip, indexed mode "frame_indices"),
+torch tensors on the pipeline's device, delivered through `DALIGenericIterator`. "failures" is always
+empty: the videos left out at build are listed in each epoch's report instead.
 
 Bad files: every video is opened once with PyAV at build (`verify_videos="open"`; "decode" decodes
-every frame, slow but thorough). Unreadable ones are skipped (on_error="skip") and listed in every
+every frame, slow but thorough; `probe_cache` remembers the results across runs). Unreadable ones are skipped (on_error="skip") and listed in every
 epoch's report, or raise (on_error="fail"). DALI itself cannot report a file that breaks mid-stream
 per sample (its reader drops such files, its decoder pads the missing frames), hence the check.
 
