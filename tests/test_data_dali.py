@@ -188,9 +188,20 @@ def _shard_worker(rank, world_size, port, annotation, results):
         options = dict(training=False, batch_size=2, device="cpu", crop_size=16, sampling=ClipSampling(clip_length=2, stride=2))
         reader = build_dali_loader(annotation, mode="reader", **options)
         indexed = build_dali_loader(annotation, mode="indexed", **options)
+        # training: 7 videos x 3 clips (step 7) = 21 clips, shards of 10 and 11; ranks must still take
+        # the same number of steps or DDP would hang
+        seven = [line for line in open(annotation).read().splitlines()][:7]
+        listing = annotation + f".seven{rank}.txt"
+        open(listing, "w").write("".join(f"{line}\n" for line in seven))
+        steps = {}
+        for batch_size in (3, 11):
+            training = build_dali_loader(listing, training=True, mode="reader", batch_size=batch_size, device="cpu",
+                                         crop_size=16, sampling=ClipSampling(clip_length=2, stride=2), step=7)
+            steps[batch_size] = (len(list(training)), len(training))
         results[rank] = (
             torch.cat([batch["index"] for batch in reader]).tolist(),
             torch.cat([batch["index"] for batch in indexed]).tolist(),
+            steps,
         )
     finally:
         torch.distributed.destroy_process_group()
@@ -201,7 +212,9 @@ def test_shards_follow_torch_distributed_rank(vp9_set):
     results = manager.dict()
     # val split: 8 videos of 16 frames, span 3 = step: clips start at 0, 3, ..., 15 -> 6 per video
     mp.spawn(_shard_worker, args=(2, _free_port(), str(vp9_set.val_annotation), results), nprocs=2, join=True)
-    (reader_0, indexed_0), (reader_1, indexed_1) = results[0], results[1]
+    (reader_0, indexed_0, steps_0), (reader_1, indexed_1, steps_1) = results[0], results[1]
+    assert steps_0 == steps_1, (steps_0, steps_1)
+    assert all(iterated == declared for iterated, declared in steps_0.values())
     assert sorted(indexed_0 + indexed_1) == list(range(8)) and not set(indexed_0) & set(indexed_1)
     # DALI shards by clip: 48 clips, 24 per rank, together every clip of every video
     assert len(reader_0) == len(reader_1) == 24

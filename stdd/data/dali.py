@@ -128,7 +128,8 @@ def _reader_pipeline(*, filenames, positions, device, reader, training, clip_len
         initial_fill=initial_fill,
         shard_id=shard_id,
         num_shards=num_shards,
-        pad_last_batch=not training,
+        # Every shard padded to the same length: ranks must run the same number of steps (DDP).
+        pad_last_batch=True,
         name="Reader",
     )
     if reader == "legacy":
