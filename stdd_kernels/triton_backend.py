@@ -26,6 +26,7 @@ The ops take the STCA geometry as plain ints/strings (schema types); the
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from typing import Optional
 
@@ -317,7 +318,11 @@ def reload_kernels() -> bool:
     ``triton.language`` is imported and stay compiled-mode functions, which
     the interpreter cannot call (``tl.full`` stands in for ``tl.zeros``).
     """
-    wanted = bool(triton.knobs.runtime.interpret)
+    knobs = getattr(triton, "knobs", None)  # triton >= 3.4; older ones read the variable directly
+    if knobs is not None:
+        wanted = bool(knobs.runtime.interpret)
+    else:
+        wanted = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
     if interpreting() == wanted:
         return False
     importlib.reload(sys.modules["stdd_kernels.mix_gather"])  # first: pad_scatter imports its helpers
