@@ -67,16 +67,20 @@ def build_model(cfg: DictConfig, device, *, with_teacher: Optional[bool] = None)
         pretrained = None
     if isinstance(pretrained, str) and (os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".pth", ".safetensors"))):
         pretrained = os.path.expanduser(pretrained)
-    model, text = build_stdd(
-        str(cfg.model.clip_name),
-        pretrained,
-        allow_random_init=bool(cfg.model.get("allow_random_init", False)),
-        device=device,
-        distill_weight=distill_weight,
-        score_mode=_score_mode(cfg),
-        seed=int(cfg.run.seed),
-        **stca_settings(cfg),
-    )
+    # Built under a fixed seed: with random weights (demo/tests) the frozen text tower, which no
+    # weights file stores, is then the same at training, evaluation and prediction time.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(cfg.run.seed))
+        model, text = build_stdd(
+            str(cfg.model.clip_name),
+            pretrained,
+            allow_random_init=bool(cfg.model.get("allow_random_init", False)),
+            device=device,
+            distill_weight=distill_weight,
+            score_mode=_score_mode(cfg),
+            seed=int(cfg.run.seed),
+            **stca_settings(cfg),
+        )
     return model, text
 
 
