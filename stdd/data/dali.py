@@ -486,6 +486,7 @@ def build_dali_loader(
             apply_transforms=apply_transforms, transform_options=transform_options, **pipeline_options,
         )
         output_map = ["video", "position", "frame_start"]
+        # with reader_name the iterator reads shard sizes and padding (pad_last_batch) from the reader
         iterator_options = dict(reader_name="Reader")
     else:
         source = _IndexedSource([records[position] for position in positions], infos, positions, sampling,
