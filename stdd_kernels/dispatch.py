@@ -58,6 +58,12 @@ def register_backend(backend: Backend) -> None:
     _UNAVAILABLE.pop(backend.name, None)
 
 
+def mark_unavailable(name: str, reason: str) -> None:
+    """Record why backend ``name`` cannot be used here (shown by the env report and in errors)."""
+    if name not in _REGISTRY:
+        _UNAVAILABLE[name] = reason
+
+
 def load_optional_backends() -> None:
     """Import every optional backend module; remember why the failing ones failed."""
     for name, module in OPTIONAL_BACKEND_MODULES.items():

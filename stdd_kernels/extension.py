@@ -96,10 +96,8 @@ if CUDA_COMPILED:
         )
     )
 else:
-    # No public hook in dispatch for "this module loaded but one of its backends
-    # cannot exist"; without this line the reason would read "imported but
-    # registered nothing".
-    dispatch._UNAVAILABLE["cuda"] = (
+    dispatch.mark_unavailable(
+        "cuda",
         "stdd_kernels._C was built without CUDA (torch without CUDA, nvcc not found, "
-        "or STDD_BUILD_CUDA=0 at build time)"
+        "or STDD_BUILD_CUDA=0 at build time)",
     )
