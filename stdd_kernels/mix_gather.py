@@ -337,11 +337,12 @@ def _next_power_of_two(n: int) -> int:
 def launch_config(num_channels: int, num_tokens: int) -> tuple[int, int, int]:
     """``(BLOCK_TOKENS, BLOCK_CHANNELS, num_warps)`` by a small rule from ``D``.
 
-    GPU: channel blocks of up to 256 (D=768 -> 3 blocks, no waste), about 4096
-    elements per program (these are copy kernels: enough bytes in flight per
-    SM, few programs); the token block is the largest power of two <= 4096 / BC
-    that pads the token count by at most 1/16 (98 kept -> 8, 196 patches -> 16).
-    Not autotuned: not yet measured on a GPU (see bench/stca.py).
+    GPU: channel blocks of up to 256 (D=768 -> 3 blocks, no waste), up to 4096
+    elements per program on 4 warps (these are copy kernels: 8-16 elements in
+    flight per thread, vector loads along channels); the token block is the
+    largest power of two <= 4096 / BC that pads the token count by at most 1/16
+    (98 kept -> 8, 196 patches -> 16). Not autotuned: not yet measured on a
+    GPU (bench/stca.py's "kernel" rows are the measurement to tune against).
     Interpreter: one program per row (the interpreter pays per program, not per element).
     """
     num_channels = max(1, num_channels)
@@ -354,8 +355,7 @@ def launch_config(num_channels: int, num_tokens: int) -> tuple[int, int, int]:
     block_tokens = min(_next_power_of_two(num_tokens), max(1, 4096 // block_channels))
     while block_tokens > 1 and (-num_tokens % block_tokens) * 16 > num_tokens:
         block_tokens //= 2
-    num_warps = 4 if block_tokens * block_channels <= 4096 else 8
-    return block_tokens, block_channels, num_warps
+    return block_tokens, block_channels, 4
 
 
 def max_offset(tensor: torch.Tensor) -> int:
