@@ -137,7 +137,11 @@ def run_evaluation(args) -> dict:
     dataset = build_video_dataset(cfg, None, training=False, n_temporal_views=views, n_spatial_crops=crops,
                                   records=records)
     model, text = load_model_for_inference(cfg, state, context.device)
-    prompts = build_prompts(args.prompts or cfg.text.get("prompts", "templates"), class_names, dataset=dataset_key,
+    # Only the classes some split uses get text features (K600: the 220 new ones, whose shipped
+    # ASKG prompts exist; the K400 classes of the list are never scored).
+    needed = sorted(set().union(*(split.class_indices for split in splits)))
+    needed_names = [class_names[i] for i in needed]
+    prompts = build_prompts(args.prompts or cfg.text.get("prompts", "templates"), needed_names, dataset=dataset_key,
                             with_templates=args.with_templates)
     features = text_features_for(text, prompts, cfg.text.get("cache_dir"))
     start = time.time()
@@ -147,6 +151,10 @@ def run_evaluation(args) -> dict:
         device=context.device, context=context, progress=not args.quiet,
         autocast_dtype=autocast_dtype(str(cfg.run.get("precision", "auto")), context.device),
     )
+    if len(needed) != len(class_names):  # back to full class positions; unused columns are never read
+        full = torch.zeros(scored.view_scores.shape[0], scored.view_scores.shape[1], len(class_names))
+        full[:, :, needed] = scored.view_scores
+        scored.view_scores = full
     labels = scored.labels.numpy()
     results = [metrics.evaluate_split(scored.view_scores, labels, split, aggregation=args.aggregation) for split in splits]
     summary = metrics.summarize(results)

@@ -208,13 +208,20 @@ class Trainer:
             seed=seed,
             drop_last=True,
         )
-        batches = self.sampler.num_samples // self.batch_size
+        self.dali_loader = None
+        if str(data.get("decoder", "pyav")) == "dali":
+            # DALI shards by itself (shard_id/num_shards = rank/world size) with the same
+            # per-epoch seeded order; batches are the same dicts as the PyAV loader's.
+            self.dali_loader = self.task.build_dali_train_loader(self.batch_size)
+            batches = len(self.dali_loader)
+        else:
+            batches = self.sampler.num_samples // self.batch_size
         self.steps_per_epoch = batches // self.accumulation
         if self.steps_per_epoch == 0:
             raise ConfigError(
                 f"an epoch of {len(self.task.train_dataset)} videos over {self.context.world_size} process(es) gives "
-                f"{self.sampler.num_samples} per process: fewer than one optimizer step of "
-                f"data.batch_size={self.batch_size} x optim.accumulation_steps={self.accumulation}"
+                f"{batches} batch(es) of data.batch_size={self.batch_size} per process: fewer than one optimizer "
+                f"step of optim.accumulation_steps={self.accumulation}"
             )
         self.epochs = int(cfg.optim.epochs)
         self.total_steps = self.steps_per_epoch * self.epochs
@@ -321,8 +328,16 @@ class Trainer:
         self.logger.info(f"resumed from {path} (epoch {self.epoch}, step {self.step_in_epoch} of the epoch)")
 
     # -------------------------------------------------------------- loop
-    def _loader(self, epoch: int, start_step: int) -> DataLoader:
+    def _loader(self, epoch: int, start_step: int):
         self.task.set_epoch(epoch)  # seeds the dataset's per-sample randomness and the phases
+        if self.dali_loader is not None:
+            self.dali_loader.set_epoch(epoch)
+            iterator = iter(self.dali_loader)
+            # A DALI reader cannot start inside an epoch: on resume the batches already trained
+            # on are decoded again and dropped (same order, so the run continues where it was).
+            for _ in range(start_step * self.accumulation):
+                next(iterator)
+            return iterator
         self.sampler.set_epoch(epoch)
         self.sampler.set_start_index(start_step * self.accumulation * self.batch_size)
         workers = int(self.cfg.data.get("num_workers", 0))

@@ -128,25 +128,15 @@ def resolve_class_names(spec, *, where: str = "data.class_names") -> list[str]:
 
 
 def _prompts_from_json(path: Path, class_names: Sequence[str]) -> dict[str, list[str]]:
-    """``{"class": [sentences]}`` or a shipped ASKG file (``{"classes": {name: {"prompts": [...]}}}``
-    or ``{name: {"prompts": [...]}}``); matched by exact name, then by display name."""
-    from ..model import check_prompts
+    """Prompts of ``class_names`` from a prompts file ``{"class": [sentences]}`` or an ASKG file
+    (shipped or built; its spatial then temporal prompts, the paper's [S]+[T]), read by
+    ``stdd.text.askg.load_prompts``; classes matched by exact name, then by plain words."""
+    from ..text.askg import load_prompts
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as error:
-        raise ConfigError(f"prompt file {path}: cannot be read as JSON ({error})") from error
-    if isinstance(data, dict) and isinstance(data.get("classes"), (dict, list)):
-        data = data["classes"]
-    if isinstance(data, list):  # [{"name"/"class": ..., "prompts": [...]}, ...]
-        data = {str(item.get("name") or item.get("class")): item for item in data if isinstance(item, dict)}
-    prompts = {}
-    for name, value in data.items():
-        if isinstance(value, dict):
-            value = value.get("prompts")
-        if isinstance(value, list) and value and all(isinstance(s, str) for s in value):
-            prompts[name] = value
-    prompts = check_prompts(prompts, source=f"prompt file {path}")
+        prompts = load_prompts(path)
+    except Exception as error:  # AskgError, ValueError: all name the file
+        raise ConfigError(f"prompt file {path}: {error}") from error
     lookup = {_plain(name): name for name in prompts}
     out, missing = {}, []
     for name in class_names:
@@ -154,7 +144,7 @@ def _prompts_from_json(path: Path, class_names: Sequence[str]) -> dict[str, list
         if key is None:
             missing.append(name)
         else:
-            out[name] = prompts[key]
+            out[name] = list(prompts[key])
     if missing:
         raise ConfigError(f"prompt file {path}: no prompts for {len(missing)} of {len(class_names)} classes, e.g. {missing[:5]}")
     return out
@@ -393,6 +383,22 @@ class TrainingTask:
                                 num_frames=video.shape[1], window=self.cfg.model.stca.window,
                                 shuffle=bool(self.cfg.model.stca.get("shuffle_phases", False))).to(device)
         return video, labels, phase
+
+    def build_dali_train_loader(self, batch_size: int):
+        """The DALI training loader (GPU decoding; see stdd.data.dali) for ``data.decoder: dali``."""
+        from ..data import build_dataloader
+
+        data, spec = self.cfg.data, self.train_spec
+        return build_dataloader(
+            str(spec.annotation_file), training=True, backend="dali", format=spec.format,
+            root=str(spec.root) if spec.root else None,
+            class_names=spec.class_names if spec.format in ("csv", "kinetics", "hmdb51") else None,
+            batch_size=batch_size, sampling=clip_sampling(self.cfg, training=True), crop_size=int(data.input_size),
+            short_side=int(data.get("short_side") or data.input_size),
+            horizontal_flip=bool(data.get("horizontal_flip", True)), on_missing=str(data.get("on_missing", "skip")),
+            on_error=str(data.get("on_error", "skip")), seed=int(self.cfg.run.seed),
+            num_workers=int(data.get("num_workers", 2)),
+        )
 
     def student_state_dict(self) -> dict:
         return student_state_dict(self.module.model)
