@@ -113,6 +113,70 @@ def _kept_rank(
     return kept, window * KEEP + rank
 
 
+@triton.jit
+def _program_frame(
+    phase_ptr,
+    num_frames,
+    num_channels,
+    stride_phase_clip,
+    stride_phase_frame,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Prologue of every kernel: grid axis 0 is the row ``r = clip*T + frame``, axis 2 the channel block.
+
+    Returns ``(row64, clip, frame, phase, channels, channel_ok)``: the row as
+    int64 (row offsets can pass 2**31), the frame's own phase (int32 scalar),
+    the block's channel indices ``(BC,)`` and which are ``< D``. Axis 1 (the
+    token block) is the caller's.
+    """
+    row = tl.program_id(0)
+    clip = row // num_frames
+    frame = row % num_frames
+    phase = tl.load(phase_ptr + clip * stride_phase_clip + frame * stride_phase_frame).to(tl.int32)
+    channels = tl.program_id(2) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)  # (BC,)
+    return row.to(tl.int64), clip, frame, phase, channels, channels < num_channels
+
+
+@triton.jit
+def _patch_tile(
+    phase_ptr,
+    num_frames,
+    num_channels,
+    stride_phase_clip,
+    stride_phase_frame,
+    GRID: tl.constexpr,
+    WINDOW_ROWS: tl.constexpr,
+    WINDOW_COLS: tl.constexpr,
+    MASKED: tl.constexpr,
+    WIDE_INDEX: tl.constexpr,
+    BLOCK_TOKENS: tl.constexpr,
+    BLOCK_CHANNELS: tl.constexpr,
+):
+    """Prologue of the kernels whose grid runs over patch tokens (mix_gather
+    backward, pad_scatter forward and backward): axis 1 is the patch block.
+
+    Returns ``(row64, frame, channels, channel_ok, patch_ok, kept, tokens,
+    kept_tokens)``: ``patch_ok (BT,)`` marks patches ``n < P*P``; ``kept (BT,)``
+    whether the frame's own phase keeps them (False past the grid);
+    ``tokens = 1 + n`` their token index in ``(B*T, 1+N, D)`` tensors and
+    ``kept_tokens = 1 + j`` their token in ``(S, B*T, 1+N_keep, D)`` tensors
+    (garbage where not kept), both int64 when ``WIDE_INDEX``.
+    """
+    row64, clip, frame, phase, channels, channel_ok = _program_frame(
+        phase_ptr, num_frames, num_channels, stride_phase_clip, stride_phase_frame, BLOCK_CHANNELS
+    )
+    patches = tl.program_id(1) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)  # (BT,) patch index n - 1
+    patch_ok = patches < GRID * GRID
+    kept, kept_index = _kept_rank(patches, phase, GRID, WINDOW_ROWS, WINDOW_COLS, MASKED)
+    kept = kept & patch_ok
+    tokens = patches + 1
+    kept_tokens = kept_index + 1
+    if WIDE_INDEX:
+        tokens = tokens.to(tl.int64)
+        kept_tokens = kept_tokens.to(tl.int64)
+    return row64, frame, channels, channel_ok, patch_ok, kept, tokens, kept_tokens
+
+
 # --------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------
@@ -152,15 +216,10 @@ def _mix_gather_forward_kernel(
     KEEP: tl.constexpr = CELLS - MASKED
     WINDOWS_PER_ROW: tl.constexpr = GRID // WINDOW_COLS
     NUM_KEPT: tl.constexpr = (GRID // WINDOW_ROWS) * WINDOWS_PER_ROW * KEEP
-    row = tl.program_id(0)
+    row64, clip, frame, own_phase, channels, channel_ok = _program_frame(
+        phase_ptr, num_frames, num_channels, stride_phase_clip, stride_phase_frame, BLOCK_CHANNELS
+    )
     token_block = tl.program_id(1)
-    channel_block = tl.program_id(2)
-    clip = row // num_frames
-    frame = row % num_frames
-    row64 = row.to(tl.int64)
-
-    channels = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)  # (BC,)
-    channel_ok = channels < num_channels
     kept = token_block * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)  # (BT,) kept-token index j
     kept_ok = kept < NUM_KEPT
     # Token of cell 0 of each kept token's window; the cell adds (c // w2) * P + c % w2.
@@ -188,7 +247,6 @@ def _mix_gather_forward_kernel(
         own_channel = channel_ok
     else:
         own_channel = channel_ok & (channels >= 2 * MIX_CHANNELS)
-    own_phase = tl.load(phase_ptr + clip * stride_phase_clip + frame * stride_phase_frame).to(tl.int32)
     own_cell = _kept_cell(rank, own_phase, CELLS, MASKED)  # (BT,)
     own_tokens = window_origin + (own_cell // WINDOW_COLS) * GRID + own_cell % WINDOW_COLS
     if WIDE_INDEX:
@@ -267,29 +325,14 @@ def _mix_gather_backward_kernel(
     ``dx`` has channel stride 1. Accumulates in fp32 (fp64 for fp64 tensors).
     """
     ACC: tl.constexpr = tl.float64 if ACCUMULATE_FP64 else tl.float32
-    NUM_PATCHES: tl.constexpr = GRID * GRID
-    row = tl.program_id(0)
-    patch_block = tl.program_id(1)
-    channel_block = tl.program_id(2)
-    clip = row // num_frames
-    frame = row % num_frames
-    row64 = row.to(tl.int64)
-    phase = tl.load(phase_ptr + clip * stride_phase_clip + frame * stride_phase_frame).to(tl.int32)
-
-    channels = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
-    channel_ok = channels < num_channels
-    patches = patch_block * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
-    patch_ok = patches < NUM_PATCHES
-    kept, kept_index = _kept_rank(patches, phase, GRID, WINDOW_ROWS, WINDOW_COLS, MASKED)
-    kept = kept & patch_ok
-    source_tokens = kept_index + 1  # token of mixed that read this patch
-    dx_tokens = patches + 1
-    if WIDE_INDEX:
-        source_tokens = source_tokens.to(tl.int64)
-        dx_tokens = dx_tokens.to(tl.int64)
+    # source_tokens: the token of mixed that read each patch (where kept).
+    row64, frame, channels, channel_ok, patch_ok, kept, dx_tokens, source_tokens = _patch_tile(
+        phase_ptr, num_frames, num_channels, stride_phase_clip, stride_phase_frame,
+        GRID, WINDOW_ROWS, WINDOW_COLS, MASKED, WIDE_INDEX, BLOCK_TOKENS, BLOCK_CHANNELS,
+    )
     dx_row = grad_x_ptr + row64 * stride_dx_row
 
-    if patch_block == 0:  # CLS: every scale copied it from this row
+    if tl.program_id(1) == 0:  # CLS, once per row: every scale copied it from this row
         cls = tl.full([BLOCK_CHANNELS], 0, ACC)
         for i in tl.static_range(len(SCALES)):
             scale_offset = tl.full([], i, tl.int64) * stride_grad_scale

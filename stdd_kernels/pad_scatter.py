@@ -25,7 +25,7 @@ import triton.language as tl
 
 from stdd_kernels.mix_gather import (
     _geometry_constants,
-    _kept_rank,
+    _patch_tile,
     launch_config,
     needs_wide_index,
     output_buffer,
@@ -77,30 +77,14 @@ def _pad_scatter_forward_kernel(
     ``out`` has channel stride 1 (the launcher allocates it contiguous).
     """
     ACC: tl.constexpr = tl.float64 if ACCUMULATE_FP64 else tl.float32
-    NUM_PATCHES: tl.constexpr = GRID * GRID
-    row = tl.program_id(0)
-    patch_block = tl.program_id(1)
-    channel_block = tl.program_id(2)
-    clip = row // num_frames
-    frame = row % num_frames
-    row64 = row.to(tl.int64)
-    phase = tl.load(phase_ptr + clip * stride_phase_clip + frame * stride_phase_frame).to(tl.int32)
-
-    channels = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
-    channel_ok = channels < num_channels
-    patches = patch_block * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
-    patch_ok = patches < NUM_PATCHES
-    kept, kept_index = _kept_rank(patches, phase, GRID, WINDOW_ROWS, WINDOW_COLS, MASKED)
-    kept = kept & patch_ok
-    tokens = patches + 1
-    mixed_tokens = kept_index + 1
-    if WIDE_INDEX:
-        tokens = tokens.to(tl.int64)
-        mixed_tokens = mixed_tokens.to(tl.int64)
+    row64, _, channels, channel_ok, patch_ok, kept, tokens, mixed_tokens = _patch_tile(
+        phase_ptr, num_frames, num_channels, stride_phase_clip, stride_phase_frame,
+        GRID, WINDOW_ROWS, WINDOW_COLS, MASKED, WIDE_INDEX, BLOCK_TOKENS, BLOCK_CHANNELS,
+    )
     mixed_row = mixed_ptr + row64 * stride_mixed_row
     out_row = out_ptr + row64 * stride_out_row
 
-    if patch_block == 0:  # CLS: the mean of the scales' CLS tokens
+    if tl.program_id(1) == 0:  # CLS, once per row: the mean of the scales' CLS tokens
         cls = tl.full([BLOCK_CHANNELS], 0, ACC)
         for i in tl.static_range(NUM_SCALES):
             scale_offset = tl.full([], i, tl.int64) * stride_mixed_scale
@@ -188,32 +172,16 @@ def _pad_scatter_backward_kernel(
     Both outputs have channel stride 1 (allocated contiguous by the launcher).
     """
     ACC: tl.constexpr = tl.float64 if ACCUMULATE_FP64 else tl.float32
-    NUM_PATCHES: tl.constexpr = GRID * GRID
-    row = tl.program_id(0)
-    patch_block = tl.program_id(1)
-    channel_block = tl.program_id(2)
-    clip = row // num_frames
-    frame = row % num_frames
-    row64 = row.to(tl.int64)
-    phase = tl.load(phase_ptr + clip * stride_phase_clip + frame * stride_phase_frame).to(tl.int32)
-
-    channels = channel_block * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
-    channel_ok = channels < num_channels
-    patches = patch_block * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)
-    patch_ok = patches < NUM_PATCHES
-    kept, kept_index = _kept_rank(patches, phase, GRID, WINDOW_ROWS, WINDOW_COLS, MASKED)
-    kept = kept & patch_ok
-    tokens = patches + 1
-    mixed_tokens = kept_index + 1
-    if WIDE_INDEX:
-        tokens = tokens.to(tl.int64)
-        mixed_tokens = mixed_tokens.to(tl.int64)
+    row64, _, channels, channel_ok, patch_ok, kept, tokens, mixed_tokens = _patch_tile(
+        phase_ptr, num_frames, num_channels, stride_phase_clip, stride_phase_frame,
+        GRID, WINDOW_ROWS, WINDOW_COLS, MASKED, WIDE_INDEX, BLOCK_TOKENS, BLOCK_CHANNELS,
+    )
     grad_row = grad_out_ptr + row64 * stride_grad_row
     full_row = grad_full_ptr + row64 * stride_full_row
     mixed_row = grad_mixed_ptr + row64 * stride_mixed_row
     dtype = grad_full_ptr.dtype.element_ty
 
-    if patch_block == 0:  # CLS came from the mixed path only
+    if tl.program_id(1) == 0:  # CLS, once per row: it came from the mixed path only
         cls = tl.load(grad_row + channels * stride_grad_channel, mask=channel_ok, other=0.0)
         share = (cls.to(ACC) / NUM_SCALES).to(dtype)
         for i in tl.static_range(NUM_SCALES):
