@@ -183,10 +183,7 @@ void pad_scatter_backward_kernel(const scalar_t* grad_pad, const int64_t* phase,
 
 at::Tensor mix_gather_cpu(const at::Tensor& x, const at::Tensor& phase, int64_t num_frames, at::IntArrayRef window,
                           int64_t masked, at::IntArrayRef scales, int64_t channel_fold, std::string_view mixing) {
-  detail::check_float(x, "x", 3);
-  const auto plan = detail::plan_mix(x.size(0), detail::grid_from_tokens(x.size(1), "x"), x.size(2), num_frames,
-                                     window, masked, scales, channel_fold, mixing);
-  detail::check_rows(plan.rows, num_frames, "x");
+  const auto plan = detail::check_mix_gather(x, num_frames, window, masked, scales, channel_fold, mixing);
   const auto phase64 = detail::phase_as_int64(phase, plan.rows, num_frames, x);
   const auto input = x.contiguous();
   auto mixed = at::empty({static_cast<int64_t>(plan.scales.size()), plan.rows, 1 + plan.mask.num_kept(), plan.channels},
@@ -202,14 +199,8 @@ at::Tensor mix_gather_cpu(const at::Tensor& x, const at::Tensor& phase, int64_t 
 at::Tensor mix_gather_backward_cpu(const at::Tensor& grad_mixed, const at::Tensor& phase, int64_t num_frames,
                                    int64_t grid, at::IntArrayRef window, int64_t masked, at::IntArrayRef scales,
                                    int64_t channel_fold, std::string_view mixing) {
-  detail::check_float(grad_mixed, "grad_mixed", 4);
-  const auto plan = detail::plan_mix(grad_mixed.size(1), grid, grad_mixed.size(3), num_frames, window, masked, scales,
-                                     channel_fold, mixing);
-  TORCH_CHECK(grad_mixed.size(0) == static_cast<int64_t>(plan.scales.size()) &&
-                  grad_mixed.size(2) == 1 + plan.mask.num_kept(),
-              "grad_mixed must have shape (S, B*T, 1 + N_keep, D) with S = ", plan.scales.size(), " and 1 + N_keep = ",
-              1 + plan.mask.num_kept(), ", got ", grad_mixed.sizes());
-  detail::check_rows(plan.rows, num_frames, "grad_mixed");
+  const auto plan =
+      detail::check_mix_gather_backward(grad_mixed, num_frames, grid, window, masked, scales, channel_fold, mixing);
   const auto phase64 = detail::phase_as_int64(phase, plan.rows, num_frames, grad_mixed);
   const auto grad = grad_mixed.contiguous();
   auto grad_x = at::empty({plan.rows, plan.mask.num_tokens(), plan.channels}, grad_mixed.options());
@@ -224,33 +215,18 @@ at::Tensor mix_gather_backward_cpu(const at::Tensor& grad_mixed, const at::Tenso
 at::Tensor pad_scatter_cpu(const at::Tensor& full, const at::Tensor& mixed, const at::Tensor& phase,
                            int64_t num_frames, at::IntArrayRef window, int64_t masked,
                            const std::optional<at::Tensor>& residual) {
-  detail::check_float(full, "full", 3);
-  detail::check_float(mixed, "mixed", 4);
-  detail::check_same(mixed, "mixed", full, "full");
-  const auto mask = detail::check_mask(detail::grid_from_tokens(full.size(1), "full"), window, masked);
-  const int64_t R = full.size(0), D = full.size(2);
-  TORCH_CHECK(mixed.size(0) >= 1 && mixed.size(1) == R && mixed.size(2) == 1 + mask.num_kept() && mixed.size(3) == D,
-              "mixed must have shape (S, B*T, 1 + N_keep, D) = (S, ", R, ", ", 1 + mask.num_kept(), ", ", D, "), got ",
-              mixed.sizes());
-  const bool has_residual = residual.has_value() && residual->defined();
-  if (has_residual) {
-    detail::check_float(*residual, "residual", 3);
-    detail::check_same(*residual, "residual", full, "full");
-    TORCH_CHECK(residual->sizes() == full.sizes(), "residual must have the shape of full ", full.sizes(), ", got ",
-                residual->sizes());
-  }
-  detail::check_rows(R, num_frames, "full");
-  const auto phase64 = detail::phase_as_int64(phase, R, num_frames, full);
+  const auto plan = detail::check_pad_scatter(full, mixed, num_frames, window, masked, residual);
+  const auto phase64 = detail::phase_as_int64(phase, plan.rows, num_frames, full);
   const auto full_c = full.contiguous();
   const auto mixed_c = mixed.contiguous();
-  const auto residual_c = has_residual ? residual->contiguous() : at::Tensor();
+  const auto residual_c = plan.has_residual ? residual->contiguous() : at::Tensor();
   auto pad = at::empty(full.sizes(), full.options());
   if (pad.numel() == 0) return pad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, full.scalar_type(), "stdd::pad_scatter (CPU)", [&] {
     pad_scatter_kernel<scalar_t>(full_c.const_data_ptr<scalar_t>(), mixed_c.const_data_ptr<scalar_t>(),
-                                 has_residual ? residual_c.const_data_ptr<scalar_t>() : nullptr,
-                                 phase64.const_data_ptr<int64_t>(), pad.mutable_data_ptr<scalar_t>(), mixed.size(0), R,
-                                 D, mask);
+                                 plan.has_residual ? residual_c.const_data_ptr<scalar_t>() : nullptr,
+                                 phase64.const_data_ptr<int64_t>(), pad.mutable_data_ptr<scalar_t>(), plan.num_scales,
+                                 plan.rows, plan.channels, plan.mask);
   });
   return pad;
 }
@@ -258,20 +234,16 @@ at::Tensor pad_scatter_cpu(const at::Tensor& full, const at::Tensor& mixed, cons
 std::tuple<at::Tensor, at::Tensor> pad_scatter_backward_cpu(const at::Tensor& grad_pad, const at::Tensor& phase,
                                                             int64_t num_frames, at::IntArrayRef window, int64_t masked,
                                                             int64_t num_scales) {
-  detail::check_float(grad_pad, "grad_pad", 3);
-  const auto mask = detail::check_mask(detail::grid_from_tokens(grad_pad.size(1), "grad_pad"), window, masked);
-  TORCH_CHECK(num_scales >= 1, "num_scales must be a positive int, got ", num_scales);
-  const int64_t R = grad_pad.size(0), D = grad_pad.size(2);
-  detail::check_rows(R, num_frames, "grad_pad");
-  const auto phase64 = detail::phase_as_int64(phase, R, num_frames, grad_pad);
+  const auto plan = detail::check_pad_scatter_backward(grad_pad, num_frames, window, masked, num_scales);
+  const auto phase64 = detail::phase_as_int64(phase, plan.rows, num_frames, grad_pad);
   const auto grad = grad_pad.contiguous();
   auto grad_full = at::empty(grad_pad.sizes(), grad_pad.options());
-  auto grad_mixed = at::empty({num_scales, R, 1 + mask.num_kept(), D}, grad_pad.options());
+  auto grad_mixed = at::empty({plan.num_scales, plan.rows, 1 + plan.mask.num_kept(), plan.channels}, grad_pad.options());
   if (grad_full.numel() == 0) return {grad_full, grad_mixed};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stdd::pad_scatter_backward (CPU)", [&] {
     pad_scatter_backward_kernel<scalar_t>(grad.const_data_ptr<scalar_t>(), phase64.const_data_ptr<int64_t>(),
                                           grad_full.mutable_data_ptr<scalar_t>(), grad_mixed.mutable_data_ptr<scalar_t>(),
-                                          num_scales, R, D, mask);
+                                          plan.num_scales, plan.rows, plan.channels, plan.mask);
   });
   return {grad_full, grad_mixed};
 }

@@ -106,6 +106,60 @@ at::Tensor phase_as_int64(const at::Tensor& phase, int64_t rows, int64_t num_fra
   return phase.to(at::kLong).contiguous();
 }
 
+MixPlan check_mix_gather(const at::Tensor& x, int64_t num_frames, at::IntArrayRef window, int64_t masked,
+                         at::IntArrayRef scales, int64_t channel_fold, std::string_view mixing) {
+  check_float(x, "x", 3);
+  auto plan = plan_mix(x.size(0), grid_from_tokens(x.size(1), "x"), x.size(2), num_frames, window, masked, scales,
+                       channel_fold, mixing);
+  check_rows(plan.rows, num_frames, "x");
+  return plan;
+}
+
+MixPlan check_mix_gather_backward(const at::Tensor& grad_mixed, int64_t num_frames, int64_t grid,
+                                  at::IntArrayRef window, int64_t masked, at::IntArrayRef scales,
+                                  int64_t channel_fold, std::string_view mixing) {
+  check_float(grad_mixed, "grad_mixed", 4);
+  auto plan = plan_mix(grad_mixed.size(1), grid, grad_mixed.size(3), num_frames, window, masked, scales, channel_fold,
+                       mixing);
+  TORCH_CHECK(grad_mixed.size(0) == static_cast<int64_t>(plan.scales.size()) &&
+                  grad_mixed.size(2) == 1 + plan.mask.num_kept(),
+              "grad_mixed must have shape (S, B*T, 1 + N_keep, D) with S = ", plan.scales.size(), " and 1 + N_keep = ",
+              1 + plan.mask.num_kept(), ", got ", grad_mixed.sizes());
+  check_rows(plan.rows, num_frames, "grad_mixed");
+  return plan;
+}
+
+PadPlan check_pad_scatter(const at::Tensor& full, const at::Tensor& mixed, int64_t num_frames, at::IntArrayRef window,
+                          int64_t masked, const std::optional<at::Tensor>& residual) {
+  check_float(full, "full", 3);
+  check_float(mixed, "mixed", 4);
+  check_same(mixed, "mixed", full, "full");
+  const auto mask = check_mask(grid_from_tokens(full.size(1), "full"), window, masked);
+  const int64_t R = full.size(0), D = full.size(2);
+  TORCH_CHECK(mixed.size(0) >= 1 && mixed.size(1) == R && mixed.size(2) == 1 + mask.num_kept() && mixed.size(3) == D,
+              "mixed must have shape (S, B*T, 1 + N_keep, D) = (S, ", R, ", ", 1 + mask.num_kept(), ", ", D, "), got ",
+              mixed.sizes());
+  const bool has_residual = residual.has_value() && residual->defined();
+  if (has_residual) {
+    check_float(*residual, "residual", 3);
+    check_same(*residual, "residual", full, "full");
+    TORCH_CHECK(residual->sizes() == full.sizes(), "residual must have the shape of full ", full.sizes(), ", got ",
+                residual->sizes());
+  }
+  check_rows(R, num_frames, "full");
+  return PadPlan{mask, R, D, mixed.size(0), has_residual};
+}
+
+PadPlan check_pad_scatter_backward(const at::Tensor& grad_pad, int64_t num_frames, at::IntArrayRef window,
+                                   int64_t masked, int64_t num_scales) {
+  check_float(grad_pad, "grad_pad", 3);
+  const auto mask = check_mask(grid_from_tokens(grad_pad.size(1), "grad_pad"), window, masked);
+  TORCH_CHECK(num_scales >= 1, "num_scales must be a positive int, got ", num_scales);
+  const int64_t R = grad_pad.size(0), D = grad_pad.size(2);
+  check_rows(R, num_frames, "grad_pad");
+  return PadPlan{mask, R, D, num_scales, /*has_residual=*/false};
+}
+
 }  // namespace detail
 
 int64_t masked_cells(at::IntArrayRef window, double mask_ratio) {

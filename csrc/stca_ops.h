@@ -80,5 +80,30 @@ void check_float(const at::Tensor& t, const char* name, int64_t dim);
 at::Tensor phase_as_int64(const at::Tensor& phase, int64_t rows, int64_t num_frames, const at::Tensor& like);
 void check_same(const at::Tensor& t, const char* name, const at::Tensor& like, const char* like_name);
 
+// Everything a pad_scatter kernel needs besides the tensors; validated.
+struct PadPlan {
+  MaskGeometry mask;
+  int64_t rows;        // B*T
+  int64_t channels;    // D
+  int64_t num_scales;  // S
+  bool has_residual;   // pad_scatter only: residual given (and defined)
+};
+
+// Argument checks of the device entry points (stca_cpu.cpp, stca_cuda.cu),
+// one per op, so that every device accepts and rejects exactly the same calls
+// with the same messages: dtypes, dims, shapes and devices of the tensors and
+// the geometry, in that order. The phase tensor is checked (and converted) by
+// phase_as_int64 afterwards, inside the caller's device guard. The meta
+// kernels (stca_ops.cpp) keep their own checks: their rows may be symbolic.
+MixPlan check_mix_gather(const at::Tensor& x, int64_t num_frames, at::IntArrayRef window, int64_t masked,
+                         at::IntArrayRef scales, int64_t channel_fold, std::string_view mixing);
+MixPlan check_mix_gather_backward(const at::Tensor& grad_mixed, int64_t num_frames, int64_t grid,
+                                  at::IntArrayRef window, int64_t masked, at::IntArrayRef scales,
+                                  int64_t channel_fold, std::string_view mixing);
+PadPlan check_pad_scatter(const at::Tensor& full, const at::Tensor& mixed, int64_t num_frames, at::IntArrayRef window,
+                          int64_t masked, const std::optional<at::Tensor>& residual);
+PadPlan check_pad_scatter_backward(const at::Tensor& grad_pad, int64_t num_frames, at::IntArrayRef window,
+                                   int64_t masked, int64_t num_scales);
+
 }  // namespace detail
 }  // namespace stdd
