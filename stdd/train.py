@@ -412,6 +412,8 @@ class Trainer:
         log_every = int(cfg.run.get("log_every_steps", 10))
         every_epochs = int(cfg.checkpoint.get("every_epochs", 1))
         every_steps = int(cfg.checkpoint.get("every_steps", 0) or 0)
+        # the epochs weight averaging will read are always saved, whatever checkpoint.every_epochs says
+        averaged_epochs = set(parse_epoch_selection(cfg.averaging.get("epochs"), self.epochs))
         eval_every = int(cfg.get("eval", {}).get("every_epochs", 0) or 0)
         history = []
         stopped_early = False
@@ -456,7 +458,8 @@ class Trainer:
                     self.step_in_epoch = 0
                 hit_max = max_steps is not None and self.global_step >= int(max_steps)
                 want_checkpoint = (
-                    (at_epoch_end and (self.epoch % every_epochs == 0 or self.epoch == self.epochs))
+                    (at_epoch_end and (self.epoch % every_epochs == 0 or self.epoch == self.epochs
+                                       or self.epoch in averaged_epochs))
                     or (not at_epoch_end and every_steps and self.global_step % every_steps == 0)
                     or hit_max
                 )
