@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import torch
 
 from .engine.config import ConfigError
 
@@ -59,7 +58,7 @@ def _class_list(classes, class_file) -> list[str]:
 
 
 def _prompts_for(names: list[str], prompts_file) -> dict[str, list[str]]:
-    from .engine.task import _plain, _prompts_from_json, build_prompts
+    from .engine.task import _prompts_from_json, build_prompts
 
     templates = build_prompts("templates", names)
     if prompts_file is None:

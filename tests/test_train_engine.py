@@ -1,6 +1,5 @@
 """Checkpoint I/O, config loading, LR schedule and weight averaging (no model needed)."""
 
-import os
 import signal
 import subprocess
 import sys

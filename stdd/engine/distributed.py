@@ -61,7 +61,7 @@ def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.devic
 def init_distributed(device_preference: str = "auto", timeout_minutes: float = 30.0) -> DistributedContext:
     """Join the process group torchrun describes in the environment (if any)."""
     world_size = _env_int("WORLD_SIZE", 1)
-    rank = _env_int("RANK", 0)
+    _env_int("RANK", 0)  # checked here; the process group reports the rank
     local_rank = _env_int("LOCAL_RANK", 0)
     device = resolve_device(device_preference, local_rank)
     if world_size <= 1:

@@ -12,7 +12,6 @@ CLIP block per frame (STCA_SPEC.md, section 2): no information crosses frames.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
