@@ -153,6 +153,18 @@ def _validate_knowledge(graph: dict, where: str, errors: list[str]) -> tuple[set
     return object_keys, action_keys
 
 
+def _field_errors(obj: dict, keys, where: str) -> list[str]:
+    """Missing and unknown top-level fields of a JSON object, in that order."""
+    errors: list[str] = []
+    missing = [k for k in keys if k not in obj]
+    if missing:
+        errors.append(f"{where}: missing fields {missing}")
+    unknown = sorted(set(obj) - set(keys))
+    if unknown:
+        errors.append(f"{where}: unknown fields {unknown}")
+    return errors
+
+
 def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
     """Errors of one class's graph (empty list: valid).
 
@@ -162,13 +174,7 @@ def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
     where = f"class {class_name!r}"
     if not isinstance(graph, dict):
         return [f"{where}: expected a JSON object, got {type(graph).__name__}"]
-    errors: list[str] = []
-    missing = [k for k in GRAPH_KEYS if k not in graph]
-    if missing:
-        errors.append(f"{where}: missing fields {missing}")
-    unknown = sorted(set(graph) - set(GRAPH_KEYS))
-    if unknown:
-        errors.append(f"{where}: unknown fields {unknown}")
+    errors = _field_errors(graph, GRAPH_KEYS, where)
     if "class" in graph and graph["class"] != class_name:
         errors.append(f"{where}: field 'class' is {graph['class']!r}, expected {class_name!r}")
     try:
@@ -222,13 +228,7 @@ def validate_stage1(answer: Any, class_name: str) -> list[str]:
     where = f"class {class_name!r}"
     if not isinstance(answer, dict):
         return [f"{where}: expected a JSON object, got {type(answer).__name__}"]
-    errors: list[str] = []
-    missing = [k for k in STAGE1_KEYS if k not in answer]
-    if missing:
-        errors.append(f"{where}: missing fields {missing}")
-    unknown = sorted(set(answer) - set(STAGE1_KEYS))
-    if unknown:
-        errors.append(f"{where}: unknown fields {unknown}")
+    errors = _field_errors(answer, STAGE1_KEYS, where)
     _validate_knowledge(answer, where, errors)
     return errors
 
