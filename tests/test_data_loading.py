@@ -4,7 +4,6 @@ import logging
 import os
 import socket
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -14,23 +13,7 @@ from stdd.data import ClipSampling, PyAVDecoder, VideoDecodeError, build_dataloa
 from stdd.data.annotations import read_video_list
 from stdd.data.synthetic import encode_video, generate_synthetic_dataset
 
-CODE_BITS = 8
-
-
-def index_coded_frames(count, size=32):
-    """Frame t shows t in binary: 8 vertical stripes of 4 pixels, white = 1 (survives lossy coding)."""
-    frames = np.zeros((count, size, size, 3), dtype=np.uint8)
-    for t in range(count):
-        for bit in range(CODE_BITS):
-            if (t >> bit) & 1:
-                frames[t, :, bit * 4 : bit * 4 + 4] = 255
-    return frames
-
-
-def read_codes(frames):
-    stripes = frames[..., 8:24, :, :].mean(axis=(-3, -1)).reshape(*frames.shape[:-3], CODE_BITS, 4).mean(-1)
-    bits = (stripes > 128).astype(np.int64)
-    return (bits * (1 << np.arange(CODE_BITS))).sum(-1)
+from coded_video import index_coded_frames, read_codes, write_video
 
 
 @pytest.fixture(scope="module")
@@ -44,39 +27,14 @@ def coded_videos(tmp_path_factory):
     # UCF101 / HMDB51 style: MPEG-4 part 2 in AVI, here with B-frames, whose AVI timestamps start at 1
     # while the stream claims to start at 0
     paths["mpeg4_avi"] = root / "coded.avi"
-    with av.open(str(paths["mpeg4_avi"]), "w") as container:
-        stream = container.add_stream("mpeg4", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        stream.codec_context.gop_size, stream.codec_context.max_b_frames = 12, 2
-        stream.options = {"qscale": "2"}
-        for index, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_video(paths["mpeg4_avi"], frames, encoder="mpeg4", keyframe_interval=12, max_b_frames=2, options={"qscale": "2"})
     return paths
-
-
-def write_raw_h264(path, frames):
-    """An elementary H.264 stream: no container, so no frame count, duration or timestamps."""
-    with av.open(str(path), "w", format="h264") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.codec_context.gop_size = 16
-        for index, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def test_raw_stream_without_timestamps_is_counted_and_decoded_in_order(tmp_path):
     path = tmp_path / "raw.h264"
-    write_raw_h264(path, index_coded_frames(100))
+    # an elementary H.264 stream: no container, so no frame count, duration or timestamps
+    write_video(path, index_coded_frames(100), format="h264")
     decoder = PyAVDecoder(seek_gap_frames=4)
     assert decoder.probe(path).num_frames == 100
     indices = np.array([[0, 10, 50], [99, 90, 10]])
