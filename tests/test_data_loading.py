@@ -3,6 +3,7 @@
 import logging
 import os
 import socket
+import warnings
 
 import numpy as np
 import pytest
@@ -103,8 +104,9 @@ def test_bad_files_are_skipped_counted_and_summarised(small_set, tmp_path, caplo
     listing, num_good = make_bad_copies(small_set, tmp_path)
     sampling = ClipSampling(clip_length=4, stride=3)
     loader = build_dataloader(listing, training=True, batch_size=4, num_workers=2, sampling=sampling, crop_size=32)
-    # (the per-video warnings are raised in the worker processes; the epoch summary in this one)
-    with caplog.at_level(logging.INFO, logger="stdd.data.dataset"):
+    # failures travel with the batches: logged here, in the loader's process, not warned in the workers
+    with caplog.at_level(logging.INFO, logger="stdd.data.dataset"), warnings.catch_warnings():
+        warnings.simplefilter("error")
         batches = list(loader)
     total = num_good + 4
     # training replaces a failed video by another one: every batch stays full, the epoch completes
@@ -116,15 +118,22 @@ def test_bad_files_are_skipped_counted_and_summarised(small_set, tmp_path, caplo
     delivered = torch.cat([batch["index"] for batch in batches])
     assert (delivered < num_good).all()  # only good videos reach the model
     # evaluation drops failed videos (no substitutes that would be scored twice)
+    skip_lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("skipping undecodable video")]
+    assert len(skip_lines) == 4 and any("cut.webm: truncated: frames end at index" in line for line in skip_lines)
     evaluation = build_dataloader(listing, training=False, batch_size=3, num_workers=0, sampling=sampling, crop_size=32)
-    with pytest.warns(RuntimeWarning, match="skipping undecodable video"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         eval_batches = list(evaluation)
     assert sum(batch["video"].shape[0] for batch in eval_batches) == num_good
     assert evaluation.last_epoch_report.failed_videos == 4
     assert all(batch["video"].shape[1:] == (1, 4, 3, 32, 32) for batch in eval_batches)
-    # the second epoch counts again
-    list(loader)
+    # the second epoch counts again, without logging the same files again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stdd.data.dataset"):
+        list(loader)
     assert loader.last_epoch_report.epoch == 1 and loader.last_epoch_report.failed_videos == 4
+    assert not [record for record in caplog.records if record.getMessage().startswith("skipping undecodable video")]
+    assert "4 videos failed to decode" in caplog.text
 
 
 def test_fail_policy_raises_with_the_file_name(small_set, tmp_path):
