@@ -117,9 +117,9 @@ def test_bad_files_are_skipped_counted_and_summarised(small_set, tmp_path, caplo
     assert "4 videos failed to decode" in caplog.text
     delivered = torch.cat([batch["index"] for batch in batches])
     assert (delivered < num_good).all()  # only good videos reach the model
-    # evaluation drops failed videos (no substitutes that would be scored twice)
     skip_lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("skipping undecodable video")]
     assert len(skip_lines) == 4 and any("cut.webm: truncated: frames end at index" in line for line in skip_lines)
+    # evaluation drops failed videos (no substitutes that would be scored twice)
     evaluation = build_dataloader(listing, training=False, batch_size=3, num_workers=0, sampling=sampling, crop_size=32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

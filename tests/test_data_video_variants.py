@@ -61,12 +61,13 @@ def clip_requests(count):
 
 
 @pytest.mark.parametrize("name", ["mp4", "vfr.mp4", "start.mkv", "start_vfr.webm", "ts", "gif", "avi"])
-@pytest.mark.parametrize("seek_gap_frames", [4, 48])
-def test_any_start_gives_the_sequential_decode_frames(variants, name, seek_gap_frames):
+# uncached: each decode indexes the file in the container it then seeks in; cached: a fresh open
+@pytest.mark.parametrize("seek_gap_frames,index_cache_size", [(4, 0), (48, 1024)])
+def test_any_start_gives_the_sequential_decode_frames(variants, name, seek_gap_frames, index_cache_size):
     path, expected_codes = variants[name]
     reference = decode_all(path)
     assert np.array_equal(read_codes(reference), expected_codes)  # the reference is what was encoded
-    decoder = PyAVDecoder(seek_gap_frames=seek_gap_frames)
+    decoder = PyAVDecoder(seek_gap_frames=seek_gap_frames, index_cache_size=index_cache_size)
     info = decoder.probe(path)
     assert info.num_frames == len(reference) == len(expected_codes)
     for indices in clip_requests(info.num_frames):
@@ -168,9 +169,9 @@ def test_misuse_is_named(variants, tmp_path):
 def test_the_index_is_cached_until_the_file_changes(tmp_path, monkeypatch):
     import stdd.data.decoders as decoders
 
-    built = []
-    real_build = decoders.build_frame_index
-    monkeypatch.setattr(decoders, "build_frame_index", lambda path, **options: built.append(str(path)) or real_build(path, **options))
+    built = []  # the files a packet pass ran on
+    real_pass = decoders._index_container
+    monkeypatch.setattr(decoders, "_index_container", lambda path, container: built.append(str(path)) or real_pass(path, container))
     paths = [tmp_path / f"{count}.mp4" for count in (20, 30, 40)]
     for path, count in zip(paths, (20, 30, 40)):
         write_video(path, index_coded_frames(count, width=48))
@@ -187,3 +188,31 @@ def test_the_index_is_cached_until_the_file_changes(tmp_path, monkeypatch):
     assert isinstance(decoder.index_cache, FrameIndexCache)
     # the cached index is the one a fresh pass builds
     assert decoder.index(paths[2]).info == build_frame_index(paths[2]).info
+
+
+def test_a_longer_audio_track_is_not_truncation(tmp_path):
+    import av
+
+    path = tmp_path / "with_audio.mkv"
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=25)
+        video.width, video.height, video.pix_fmt = 48, 32, "yuv420p"
+        audio = container.add_stream("flac", rate=8000)
+        audio.layout = "mono"
+        for t, array in enumerate(index_coded_frames(50, width=48)):  # 2 s of video
+            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+            frame.pts = t
+            for packet in video.encode(frame):
+                container.mux(packet)
+        for packet in video.encode():
+            container.mux(packet)
+        for k in range(32):  # 4 s of audio: the file's duration
+            samples = av.AudioFrame.from_ndarray(np.zeros((1, 1000), np.int16), format="s16", layout="mono")
+            samples.sample_rate, samples.pts = 8000, k * 1000
+            for packet in audio.encode(samples):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
+    decoder = PyAVDecoder()
+    assert decoder.probe(path).num_frames == 50
+    assert np.array_equal(read_codes(decoder.decode(path, np.array([0, 49])).frames), [0, 49])

@@ -2,8 +2,8 @@
 
 Frame numbering. Frame i of a video is its i-th frame in presentation order, i.e. the frame with the i-th
 smallest presentation timestamp (pts). `PyAVDecoder.index(path)` learns every frame's pts from one pass
-over the packets (demuxing, no decoding: a few ms for thousands of frames), plus the first frame, which is
-decoded to fix the origin and the display rotation. So the frame count is exact and frame i is found
+over the packets (demuxing, no decoding), plus the first frame, which is decoded to fix the origin and
+the display rotation (cost: bench/video_checks.py). So the frame count is exact and frame i is found
 by its pts in every container: mp4, mkv/webm (with or without a start time), MPEG-TS, GIF, AVI, variable
 frame rate. Details that matter:
 - Frames are numbered from the FIRST DECODED frame: packets that display before it never come out of
@@ -27,9 +27,10 @@ Display rotation. A display matrix (portrait phone video) is applied: the frames
 shows them; `VideoInfo.rotation` / `.mirrored` say what was done and height/width are the displayed size.
 
 Indexes are cached per decoder (bounded LRU, keyed by path + size + mtime, so a changed file is indexed
-again): a process that opens a file again (evaluation, num_workers=0 loaders, DALI's build-time probe)
-skips the packet pass. The PyAV DataLoader's worker processes are re-created every epoch, so there each
-worker's cache lasts one epoch.
+again): a process that opens a file again (num_workers=0 loaders, DALI's build-time probe, repeated
+predictions) skips the packet pass. The PyAV DataLoader's worker processes are re-created every epoch,
+so there each worker's cache lasts one epoch; an uncached `decode` indexes the file in the same open
+it then decodes from (one open, one decoder set-up).
 
 Any failure (unreadable container, no video stream, corrupt packets, truncation) raises `VideoDecodeError`
 naming the file, so a dataset can skip it and count it. The DALI decoders live in `stdd/data/dali.py`.
@@ -101,25 +102,31 @@ class FrameIndexCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get_or_build(self, path: str | os.PathLike, build: Callable[[], FrameIndex]) -> FrameIndex:
-        if self.max_entries == 0:
-            return build()
+    @staticmethod
+    def key(path: str | os.PathLike) -> tuple | None:
+        """The cache key of the file as it is now (None: it cannot be stat-ed; nothing is cached)."""
         try:
             status = os.stat(path)
         except OSError:
-            return build()  # raises the decoder's "file not found"
-        key = (os.path.realpath(path), status.st_size, status.st_mtime_ns)
+            return None
+        return os.path.realpath(path), status.st_size, status.st_mtime_ns
+
+    def get(self, key: tuple | None) -> FrameIndex | None:
+        if key is None:
+            return None
         with self._lock:
             index = self._entries.get(key)
             if index is not None:
                 self._entries.move_to_end(key)
-                return index
-        index = build()
+            return index
+
+    def put(self, key: tuple | None, index: FrameIndex) -> None:
+        if key is None or self.max_entries == 0:
+            return
         with self._lock:
             self._entries[key] = index
             while len(self._entries) > self.max_entries:
                 self._entries.popitem(last=False)
-        return index
 
     def __getstate__(self):  # picklable for spawned DataLoader workers (locks are not)
         return {"max_entries": self.max_entries, "entries": list(self._entries.items())}
@@ -185,7 +192,8 @@ def _orientation(path, matrix: np.ndarray | None) -> tuple[int, bool]:
     raise VideoDecodeError(path, f"display matrix rotates by {angle:.1f} degrees; only multiples of 90 are supported")
 
 
-def _upright(frame: np.ndarray, rotation: int, mirrored: bool) -> np.ndarray:
+def upright_frame(frame: np.ndarray, rotation: int, mirrored: bool) -> np.ndarray:
+    """(H, W, ...) as stored -> as displayed, for VideoInfo.rotation / .mirrored."""
     if rotation:
         frame = np.rot90(frame, rotation // 90)
     if mirrored:
@@ -224,91 +232,97 @@ class _Packet:
 
 def build_frame_index(path: str | os.PathLike, *, threads: int = 1) -> FrameIndex:
     """One pass over the video packets of `path` (see the module docstring); no caching."""
-    import av
-
-    errors = (av.error.FFmpegError, OSError, ValueError, RuntimeError)
     container = _open(path)
     try:
-        stream = container.streams.video[0]
-        stream.thread_count = threads
-        packets: list[_Packet] = []
-        slots = 0  # packets the header's frame count covers: real ones, discarded ones, empty slots
-        first_frame, first_error, demux_error = None, None, None
-        try:
-            for packet in container.demux(stream):
-                if packet.size == 0:
-                    if packet.dts is not None:
-                        slots += 1  # an AVI dropped-frame slot; (the flush packet at the end has no dts)
-                    continue
-                slots += 1
-                if first_frame is None and first_error is None:
-                    try:  # every packet feeds the decoder (discarded ones too: later frames refer to them)
-                        decoded = stream.decode(packet)
-                    except errors as error:
-                        first_error = error
-                    else:
-                        first_frame = decoded[0] if decoded else None
-                if packet.is_discard:
-                    continue
-                packets.append(_Packet(packet.pts, int(packet.duration or 0), bool(packet.is_keyframe), bool(packet.is_corrupt)))
-        except errors as error:
-            demux_error = error
-        if first_frame is None and first_error is None and packets:
-            try:
-                decoded = stream.decode(None)  # drain: decoders with reordering delay hold the first frame back
-                first_frame = decoded[0] if decoded else None
-            except errors as error:
-                first_error = error
-        while packets and packets[-1].corrupt:
-            packets.pop()  # the file ends inside this packet
-
-        declared = int(stream.frames or 0)
-        if declared > 0 and slots < declared:
-            where = f"frames end at index {len(packets) - 1}" if packets else "the file ends before its first frame"
-            raise VideoDecodeError(path, f"truncated: {where}, the header declares {declared} frames")
-        if not packets:
-            reason = f": {demux_error}" if demux_error is not None else ""
-            raise VideoDecodeError(path, f"no video packets{reason}")
-        if first_frame is None:
-            reason = f": {type(first_error).__name__}: {first_error}" if first_error is not None else ""
-            raise VideoDecodeError(path, f"no frame could be decoded{reason}")
-
-        time_base = stream.time_base or Fraction(1, 1)
-        timestamps = [packet.pts for packet in packets]
-        pts = None
-        if first_frame.pts is not None and None not in timestamps and len(set(timestamps)) == len(timestamps):
-            ordered = np.array(sorted(timestamps), dtype=np.int64)
-            ordered = ordered[ordered >= first_frame.pts]  # frames before the first decoded one never appear
-            if ordered.size and ordered[0] == first_frame.pts:
-                pts = ordered
-        if pts is not None:
-            num_frames = int(pts.size)
-            keyframes = np.unique(np.searchsorted(pts, [p.pts for p in packets if p.keyframe and p.pts >= pts[0]]))
-            durations = {packet.pts: packet.duration for packet in packets}
-            last_duration = durations.get(int(pts[-1]), 0) or (int(np.median(np.diff(pts))) if num_frames > 1 else 0)
-            span = Fraction(int(pts[-1] - pts[0]) + last_duration) * time_base
-            if "matroska" in container.format.name:
-                _check_matroska_duration(path, container, stream, float((int(pts[-1]) + last_duration) * time_base), num_frames)
-        else:
-            num_frames, keyframes, span = len(packets), np.zeros(0, dtype=np.int64), Fraction(0)
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        if span > 0:
-            fps = float(num_frames / span)
-        elif rate:
-            fps = float(rate)
-        else:
-            raise VideoDecodeError(path, "unknown frame rate")
-        rotation, mirrored = _orientation(path, _display_matrix(first_frame))
-        height, width = first_frame.height, first_frame.width
-        if rotation in (90, 270):
-            height, width = width, height
-        info = VideoInfo(num_frames, fps, height, width, _codec_name(stream), rotation, mirrored)
-        return FrameIndex(info, pts, keyframes.astype(np.int64))
+        container.streams.video[0].thread_count = threads
+        return _index_container(path, container)
     finally:
         container.close()
 
 
-def _check_matroska_duration(path, container, stream, end_seconds: float, num_frames: int) -> None:
+def _index_container(path, container) -> FrameIndex:
+    """Index the first video stream of an open `container` (read to its end; seek before decoding)."""
+    import av
+
+    errors = (av.error.FFmpegError, OSError, ValueError, RuntimeError)
+    stream = container.streams.video[0]
+    packets: list[_Packet] = []
+    slots = 0  # packets the header's frame count covers: real ones, discarded ones, empty slots
+    first_frame, first_error, demux_error = None, None, None
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                if packet.dts is not None:
+                    slots += 1  # an AVI dropped-frame slot; (the flush packet at the end has no dts)
+                continue
+            slots += 1
+            if first_frame is None and first_error is None:
+                try:  # every packet feeds the decoder (discarded ones too: later frames refer to them)
+                    decoded = stream.decode(packet)
+                except errors as error:
+                    first_error = error
+                else:
+                    first_frame = decoded[0] if decoded else None
+            if packet.is_discard:
+                continue
+            packets.append(_Packet(packet.pts, int(packet.duration or 0), bool(packet.is_keyframe), bool(packet.is_corrupt)))
+    except errors as error:
+        demux_error = error
+    if first_frame is None and first_error is None and packets:
+        try:
+            decoded = stream.decode(None)  # drain: decoders with reordering delay hold the first frame back
+            first_frame = decoded[0] if decoded else None
+        except errors as error:
+            first_error = error
+    while packets and packets[-1].corrupt:
+        packets.pop()  # the file ends inside this packet
+
+    declared = int(stream.frames or 0)
+    if declared > 0 and slots < declared:
+        where = f"frames end at index {len(packets) - 1}" if packets else "the file ends before its first frame"
+        raise VideoDecodeError(path, f"truncated: {where}, the header declares {declared} frames")
+    if not packets:
+        reason = f": {demux_error}" if demux_error is not None else ""
+        raise VideoDecodeError(path, f"no video packets{reason}")
+    if first_frame is None:
+        reason = f": {type(first_error).__name__}: {first_error}" if first_error is not None else ""
+        raise VideoDecodeError(path, f"no frame could be decoded{reason}")
+
+    time_base = stream.time_base or Fraction(1, 1)
+    timestamps = [packet.pts for packet in packets]
+    pts = None
+    if first_frame.pts is not None and None not in timestamps and len(set(timestamps)) == len(timestamps):
+        ordered = np.array(sorted(timestamps), dtype=np.int64)
+        ordered = ordered[ordered >= first_frame.pts]  # frames before the first decoded one never appear
+        if ordered.size and ordered[0] == first_frame.pts:
+            pts = ordered
+    if pts is not None:
+        num_frames = int(pts.size)
+        keyframes = np.unique(np.searchsorted(pts, [p.pts for p in packets if p.keyframe and p.pts >= pts[0]]))
+        durations = {packet.pts: packet.duration for packet in packets}
+        last_duration = durations.get(int(pts[-1]), 0) or (int(np.median(np.diff(pts))) if num_frames > 1 else 0)
+        span = Fraction(int(pts[-1] - pts[0]) + last_duration) * time_base
+        if "matroska" in container.format.name:
+            end_seconds = float((int(pts[-1]) + last_duration) * time_base)
+            _check_matroska_duration(path, container, stream, end_seconds, float(span) / num_frames, num_frames)
+    else:
+        num_frames, keyframes, span = len(packets), np.zeros(0, dtype=np.int64), Fraction(0)
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    if span > 0:
+        fps = float(num_frames / span)
+    elif rate:
+        fps = float(rate)
+    else:
+        raise VideoDecodeError(path, "unknown frame rate")
+    rotation, mirrored = _orientation(path, _display_matrix(first_frame))
+    height, width = first_frame.height, first_frame.width
+    if rotation in (90, 270):
+        height, width = width, height
+    info = VideoInfo(num_frames, fps, height, width, _codec_name(stream), rotation, mirrored)
+    return FrameIndex(info, pts, keyframes.astype(np.int64))
+
+
+def _check_matroska_duration(path, container, stream, end_seconds: float, frame_seconds: float, num_frames: int) -> None:
     """Matroska declares durations (segment, per-track DURATION tag), not frame counts: the last frame
     must end near the declared end. The segment duration covers every track, so it is used only when
     the video is the file's only stream."""
@@ -317,8 +331,7 @@ def _check_matroska_duration(path, container, stream, end_seconds: float, num_fr
         declared = container.duration / 1_000_000  # av.time_base: microseconds
     if declared is None:
         return
-    frame_time = end_seconds / max(num_frames, 1)
-    if declared - end_seconds > max(_MATROSKA_TRUNCATION_TOLERANCE_S, 2 * frame_time):
+    if declared - end_seconds > max(_MATROSKA_TRUNCATION_TOLERANCE_S, 2 * frame_seconds):
         raise VideoDecodeError(
             path, f"truncated: frames end at index {num_frames - 1} ({end_seconds:.2f} s), the header declares {declared:.2f} s"
         )
@@ -371,7 +384,12 @@ class PyAVDecoder:
         self.index_cache = FrameIndexCache(index_cache_size)
 
     def index(self, path: str | os.PathLike) -> FrameIndex:
-        return self.index_cache.get_or_build(path, lambda: build_frame_index(path, threads=self.threads))
+        key = self.index_cache.key(path)
+        index = self.index_cache.get(key)
+        if index is None:
+            index = build_frame_index(path, threads=self.threads)
+            self.index_cache.put(key, index)
+        return index
 
     def probe(self, path: str | os.PathLike) -> VideoInfo:
         return self.index(path).info
@@ -399,27 +417,43 @@ class PyAVDecoder:
         """Decode frames; `choose_indices` is an index array or a function num_frames -> index array."""
         import av
 
-        index = self.index(path)
-        info = index.info
-        indices = np.asarray(choose_indices(info.num_frames) if callable(choose_indices) else choose_indices, dtype=np.int64)
-        if indices.size == 0:
-            raise ValueError("choose_indices: expected at least one frame index")
-        if indices.min() < 0:
-            raise ValueError(f"choose_indices: negative frame index {indices.min()}")
-        if indices.max() >= info.num_frames:
-            raise ValueError(f"choose_indices: frame index {indices.max()} out of range, {path} has {info.num_frames} frames")
-        wanted = np.unique(indices)  # sorted
-        try:
+        key = self.index_cache.key(path)
+        index = self.index_cache.get(key)
+        container = None
+        if index is None:  # index it in the container that then decodes (one open, one decoder set-up)
+            container, _ = self._open_stream(path)
             try:
-                decoded, last_seen, ended = self._decode_by_timestamp(path, index, wanted)
-            except _TimestampMismatch:
-                decoded, last_seen, ended = self._decode_in_order(path, index, wanted)
-        except VideoDecodeError:
-            raise
-        except (av.error.FFmpegError, OSError, ValueError, RuntimeError) as error:
-            # FFmpeg errors, but also PyAV's ValueError/RuntimeError for frames it cannot convert
-            # (e.g. an unsupported pixel format): either way this file cannot give the clip.
-            raise VideoDecodeError(path, f"decoding failed: {type(error).__name__}: {error}") from None
+                index = _index_container(path, container)
+            except BaseException:
+                container.close()
+                raise
+            self.index_cache.put(key, index)
+        try:
+            info = index.info
+            indices = np.asarray(choose_indices(info.num_frames) if callable(choose_indices) else choose_indices, dtype=np.int64)
+            if indices.size == 0:
+                raise ValueError("choose_indices: expected at least one frame index")
+            if indices.min() < 0:
+                raise ValueError(f"choose_indices: negative frame index {indices.min()}")
+            if indices.max() >= info.num_frames:
+                raise ValueError(f"choose_indices: frame index {indices.max()} out of range, {path} has {info.num_frames} frames")
+            wanted = np.unique(indices)  # sorted
+            try:
+                try:
+                    decoded, last_seen, ended = self._decode_by_timestamp(path, index, wanted, container)
+                    container = None  # closed there
+                except _TimestampMismatch:
+                    container = None
+                    decoded, last_seen, ended = self._decode_in_order(path, index, wanted)
+            except VideoDecodeError:
+                raise
+            except (av.error.FFmpegError, OSError, ValueError, RuntimeError) as error:
+                # FFmpeg errors, but also PyAV's ValueError/RuntimeError for frames it cannot convert
+                # (e.g. an unsupported pixel format): either way this file cannot give the clip.
+                raise VideoDecodeError(path, f"decoding failed: {type(error).__name__}: {error}") from None
+        finally:
+            if container is not None:
+                container.close()
         missing = [int(number) for number in wanted if int(number) not in decoded]
         if missing:
             if not decoded and last_seen < 0:
@@ -450,12 +484,12 @@ class PyAVDecoder:
                 array = frame.reformat(width=out_width, height=out_height, format="rgb24", interpolation="BILINEAR").to_ndarray()
             else:
                 array = frame.to_ndarray(format="rgb24")
-            return _upright(array, info.rotation, info.mirrored)
+            return upright_frame(array, info.rotation, info.mirrored)
 
         return convert
 
     def _decode_in_order(self, path, index: FrameIndex, wanted: np.ndarray):
-        """Frames numbered by their order out of the decoder, from the start; no seeking."""
+        """Frames numbered by their order out of the decoder, from the start of a fresh open; no seeking."""
         convert = self._converter(index.info)
         wanted_set = {int(number) for number in wanted}
         last_wanted = int(wanted[-1])
@@ -472,9 +506,13 @@ class PyAVDecoder:
         finally:
             container.close()
 
-    def _decode_by_timestamp(self, path, index: FrameIndex, wanted: np.ndarray):
-        """({frame number: frame}, last frame number seen, whether the stream ended) for `wanted`."""
+    def _decode_by_timestamp(self, path, index: FrameIndex, wanted: np.ndarray, container=None):
+        """({frame number: frame}, last frame number seen, whether the stream ended) for `wanted`.
+
+        container: an open container already read (the index pass) to reuse, or None; closed here."""
         if index.pts is None:
+            if container is not None:
+                container.close()
             return self._decode_in_order(path, index, wanted)
         import av
 
@@ -483,21 +521,21 @@ class PyAVDecoder:
         origin = int(index.pts[0])
         wanted_set = {int(number) for number in wanted}
         decoded: dict[int, np.ndarray] = {}
-        state = {"container": None, "stream": None, "used": False, "frames": None, "position": -1, "last_seen": -1}
+        state = {"container": container, "read": container is not None, "frames": None, "position": -1, "last_seen": -1}
 
-        def start(keyframe: int) -> tuple:
-            """Begin decoding at `keyframe` (0: the start of a freshly opened file): (frames, floor, seeked)."""
-            if state["container"] is None or (keyframe == 0 and state["used"]):
+        def start(keyframe: int, fresh: bool) -> tuple:
+            """Begin decoding at `keyframe` by seeking, or (fresh) at the start of a newly opened file:
+            (frames, floor, seeked)."""
+            if state["container"] is None or (fresh and state["read"]):
                 if state["container"] is not None:
                     state["container"].close()
-                state["container"], state["stream"] = self._open_stream(path)
-                state["used"] = False
-            container, stream = state["container"], state["stream"]
-            state["position"] = -1
-            if keyframe == 0:
-                state["used"] = True
+                state["container"], _ = self._open_stream(path)
+                state["read"] = False
+            container = state["container"]
+            stream = container.streams.video[0]
+            state["position"], state["read"] = -1, True
+            if fresh:
                 return container.decode(stream), 0, False
-            state["used"] = True
             container.seek(int(index.pts[keyframe]), stream=stream, backward=True, any_frame=False)
             return container.decode(stream), keyframe, True
 
@@ -538,15 +576,19 @@ class PyAVDecoder:
                     if state["frames"] is None and target < self.seek_gap_frames:
                         keyframe = 0
                     # the keyframe wanted, two earlier ones if the container's seek misses, then the start
+                    # (by a seek in a container already read, else, or if that misses, a fresh open)
                     earlier = index.keyframes[index.keyframes < keyframe][::-1][:2].tolist()
-                    for attempt in dict.fromkeys([keyframe, *earlier, 0]):
+                    attempts = [(int(frame), False) for frame in dict.fromkeys([keyframe, *earlier, 0])
+                                if frame > 0 or state["container"] is not None]
+                    attempts.append((0, True))
+                    for attempt, fresh in attempts:
                         try:
-                            frames, floor, seeked = start(int(attempt))
+                            frames, floor, seeked = start(attempt, fresh)
                         except av.error.FFmpegError:
                             continue  # this container cannot seek there: try an earlier point
                         state["frames"] = frames
                         status = run_to(frames, floor, seeked, target)
-                        if status not in (_LANDED_AFTER, _NOTHING) or attempt == 0:
+                        if status not in (_LANDED_AFTER, _NOTHING) or fresh:
                             break
                 if status in (_ENDED, _NOTHING):
                     return decoded, state["last_seen"], True  # later targets do not exist either
