@@ -171,7 +171,8 @@ def _orientation(path, matrix: np.ndarray | None) -> tuple[int, bool]:
     """(rotation, mirrored) that make frames upright: np.rot90(frame, rotation // 90), then np.fliplr.
 
     FFmpeg's display matrix maps a source pixel (x, y) to x' = a x + c y, y' = b x + d y with
-    (a, b, _, c, d, ...) = matrix; only quarter turns (optionally mirrored) are supported.
+    (a, b, _, c, d, ...) = matrix (tested against PyAV's writer for all eight quarter-turn/mirror
+    combinations); only quarter turns (optionally mirrored) are supported.
     """
     if matrix is None:
         return 0, False
@@ -186,7 +187,7 @@ def _orientation(path, matrix: np.ndarray | None) -> tuple[int, bool]:
             candidate = np.linalg.matrix_power(_QUARTER_TURN, turns)
             if mirrored:
                 candidate = _MIRROR @ candidate
-            if np.array_equal(candidate, signs) and np.allclose(np.abs(mapping), np.abs(signs), atol=1e-3):
+            if np.array_equal(candidate, signs):  # (a scaling in the matrix is ignored, like the aspect ratio)
                 return 90 * turns, mirrored
     angle = float(np.degrees(np.arctan2(-b, a)))
     raise VideoDecodeError(path, f"display matrix rotates by {angle:.1f} degrees; only multiples of 90 are supported")
