@@ -27,11 +27,13 @@ def read_codes(frames):
 
 
 def write_video(path, frames, *, encoder="libx264", rate=25, pts=None, keyframe_interval=16, max_b_frames=None,
-                rotation=None, mirrored=False, format=None, pix_fmt="yuv420p", options=None, container_options=None):
+                rotation=None, mirrored=False, display_matrix=None, format=None, pix_fmt="yuv420p", options=None,
+                container_options=None):
     """Encode RGB frames (T, H, W, 3); frame t gets timestamp pts[t] (default t) in 1/rate units.
 
     rotation/mirrored: a display matrix (counter-clockwise degrees, then a left-right mirror) written
-    as stream side data (the mp4 tkhd matrix, the Matroska projection)."""
+    as stream side data (the mp4 tkhd matrix, the Matroska projection); display_matrix: 9 raw integers
+    in FFmpeg's layout instead."""
     with av.open(str(path), "w", format=format, options=container_options or {}) as container:
         stream = container.add_stream(encoder, rate=rate)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], pix_fmt
@@ -43,6 +45,8 @@ def write_video(path, frames, *, encoder="libx264", rate=25, pts=None, keyframe_
             stream.options = dict(options)
         if rotation is not None or mirrored:
             stream.set_display_rotation(rotation or 0, hflip=mirrored)
+        if display_matrix is not None:
+            stream.set_display_matrix(display_matrix)
         for t, array in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(array, format="rgb24")
             if pix_fmt not in ("yuv420p", "rgb24"):
