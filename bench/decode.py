@@ -52,6 +52,29 @@ def versions() -> dict:
     return found
 
 
+def machine_record(load_before: tuple[float, float, float]) -> dict:
+    """The machine a benchmark ran on, with the load average before and after it."""
+    return {
+        "hostname": socket.gethostname(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+        # other jobs on a shared machine slow every row alike; compare rows of one file only
+        "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+    }
+
+
+def write_result(out: str | os.PathLike, result: dict) -> None:
+    """Write the JSON record atomically (a temporary file renamed over `out`) and say where."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_suffix(out.suffix + ".tmp")
+    temporary.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(temporary, out)
+    print(f"wrote {out}")
+
+
 def time_loader(loader, epochs: int) -> tuple[int, float]:
     for _ in loader:  # warm-up epoch: worker start-up, DALI pipeline start, file cache
         pass
@@ -122,15 +145,7 @@ def main(argv=None) -> None:
     result = {
         "benchmark": "decode",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {
-            "hostname": socket.gethostname(),
-            "cpu": cpu_model(),
-            "cpu_count": os.cpu_count(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "platform": platform.platform(),
-            # other jobs on a shared machine slow every row alike; compare rows of one file only
-            "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-        },
+        "machine": machine_record(load_before),
         "versions": versions(),
         "settings": {**{key: value for key, value in vars(arguments).items() if key not in ("out", "data_dir")},
                      "video": f"{arguments.num_frames} frames {arguments.size}x{arguments.size}, 8 classes",
@@ -140,12 +155,7 @@ def main(argv=None) -> None:
         "dali": dali_notes,
         "results": rows,
     }
-    out = Path(arguments.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_suffix(out.suffix + ".tmp")
-    temporary.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(temporary, out)
-    print(f"wrote {out}")
+    write_result(arguments.out, result)
 
 
 if __name__ == "__main__":

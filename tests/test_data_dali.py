@@ -3,6 +3,7 @@
 DALI's CPU video decoder handles VP8/VP9/MJPEG; H.264 needs the GPU path, which is not run here.
 """
 
+import dataclasses
 import os
 import socket
 
@@ -18,22 +19,7 @@ from stdd.data.dali import build_dali_loader  # noqa: E402
 from stdd.data.sampling import sample_clip_indices  # noqa: E402
 from stdd.data.synthetic import encode_video, generate_synthetic_dataset  # noqa: E402
 
-CODE_BITS = 8
-
-
-def index_coded_frames(count, size=32, offset=0):
-    """Frame t shows t + offset in binary: 8 vertical white/black stripes of 4 pixels."""
-    frames = np.zeros((count, size, size, 3), dtype=np.uint8)
-    for t in range(count):
-        for bit in range(CODE_BITS):
-            if ((t + offset) >> bit) & 1:
-                frames[t, :, bit * 4 : bit * 4 + 4] = 255
-    return frames
-
-
-def read_codes(frames):
-    stripes = frames[..., 8:24, :, :].astype(np.float32).mean(axis=(-3, -1)).reshape(*frames.shape[:-3], CODE_BITS, 4).mean(-1)
-    return ((stripes > 128).astype(np.int64) * (1 << np.arange(CODE_BITS))).sum(-1)
+from coded_video import index_coded_frames, read_codes, write_video  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +154,133 @@ def test_bad_files_left_out_and_reported_each_epoch(vp9_set, tmp_path):
     assert {os.path.basename(failure.path) for failure in second.skipped} == {"garbage.webm", "header_only.webm"}
     with pytest.raises(VideoDecodeError, match="garbage.webm"):
         build_dali_loader(listing, probe_cache=cache, on_error="fail", **options)
+
+
+def _coded_vp9(path, count, **options):
+    """VP9 whose frames show 1..count (never an all-black frame, so padding cannot hide)."""
+    write_video(path, index_coded_frames(count, width=options.pop("width", None), offset=1), encoder="libvpx-vp9", **options)
+    return path
+
+
+def test_truncated_vp9_is_left_out_instead_of_padded_with_black(tmp_path):
+    good = _coded_vp9(tmp_path / "good.webm", 90)
+    data = good.read_bytes()
+    (tmp_path / "cut.webm").write_bytes(data[: len(data) * 2 // 5])
+    records = [VideoRecord(good, 0), VideoRecord(tmp_path / "cut.webm", 1)]
+    for mode, training in (("reader", True), ("indexed", True), ("indexed", False)):
+        loader = build_dali_loader(records=records, training=training, mode=mode, batch_size=1, device="cpu",
+                                   sampling=ClipSampling(clip_length=4, stride=5), apply_transforms=False)
+        assert [(failure.index, failure.reason.split(":")[0]) for failure in loader.skipped] == [(1, "truncated")]
+        for _ in range(2):
+            batches = list(loader)
+            frames = torch.cat([batch["video"] for batch in batches]).numpy()
+            assert frames.shape[0] > 0 and (frames.reshape(*frames.shape[:2], -1).max(-1) > 0).all(), mode
+            assert torch.cat([batch["index"] for batch in batches]).unique().tolist() == [0]
+            assert loader.last_epoch_report.failed_videos == 1
+
+
+def test_verify_decode_finds_corrupt_data_that_open_cannot_see(tmp_path):
+    import av
+
+    good = _coded_vp9(tmp_path / "good.webm", 64)
+    with av.open(str(good)) as container:
+        packets = [(packet.pos, packet.size) for packet in container.demux(video=0) if packet.size]
+    data = bytearray(good.read_bytes())
+    for position, size in packets[30:34]:  # four inter frames' payloads overwritten, the container intact
+        data[position + 4 : position + size] = np.random.default_rng(position).integers(0, 256, size - 4, dtype=np.uint8).tobytes()
+    (tmp_path / "corrupt.webm").write_bytes(bytes(data))
+    records = [VideoRecord(good, 0), VideoRecord(tmp_path / "corrupt.webm", 1)]
+    options = dict(training=False, mode="indexed", batch_size=2, device="cpu", sampling=ClipSampling(clip_length=4, stride=5))
+    assert build_dali_loader(records=records, **options).skipped == []  # it opens and indexes fine
+    checked = build_dali_loader(records=records, verify_videos="decode", **options)
+    assert [(failure.index, failure.reason.startswith("decoding failed")) for failure in checked.skipped] == [(1, True)]
+    assert [batch["index"].tolist() for batch in checked] == [[0]]
+
+
+@pytest.mark.parametrize("apply_transforms", [False, True])
+def test_indexed_mode_counts_frames_the_decoder_padded(tmp_path, apply_transforms):
+    """A file replaced by a shorter one after the check: DALI pads the frames it no longer has."""
+    video, other = _coded_vp9(tmp_path / "video.webm", 90), _coded_vp9(tmp_path / "other.webm", 40)
+    sampling = ClipSampling(clip_length=4, stride=20)
+    loader = build_dali_loader(records=[VideoRecord(video, 0), VideoRecord(other, 1)], training=False, mode="indexed",
+                               sampling=sampling, batch_size=2, device="cpu", crop_size=16,
+                               apply_transforms=apply_transforms)
+    os.replace(_coded_vp9(tmp_path / "shorter.webm", 50), video)
+    batches = list(loader)
+    assert [batch["index"].tolist() for batch in batches] == [[1]]  # the clip with padded frames is dropped
+    asked = sample_clip_indices(90, sampling, training=False, rng=np.random.default_rng(0)).reshape(-1)
+    (failure,) = loader.last_epoch_report.failures
+    assert failure.index == 0 and f"padded frames {sorted(int(i) for i in asked if i >= 50)}" in failure.reason
+
+
+def test_reader_clips_that_disagree_with_the_index_are_dropped(coded_records):
+    sampling = ClipSampling(clip_length=4, stride=5)  # span 16
+    loader = build_dali_loader(records=coded_records, training=False, mode="reader", sampling=sampling, batch_size=2,
+                               device="cpu", apply_transforms=False)
+    # as if DALI's reader counted more frames than the index: the 90-frame video checked as 60 frames
+    loader.infos[2] = dataclasses.replace(loader.infos[2], num_frames=60)
+    seen = [pair for batch in loader for pair in zip(batch["index"].tolist(), batch["frame_start"].tolist())]
+    assert sorted(start for position, start in seen if position == 2) == [0, 16, 32]
+    failures = loader.last_epoch_report.failures
+    assert sorted(int(failure.reason.split("clip from frame ")[1].split()[0]) for failure in failures) == [48, 64, 80]
+    assert all(failure.index == 2 and "padded or missing frames" in failure.reason for failure in failures)
+    # training keeps every batch full: a failed clip's row holds a copy of a good clip of the batch
+    training = build_dali_loader(records=coded_records, training=True, mode="reader", sampling=sampling, batch_size=4,
+                                 device="cpu", apply_transforms=False)
+    training.infos[2] = dataclasses.replace(training.infos[2], num_frames=60)
+    batches = list(training)
+    assert len(batches) == 3 and all(batch["video"].shape[0] == 4 for batch in batches)  # 13 clips, last batch dropped
+    for batch in batches:
+        for frames, position, start in zip(batch["video"].numpy(), batch["index"].tolist(), batch["frame_start"].tolist()):
+            assert np.array_equal(read_codes(frames), np.minimum(start + 5 * np.arange(4), (40, 57, 90)[position] - 1))
+            assert position != 2 or start < 48
+    assert len(training.last_epoch_report.failures) == sum(len(batch["failures"]) for batch in batches) <= 3
+
+
+def test_rotated_vp9_comes_out_upright_as_with_pyav(tmp_path):
+    records, upright_sizes = [], []
+    for position, (rotation, mirrored) in enumerate(((0, False), (90, False), (270, False), (180, True))):
+        upright_sizes.append((48, 32) if rotation in (90, 270) else (32, 48))
+        path = _coded_vp9(tmp_path / f"rotated_{rotation}.webm", 40, width=48, rotation=rotation, mirrored=mirrored)
+        records.append(VideoRecord(path, position))
+    decoder = PyAVDecoder()
+    for mode in ("reader", "indexed"):
+        loader = build_dali_loader(records=records, training=False, mode=mode, sampling=ClipSampling(clip_length=4, stride=5),
+                                   batch_size=1, device="cpu", apply_transforms=False)  # upright sizes differ: 1 per batch
+        for batch in loader:
+            position = batch["index"].item()
+            if mode == "indexed":
+                indices = batch["frame_indices"][0].numpy()
+            else:
+                indices = np.minimum(batch["frame_start"].item() + 5 * np.arange(4), 39)
+            reference = decoder.decode(records[position].path, indices).frames
+            assert tuple(batch["video"].shape[1:]) == reference.shape == (4, *upright_sizes[position], 3), (mode, position)
+            assert np.abs(batch["video"][0].numpy().astype(np.int16) - reference).mean() < 2.0
+    options = dict(training=False, batch_size=4, sampling=ClipSampling(clip_length=4, stride=3, n_spatial_crops=3),
+                   crop_size=24, short_side=32)
+    pyav_batch, = list(build_dataloader(records=records, num_workers=0, **options))
+    dali_batch, = list(build_dataloader(records=records, backend="dali", device="cpu", **options))
+    assert dali_batch["video"].shape == pyav_batch["video"].shape == (4, 3, 4, 3, 24, 24)
+    # per video and crop: the same upright crops in the same order
+    assert ((dali_batch["video"] - pyav_batch["video"]).abs().mean(dim=(2, 3, 4, 5)) < 0.05).all()
+
+
+def test_variable_rate_and_start_time_vp9_give_the_pyav_frames(tmp_path):
+    kept = np.sort(np.random.default_rng(5).choice(90, 60, replace=False))
+    coded = index_coded_frames(90, offset=1)
+    records = []
+    for position, pts in enumerate((kept, kept + 76)):  # dropped frames; and a first frame at 3.04 s
+        path = tmp_path / f"vfr_{position}.webm"
+        write_video(path, coded[kept], encoder="libvpx-vp9", pts=pts)
+        records.append(VideoRecord(path, position))
+    loader = build_dali_loader(records=records, training=True, mode="indexed", sampling=ClipSampling(mode="segments", clip_length=8),
+                               batch_size=2, device="cpu", apply_transforms=False, seed=3)
+    decoder = PyAVDecoder()
+    for batch in loader:
+        for frames, position, indices in zip(batch["video"].numpy(), batch["index"].tolist(), batch["frame_indices"].numpy()):
+            assert np.array_equal(read_codes(frames), kept[indices] + 1)
+            reference = decoder.decode(records[position].path, indices).frames
+            assert np.abs(reference.astype(np.int16) - frames.astype(np.int16)).mean() < 2.0
 
 
 def test_h264_on_the_cpu_is_refused_with_the_file_name(tmp_path):

@@ -3,8 +3,8 @@
 import logging
 import os
 import socket
+import warnings
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -14,23 +14,7 @@ from stdd.data import ClipSampling, PyAVDecoder, VideoDecodeError, build_dataloa
 from stdd.data.annotations import read_video_list
 from stdd.data.synthetic import encode_video, generate_synthetic_dataset
 
-CODE_BITS = 8
-
-
-def index_coded_frames(count, size=32):
-    """Frame t shows t in binary: 8 vertical stripes of 4 pixels, white = 1 (survives lossy coding)."""
-    frames = np.zeros((count, size, size, 3), dtype=np.uint8)
-    for t in range(count):
-        for bit in range(CODE_BITS):
-            if (t >> bit) & 1:
-                frames[t, :, bit * 4 : bit * 4 + 4] = 255
-    return frames
-
-
-def read_codes(frames):
-    stripes = frames[..., 8:24, :, :].mean(axis=(-3, -1)).reshape(*frames.shape[:-3], CODE_BITS, 4).mean(-1)
-    bits = (stripes > 128).astype(np.int64)
-    return (bits * (1 << np.arange(CODE_BITS))).sum(-1)
+from coded_video import index_coded_frames, read_codes, write_video
 
 
 @pytest.fixture(scope="module")
@@ -44,39 +28,14 @@ def coded_videos(tmp_path_factory):
     # UCF101 / HMDB51 style: MPEG-4 part 2 in AVI, here with B-frames, whose AVI timestamps start at 1
     # while the stream claims to start at 0
     paths["mpeg4_avi"] = root / "coded.avi"
-    with av.open(str(paths["mpeg4_avi"]), "w") as container:
-        stream = container.add_stream("mpeg4", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        stream.codec_context.gop_size, stream.codec_context.max_b_frames = 12, 2
-        stream.options = {"qscale": "2"}
-        for index, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_video(paths["mpeg4_avi"], frames, encoder="mpeg4", keyframe_interval=12, max_b_frames=2, options={"qscale": "2"})
     return paths
-
-
-def write_raw_h264(path, frames):
-    """An elementary H.264 stream: no container, so no frame count, duration or timestamps."""
-    with av.open(str(path), "w", format="h264") as container:
-        stream = container.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
-        stream.codec_context.gop_size = 16
-        for index, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = index
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
 
 
 def test_raw_stream_without_timestamps_is_counted_and_decoded_in_order(tmp_path):
     path = tmp_path / "raw.h264"
-    write_raw_h264(path, index_coded_frames(100))
+    # an elementary H.264 stream: no container, so no frame count, duration or timestamps
+    write_video(path, index_coded_frames(100), format="h264")
     decoder = PyAVDecoder(seek_gap_frames=4)
     assert decoder.probe(path).num_frames == 100
     indices = np.array([[0, 10, 50], [99, 90, 10]])
@@ -145,8 +104,9 @@ def test_bad_files_are_skipped_counted_and_summarised(small_set, tmp_path, caplo
     listing, num_good = make_bad_copies(small_set, tmp_path)
     sampling = ClipSampling(clip_length=4, stride=3)
     loader = build_dataloader(listing, training=True, batch_size=4, num_workers=2, sampling=sampling, crop_size=32)
-    # (the per-video warnings are raised in the worker processes; the epoch summary in this one)
-    with caplog.at_level(logging.INFO, logger="stdd.data.dataset"):
+    # failures travel with the batches: logged here, in the loader's process, not warned in the workers
+    with caplog.at_level(logging.INFO, logger="stdd.data.dataset"), warnings.catch_warnings():
+        warnings.simplefilter("error")
         batches = list(loader)
     total = num_good + 4
     # training replaces a failed video by another one: every batch stays full, the epoch completes
@@ -157,16 +117,23 @@ def test_bad_files_are_skipped_counted_and_summarised(small_set, tmp_path, caplo
     assert "4 videos failed to decode" in caplog.text
     delivered = torch.cat([batch["index"] for batch in batches])
     assert (delivered < num_good).all()  # only good videos reach the model
+    skip_lines = [record.getMessage() for record in caplog.records if record.getMessage().startswith("skipping undecodable video")]
+    assert len(skip_lines) == 4 and any("cut.webm: truncated: frames end at index" in line for line in skip_lines)
     # evaluation drops failed videos (no substitutes that would be scored twice)
     evaluation = build_dataloader(listing, training=False, batch_size=3, num_workers=0, sampling=sampling, crop_size=32)
-    with pytest.warns(RuntimeWarning, match="skipping undecodable video"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         eval_batches = list(evaluation)
     assert sum(batch["video"].shape[0] for batch in eval_batches) == num_good
     assert evaluation.last_epoch_report.failed_videos == 4
     assert all(batch["video"].shape[1:] == (1, 4, 3, 32, 32) for batch in eval_batches)
-    # the second epoch counts again
-    list(loader)
+    # the second epoch counts again, without logging the same files again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="stdd.data.dataset"):
+        list(loader)
     assert loader.last_epoch_report.epoch == 1 and loader.last_epoch_report.failed_videos == 4
+    assert not [record for record in caplog.records if record.getMessage().startswith("skipping undecodable video")]
+    assert "4 videos failed to decode" in caplog.text
 
 
 def test_fail_policy_raises_with_the_file_name(small_set, tmp_path):

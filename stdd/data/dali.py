@@ -23,13 +23,33 @@ random-resized crop per clip (+ horizontal flip, probability 0.5) and CLIP-norma
 resizes the shorter side to `short_side`, takes a centre crop (or 3 crops along the longer side) and
 normalises. Batches are the dicts of stdd/data/dataset.py ("video", "label", "index", "failures";
 reader mode adds "frame_start", the first frame index of each clip, indexed mode "frame_indices"),
-torch tensors on the pipeline's device, delivered through `DALIGenericIterator`. "failures" is always
-empty: the videos left out at build are listed in each epoch's report instead.
+torch tensors on the pipeline's device, delivered through `DALIGenericIterator`. "failures" lists the
+clips of that batch the run-time check below dropped; the videos left out at build are listed in each
+epoch's report.
 
-Bad files: every video is opened once with PyAV at build (`verify_videos="open"`; "decode" decodes
-every frame, slow but thorough; `probe_cache` remembers the results across runs). Unreadable ones are skipped (on_error="skip") and listed in every
-epoch's report, or raise (on_error="fail"). DALI itself cannot report a file that breaks mid-stream
-per sample (its reader drops such files, its decoder pads the missing frames), hence the check.
+Bad files. DALI cannot report a bad file per sample: its decoder fills frames it cannot find with a
+constant colour (fn.decoders.video, frames past the end; black by default) and stops the whole
+pipeline on corrupt data. So every
+video is checked with PyAV at build (what each check costs is in the README):
+- verify_videos="open" (default): the container is opened and its packets indexed (one pass, no
+  decoding but the first frame; see stdd.data.decoders): exact frame counts, so indexed mode asks DALI
+  only for frames the file holds, and truncated files (packets that stop before the header's frame
+  count or duration) are found.
+- verify_videos="decode": also decodes every frame once, which finds corrupt data inside a file.
+`probe_cache` remembers the results across runs. Bad videos are left out (on_error="skip") and listed
+in every epoch's report, or raise (on_error="fail"). At run time a clip with frames DALI padded is
+dropped from its batch (in training its row is filled with a copy of another clip of the batch, so
+the batch keeps its size) and counted as a failure (in the batch's "failures" and the epoch report):
+indexed mode has `fn.decoders.video` fill the frames it cannot give with PAD_FILL and finds frames
+uniformly of that colour (per-frame min/max, computed before the transforms); reader mode checks the
+frame numbers the reader reports for every clip against the index (a reader counting a file's frames
+differently from it). Not caught: a file replaced by another after the pipeline was built, which
+gives the reader stale frames under plausible numbers.
+
+Display rotation (portrait phone video): DALI's decoders ignore the display matrix, so the loader turns
+each clip after the transforms by the rotation the PyAV probe found (the crops are square; the three
+evaluation crops are put in the order PyAV gives for the upright video). apply_transforms=False turns
+the raw frames.
 
 GPU decoding was not run on this project's machines yet (no GPU lent); the CPU path is tested.
 """
@@ -48,8 +68,8 @@ import numpy as np
 import torch
 
 from .annotations import VideoRecord, load_annotations, resolve_videos
-from .dataset import DecodeFailure, EpochReport, ON_ERROR_POLICIES, _distributed_rank_world
-from .decoders import PyAVDecoder, VideoDecodeError, VideoInfo
+from .dataset import DecodeFailure, EpochReport, ON_ERROR_POLICIES, _distributed_rank_world, log_new_failures
+from .decoders import PyAVDecoder, VideoDecodeError, VideoInfo, upright_frame
 from .sampling import ClipSampling, clip_span, sample_clip_indices
 from .transforms import CLIP_MEAN, CLIP_STD
 
@@ -58,6 +78,10 @@ logger = logging.getLogger(__name__)
 # Codecs DALI's CPU video decoder handles (DALI 2.x operator docs); everything else needs the GPU.
 CPU_DECODABLE_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
 DALI_MODES = ("reader", "indexed")
+# Fill colour of the frames fn.decoders.video pads (asked for frames it cannot give) in indexed mode: a
+# frame exactly uniform in it is counted as padded. Decoded video is practically never exactly
+# uniform in this colour, unlike black (0, 0, 0), DALI's default fill and a common real frame.
+PAD_FILL = (7, 251, 3)
 DALI_READERS = ("legacy", "experimental")
 
 
@@ -132,13 +156,13 @@ def _reader_pipeline(*, filenames, positions, device, reader, training, clip_len
         pad_last_batch=True,
         name="Reader",
     )
-    if reader == "legacy":
-        video, position, frame_start = fn.readers.video(enable_frame_num=True, **options)
-    else:
-        video, position, frame_start = fn.experimental.readers.video(enable_frame_num="scalar", pad_mode="edge", **options)
+    if reader == "legacy":  # the first frame's number only (this reader never pads)
+        video, position, frame_numbers = fn.readers.video(enable_frame_num=True, **options)
+    else:  # every frame's number, checked against the index (DALIVideoLoader._check_reader_clips)
+        video, position, frame_numbers = fn.experimental.readers.video(enable_frame_num="sequence", pad_mode="edge", **options)
     if apply_transforms:
         video = _clip_transforms(video, training=training, **transform_options)
-    return video, position, frame_start
+    return video, position, frame_numbers
 
 
 def _indexed_pipeline(*, source, decoder_device, training, apply_transforms, transform_options):
@@ -150,10 +174,14 @@ def _indexed_pipeline(*, source, decoder_device, training, apply_transforms, tra
     )
     encoded, frame_indices, position = outputs[:3]
     is_wide = outputs[3] if source.with_orientation else None
-    video = fn.decoders.video(encoded, frames=frame_indices, device=decoder_device)
+    # frames the decoder cannot give are filled with PAD_FILL: per frame and channel min == max == fill
+    # marks them (DALIVideoLoader._check_padded_frames), whatever the transforms do afterwards
+    video = fn.decoders.video(encoded, frames=frame_indices, device=decoder_device, fill_value=list(PAD_FILL))
+    frame_min = fn.reductions.min(video, axis_names="HW")  # (F, 3)
+    frame_max = fn.reductions.max(video, axis_names="HW")
     if apply_transforms:
         video = _clip_transforms(video, training=training, is_wide=is_wide, **transform_options)
-    return video, position, frame_indices
+    return video, position, frame_indices, frame_min, frame_max
 
 
 class _IndexedSource:
@@ -200,10 +228,25 @@ class _IndexedSource:
             indices = sample_clip_indices(info.num_frames, self.sampling, training=self.training, rng=rng)
             frame_indices.append(indices.reshape(-1).astype(np.int32))  # (Vt * T,), view-major
             position_arrays.append(np.array([position], dtype=np.int64))
-            orientations.append(np.array(1.0 if info.width >= info.height else 0.0, dtype=np.float32))
+            stored_height, stored_width = _stored_size(info)  # DALI crops the frames as stored
+            orientations.append(np.array(1.0 if stored_width >= stored_height else 0.0, dtype=np.float32))
         if self.with_orientation:
             return encoded, frame_indices, position_arrays, orientations
         return encoded, frame_indices, position_arrays
+
+
+def _stored_size(info: VideoInfo) -> tuple[int, int]:
+    """(height, width) of the frames as stored: VideoInfo gives them as displayed."""
+    return (info.width, info.height) if info.rotation in (90, 270) else (info.height, info.width)
+
+
+def _upright_crop_order(info: VideoInfo) -> list[int]:
+    """The three crops DALI takes along the stored frame's longer side (start, centre, end), reordered
+    as start, centre, end along the upright frame's longer side (stdd.data.transforms.three_crop_boxes)."""
+    stored_height, stored_width = _stored_size(info)
+    labels = np.arange(3).reshape(1, 3) if stored_width >= stored_height else np.arange(3).reshape(3, 1)
+    upright = upright_frame(labels, info.rotation, info.mirrored)
+    return [int(label) for label in upright.reshape(-1)]
 
 
 @dataclass
@@ -225,9 +268,12 @@ class DALIVideoLoader:
     """
 
     def __init__(self, pipeline, iterator, records: list[VideoRecord], settings: _LoaderSettings,
-                 skipped: list[DecodeFailure], source: _IndexedSource | None, device: torch.device):
+                 skipped: list[DecodeFailure], source: _IndexedSource | None, device: torch.device,
+                 infos: dict[int, VideoInfo]):
         self.pipeline, self.iterator, self.records = pipeline, iterator, records
         self.settings, self.skipped, self.source, self.device = settings, skipped, source, device
+        self.infos = infos  # position -> VideoInfo of the videos the pipeline reads
+        self.reported_paths: set[str] = set()
         self.label_table = torch.tensor([record.label for record in records], dtype=torch.int64, device=device)
         self.next_epoch = 0
         self._passes_started = False
@@ -254,10 +300,97 @@ class DALIVideoLoader:
             return self.source.num_batches()
         return len(self.iterator)
 
+    def _check_reader_clips(self, positions: list[int], frame_numbers: torch.Tensor):
+        """(rows to keep, DecodeFailure of the others): a clip passes if the reader's frame numbers are
+        the clip's frames start + stride * k, the last frame repeated past the end (pad_mode="edge"),
+        for the frame count of the index; the legacy reader reports the start only and never pads."""
+        sampling = self.settings.sampling
+        numbers = frame_numbers.cpu().numpy().astype(np.int64)
+        keep, failures = [], []
+        for row, position in enumerate(positions):
+            count = self.infos[position].num_frames
+            start = int(numbers[row, 0])
+            offsets = sampling.stride * np.arange(sampling.clip_length)
+            if numbers.shape[1] == 1:
+                passed = 0 <= start and start + offsets[-1] < count
+            else:
+                passed = 0 <= start < count and np.array_equal(numbers[row], np.minimum(start + offsets, count - 1))
+            if passed:
+                keep.append(row)
+            else:
+                failures.append(DecodeFailure(position, str(self.records[position].path),
+                                              f"DALI's reader gave frames {numbers[row].tolist()} for a clip from frame "
+                                              f"{start} of a video with {count} frames (padded or missing frames)"))
+        return keep, failures
+
+    def _check_padded_frames(self, positions: list[int], frame_indices: torch.Tensor, frame_min: torch.Tensor,
+                             frame_max: torch.Tensor):
+        """(rows to keep, DecodeFailure of the others): indexed mode, a clip with a frame the decoder
+        padded (uniformly PAD_FILL) fails."""
+        fill = torch.tensor(PAD_FILL, dtype=frame_min.dtype, device=frame_min.device)
+        padded = ((frame_min == fill) & (frame_max == fill)).all(-1).reshape(len(positions), -1).cpu()  # (B, F)
+        indices = frame_indices.cpu()
+        keep, failures = [], []
+        for row, position in enumerate(positions):
+            if not padded[row].any():
+                keep.append(row)
+                continue
+            missing = sorted(set(indices[row][padded[row]].tolist()))
+            failures.append(DecodeFailure(position, str(self.records[position].path),
+                                          f"DALI's decoder padded frames {missing[:5]} it could not give (the index "
+                                          f"counts {self.infos[position].num_frames} frames; changed since the check?)"))
+        return keep, failures
+
+    def _turn_upright(self, video: torch.Tensor, positions: list[int]) -> torch.Tensor:
+        """Turn the clips of rotated videos as their display matrix says (see the module docstring)."""
+        settings = self.settings
+        turned = [row for row, position in enumerate(positions)
+                  if self.infos[position].rotation or self.infos[position].mirrored]
+        if not turned:
+            return video
+        # a clip's (height, width) dims: (..., S, S) after the transforms, (F, H, W, 3) raw
+        spatial = (-2, -1) if settings.apply_transforms else (1, 2)
+        clips = list(video.unbind(0))
+        for row in turned:
+            info = self.infos[positions[row]]
+            clip = clips[row]
+            if settings.apply_transforms and not settings.training and settings.sampling.n_spatial_crops == 3:
+                clip = clip[_upright_crop_order(info)]  # (3, F, 3, S, S)
+            clip = torch.rot90(clip, info.rotation // 90, dims=spatial)  # counter-clockwise, as np.rot90
+            if info.mirrored:
+                clip = torch.flip(clip, dims=(spatial[1],))
+            clips[row] = clip
+        if len({tuple(clip.shape) for clip in clips}) > 1:
+            raise ValueError("apply_transforms=False: a batch mixes rotated and unrotated videos of different frame "
+                             "sizes, so their upright frames cannot be stacked; use batch_size=1 for such raw checks")
+        return torch.stack(clips)
+
     def _to_batch(self, outputs: dict) -> dict:
         settings = self.settings
         position = outputs["position"].reshape(-1).to(torch.int64)
         video = outputs["video"]
+        positions = position.tolist()
+        # (B, F) frame numbers the reader reports (F = 1 for the legacy reader), or (B, F) indices asked
+        frame_numbers, frame_indices = (outputs[name].reshape(len(positions), -1) if name in outputs else None
+                                        for name in ("frame_numbers", "frame_indices"))
+        if frame_numbers is not None:
+            keep, failures = self._check_reader_clips(positions, frame_numbers)
+        else:
+            keep, failures = self._check_padded_frames(positions, frame_indices, outputs["frame_min"], outputs["frame_max"])
+        if failures:
+            # evaluation drops the failed clips; training fills their rows with copies of the batch's good
+            # clips, so the batch keeps its size (as the PyAV loader replaces a failed video)
+            if settings.training and keep:
+                keep = [keep[row % len(keep)] for row in range(len(positions))]
+
+            def rows_of(tensor):
+                return tensor[torch.tensor(keep, dtype=torch.int64, device=tensor.device)]
+
+            video, position = rows_of(video), rows_of(position)
+            frame_numbers = rows_of(frame_numbers) if frame_numbers is not None else None
+            frame_indices = rows_of(frame_indices) if frame_indices is not None else None
+            positions = position.tolist()
+        video = self._turn_upright(video, positions) if positions else video
         if not settings.training and settings.apply_transforms:
             # (B, F, 3, S, S) or (B, n_spatial, F, 3, S, S) with F = Vt * T, view-major
             n_temporal = video.shape[-4] // settings.sampling.clip_length
@@ -270,12 +403,12 @@ class DALIVideoLoader:
             "video": video,
             "label": self.label_table[position.to(self.label_table.device)],
             "index": position,
-            "failures": [],
+            "failures": failures,
         }
-        if "frame_start" in outputs:
-            batch["frame_start"] = outputs["frame_start"].reshape(-1).to(torch.int64)
-        if "frame_indices" in outputs:
-            batch["frame_indices"] = outputs["frame_indices"]
+        if frame_numbers is not None:
+            batch["frame_start"] = frame_numbers[:, 0].to(torch.int64)
+        if frame_indices is not None:
+            batch["frame_indices"] = frame_indices
         return batch
 
     def __iter__(self):
@@ -287,6 +420,8 @@ class DALIVideoLoader:
             batch = self._to_batch(outputs[0])
             report.batches += 1
             report.samples += batch["video"].shape[0]
+            report.failures.extend(batch["failures"])
+            log_new_failures(batch["failures"], self.reported_paths)
             yield batch
         self.last_epoch_report = report
         self.reports.append(report)
@@ -312,7 +447,7 @@ def _save_probe_cache(path: Path, entries: dict) -> None:
     os.replace(temporary, path)
 
 
-_PROBE_CACHE_VERSION = 1
+_PROBE_CACHE_VERSION = 2  # 2: exact frame counts from the packet index, truncation, rotation
 _VERIFY_LEVEL = {"open": 1, "decode": 2}
 
 
@@ -337,9 +472,7 @@ def _probe_videos(records: Sequence[VideoRecord], *, verify_videos: str, on_erro
         entry = cache.get(key)
         if entry is None or entry.get("stamp") != stamp or _VERIFY_LEVEL[entry.get("verified", "open")] < _VERIFY_LEVEL[verify_videos]:
             try:
-                info = decoder.probe(record.path)
-                if verify_videos == "decode":
-                    decoder.decode(record.path, np.arange(info.num_frames))
+                info = decoder.verify(record.path) if verify_videos == "decode" else decoder.probe(record.path)
                 entry = {"stamp": stamp, "verified": verify_videos, "info": asdict(info)}
             except VideoDecodeError as error:
                 entry = {"stamp": stamp, "verified": verify_videos, "error": error.reason, "path": error.path}
@@ -394,7 +527,8 @@ def build_dali_loader(
     device_id: the GPU (default torch.cuda.current_device()). mode: "reader" | "indexed" (default:
     reader for training, indexed for evaluation). reader: "legacy" (fn.readers.video, GPU only, the
     default on GPU) | "experimental" (fn.experimental.readers.video, the only one on CPU). step: frames
-    between clip starts in reader mode (default the clip span). verify_videos: "open" | "decode".
+    between clip starts in reader mode (default the clip span). verify_videos: "open" | "decode" (see
+    the module docstring).
     probe_cache: a JSON file remembering the build-time probe per video (size + mtime checked).
     apply_transforms=False returns the decoded uint8 frames (B, F, H, W, 3) untouched (for checks).
     """
@@ -485,7 +619,7 @@ def build_dali_loader(
             shard_id=rank, num_shards=world_size, initial_fill=initial_fill,
             apply_transforms=apply_transforms, transform_options=transform_options, **pipeline_options,
         )
-        output_map = ["video", "position", "frame_start"]
+        output_map = ["video", "position", "frame_numbers"]
         # with reader_name the iterator reads shard sizes and padding (pad_last_batch) from the reader
         iterator_options = dict(reader_name="Reader")
     else:
@@ -497,7 +631,7 @@ def build_dali_loader(
             source=source, decoder_device="mixed" if device == "gpu" else "cpu", training=training,
             apply_transforms=apply_transforms, transform_options=transform_options, **pipeline_options,
         )
-        output_map = ["video", "position", "frame_indices"]
+        output_map = ["video", "position", "frame_indices", "frame_min", "frame_max"]
         iterator_options = dict(size=-1)
     pipeline.build()
     iterator = DALIGenericIterator(
@@ -509,4 +643,5 @@ def build_dali_loader(
     )
     settings = _LoaderSettings(training=training, mode=mode, sampling=sampling, crop_size=crop_size, batch_size=batch_size,
                               apply_transforms=apply_transforms)
-    return DALIVideoLoader(pipeline, iterator, records, settings, skipped, source, torch_device)
+    return DALIVideoLoader(pipeline, iterator, records, settings, skipped, source, torch_device,
+                           infos=dict(zip(positions, infos)))

@@ -20,8 +20,9 @@ T = sampling.clip_length, S = crop_size. Typical use:
             logits = model(batch["video"].cuda()); ...
         print(loader.last_epoch_report.summary())
 
-Bad files: with on_error="skip" (default) a video that fails to decode is reported with a warning and
-counted in `loader.last_epoch_report`; in training the sample is replaced by another video (so every
+Bad files: with on_error="skip" (default) a video that fails to decode is listed in its batch's
+"failures", logged once by the loader (the first time that file fails: one line, path and reason) and
+counted in `loader.last_epoch_report` every epoch; in training the sample is replaced by another video (so every
 batch keeps its size and distributed ranks stay in step), in evaluation it is dropped (the batch is
 smaller, possibly empty, but still yielded). on_error="fail" raises `VideoDecodeError` instead.
 
@@ -33,7 +34,6 @@ from __future__ import annotations
 
 import logging
 import os
-import warnings
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -77,6 +77,14 @@ class EpochReport:
         if self.failures:
             text += " (first: " + "; ".join(f"{failure.path}: {failure.reason}" for failure in self.failures[:3]) + ")"
         return text
+
+
+def log_new_failures(failures: Sequence[DecodeFailure], reported_paths: set[str]) -> None:
+    """Log each failed file once (one line: path and reason), in the process that owns the loader."""
+    for failure in failures:
+        if failure.path not in reported_paths:
+            reported_paths.add(failure.path)
+            logger.warning("skipping undecodable video %s: %s", failure.path, failure.reason)
 
 
 class VideoDataset(Dataset):
@@ -164,8 +172,8 @@ class VideoDataset(Dataset):
             except VideoDecodeError as error:
                 if self.on_error == "fail":
                     raise
+                # reported by the loader in the main process (VideoLoader), not here in a worker
                 failures.append(DecodeFailure(candidate, error.path, error.reason))
-                warnings.warn(f"skipping undecodable video {error}", RuntimeWarning, stacklevel=2)
                 if not self.replace_failed:
                     break
                 # Replacement: a pseudo-random other video, reproducible from (seed, epoch, index, attempt).
@@ -208,8 +216,9 @@ class VideoLoader:
     """Iterable of batch dicts; one `for` loop over it is one epoch.
 
     The epoch number (seeding clip sampling, crops and shuffling) advances by one per pass unless
-    `set_epoch` is called before the pass. After each pass, `last_epoch_report` holds the counts and
-    decode failures, and a summary is logged (warning level when videos failed).
+    `set_epoch` is called before the pass. A file that fails to decode is logged (warning) the first
+    time it fails; after each pass, `last_epoch_report` holds the counts and decode failures, and a
+    summary is logged (warning level when videos failed).
     """
 
     def __init__(self, dataloader: DataLoader, dataset: VideoDataset, sampler: DistributedSampler):
@@ -219,12 +228,14 @@ class VideoLoader:
         self.next_epoch = 0
         self.last_epoch_report: EpochReport | None = None
         self.reports: list[EpochReport] = []
+        self.reported_paths: set[str] = set()  # failed files already logged (each is logged once)
 
     def set_epoch(self, epoch: int) -> None:
         self.next_epoch = epoch
 
     def __len__(self) -> int:
         return len(self.dataloader)
+
 
     def __iter__(self):
         epoch = self.next_epoch
@@ -238,6 +249,7 @@ class VideoLoader:
                 report.batches += 1
                 report.samples += batch["video"].shape[0]
                 report.failures.extend(batch["failures"])
+                log_new_failures(batch["failures"], self.reported_paths)
                 yield batch
         except BaseException:
             # An error (on_error="fail") or an abandoned loop: stop the workers now. Left to the garbage
