@@ -201,8 +201,8 @@ def op_rows(shapes: Shapes, device, dtype, backends, warmup, repeats) -> list[di
              lambda o=pad_out, l=leaves: torch.autograd.grad(o, l, d_out, retain_graph=True)),
         ]
     if "triton" in backends:
-        from stdd_kernels.mix_gather import mix_gather_backward, mix_gather_forward
-        from stdd_kernels.pad_scatter import pad_scatter_backward, pad_scatter_forward
+        from stdd_kernels.triton_mix_gather import mix_gather_backward, mix_gather_forward
+        from stdd_kernels.triton_pad_scatter import pad_scatter_backward, pad_scatter_forward
 
         scatter_geometry = geometry
         cases += [

@@ -24,7 +24,7 @@ import stdd_kernels
 
 triton_backend = importlib.import_module("stdd_kernels.triton_backend")
 triton_backend.reload_kernels()
-DEVICE = "cpu" if importlib.import_module("stdd_kernels.mix_gather").interpreting() else "cuda"
+DEVICE = "cpu" if importlib.import_module("stdd_kernels.triton_mix_gather").interpreting() else "cuda"
 
 
 class GraphRecorder:

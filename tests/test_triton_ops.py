@@ -38,8 +38,8 @@ from stdd_kernels.geometry import make_geometry
 
 triton_backend = importlib.import_module("stdd_kernels.triton_backend")
 triton_backend.reload_kernels()  # in case stdd_kernels was imported before the variable was set
-mix_gather_module = importlib.import_module("stdd_kernels.mix_gather")
-pad_scatter_module = importlib.import_module("stdd_kernels.pad_scatter")
+mix_gather_module = importlib.import_module("stdd_kernels.triton_mix_gather")
+pad_scatter_module = importlib.import_module("stdd_kernels.triton_pad_scatter")
 
 DEVICE = "cpu" if mix_gather_module.interpreting() else "cuda"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -486,8 +486,8 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
     import itertools, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from stdd_kernels.mix_gather import _mix_gather_forward_kernel, _mix_gather_backward_kernel
-    from stdd_kernels.pad_scatter import _pad_scatter_forward_kernel, _pad_scatter_backward_kernel
+    from stdd_kernels.triton_mix_gather import _mix_gather_forward_kernel, _mix_gather_backward_kernel
+    from stdd_kernels.triton_pad_scatter import _pad_scatter_forward_kernel, _pad_scatter_backward_kernel
 
     def compile_for_sm90(kernel, dtype, constants):
         signature = {}

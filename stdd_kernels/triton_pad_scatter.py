@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from stdd_kernels.mix_gather import (
+from stdd_kernels.triton_mix_gather import (
     _geometry_constants,
     _patch_tile,
     launch_config,

@@ -6,7 +6,7 @@ zero when frame ``t + d`` is outside the clip, and ``mixed[s, r, 0] = x[r, 0]``.
 Ground truth: :func:`stdd_kernels.reference.mix_gather`.
 
 Layout of this file (one operator per file): private ``@triton.jit`` helpers
-(index math shared with ``pad_scatter.py``), the forward and backward kernels,
+(index math shared with ``triton_pad_scatter.py``), the forward and backward kernels,
 then the host launchers. The ``torch.library`` ops and autograd wiring live in
 :mod:`stdd_kernels.triton_backend`.
 
@@ -45,7 +45,7 @@ MIXING_CODES = {"none": 0, "separate": 1, "continual": 2}
 INT32_LIMIT = 2**31 - 1
 
 # --------------------------------------------------------------------------
-# Index helpers (also imported by pad_scatter.py)
+# Index helpers (also imported by triton_pad_scatter.py)
 # --------------------------------------------------------------------------
 
 
