@@ -4,11 +4,12 @@ import logging
 import os
 import socket
 
-import av
 import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+av = pytest.importorskip("av")
 
 from stdd.data import ClipSampling, PyAVDecoder, VideoDecodeError, build_dataloader
 from stdd.data.annotations import read_video_list
