@@ -2,7 +2,7 @@
 
 On a CPU-only machine the kernels run in Triton's interpreter
 (``TRITON_INTERPRET=1``; set here when neither it nor a GPU is present). The
-shape grid of issue 3 (T=1,2,3,8; B=1,3; D=24,40,64,96; P=4,6,14; windows
+shape grid the kernels must handle (T=1,2,3,8; B=1,3; D=24,40,64,96; P=4,6,14; windows
 (2,2)/(2,1); scales (1,), (1,2), (2,), (1,2,3); random/shuffled/eval phases;
 continual/separate/none mixing; mask ratios 0, 0.25, 0.5) is covered by a few
 combined cases rather than a cartesian product: the interpreter pays per
