@@ -191,17 +191,24 @@ class Recorder:
         write_csv(self.out.with_suffix(".csv"), self.rows)
 
 
+def _not_measured(r: dict, width: int = 80) -> str:
+    return r.get("skipped") or "FAILED: " + r.get("error", "")[:width]
+
+
+def _of_copy_text(r: dict) -> str:
+    return f"{r['of_copy']:8.2f}" if r.get("of_copy") is not None else f"{'n/a':>8s}"
+
+
 def format_row(r: dict) -> str:
     if r["section"] == "ops":
         head = f"ops   {r['backend']:10s} {r['level']:7s} {r['op']:12s} {r['direction']:4s}"
         if "median_ms" not in r:
-            return f"{head} {r.get('skipped') or 'FAILED: ' + r.get('error', '')[:80]}"
-        ratio = f"{r['of_copy']:8.2f}" if r.get("of_copy") is not None else f"{'n/a':>8s}"
+            return f"{head} {_not_measured(r)}"
         return (f"{head} {r['median_ms']:9.4f} ms {r['gbps']:8.1f} GB/s  copy {r['copy_gbps']:8.1f} GB/s  "
-                f"of copy {ratio}" + (f"  ({r['copy_note']})" if r.get("copy_note") else ""))
+                f"of copy {_of_copy_text(r)}" + (f"  ({r['copy_note']})" if r.get("copy_note") else ""))
     head = f"stack {r['mode']:5s} {r['variant']:24s} B={r['batch']:<3d}"
     if "median_ms" not in r:
-        return f"{head} {r.get('skipped') or 'FAILED: ' + r.get('error', '')[:80]}"
+        return f"{head} {_not_measured(r)}"
     extra = f"  (compile {r['compile_s']:.1f} s)" if r.get("compile_s") is not None else ""
     return f"{head} {r['median_ms']:10.3f} ms{extra}"
 
@@ -211,22 +218,17 @@ def format_tables(ops: list[dict], stack: list[dict]) -> str:
     if ops:
         lines.append(f"{'backend':10s} {'level':7s} {'op':12s} {'dir':4s} {'ms':>9s} {'GB/s':>8s} {'copy GB/s':>10s} {'of copy':>8s}")
         for r in ops:
+            head = f"{r['backend']:10s} {r['level']:7s} {r['op']:12s} {r['direction']:4s}"
             if "median_ms" not in r:
-                lines.append(f"{r['backend']:10s} {r['level']:7s} {r['op']:12s} {r['direction']:4s} "
-                             f"{r.get('skipped') or 'FAILED'}")
+                lines.append(f"{head} {_not_measured(r, 60)}")
                 continue
-            ratio = f"{r['of_copy']:8.2f}" if r.get("of_copy") is not None else f"{'n/a':>8s}"
-            lines.append(
-                f"{r['backend']:10s} {r['level']:7s} {r['op']:12s} {r['direction']:4s} {r['median_ms']:9.4f} "
-                f"{r['gbps']:8.1f} {r['copy_gbps']:10.1f} {ratio}"
-            )
+            lines.append(f"{head} {r['median_ms']:9.4f} {r['gbps']:8.1f} {r['copy_gbps']:10.1f} {_of_copy_text(r)}")
     if stack:
         lines.append("")
         lines.append(f"{'mode':5s} {'variant':24s} {'batch':>5s} {'ms':>10s} {'vs plain':>9s} {'vs floor':>9s}")
         for r in stack:
             if "median_ms" not in r:
-                lines.append(f"{r['mode']:5s} {r['variant']:24s} {r['batch']:5d}   "
-                             f"{r.get('skipped') or 'FAILED: ' + r.get('error', '')[:60]}")
+                lines.append(f"{r['mode']:5s} {r['variant']:24s} {r['batch']:5d}   {_not_measured(r, 60)}")
                 continue
             ratio = lambda v: f"{v:9.2f}" if v else f"{'-':>9s}"  # noqa: E731
             lines.append(
