@@ -5,8 +5,13 @@
     python bench/stca.py --device cpu --op-batch 2 --skip-stack   # ViT-B/16 op shapes on CPU
     python bench/stca.py --out bench/results/stca_<machine>.json
 
-Two sections, each printed as a table and written to ``--out`` (JSON, and CSV
-next to it) with the device name, torch/triton/CUDA versions, date and git commit:
+Results go to ``--out`` (JSON, and CSV next to it; default: a new temporary
+directory, printed at the start) with the device name, torch/triton/CUDA
+versions, date and git commit (``STDD_GIT_COMMIT`` when there is no git
+checkout). Every row is printed as soon as it is measured and both files are
+rewritten after every row, so a run that is killed keeps what it measured.
+``--budget-s`` stops starting new measurements once that many seconds have
+passed (the rows not run are recorded as skipped).
 
 1. Ops. For every backend in ``stdd_kernels.registered_backends()`` that
    supports the device and dtype: ``mix_gather`` and ``pad_scatter`` (with the
@@ -21,7 +26,12 @@ next to it) with the device name, torch/triton/CUDA versions, date and git commi
      pad_scatter fwd: read full's non-kept tokens, mixed and residual, write out;
      pad_scatter bwd: read d_out, write d_full and d_mixed (d_residual is d_out).
    "copy" is ``dst.copy_(src)`` moving the same number of bytes on the same
-   device (half read, half written); "of copy" is the op's GB/s over copy's.
+   device (half read, half written), timed interleaved with the op (one op
+   run, one copy run, ... on buffers allocated and warmed once), so both see
+   the same machine state; "of copy" is the op's GB/s over copy's. An op
+   cannot move its bytes faster than a plain copy of them: a ratio above 1
+   means the copy timing was disturbed, and is recorded as missing
+   (``of_copy: null``, ``copy_note``), never printed as a result.
 
 2. Stack: 12 ViT-B/16 blocks (width 768, 12 heads, MLP 3072), T=8, 197 tokens,
    inference (``torch.no_grad``, B=32 clips) and training step (forward +
@@ -44,14 +54,21 @@ next to it) with the device name, torch/triton/CUDA versions, date and git commi
      mask ratio 0.5, continual mixing) with that op backend; explicit phases
      (eval phases for inference, seeded random per-clip phases for training),
      checked once outside the timing.
-   Ratios are to ``plain`` and to ``free-glue`` (issue 3's target: STCA at most
-   1.10x the floor).
+   - ``boolean-mask``: the formulation a user would otherwise run, written
+     from the description of the authors' code (:class:`BooleanMaskSTCABlock`):
+     sequence-first tokens, boolean keep-masks, ``x[~mask]`` gathers,
+     per-scale channel-slice copies, ``torch.cat``, clone + masked assignment.
+     Same attention function and the same work as ``stca[*]``.
+   - ``plain+inductor`` / ``stca[triton]+inductor``: every block compiled with
+     ``torch.compile`` (default inductor backend; one compiled block reused by
+     all 12), to show whether inductor's fusion of the LayerNorm/residual glue
+     brings the stack toward the free-glue floor. Compile time (the first call)
+     is reported in ``compile_s`` and excluded from the timing. These run last.
+   Ratios are to ``plain`` and to ``free-glue`` (target: STCA at most 1.10x the floor).
 
 Timing: on GPU, CUDA events around each run after warm-up, median (and
-p10/p90) of ``--repeats`` runs; on CPU, ``time.perf_counter`` the same way.
-A timing means something only with its device: GPU numbers for this project
-are not measured yet (no GPU was available when this script was written; run
-``bench/gpu_check.sh`` on one).
+p10/p90) of the repeats; on CPU, ``time.perf_counter`` the same way. A timing
+means something only with its device: see ``bench/results/README.md``.
 """
 
 from __future__ import annotations
@@ -79,6 +96,7 @@ import stdd_kernels  # noqa: E402
 from stdd_kernels.geometry import make_geometry  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+COMMIT_ENV_VAR = "STDD_GIT_COMMIT"  # the commit of a checkout without .git, given by whoever copied it
 
 # ---------------------------------------------------------------------------
 # Timing
@@ -93,28 +111,131 @@ class Timing:
     runs: int
 
 
-def measure(fn, device: torch.device, warmup: int, repeats: int) -> Timing:
-    """Median wall time of ``fn()`` per run: CUDA events on GPU, perf_counter on CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(repeats)]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
+def _summary(times: list[float]) -> Timing:
+    times = sorted(times)
     pick = lambda q: times[min(len(times) - 1, int(q * len(times)))]  # noqa: E731
     return Timing(statistics.median(times), pick(0.1), pick(0.9), len(times))
+
+
+def measure_interleaved(fns, device: torch.device, warmup: int, repeats: int) -> list[Timing]:
+    """Median wall time per run of each function in ``fns``, run in turn (f0, f1, f0, f1, ...).
+
+    Interleaving gives every function the same machine state (clocks, other
+    load, cache temperature), which makes their ratio meaningful. CUDA events
+    on GPU, ``perf_counter`` on CPU.
+    """
+    for _ in range(warmup):
+        for fn in fns:
+            fn()
+    times = [[] for _ in fns]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [
+            [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in fns]
+            for _ in range(repeats)
+        ]
+        for run in events:
+            for fn, (start, end) in zip(fns, run):
+                start.record()
+                fn()
+                end.record()
+        torch.cuda.synchronize(device)
+        for run in events:
+            for i, (start, end) in enumerate(run):
+                times[i].append(start.elapsed_time(end))
+    else:
+        for _ in range(repeats):
+            for i, fn in enumerate(fns):
+                start = time.perf_counter()
+                fn()
+                times[i].append((time.perf_counter() - start) * 1e3)
+    return [_summary(t) for t in times]
+
+
+def measure(fn, device: torch.device, warmup: int, repeats: int) -> Timing:
+    return measure_interleaved([fn], device, warmup, repeats)[0]
+
+
+def of_copy(gbps: float, copy_gbps: float) -> float | None:
+    """The op's bandwidth as a fraction of a copy's; None when above 1 (a disturbed copy timing)."""
+    ratio = gbps / copy_gbps
+    return ratio if ratio <= 1.0 else None
+
+
+# ---------------------------------------------------------------------------
+# Results: printed and written as they come
+# ---------------------------------------------------------------------------
+
+
+class Recorder:
+    """Holds the record; every ``add`` prints the row and rewrites ``out`` (JSON) and its CSV."""
+
+    def __init__(self, out: Path, header: dict, budget_s: float | None):
+        self.out, self.header, self.rows = out, header, []
+        self.started = time.monotonic()
+        self.budget_s = budget_s
+
+    def over_budget(self) -> bool:
+        return self.budget_s is not None and time.monotonic() - self.started > self.budget_s
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.write()
+        print(format_row(row), flush=True)
+
+    def write(self, status: str = "running") -> None:
+        record = dict(self.header, status=status, elapsed_s=round(time.monotonic() - self.started, 1),
+                      ops=[r for r in self.rows if r["section"] == "ops"],
+                      stack=[r for r in self.rows if r["section"] == "stack"])
+        write_atomic(self.out, json.dumps(record, indent=2, default=str) + "\n")
+        write_csv(self.out.with_suffix(".csv"), self.rows)
+
+
+def _not_measured(r: dict, width: int = 80) -> str:
+    return r.get("skipped") or "FAILED: " + r.get("error", "")[:width]
+
+
+def _of_copy_text(r: dict) -> str:
+    return f"{r['of_copy']:8.2f}" if r.get("of_copy") is not None else f"{'n/a':>8s}"
+
+
+def format_row(r: dict) -> str:
+    if r["section"] == "ops":
+        head = f"ops   {r['backend']:10s} {r['level']:7s} {r['op']:12s} {r['direction']:4s}"
+        if "median_ms" not in r:
+            return f"{head} {_not_measured(r)}"
+        return (f"{head} {r['median_ms']:9.4f} ms {r['gbps']:8.1f} GB/s  copy {r['copy_gbps']:8.1f} GB/s  "
+                f"of copy {_of_copy_text(r)}" + (f"  ({r['copy_note']})" if r.get("copy_note") else ""))
+    head = f"stack {r['mode']:5s} {r['variant']:24s} B={r['batch']:<3d}"
+    if "median_ms" not in r:
+        return f"{head} {_not_measured(r)}"
+    extra = f"  (compile {r['compile_s']:.1f} s)" if r.get("compile_s") is not None else ""
+    return f"{head} {r['median_ms']:10.3f} ms{extra}"
+
+
+def format_tables(ops: list[dict], stack: list[dict]) -> str:
+    lines = []
+    if ops:
+        lines.append(f"{'backend':10s} {'level':7s} {'op':12s} {'dir':4s} {'ms':>9s} {'GB/s':>8s} {'copy GB/s':>10s} {'of copy':>8s}")
+        for r in ops:
+            head = f"{r['backend']:10s} {r['level']:7s} {r['op']:12s} {r['direction']:4s}"
+            if "median_ms" not in r:
+                lines.append(f"{head} {_not_measured(r, 60)}")
+                continue
+            lines.append(f"{head} {r['median_ms']:9.4f} {r['gbps']:8.1f} {r['copy_gbps']:10.1f} {_of_copy_text(r)}")
+    if stack:
+        lines.append("")
+        lines.append(f"{'mode':5s} {'variant':24s} {'batch':>5s} {'ms':>10s} {'vs plain':>9s} {'vs floor':>9s}")
+        for r in stack:
+            if "median_ms" not in r:
+                lines.append(f"{r['mode']:5s} {r['variant']:24s} {r['batch']:5d}   {_not_measured(r, 60)}")
+                continue
+            ratio = lambda v: f"{v:9.2f}" if v else f"{'-':>9s}"  # noqa: E731
+            lines.append(
+                f"{r['mode']:5s} {r['variant']:24s} {r['batch']:5d} {r['median_ms']:10.3f} "
+                f"{ratio(r.get('vs_plain'))} {ratio(r.get('vs_free_glue'))}"
+            )
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------
@@ -149,7 +270,7 @@ def backends_for(device: torch.device, dtype: torch.dtype, wanted) -> list[str]:
     return names
 
 
-def op_rows(shapes: Shapes, device, dtype, backends, warmup, repeats) -> list[dict]:
+def op_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, recorder: Recorder) -> None:
     T, B = shapes.frames, shapes.op_batch
     rows_, tokens, D, S = B * T, 1 + shapes.grid**2, shapes.width, len(shapes.scales)
     geometry = make_geometry(
@@ -174,13 +295,13 @@ def op_rows(shapes: Shapes, device, dtype, backends, warmup, repeats) -> list[di
         ("pad_scatter", "fwd"): (rows_ * (tokens - kept) * D + S * rows_ * kept * D + 2 * full_tokens) * size,
         ("pad_scatter", "bwd"): (full_tokens * 2 + S * rows_ * kept * D) * size,
     }
-    copy_gbps = {}
+    # One warmed pair of copy buffers per byte count, reused by every case of that op.
+    copies = {}
     for key, nbytes in bytes_moved.items():
         src = torch.empty(nbytes // (2 * size), dtype=dtype, device=device).normal_()
         dst = torch.empty_like(src)
-        timing = measure(lambda dst=dst, src=src: dst.copy_(src), device, warmup, repeats)
-        copy_gbps[key] = nbytes / timing.median_ms / 1e6
-        del src, dst
+        dst.copy_(src)
+        copies[key] = lambda dst=dst, src=src: dst.copy_(src)
 
     cases = []
     for name in backends:
@@ -201,33 +322,36 @@ def op_rows(shapes: Shapes, device, dtype, backends, warmup, repeats) -> list[di
              lambda o=pad_out, l=leaves: torch.autograd.grad(o, l, d_out, retain_graph=True)),
         ]
     if "triton" in backends:
-        from stdd_kernels.mix_gather import mix_gather_backward, mix_gather_forward
-        from stdd_kernels.pad_scatter import pad_scatter_backward, pad_scatter_forward
+        from stdd_kernels.triton_mix_gather import mix_gather_backward, mix_gather_forward
+        from stdd_kernels.triton_pad_scatter import pad_scatter_backward, pad_scatter_forward
 
-        scatter_geometry = geometry
         cases += [
             ("triton", "kernel", "mix_gather", "fwd", lambda: mix_gather_forward(x, phase, geometry)),
             ("triton", "kernel", "mix_gather", "bwd", lambda: mix_gather_backward(d_mixed, phase, geometry)),
             ("triton", "kernel", "pad_scatter", "fwd",
-             lambda: pad_scatter_forward(full, mixed_in, phase, scatter_geometry, residual)),
-            ("triton", "kernel", "pad_scatter", "bwd",
-             lambda: pad_scatter_backward(d_out, phase, scatter_geometry, S)),
+             lambda: pad_scatter_forward(full, mixed_in, phase, geometry, residual)),
+            ("triton", "kernel", "pad_scatter", "bwd", lambda: pad_scatter_backward(d_out, phase, geometry, S)),
         ]
-    results = []
     for backend, level, op, direction, fn in cases:
-        timing = measure(fn, device, warmup, repeats)
+        row = dict(section="ops", backend=backend, level=level, op=op, direction=direction,
+                   batch=B, frames=T, width=D, dtype=str(dtype).replace("torch.", ""))
+        if recorder.over_budget():
+            recorder.add(dict(row, skipped="skipped: time budget spent"))
+            continue
+        try:
+            timing, copy_timing = measure_interleaved([fn, copies[(op, direction)]], device, warmup, repeats)
+        except Exception as error:  # one failing case must not hide the others
+            recorder.add(dict(row, error=f"{type(error).__name__}: {error}"))
+            continue
         nbytes = bytes_moved[(op, direction)]
-        gbps = nbytes / timing.median_ms / 1e6
-        results.append(
-            dict(
-                section="ops", backend=backend, level=level, op=op, direction=direction,
-                batch=B, frames=T, width=D, dtype=str(dtype).replace("torch.", ""),
-                median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms, runs=timing.runs,
-                bytes=nbytes, gbps=gbps, copy_gbps=copy_gbps[(op, direction)],
-                of_copy=gbps / copy_gbps[(op, direction)],
-            )
-        )
-    return results
+        gbps, copy_gbps = nbytes / timing.median_ms / 1e6, nbytes / copy_timing.median_ms / 1e6
+        ratio = of_copy(gbps, copy_gbps)
+        row.update(median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms, runs=timing.runs,
+                   bytes=nbytes, gbps=gbps, copy_gbps=copy_gbps, copy_median_ms=copy_timing.median_ms,
+                   of_copy=ratio)
+        if ratio is None:
+            row["copy_note"] = f"copy measured slower than the op ({gbps / copy_gbps:.2f}x): not a valid baseline"
+        recorder.add(row)
 
 
 # ---------------------------------------------------------------------------
@@ -245,22 +369,31 @@ def make_blocks(shapes: Shapes, device, dtype):
     return blocks.to(device=device, dtype=dtype)
 
 
-class PlainStack(torch.nn.Module):
-    """open_clip blocks as they are: ``x -> block(x)`` twelve times."""
+class SDPABlock(torch.nn.Module):
+    """An open_clip block computed with the attention function STCABlock uses (torch SDPA)."""
 
-    def __init__(self, blocks, sdpa: bool):
+    def __init__(self, block):
         super().__init__()
-        self.blocks, self.sdpa = blocks, sdpa
+        self.block = block
 
     def forward(self, x):
         from stdd.model import multi_head_self_attention
 
+        b = self.block
+        x = x + b.ls_1(multi_head_self_attention(b.attn, b.ln_1(x), training=self.training))
+        return x + b.ls_2(b.mlp(b.ln_2(x)))
+
+
+class PlainStack(torch.nn.Module):
+    """``x -> block(x)`` for every block (open_clip blocks, SDPA blocks or compiled ones)."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
+
+    def forward(self, x):
         for block in self.blocks:
-            if self.sdpa:  # the attention function STCABlock uses
-                x = x + block.ls_1(multi_head_self_attention(block.attn, block.ln_1(x), training=self.training))
-                x = x + block.ls_2(block.mlp(block.ln_2(x)))
-            else:
-                x = block(x)
+            x = block(x)
         return x
 
 
@@ -287,21 +420,25 @@ class FreeGlueStack(torch.nn.Module):
         return x, mixed
 
 
-class STCAStack(torch.nn.Module):
-    def __init__(self, blocks, shapes: Shapes, backend: str):
-        super().__init__()
-        from stdd.model import STCABlock
+def stca_blocks(blocks, shapes: Shapes, backend: str) -> list:
+    from stdd.model import STCABlock
 
-        self.blocks = torch.nn.ModuleList(
-            [
-                STCABlock(
-                    block, num_frames=shapes.frames, window=shapes.window, mask_ratio=shapes.mask_ratio,
-                    scales=shapes.scales, channel_fold=shapes.channel_fold, mixing=shapes.mixing,
-                    backend=backend, seed=0,
-                )
-                for block in blocks
-            ]
+    return [
+        STCABlock(
+            block, num_frames=shapes.frames, window=shapes.window, mask_ratio=shapes.mask_ratio,
+            scales=shapes.scales, channel_fold=shapes.channel_fold, mixing=shapes.mixing,
+            backend=backend, seed=0,
         )
+        for block in blocks
+    ]
+
+
+class STCAStack(torch.nn.Module):
+    """``x -> block(x, phase)`` for every block (STCABlocks, boolean-mask blocks or compiled ones)."""
+
+    def __init__(self, blocks):
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(blocks)
 
     def forward(self, x, phase):
         for block in self.blocks:
@@ -309,7 +446,96 @@ class STCAStack(torch.nn.Module):
         return x
 
 
-def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, log) -> list[dict]:
+class BooleanMaskSTCABlock(torch.nn.Module):
+    """An STCA block in the authors' formulation, written from its description (a benchmark peer).
+
+    Tokens are sequence-first, ``x (1+N, B*T, D)``. Per block: the patch tokens
+    are rearranged (einops style: permute + reshape) into a window view
+    ``(B, T, cells, K, D)``; a boolean mask per frame marks the masked cells of
+    each window (phase ``o`` masks cell ``c`` iff ``(c - o) mod K < m``);
+    ``view[~mask]`` gathers the kept tokens ``(B, T, N_keep, D)``; per scale a
+    ``zeros_like`` buffer is filled by channel-slice copies from the shifted
+    frames (the release's rule: for ``i < s``, ``d = I >> i`` channels from
+    ``t - (i+1)`` and ``t + (i+1)``, later ``i`` overwriting), ``torch.cat``
+    puts CLS in front, and each scale runs its own attention; after attention
+    the full path is cloned and the mean of the scales is assigned into it
+    through the mask, then rearranged back. For scales ``(1,)`` this computes
+    exactly the STCA block (spec steps 1-4); for ``(1, 2)`` the release's
+    mixing differs from continual mixing at the clip edges only (``docs/stca.md``),
+    with the same amount of work.
+
+    ``forward(x, phase (B, T), check_phase=...) -> (1+N, B*T, D)``; ``check_phase``
+    is accepted for the stack's signature and ignored.
+    """
+
+    def __init__(self, block, *, num_frames: int, grid: int, window=(2, 2), mask_ratio=0.5, scales=(1, 2),
+                 channel_fold=32):
+        super().__init__()
+        self.block, self.num_frames, self.grid = block, num_frames, grid
+        self.window, self.scales = tuple(window), tuple(scales)
+        self.cells = window[0] * window[1]
+        self.masked = int(mask_ratio * self.cells)  # the release floors
+        self.mix = block.attn.embed_dim // channel_fold
+
+    def _windows(self, tokens, batch):
+        """``(N, B*T, D)`` patch tokens -> ``(B, T, cells, K, D)`` (rearrange, a copy)."""
+        w1, w2 = self.window
+        P, D = self.grid, tokens.shape[-1]
+        view = tokens.reshape(P // w1, w1, P // w2, w2, batch, self.num_frames, D)
+        return view.permute(4, 5, 0, 2, 1, 3, 6).reshape(batch, self.num_frames, -1, self.cells, D)
+
+    def _unwindows(self, windows):
+        """Inverse of :meth:`_windows`: ``(B, T, cells, K, D)`` -> ``(N, B*T, D)``."""
+        w1, w2 = self.window
+        P = self.grid
+        B, T, _, _, D = windows.shape
+        view = windows.reshape(B, T, P // w1, P // w2, w1, w2, D)
+        return view.permute(2, 4, 3, 5, 0, 1, 6).reshape(P * P, B * T, D)
+
+    def _attend(self, tokens):
+        """``ls_1(attn(ln_1(tokens)))`` on sequence-first ``(L, R, D)`` tokens."""
+        from stdd.model import multi_head_self_attention
+
+        b = self.block
+        out = multi_head_self_attention(b.attn, b.ln_1(tokens).transpose(0, 1), training=self.training)
+        return b.ls_1(out).transpose(0, 1)
+
+    def forward(self, x, phase, check_phase: bool = True):
+        rows, D, I, T = x.shape[1], x.shape[2], self.mix, self.num_frames
+        batch = rows // T
+        cell = torch.arange(self.cells, device=x.device)
+        masked = (cell - phase[..., None]) % self.cells < self.masked  # (B, T, K)
+        mask = masked[:, :, None, :].expand(batch, T, (self.grid // self.window[0]) * (self.grid // self.window[1]),
+                                           self.cells)
+        windows = self._windows(x[1:], batch)
+        kept = windows[~mask].reshape(batch, T, -1, D)  # (B, T, N_keep, D)
+        full = x + self._attend(x)
+        mixed_sum = None
+        for s in self.scales:
+            buffer = torch.zeros_like(kept)
+            buffer[..., 2 * I:] = kept[..., 2 * I:]
+            for i in range(s):
+                d = I >> i
+                buffer[:, i + 1:, :, :d] = kept[:, : T - (i + 1), :, :d]
+                buffer[:, : T - (i + 1), :, 2 * I - d: 2 * I] = kept[:, i + 1:, :, 2 * I - d: 2 * I]
+            sequence = buffer.reshape(rows, -1, D).transpose(0, 1)  # 'b t n d -> n (b t) d'
+            mixed = torch.cat([x[:1], sequence], dim=0)
+            mixed = mixed + self._attend(mixed)
+            mixed_sum = mixed if mixed_sum is None else mixed_sum + mixed
+        average = mixed_sum / len(self.scales)
+        pad = self._windows(full[1:], batch).clone()
+        pad[~mask] = average[1:].transpose(0, 1).reshape(-1, D)
+        pad = torch.cat([average[:1], self._unwindows(pad)], dim=0)
+        b = self.block
+        return pad + b.ls_2(b.mlp(b.ln_2(full)))
+
+
+def compiled_blocks(blocks) -> list:
+    """Each block wrapped by ``torch.compile`` (inductor); one compiled graph serves all of them."""
+    return [torch.compile(block, fullgraph=True) for block in blocks]
+
+
+def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, recorder: Recorder, compiled=True) -> None:
     blocks = make_blocks(shapes, device, dtype)
     T, tokens, D = shapes.frames, 1 + shapes.grid**2, shapes.width
     geometry = make_geometry(
@@ -318,65 +544,98 @@ def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, log) ->
         mixing=shapes.mixing, tensor_name="x",
     )
     kept, S = 1 + geometry.num_kept, len(shapes.scales)
-    variants = [("plain", PlainStack(blocks, sdpa=False)), ("plain-sdpa", PlainStack(blocks, sdpa=True)),
-                ("free-glue", FreeGlueStack(blocks))]
-    variants += [(f"stca[{name}]", STCAStack(blocks, shapes, name)) for name in backends]
+    boolean = [
+        BooleanMaskSTCABlock(block, num_frames=T, grid=shapes.grid, window=shapes.window,
+                             mask_ratio=shapes.mask_ratio, scales=shapes.scales, channel_fold=shapes.channel_fold)
+        for block in blocks
+    ]
+    # (name, module, input kind); eager variants first, compiled ones last (their compile time is long).
+    variants = [("plain", PlainStack(blocks), "plain"), ("plain-sdpa", PlainStack([SDPABlock(b) for b in blocks]), "plain"),
+                ("free-glue", FreeGlueStack(blocks), "free-glue")]
+    variants += [(f"stca[{name}]", STCAStack(stca_blocks(blocks, shapes, name)), "stca") for name in backends]
+    variants += [("boolean-mask", STCAStack(boolean), "sequence-first")]
+    # Built when their turn comes (a compiled module compiles on its first call).
+    inductor = [("plain+inductor", lambda: PlainStack(compiled_blocks(blocks)), "plain")]
+    if "triton" in backends:
+        inductor.append(
+            ("stca[triton]+inductor", lambda: STCAStack(compiled_blocks(stca_blocks(blocks, shapes, "triton"))), "stca")
+        )
     results = []
-    for mode, batch in (("infer", shapes.infer_batch), ("train", shapes.train_batch)):
-        gen = torch.Generator().manual_seed(1)
-        x = torch.randn(batch * T, tokens, D, generator=gen).to(device, dtype)
-        mixed = x[:, :kept].repeat(S, 1, 1).contiguous()  # the floor's mixed stream, built once
-        if mode == "infer":
-            phase = stdd_kernels.mask_phase(batch, T, window=shapes.window, device=device)
-        else:
-            phase = stdd_kernels.mask_phase(batch, T, window=shapes.window, mode="train", generator=gen, device=device)
-        grad_y = torch.randn(x.shape, generator=gen).to(device, dtype)
-        grad_mixed = torch.randn(mixed.shape, generator=gen).to(device, dtype)
-        for name, module in variants:
-            module.train(mode == "train")
-            blocks.requires_grad_(mode == "train")
-
-            def run(name=name, module=module):
-                if name == "free-glue":
-                    return module(x, mixed)
-                if name.startswith("stca"):
-                    return module(x, phase)
-                return module(x)
-
+    for group in (variants, inductor) if compiled else (variants,):
+        for mode, batch in (("infer", shapes.infer_batch), ("train", shapes.train_batch)):
+            gen = torch.Generator().manual_seed(1)
+            x = torch.randn(batch * T, tokens, D, generator=gen).to(device, dtype)
+            x_sequence_first = x.transpose(0, 1).contiguous()
+            mixed = x[:, :kept].repeat(S, 1, 1).contiguous()  # the floor's mixed stream, built once
             if mode == "infer":
-                def step(run=run):
-                    with torch.no_grad():
-                        run()
+                phase = stdd_kernels.mask_phase(batch, T, window=shapes.window, device=device)
             else:
-                def step(run=run, name=name):
-                    for parameter in blocks.parameters():
-                        parameter.grad = None
-                    out = run()
-                    if name == "free-glue":
-                        torch.autograd.backward(out, (grad_y, grad_mixed))
-                    else:
-                        out.backward(grad_y)
-            try:
-                timing = measure(step, device, warmup, repeats)
-            except Exception as error:  # one failing variant must not hide the others
-                log(f"  {mode} {name}: FAILED {type(error).__name__}: {error}")
-                results.append(dict(section="stack", variant=name, mode=mode, batch=batch, error=str(error)))
-                continue
-            results.append(
-                dict(
-                    section="stack", variant=name, mode=mode, batch=batch, frames=T, layers=shapes.layers,
-                    width=D, dtype=str(dtype).replace("torch.", ""), median_ms=timing.median_ms,
-                    p10_ms=timing.p10_ms, p90_ms=timing.p90_ms, runs=timing.runs,
-                )
-            )
-            log(f"  {mode:5s} {name:20s} {timing.median_ms:9.3f} ms")
-    for mode in ("infer", "train"):
-        base = {r["variant"]: r.get("median_ms") for r in results if r["mode"] == mode}
-        for r in results:
-            if r["mode"] == mode and "median_ms" in r:
-                r["vs_plain"] = r["median_ms"] / base["plain"] if base.get("plain") else None
-                r["vs_free_glue"] = r["median_ms"] / base["free-glue"] if base.get("free-glue") else None
-    return results
+                phase = stdd_kernels.mask_phase(batch, T, window=shapes.window, mode="train", generator=gen,
+                                                device=device)
+            grad_y = torch.randn(x.shape, generator=gen).to(device, dtype)
+            grad_mixed = torch.randn(mixed.shape, generator=gen).to(device, dtype)
+            for name, module, kind in group:
+                row = dict(section="stack", variant=name, mode=mode, batch=batch, frames=T, layers=shapes.layers,
+                           width=D, dtype=str(dtype).replace("torch.", ""))
+                if recorder.over_budget():
+                    recorder.add(dict(row, skipped="skipped: time budget spent"))
+                    continue
+                try:
+                    started = time.monotonic()
+                    module = module() if callable(module) and not isinstance(module, torch.nn.Module) else module
+                    timing, compile_s = _time_variant(module, kind, mode, blocks, x, x_sequence_first, mixed, phase,
+                                                      grad_y, grad_mixed, device, warmup, repeats, started)
+                except Exception as error:  # one failing variant must not hide the others
+                    recorder.add(dict(row, error=f"{type(error).__name__}: {error}"))
+                    continue
+                row.update(median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
+                           runs=timing.runs, compile_s=compile_s if group is inductor else None)
+                results.append(row)
+                _add_ratios(row, results)
+                recorder.add(row)
+
+
+def _time_variant(module, kind, mode, blocks, x, x_sequence_first, mixed, phase, grad_y, grad_mixed, device,
+                  warmup, repeats, started):
+    module.train(mode == "train")
+    blocks.requires_grad_(mode == "train")
+
+    def run():
+        if kind == "free-glue":
+            return module(x, mixed)
+        if kind == "stca":
+            return module(x, phase)
+        if kind == "sequence-first":
+            return module(x_sequence_first, phase)
+        return module(x)
+
+    if mode == "infer":
+        def step():
+            with torch.no_grad():
+                run()
+    else:
+        grad = grad_y.transpose(0, 1).contiguous() if kind == "sequence-first" else grad_y
+
+        def step():
+            for parameter in blocks.parameters():
+                parameter.grad = None
+            out = run()
+            if kind == "free-glue":
+                torch.autograd.backward(out, (grad_y, grad_mixed))
+            else:
+                out.backward(grad)
+
+    step()  # first call: compiles the compiled variants; the same one-off cost for all
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    compile_s = time.monotonic() - started
+    return measure(step, device, max(0, warmup - 1), repeats), compile_s
+
+
+def _add_ratios(row: dict, results: list[dict]) -> None:
+    base = {r["variant"]: r["median_ms"] for r in results if r["mode"] == row["mode"]}
+    row["vs_plain"] = row["median_ms"] / base["plain"] if base.get("plain") else None
+    row["vs_free_glue"] = row["median_ms"] / base["free-glue"] if base.get("free-glue") else None
 
 
 # ---------------------------------------------------------------------------
@@ -385,13 +644,21 @@ def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, log) ->
 
 
 def git_commit() -> dict:
+    """The checkout's commit from git, or from ``STDD_GIT_COMMIT`` where there is no git checkout."""
+
     def git(*args):
         try:
-            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10).stdout.strip()
+            result = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):
-            return ""
+            return None
+        return result.stdout.strip() if result.returncode == 0 else None
 
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--", "stdd_kernels", "bench", "stdd/model"))}
+    commit = git("rev-parse", "HEAD")
+    if commit:
+        dirty = git("status", "--porcelain", "--", "stdd_kernels", "bench", "stdd/model", "csrc")
+        return {"commit": commit, "dirty": bool(dirty), "source": "git"}
+    given = os.environ.get(COMMIT_ENV_VAR) or None
+    return {"commit": given, "dirty": None, "source": COMMIT_ENV_VAR if given else None}
 
 
 def environment(device: torch.device) -> dict:
@@ -442,39 +709,19 @@ def write_csv(path: Path, rows: list[dict]) -> None:
     os.replace(temp, path)
 
 
-def format_tables(ops: list[dict], stack: list[dict]) -> str:
-    lines = []
-    if ops:
-        lines.append(f"{'backend':10s} {'level':7s} {'op':12s} {'dir':4s} {'ms':>9s} {'GB/s':>8s} {'copy GB/s':>10s} {'of copy':>8s}")
-        for r in ops:
-            lines.append(
-                f"{r['backend']:10s} {r['level']:7s} {r['op']:12s} {r['direction']:4s} {r['median_ms']:9.4f} "
-                f"{r['gbps']:8.1f} {r['copy_gbps']:10.1f} {r['of_copy']:8.2f}"
-            )
-    if stack:
-        lines.append("")
-        lines.append(f"{'mode':5s} {'variant':20s} {'batch':>5s} {'ms':>10s} {'vs plain':>9s} {'vs floor':>9s}")
-        for r in stack:
-            if "median_ms" not in r:
-                lines.append(f"{r['mode']:5s} {r['variant']:20s} {r['batch']:5d}   FAILED: {r['error'][:60]}")
-                continue
-            ratio = lambda v: f"{v:9.2f}" if v else f"{'-':>9s}"  # noqa: E731
-            lines.append(
-                f"{r['mode']:5s} {r['variant']:20s} {r['batch']:5d} {r['median_ms']:10.3f} "
-                f"{ratio(r.get('vs_plain'))} {ratio(r.get('vs_free_glue'))}"
-            )
-    return "\n".join(lines)
-
-
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default bf16 on GPU, fp32 on CPU")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, few runs: a CPU smoke test in seconds")
-    parser.add_argument("--out", type=Path, default=None, help="JSON path (CSV written next to it)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSON path (CSV written next to it); default: a new temporary directory")
     parser.add_argument("--backends", nargs="*", default=None, help="subset of the registered backends")
     parser.add_argument("--skip-ops", action="store_true")
     parser.add_argument("--skip-stack", action="store_true")
+    parser.add_argument("--skip-compiled", action="store_true", help="leave out the torch.compile stack variants")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="start no new measurement after this many seconds (the rest is recorded as skipped)")
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--grid", type=int, default=14, help="patches per side (14: ViT-B/16 at 224 px)")
@@ -484,7 +731,7 @@ def parse_args(argv=None):
     parser.add_argument("--infer-batch", type=int, default=None, help="default 32 GPU, 1 CPU")
     parser.add_argument("--train-batch", type=int, default=None, help="default 16 GPU, 1 CPU")
     parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="stack repeats; the ops use 4x as many")
     return parser.parse_args(argv)
 
 
@@ -505,33 +752,38 @@ def main(argv=None) -> int:
             infer_batch=args.infer_batch or (32 if gpu else 1),
             train_batch=args.train_batch or (16 if gpu else 1),
         )
-        warmup, repeats = args.warmup or (10 if gpu else 1), args.repeats or (50 if gpu else 3)
+        warmup, repeats = args.warmup or (5 if gpu else 1), args.repeats or (25 if gpu else 3)
     backends = backends_for(device, dtype, args.backends)
     if args.backends:
         missing = sorted(set(args.backends) - set(backends))
         if missing:
             raise SystemExit(f"--backends {missing}: not registered or cannot run on {device} / {dtype}")
     env = environment(device)
-    out = args.out or ROOT / "bench" / "results" / f"stca_{'tiny_' if args.tiny else ''}{device.type}.json"
-    log = lambda message: print(message, flush=True)  # noqa: E731
-    log(f"device: {env['device']}; dtype {dtype}; backends: {backends}; torch {env['torch']}, triton {env['triton']}")
-    log(f"shapes: {shapes}")
-    ops, stack = [], []
-    if not args.skip_ops:
-        log("ops ...")
-        ops = op_rows(shapes, device, dtype, backends, warmup, repeats if args.tiny else 4 * repeats)
-    if not args.skip_stack:
-        log("stack ...")
-        stack = stack_rows(shapes, device, dtype, backends, warmup, repeats, log)
-    table = format_tables(ops, stack)
-    print(table)
-    record = dict(environment=env, shapes=vars(shapes), dtype=str(dtype), warmup=warmup, repeats=repeats,
-                  tiny=args.tiny, ops=ops, stack=stack)
-    write_atomic(out, json.dumps(record, indent=2, default=str) + "\n")
-    write_csv(out.with_suffix(".csv"), ops + stack)
-    log(f"wrote {out} and {out.with_suffix('.csv')}")
-    failed = [r for r in stack if "error" in r]
-    return 1 if failed else 0
+    out = args.out or Path(tempfile.mkdtemp(prefix="stca_bench_")) / (
+        f"stca_{'tiny_' if args.tiny else ''}{device.type}.json"
+    )
+    print(f"device: {env['device']}; dtype {dtype}; backends: {backends}; torch {env['torch']}, "
+          f"triton {env['triton']}; commit {env['git']['commit']}", flush=True)
+    print(f"shapes: {shapes}\nwriting {out} and {out.with_suffix('.csv')} after every row", flush=True)
+    recorder = Recorder(out, dict(environment=env, shapes=vars(shapes), dtype=str(dtype), warmup=warmup,
+                                  repeats=repeats, tiny=args.tiny), args.budget_s)
+    status = "done"
+    try:
+        if not args.skip_ops:
+            op_rows(shapes, device, dtype, backends, warmup, repeats if args.tiny else 4 * repeats, recorder)
+        if not args.skip_stack:
+            stack_rows(shapes, device, dtype, backends, warmup, repeats, recorder,
+                       compiled=not args.skip_compiled)
+    except KeyboardInterrupt:  # e.g. the caller's timeout (SIGINT): keep what was measured
+        status = "interrupted"
+    recorder.write(status)
+    ops = [r for r in recorder.rows if r["section"] == "ops"]
+    stack = [r for r in recorder.rows if r["section"] == "stack"]
+    print(format_tables(ops, stack))
+    print(f"{status}: wrote {out} and {out.with_suffix('.csv')}", flush=True)
+    if status == "interrupted":
+        return 130
+    return 1 if any("error" in r for r in recorder.rows) else 0
 
 
 if __name__ == "__main__":

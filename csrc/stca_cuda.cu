@@ -1,17 +1,18 @@
 // CUDA kernels of the STCA ops: one kernel per op and direction. A block is
 // (threads_x channel chunks) x (threads_y output rows); each thread loads and
-// stores V channels at once (16 bytes when D and the channel runs allow it),
-// consecutive threads take consecutive chunks, so every warp reads and writes
-// contiguous, coalesced memory. Every kernel loops over its outputs (a gather
-// through the inverse index map), so no two threads write the same element
-// and there are no atomics. The per-thread work is in stca_kernel_bodies.h,
-// shared with the C++ tests, which run it on the CPU.
+// stores V channels at once (up to 16 bytes: V is the largest power of two
+// that divides every channel-run boundary and that the tensors' alignment
+// allows, kernels::vector_width), consecutive threads take consecutive
+// chunks, so every warp reads and writes contiguous, coalesced memory. Every
+// kernel loops over its outputs (a gather through the inverse index map), so
+// no two threads write the same element and there are no atomics. The
+// per-thread work is in stca_kernel_bodies.h, shared with the C++ tests,
+// which run it on the CPU at every vector width.
 //
-// NOT YET RUN ON A GPU: no GPU was available where this was written; the
-// kernels compile (nvcc 13, sm_90) and their bodies are tested on the CPU.
+// NOT YET RUN ON A GPU: the kernels compile (nvcc 13, sm_90) and their
+// bodies are tested on the CPU.
 #include <algorithm>
 #include <cstdint>
-#include <initializer_list>
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -27,6 +28,7 @@ namespace stdd {
 namespace {
 
 using kernels::MixKernelArgs;
+using kernels::PadKernelArgs;
 
 constexpr int kThreadsPerBlock = 256;
 
@@ -43,89 +45,76 @@ LaunchShape launch_shape(int64_t items, int64_t chunks) {
   return {dim3(static_cast<unsigned>(blocks)), dim3(static_cast<unsigned>(threads_x), static_cast<unsigned>(threads_y))};
 }
 
-// 16 bytes per access when every channel-run boundary and every base pointer
-// allows it, else one element.
-template <typename scalar_t>
-int vector_width(std::initializer_list<int64_t> boundaries, std::initializer_list<const void*> pointers) {
-  constexpr int widest = 16 / static_cast<int>(sizeof(scalar_t));
-  for (int64_t boundary : boundaries) {
-    if (boundary % widest != 0) return 1;
-  }
-  for (const void* pointer : pointers) {
-    if (pointer != nullptr && reinterpret_cast<std::uintptr_t>(pointer) % 16 != 0) return 1;
-  }
-  return widest;
-}
-
-bool mix_boundaries_ok(const MixKernelArgs& a, int widest) {
-  // D, I, 2I and the continual block widths I / s must all be multiples of V.
-  if (a.channels % widest != 0) return false;
-  if (a.mixing == Mixing::kNone) return true;
-  if (a.mix_channels % widest != 0) return false;
-  if (a.mixing == Mixing::kContinual) {
-    for (int64_t s = 0; s < a.num_scales; ++s) {
-      if ((a.mix_channels / a.scales[s]) % widest != 0) return false;
-    }
-  }
-  return true;
-}
-
-// Grid-stride over items (output rows), block-stride over chunks.
-#define STDD_FOR_EACH_CHUNK(items, chunks)                                                                      \
+// Grid-stride over items (output rows); per item, the row's shared index math
+// once (PROLOGUE), then a block-stride over its chunks of V channels.
+#define STDD_FOR_EACH_ITEM(items)                                                                                \
   for (int64_t item = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y; item < (items);             \
-       item += static_cast<int64_t>(gridDim.x) * blockDim.y)                                                    \
-    for (int64_t chunk = threadIdx.x; chunk < (chunks); chunk += blockDim.x)
+       item += static_cast<int64_t>(gridDim.x) * blockDim.y)
+#define STDD_FOR_EACH_CHUNK(channels, V) \
+  for (int32_t ch = static_cast<int32_t>(threadIdx.x) * (V); ch < (channels); ch += static_cast<int32_t>(blockDim.x) * (V))
 
 template <typename scalar_t, int V>
 __global__ void mix_gather_cuda_kernel(const scalar_t* __restrict__ x, const int64_t* __restrict__ phase,
                                        scalar_t* __restrict__ mixed, const MixKernelArgs a, int64_t items) {
-  const int64_t chunks = a.channels / V;
-  STDD_FOR_EACH_CHUNK(items, chunks) { kernels::mix_gather_chunk<scalar_t, V>(x, phase, mixed, a, item, chunk * V); }
+  STDD_FOR_EACH_ITEM(items) {
+    const auto it = kernels::mix_gather_item(a, item);
+    STDD_FOR_EACH_CHUNK(a.channels, V) { kernels::mix_gather_chunk<scalar_t, V>(x, phase, mixed, a, it, item, ch); }
+  }
 }
 
 template <typename scalar_t, int V>
 __global__ void mix_gather_backward_cuda_kernel(const scalar_t* __restrict__ grad_mixed,
                                                 const int64_t* __restrict__ phase, scalar_t* __restrict__ grad_x,
                                                 const MixKernelArgs a, int64_t items) {
-  const int64_t chunks = a.channels / V;
-  STDD_FOR_EACH_CHUNK(items, chunks) {
-    kernels::mix_gather_backward_chunk<scalar_t, V>(grad_mixed, phase, grad_x, a, item, chunk * V);
+  STDD_FOR_EACH_ITEM(items) {
+    const auto it = kernels::token_item(a.mask, phase, a.num_frames, item);
+    STDD_FOR_EACH_CHUNK(a.channels, V) {
+      kernels::mix_gather_backward_chunk<scalar_t, V>(grad_mixed, grad_x, a, it, item, ch);
+    }
   }
 }
 
 template <typename scalar_t, int V>
 __global__ void pad_scatter_cuda_kernel(const scalar_t* __restrict__ full, const scalar_t* __restrict__ mixed,
                                         const scalar_t* __restrict__ residual, const int64_t* __restrict__ phase,
-                                        scalar_t* __restrict__ pad, int64_t num_scales, int64_t rows, int64_t D,
-                                        const MaskGeometry mask, int64_t items) {
-  const int64_t chunks = D / V;
-  STDD_FOR_EACH_CHUNK(items, chunks) {
-    kernels::pad_scatter_chunk<scalar_t, V>(full, mixed, residual, phase, pad, num_scales, rows, D, mask, item,
-                                            chunk * V);
+                                        scalar_t* __restrict__ pad, const PadKernelArgs a, int64_t items) {
+  STDD_FOR_EACH_ITEM(items) {
+    const auto it = kernels::token_item(a.mask, phase, 1, item);
+    STDD_FOR_EACH_CHUNK(a.channels, V) {
+      kernels::pad_scatter_chunk<scalar_t, V>(full, mixed, residual, pad, a, it, item, ch);
+    }
   }
 }
 
 template <typename scalar_t, int V>
 __global__ void pad_scatter_backward_cuda_kernel(const scalar_t* __restrict__ grad_pad,
                                                  const int64_t* __restrict__ phase, scalar_t* __restrict__ grad_full,
-                                                 scalar_t* __restrict__ grad_mixed, int64_t num_scales, int64_t rows,
-                                                 int64_t D, const MaskGeometry mask, int64_t items) {
-  const int64_t chunks = D / V;
-  STDD_FOR_EACH_CHUNK(items, chunks) {
-    kernels::pad_scatter_backward_chunk<scalar_t, V>(grad_pad, phase, grad_full, grad_mixed, num_scales, rows, D,
-                                                     mask, item, chunk * V);
+                                                 scalar_t* __restrict__ grad_mixed, const PadKernelArgs a,
+                                                 int64_t items) {
+  STDD_FOR_EACH_ITEM(items) {
+    const auto it = kernels::token_item(a.mask, phase, 1, item);
+    STDD_FOR_EACH_CHUNK(a.channels, V) {
+      kernels::pad_scatter_backward_chunk<scalar_t, V>(grad_pad, grad_full, grad_mixed, a, it, item, ch);
+    }
   }
 }
 
-// Calls body.template operator()<V>() with V = 16 bytes' worth or 1.
+// Calls body.template operator()<V>() for the vector width chosen at run time
+// (only the widths a 16-byte access allows for this dtype are instantiated).
 template <typename scalar_t, typename Body>
-void with_vector_width(bool vectorized, Body&& body) {
-  constexpr int widest = 16 / static_cast<int>(sizeof(scalar_t));
-  if (vectorized) {
-    body.template operator()<widest>();
-  } else {
-    body.template operator()<1>();
+void with_vector_width(int width, Body&& body) {
+  constexpr int widest = kernels::kMaxVectorBytes / static_cast<int>(sizeof(scalar_t));
+  if constexpr (widest >= 8) {
+    if (width == 8) return body.template operator()<8>();
   }
+  if constexpr (widest >= 4) {
+    if (width == 4) return body.template operator()<4>();
+  }
+  if constexpr (widest >= 2) {
+    if (width == 2) return body.template operator()<2>();
+  }
+  TORCH_CHECK(width == 1, "internal error: vector width ", width, " for a ", sizeof(scalar_t), "-byte dtype");
+  body.template operator()<1>();
 }
 
 at::Tensor mix_gather_cuda(const at::Tensor& x, const at::Tensor& phase, int64_t num_frames, at::IntArrayRef window,
@@ -139,9 +128,9 @@ at::Tensor mix_gather_cuda(const at::Tensor& x, const at::Tensor& phase, int64_t
   const int64_t items = args.num_scales * plan.rows * (1 + plan.mask.num_kept());
   if (mixed.numel() == 0) return mixed;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "stdd::mix_gather (CUDA)", [&] {
-    const bool vectorized = mix_boundaries_ok(args, 16 / static_cast<int>(sizeof(scalar_t))) &&
-                            vector_width<scalar_t>({plan.channels}, {input.const_data_ptr(), mixed.const_data_ptr()}) > 1;
-    with_vector_width<scalar_t>(vectorized, [&]<int V>() {
+    const int width = kernels::vector_width(sizeof(scalar_t), kernels::mix_boundaries(args),
+                                            {input.const_data_ptr(), mixed.const_data_ptr()});
+    with_vector_width<scalar_t>(width, [&]<int V>() {
       const auto shape = launch_shape(items, plan.channels / V);
       mix_gather_cuda_kernel<scalar_t, V><<<shape.grid, shape.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
           input.const_data_ptr<scalar_t>(), phase64.const_data_ptr<int64_t>(), mixed.mutable_data_ptr<scalar_t>(),
@@ -165,9 +154,9 @@ at::Tensor mix_gather_backward_cuda(const at::Tensor& grad_mixed, const at::Tens
   const int64_t items = plan.rows * plan.mask.num_tokens();
   if (grad_x.numel() == 0) return grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stdd::mix_gather_backward (CUDA)", [&] {
-    const bool vectorized = mix_boundaries_ok(args, 16 / static_cast<int>(sizeof(scalar_t))) &&
-                            vector_width<scalar_t>({plan.channels}, {grad.const_data_ptr(), grad_x.const_data_ptr()}) > 1;
-    with_vector_width<scalar_t>(vectorized, [&]<int V>() {
+    const int width = kernels::vector_width(sizeof(scalar_t), kernels::mix_boundaries(args),
+                                            {grad.const_data_ptr(), grad_x.const_data_ptr()});
+    with_vector_width<scalar_t>(width, [&]<int V>() {
       const auto shape = launch_shape(items, plan.channels / V);
       mix_gather_backward_cuda_kernel<scalar_t, V><<<shape.grid, shape.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
           grad.const_data_ptr<scalar_t>(), phase64.const_data_ptr<int64_t>(), grad_x.mutable_data_ptr<scalar_t>(), args,
@@ -182,7 +171,8 @@ at::Tensor pad_scatter_cuda(const at::Tensor& full, const at::Tensor& mixed, con
                             int64_t num_frames, at::IntArrayRef window, int64_t masked,
                             const std::optional<at::Tensor>& residual) {
   const auto plan = detail::check_pad_scatter(full, mixed, num_frames, window, masked, residual);
-  const int64_t R = plan.rows, D = plan.channels, num_scales = plan.num_scales;
+  const int64_t R = plan.rows, D = plan.channels;
+  const PadKernelArgs args = kernels::make_pad_args(plan);
   const c10::cuda::CUDAGuard device_guard(full.device());
   const auto phase64 = detail::phase_as_int64(phase, R, num_frames, full);
   const auto full_c = full.contiguous();
@@ -193,13 +183,13 @@ at::Tensor pad_scatter_cuda(const at::Tensor& full, const at::Tensor& mixed, con
   if (pad.numel() == 0) return pad;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, full.scalar_type(), "stdd::pad_scatter (CUDA)", [&] {
     const scalar_t* residual_ptr = plan.has_residual ? residual_c.const_data_ptr<scalar_t>() : nullptr;
-    const bool vectorized =
-        vector_width<scalar_t>({D}, {full_c.const_data_ptr(), mixed_c.const_data_ptr(), residual_ptr, pad.const_data_ptr()}) > 1;
-    with_vector_width<scalar_t>(vectorized, [&]<int V>() {
+    const int width = kernels::vector_width(
+        sizeof(scalar_t), D, {full_c.const_data_ptr(), mixed_c.const_data_ptr(), residual_ptr, pad.const_data_ptr()});
+    with_vector_width<scalar_t>(width, [&]<int V>() {
       const auto shape = launch_shape(items, D / V);
       pad_scatter_cuda_kernel<scalar_t, V><<<shape.grid, shape.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
           full_c.const_data_ptr<scalar_t>(), mixed_c.const_data_ptr<scalar_t>(), residual_ptr,
-          phase64.const_data_ptr<int64_t>(), pad.mutable_data_ptr<scalar_t>(), num_scales, R, D, plan.mask, items);
+          phase64.const_data_ptr<int64_t>(), pad.mutable_data_ptr<scalar_t>(), args, items);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -211,6 +201,7 @@ std::tuple<at::Tensor, at::Tensor> pad_scatter_backward_cuda(const at::Tensor& g
                                                              int64_t masked, int64_t num_scales) {
   const auto plan = detail::check_pad_scatter_backward(grad_pad, num_frames, window, masked, num_scales);
   const int64_t R = plan.rows, D = plan.channels;
+  const PadKernelArgs args = kernels::make_pad_args(plan);
   const c10::cuda::CUDAGuard device_guard(grad_pad.device());
   const auto phase64 = detail::phase_as_int64(phase, R, num_frames, grad_pad);
   const auto grad = grad_pad.contiguous();
@@ -219,13 +210,13 @@ std::tuple<at::Tensor, at::Tensor> pad_scatter_backward_cuda(const at::Tensor& g
   const int64_t items = R * plan.mask.num_tokens();
   if (grad_full.numel() == 0) return {grad_full, grad_mixed};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "stdd::pad_scatter_backward (CUDA)", [&] {
-    const bool vectorized = vector_width<scalar_t>(
-                                {D}, {grad.const_data_ptr(), grad_full.const_data_ptr(), grad_mixed.const_data_ptr()}) > 1;
-    with_vector_width<scalar_t>(vectorized, [&]<int V>() {
+    const int width = kernels::vector_width(
+        sizeof(scalar_t), D, {grad.const_data_ptr(), grad_full.const_data_ptr(), grad_mixed.const_data_ptr()});
+    with_vector_width<scalar_t>(width, [&]<int V>() {
       const auto shape = launch_shape(items, D / V);
       pad_scatter_backward_cuda_kernel<scalar_t, V><<<shape.grid, shape.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
           grad.const_data_ptr<scalar_t>(), phase64.const_data_ptr<int64_t>(), grad_full.mutable_data_ptr<scalar_t>(),
-          grad_mixed.mutable_data_ptr<scalar_t>(), num_scales, R, D, plan.mask, items);
+          grad_mixed.mutable_data_ptr<scalar_t>(), args, items);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });

@@ -7,17 +7,10 @@ Backends (``backend=`` argument, ``STDD_BACKEND`` environment variable, or
 automatic): see :mod:`stdd_kernels.dispatch`; ``python -m stdd_kernels.env``
 reports which are available here.
 
-Note on names: the Triton kernels live in the submodules
-``stdd_kernels/mix_gather.py`` and ``stdd_kernels/pad_scatter.py``, whose
-names equal the public functions'. Importing a submodule normally rebinds the
-package attribute of that name to the module; the package class below keeps
-``stdd_kernels.mix_gather`` / ``pad_scatter`` the functions. Reach the kernel
-modules with ``from stdd_kernels.mix_gather import ...`` or
-``importlib.import_module``, not ``import stdd_kernels.mix_gather as m``.
+No submodule is named like a public function (the Triton kernels live in
+``triton_mix_gather.py`` / ``triton_pad_scatter.py``), so importing any
+submodule never rebinds ``stdd_kernels.mix_gather`` / ``pad_scatter``.
 """
-
-import sys
-import types
 
 from .dispatch import (
     ENV_VAR,
@@ -28,18 +21,6 @@ from .dispatch import (
 )
 from .geometry import STCAGeometry
 from .ops import mask_phase, mix_gather, pad_scatter  # also registers the reference backend
-
-_PUBLIC_OPS = ("mix_gather", "pad_scatter", "mask_phase")
-
-
-class _Package(types.ModuleType):
-    def __setattr__(self, name, value):
-        if name in _PUBLIC_OPS and isinstance(value, types.ModuleType):
-            return  # a kernel submodule of the same name was imported: keep the public function
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 load_optional_backends()
 

@@ -31,7 +31,7 @@ ENV_VAR = "STDD_BACKEND"
 
 # name -> module whose import registers that backend (see load_optional_backends).
 OPTIONAL_BACKEND_MODULES: dict[str, str] = {
-    "triton": "stdd_kernels.triton_backend",  # Triton kernels (mix_gather.py, pad_scatter.py)
+    "triton": "stdd_kernels.triton_backend",  # Triton kernels (triton_mix_gather.py, triton_pad_scatter.py)
     "cpp": "stdd_kernels.extension",  # C++ extension, CPU (csrc/)
     "cuda": "stdd_kernels.extension",  # C++/CUDA extension, GPU (csrc/)
 }

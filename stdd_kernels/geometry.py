@@ -196,6 +196,14 @@ def make_geometry(
     )
 
 
+def same_device(actual: torch.device, wanted) -> bool:
+    """Whether a tensor on ``actual`` is on ``wanted``; ``"cuda"`` (no index) is the current CUDA device."""
+    wanted = torch.device(wanted)
+    if wanted.index is None and actual.type == wanted.type and actual.type == "cuda":
+        return actual.index == torch.cuda.current_device()
+    return actual == wanted
+
+
 def check_phase_tensor(
     phase, *, batch: int, num_frames: int, window: tuple[int, int], device, check_values: bool = True
 ) -> torch.Tensor:
@@ -213,7 +221,7 @@ def check_phase_tensor(
     expected = (batch, num_frames)
     if tuple(phase.shape) != expected:
         raise ValueError(f"phase must have shape (B, T) = {expected}, got {tuple(phase.shape)}")
-    if phase.device != torch.device(device):
+    if not same_device(phase.device, device):
         raise ValueError(f"phase is on {phase.device} but the tokens are on {device}")
     if check_values and phase.numel() > 0 and not torch.compiler.is_compiling():
         cells = window[0] * window[1]

@@ -1,6 +1,6 @@
 """The ``triton`` STCA backend: ``torch.library`` ops over the Triton kernels.
 
-Kernels and launchers: :mod:`stdd_kernels.mix_gather`, :mod:`stdd_kernels.pad_scatter`.
+Kernels and launchers: :mod:`stdd_kernels.triton_mix_gather`, :mod:`stdd_kernels.triton_pad_scatter`.
 This module
 - registers four ops in the ``stdd_triton`` namespace (the C++ extension uses
   ``stdd``) with ``torch.library.custom_op``, each with a fake (meta) impl so
@@ -33,8 +33,8 @@ from typing import Optional
 import torch
 import triton
 
-from stdd_kernels.mix_gather import interpreting, mix_gather_backward, mix_gather_forward
-from stdd_kernels.pad_scatter import pad_scatter_backward, pad_scatter_forward
+from stdd_kernels.triton_mix_gather import interpreting, mix_gather_backward, mix_gather_forward
+from stdd_kernels.triton_pad_scatter import pad_scatter_backward, pad_scatter_forward
 
 from .dispatch import Backend, register_backend
 from .geometry import STCAGeometry, grid_side
@@ -325,8 +325,8 @@ def reload_kernels() -> bool:
         wanted = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
     if interpreting() == wanted:
         return False
-    importlib.reload(sys.modules["stdd_kernels.mix_gather"])  # first: pad_scatter imports its helpers
-    importlib.reload(sys.modules["stdd_kernels.pad_scatter"])
+    importlib.reload(sys.modules["stdd_kernels.triton_mix_gather"])  # first: triton_pad_scatter imports its helpers
+    importlib.reload(sys.modules["stdd_kernels.triton_pad_scatter"])
     return True
 
 
@@ -337,7 +337,7 @@ register_backend(
         pad_scatter=triton_pad_scatter,
         supports=supports,
         auto_priority={"cuda": 20},
-        description="fused Triton kernels (stdd_kernels/mix_gather.py, pad_scatter.py); "
+        description="fused Triton kernels (stdd_kernels/triton_mix_gather.py, triton_pad_scatter.py); "
         "CPU only under TRITON_INTERPRET=1",
     )
 )

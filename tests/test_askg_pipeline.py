@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+pytest.importorskip("openai")
+
 from stdd import askg as askg_cli
 from stdd.text import askg as askg_lib
 from stdd.text.askg import AskgBuilder, AskgConfig, AskgError, FatalEndpointError, class_slug

@@ -401,8 +401,16 @@ needs_cuda = pytest.mark.skipif(
     reason="needs a CUDA GPU and the extension built with nvcc",
 )
 
-# D=64 / I=8: 16-byte vector loads for every dtype; D=24, fold 4 (I=6, h=3): one element per thread.
-CUDA_CASES = [CASES[2], CASES[3], CASES[0], CASES[4], CASES[9]]
+# Every vector width of the CUDA kernels (csrc/stca_kernel_bodies.h, vector_width: the
+# largest power of two <= 16 bytes dividing D, I and every I / s; the rule itself is
+# tested by tests/cpp). Widths for 2-byte dtypes; float32 takes at most 4, float64 2.
+VECTOR_WIDTH_CASES = [
+    Case(T=2, B=3, D=64, P=4, window=(2, 2), scales=(1, 2), fold=4),  # 8: I=16, I/2=8
+    Case(T=8, B=2, D=768, P=14, window=(2, 2), scales=(1, 2), fold=32),  # 4: ViT-B/16, I=24, I/2=12
+    Case(T=3, B=1, D=48, P=6, window=(2, 2), scales=(1, 2), fold=4),  # 2: I=12, I/2=6
+    CASES[0],  # 1: D=24, fold 4, I=6, I/2=3
+]
+CUDA_CASES = VECTOR_WIDTH_CASES + [CASES[2], CASES[4], CASES[9]]
 
 
 @pytest.mark.cuda
@@ -427,6 +435,48 @@ def test_cuda_matches_reference(case, dtype):
     torch.testing.assert_close(got[1].cpu(), want[1], rtol=0, atol=0)
     for g, w in zip(got[2], want[2]):
         torch.testing.assert_close(g.cpu(), w, rtol=0, atol=0)
+
+
+@pytest.mark.cuda
+@needs_cuda
+@pytest.mark.parametrize("offset_bytes", [2, 4, 8], ids=lambda b: f"{b}B-off")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_cuda_misaligned_inputs_take_a_narrower_vector(dtype, offset_bytes):
+    """Inputs 2, 4 or 8 bytes off a 16-byte boundary: every op falls back to the width the
+    alignment allows (bf16: 1, 2, 4 elements; float32: -, 1, 2) and stays bit-exact."""
+    case = VECTOR_WIDTH_CASES[0]  # boundaries allow 16 bytes, so only the alignment limits it
+    element = torch.tensor([], dtype=dtype).element_size()
+    if offset_bytes % element:
+        pytest.skip(f"{offset_bytes} bytes is not a whole number of {dtype} elements")
+    x, phase = make_inputs(case, dtype, seed=13)
+    generator = torch.Generator().manual_seed(14)
+    window, masked, scales = list(case.window), _geometry(case, x).masked, list(case.scales)
+    mixed = torch.ops.stdd.mix_gather(x, phase, case.T, window, masked, scales, case.fold, case.mixing)
+    full, residual, grad_pad = (torch.randn(x.shape, generator=generator).to(dtype) for _ in range(3))
+    grad_mixed = torch.randn(mixed.shape, generator=generator).to(dtype)
+
+    def off(t):  # the same values, offset_bytes into a fresh CUDA buffer
+        skip = offset_bytes // element
+        return torch.empty(t.numel() + skip, dtype=dtype, device="cuda")[skip:].view(t.shape).copy_(t)
+
+    def run_all(x_, mixed_, full_, residual_, grad_mixed_, grad_pad_, phase_):
+        return [
+            torch.ops.stdd.mix_gather(x_, phase_, case.T, window, masked, scales, case.fold, case.mixing),
+            torch.ops.stdd.mix_gather_backward(
+                grad_mixed_, phase_, case.T, case.P, window, masked, scales, case.fold, case.mixing
+            ),
+            torch.ops.stdd.pad_scatter(full_, mixed_, phase_, case.T, window, masked, residual_),
+            *torch.ops.stdd.pad_scatter_backward(grad_pad_, phase_, case.T, window, masked, len(scales)),
+        ]
+
+    tensors = (x, mixed, full, residual, grad_mixed, grad_pad)
+    expected = run_all(*tensors, phase)
+    moved = [off(t.cuda()) for t in tensors]
+    assert all(t.data_ptr() % 16 == offset_bytes % 16 for t in moved)
+    with nan_filled_allocations():
+        got = run_all(*moved, phase.cuda())
+    for name, g, w in zip(("mixed", "grad_x", "pad", "grad_full", "grad_mixed"), got, expected):
+        assert torch.equal(g.cpu(), w), name
 
 
 @pytest.mark.cuda

@@ -10,6 +10,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+av = pytest.importorskip("av")
+
 from stdd.data import ClipSampling, PyAVDecoder, VideoDecodeError, build_dataloader
 from stdd.data.annotations import read_video_list
 from stdd.data.synthetic import encode_video, generate_synthetic_dataset

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
+
+av = pytest.importorskip("av")
 
 from stdd.data.annotations import read_class_names, read_video_list
 from stdd.data.synthetic import (

@@ -2,6 +2,12 @@
 
 import json
 
+import pytest
+
+pytest.importorskip("omegaconf")
+pytest.importorskip("open_clip")
+pytest.importorskip("av")
+
 from stdd import demo
 
 

@@ -8,7 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
+
+pytest.importorskip("omegaconf")
+pytest.importorskip("open_clip")
+pytest.importorskip("av")
 
 from test_train_resume import REPO, tiny_overrides
 

@@ -9,6 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("omegaconf")
+pytest.importorskip("open_clip")
+pytest.importorskip("av")
+
 import stdd
 from stdd.data import generate_synthetic_dataset
 from stdd.engine.config import load_config

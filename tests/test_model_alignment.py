@@ -5,6 +5,8 @@ import math
 import pytest
 import torch
 
+pytest.importorskip("open_clip")
+
 from stdd.model import alignment_scores, frame_prompt_scores
 
 NAN = float("nan")

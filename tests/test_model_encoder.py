@@ -5,9 +5,11 @@ import copy
 import hashlib
 import os
 
-import open_clip
 import pytest
 import torch
+
+open_clip = pytest.importorskip("open_clip")
+
 from open_clip.transformer import QuickGELU, VisionTransformer
 
 from stdd.model import (

@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+pytest.importorskip("open_clip")
+
 from stdd.model import (
     ResidualProjector,
     build_stdd,

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+pytest.importorskip("open_clip")
+
 from stdd.model import TextEncoder, load_clip, load_prompt_file, template_prompts
 
 TINY = "STDD-Tiny-ViT"

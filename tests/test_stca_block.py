@@ -3,6 +3,9 @@ matches a literal, step-by-step reading of STCA_SPEC.md (steps 1-4) otherwise.""
 
 import pytest
 import torch
+
+pytest.importorskip("open_clip")
+
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 
 from stdd.model import STCABlock, multi_head_self_attention

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytest.importorskip("omegaconf")
+
 from stdd.engine import checkpoint as ckpt
 from stdd.engine.averaging import ExponentialMovingAverage, average_epoch_checkpoints, parse_epoch_selection
 from stdd.engine.config import ConfigError, list_presets, load_config

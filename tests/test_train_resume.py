@@ -8,7 +8,12 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
+
+pytest.importorskip("omegaconf")
+pytest.importorskip("open_clip")
+pytest.importorskip("av")
 
 from stdd.engine import checkpoint as ckpt
 

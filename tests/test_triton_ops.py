@@ -2,7 +2,7 @@
 
 On a CPU-only machine the kernels run in Triton's interpreter
 (``TRITON_INTERPRET=1``; set here when neither it nor a GPU is present). The
-shape grid of issue 3 (T=1,2,3,8; B=1,3; D=24,40,64,96; P=4,6,14; windows
+shape grid the kernels must handle (T=1,2,3,8; B=1,3; D=24,40,64,96; P=4,6,14; windows
 (2,2)/(2,1); scales (1,), (1,2), (2,), (1,2,3); random/shuffled/eval phases;
 continual/separate/none mixing; mask ratios 0, 0.25, 0.5) is covered by a few
 combined cases rather than a cartesian product: the interpreter pays per
@@ -19,6 +19,7 @@ PyTorch's own computation in that precision (exact where PyTorch is exact).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -34,12 +35,12 @@ import pytest
 
 import stdd_kernels
 from stdd_kernels import reference
-from stdd_kernels.geometry import make_geometry
+from stdd_kernels.geometry import check_phase_tensor, make_geometry, same_device
 
 triton_backend = importlib.import_module("stdd_kernels.triton_backend")
 triton_backend.reload_kernels()  # in case stdd_kernels was imported before the variable was set
-mix_gather_module = importlib.import_module("stdd_kernels.mix_gather")
-pad_scatter_module = importlib.import_module("stdd_kernels.pad_scatter")
+mix_gather_module = importlib.import_module("stdd_kernels.triton_mix_gather")
+pad_scatter_module = importlib.import_module("stdd_kernels.triton_pad_scatter")
 
 DEVICE = "cpu" if mix_gather_module.interpreting() else "cuda"
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -413,6 +414,7 @@ def test_ops_pass_torch_library_opcheck():
 def test_twelve_block_stack_loss_and_every_parameter_gradient_match_reference():
     """stdd.model.STCABlock x 12 (tiny open_clip blocks), training mode with per-layer random
     phases: the loss and the gradient of every parameter and of the input agree."""
+    pytest.importorskip("open_clip")
     from open_clip.transformer import ResidualAttentionBlock
 
     from stdd.model import STCABlock
@@ -471,6 +473,19 @@ def test_triton_backend_registration_and_support():
     assert stdd_kernels.resolve_backend("triton", torch.device(DEVICE), torch.float32) is backend
 
 
+def test_devices_named_without_an_index():
+    """``"cuda"`` means the current CUDA device: a phase on cuda:0 passes a check against "cuda"."""
+    assert same_device(torch.device("cpu"), "cpu") and same_device(torch.device("cpu"), torch.device("cpu"))
+    assert not same_device(torch.device("meta"), "cpu")
+    phase = torch.zeros(1, 3, dtype=torch.int64, device=DEVICE)
+    check_phase_tensor(phase, batch=1, num_frames=3, window=(2, 2), device=DEVICE.split(":")[0])
+    with pytest.raises(ValueError, match="phase is on"):
+        check_phase_tensor(phase, batch=1, num_frames=3, window=(2, 2), device="meta")
+    if torch.cuda.is_available():
+        assert same_device(torch.device("cuda", torch.cuda.current_device()), "cuda")
+        assert not same_device(torch.device("cpu"), "cuda")
+
+
 def test_launch_config_rule():
     # The rule's intent: few wasted lanes, whole channel blocks for ViT widths.
     if mix_gather_module.interpreting():
@@ -481,55 +496,102 @@ def test_launch_config_rule():
     assert (-98 % block_tokens) * 16 <= 98 and num_warps == 4
 
 
+# Runs in a subprocess without TRITON_INTERPRET: the real launchers (launch_config's block
+# sizes, real strides and alignments) call the kernels, and Triton's own runtime
+# specializes them (strides of 1 become constants, 16-divisible ints and pointers get
+# divisibility hints) and compiles them for sm_90, as on an H100/H200. A stand-in
+# driver names the target; warmup=True compiles without launching (no GPU needed).
 COMPILE_FOR_HOPPER = textwrap.dedent(
-    """
-    import itertools, triton
+    r"""
+    import json, re
+    import torch, triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from stdd_kernels.mix_gather import _mix_gather_forward_kernel, _mix_gather_backward_kernel
-    from stdd_kernels.pad_scatter import _pad_scatter_forward_kernel, _pad_scatter_backward_kernel
+    from triton.runtime.jit import JITFunction
+    import stdd_kernels
+    from stdd_kernels import triton_mix_gather, triton_pad_scatter
+    from stdd_kernels.geometry import check_phase_tensor, make_geometry, same_device
 
-    def compile_for_sm90(kernel, dtype, constants):
-        signature = {}
-        for name in kernel.arg_names:
-            if name in constants:
-                signature[name] = "constexpr"
-            elif name.endswith("_ptr"):
-                signature[name] = "*i64" if name == "phase_ptr" else "*" + dtype
-            else:
-                signature[name] = "i32"
-        source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
-        compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32))
-        assert "cubin" in compiled.asm, kernel.__name__
+    class Hopper:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+        def get_current_device(self):
+            return 0
+        def get_current_stream(self, device=None):
+            return 0
 
-    geometry = dict(GRID=14, WINDOW_ROWS=2, WINDOW_COLS=2, MASKED=2, BLOCK_TOKENS=16, BLOCK_CHANNELS=256)
-    for dtype, wide in (("bf16", False), ("fp32", True), ("fp64", False)):
-        acc = dtype == "fp64"
-        for mixing in (0, 1, 2):
-            compile_for_sm90(_mix_gather_forward_kernel, dtype,
-                             dict(geometry, SCALES=(1, 2), MIX_CHANNELS=24, MIXING=mixing, WIDE_INDEX=wide))
-        compile_for_sm90(_mix_gather_backward_kernel, dtype,
-                         dict(geometry, SCALES=(1, 2), MIX_CHANNELS=24, MIXING=2, WIDE_INDEX=wide,
-                              ACCUMULATE_FP64=acc))
-        for residual in (True, False):
-            compile_for_sm90(_pad_scatter_forward_kernel, dtype,
-                             dict(geometry, NUM_SCALES=2, HAS_RESIDUAL=residual, WIDE_INDEX=wide,
-                                  ACCUMULATE_FP64=acc))
-        compile_for_sm90(_pad_scatter_backward_kernel, dtype,
-                         dict(geometry, NUM_SCALES=2, WIDE_INDEX=wide, ACCUMULATE_FP64=acc))
-    print("compiled")
+    triton.runtime.driver.set_active(Hopper())
+    compiled = []
+
+    def compile_instead_of_launching(kernel):
+        def run(*args, grid, warmup, **kwargs):
+            compiled.append((kernel, JITFunction.run(kernel, *args, grid=grid, warmup=True, **kwargs)))
+        kernel.run = run
+
+    for kernel in (triton_mix_gather._mix_gather_forward_kernel, triton_mix_gather._mix_gather_backward_kernel,
+                   triton_pad_scatter._pad_scatter_forward_kernel, triton_pad_scatter._pad_scatter_backward_kernel):
+        compile_instead_of_launching(kernel)
+
+    # (label, dtype, clips, frames, grid, width, wide index): ViT-B/16 and ViT-L/14 (D=1024) shapes.
+    configs = [("vit-b16", torch.bfloat16, 2, 8, 14, 768, False), ("vit-b16", torch.float16, 2, 8, 14, 768, False),
+               ("vit-b16", torch.float32, 2, 8, 14, 768, False), ("vit-b16", torch.float64, 1, 8, 14, 768, False),
+               ("vit-b16-wide", torch.float32, 1, 8, 14, 768, True), ("vit-l14", torch.bfloat16, 1, 8, 16, 1024, False)]
+    for label, dtype, clips, frames, grid, width, wide in configs:
+        triton_mix_gather.needs_wide_index = triton_pad_scatter.needs_wide_index = (lambda *t, w=wide: w)
+        rows, tokens = clips * frames, 1 + grid * grid
+        geometry = make_geometry(num_tokens=tokens, channels=width, rows=rows, num_frames=frames, window=(2, 2),
+                                 mask_ratio=0.5, scales=(1, 2), channel_fold=32, mixing="continual", tensor_name="x")
+        x = torch.zeros(rows, tokens, width, dtype=dtype)
+        phase = stdd_kernels.mask_phase(clips, frames)
+        start = len(compiled)
+        mixed = triton_mix_gather.mix_gather_forward(x, phase, geometry)
+        triton_mix_gather.mix_gather_backward(mixed, phase, geometry)
+        triton_pad_scatter.pad_scatter_forward(x, mixed, phase, geometry, residual=x)
+        triton_pad_scatter.pad_scatter_forward(x, mixed, phase, geometry)
+        triton_pad_scatter.pad_scatter_backward(x, phase, geometry, 2)
+        blocks = {"kept": triton_mix_gather.launch_config(width, geometry.num_kept)[:2],
+                  "patches": triton_mix_gather.launch_config(width, grid * grid)[:2]}
+        for kernel, result in compiled[start:]:
+            names = list(result.src.signature)
+            print(json.dumps(dict(
+                config=label, dtype=str(dtype), kernel=kernel.__name__, cubin="cubin" in result.asm,
+                launch_config=blocks["kept" if kernel.__name__ == "_mix_gather_forward_kernel" else "patches"],
+                constants={names[path[0]]: value for path, value in result.src.constants.items()
+                           if isinstance(value, (int, bool))},
+                divisible=[names[path[0]] for path, attrs in result.src.attrs.items()
+                           if ["tt.divisibility", 16] in [list(a) for a in attrs]],
+                ops=sorted(set(re.findall(r"\b(?:ld|st)\.global[.\w]*|\bdiv[.\w]*", result.asm["ptx"]))),
+            )))
     """
 )
 
 
-def test_kernels_compile_for_hopper_without_interpreter():
-    """The interpreter is lenient; compile every kernel variant to sm_90 cubin (no GPU needed)."""
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_hopper_as_the_launchers_call_them():
+    """The interpreter is lenient; compile what really runs on an H100/H200 to sm_90 cubin."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_HOPPER], cwd=root, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", COMPILE_FOR_HOPPER], cwd=root, env=env, capture_output=True, text=True, timeout=600
     )
-    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-4000:]
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 6 * 5 and all(r["cubin"] for r in records)
+    by = {(r["config"], r["dtype"], r["kernel"], r["constants"].get("HAS_RESIDUAL")): r for r in records}
+    forward = by[("vit-b16", "torch.bfloat16", "_mix_gather_forward_kernel", None)]
+    # The runtime specialization, not a hand-written one: unit strides are constants,
+    # the block sizes are launch_config's, 16-divisible strides carry the hint.
+    assert forward["constants"]["stride_x_channel"] == 1 and forward["constants"]["stride_phase_frame"] == 1
+    for record in records:
+        assert [record["constants"]["BLOCK_TOKENS"], record["constants"]["BLOCK_CHANNELS"]] == record["launch_config"]
+    assert forward["launch_config"] == [8, 256]  # 98 kept tokens, D = 768: see launch_config
+    assert {"x_ptr", "mixed_ptr", "stride_x_row", "stride_mixed_row"} <= set(forward["divisible"])
+    assert "st.global.v4.b32" in forward["ops"]  # 16-byte stores of 8 bf16 channels
+    # fp32 means over scales are IEEE divisions (the reference's), not div.full.f32.
+    for key, record in by.items():
+        if key[1] == "torch.float32" and key[2].startswith("_pad_scatter"):
+            assert "div.rn.f32" in record["ops"] and not any(
+                op.startswith(("div.full", "div.approx")) for op in record["ops"]
+            ), (key, record["ops"])
 
 
 # ---------------------------------------------------------------------------

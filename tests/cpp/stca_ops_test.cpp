@@ -220,76 +220,144 @@ void test_errors_name_the_argument() {
   expect_error([&] { stdd::masked_cells({2, 1}, 0.8); }, "at least one cell must be kept");
 }
 
-// The CUDA kernels' per-thread bodies, run on the CPU over every (item, chunk),
-// must give exactly what the CPU kernels give.
+// The CUDA kernels' per-thread bodies, run on the CPU over every (item, chunk)
+// as a kernel's threads do (the item's shared index math once, then its
+// chunks), must give exactly what the CPU kernels give. `offset` elements of
+// slack in front of every input and output shift their base addresses, so
+// width V is also run on memory that is only V-element aligned (the
+// misaligned-pointer fallback of vector_width); the width that vector_width
+// picks for these tensors must be V.
 template <typename scalar_t, int V>
 void check_kernel_bodies(at::ScalarType dtype, int64_t T, int64_t B, int64_t D, int64_t P,
                          std::vector<int64_t> window, int64_t masked, std::vector<int64_t> scales, int64_t fold,
-                         const char* mixing) {
+                         const char* mixing, int64_t offset = 0) {
   namespace k = stdd::kernels;
   const int64_t R = B * T;
-  auto generator = at::detail::createCPUGenerator(1234 + D + P);
-  const auto x = at::randn({R, 1 + P * P, D}, generator, at::TensorOptions().dtype(at::kDouble)).to(dtype);
+  auto generator = at::detail::createCPUGenerator(1234 + D + P + V);
+  // A tensor of `shape` that starts `offset` elements into a larger buffer.
+  auto shifted = [&](const at::Tensor& values) -> at::Tensor {
+    auto buffer = at::full({values.numel() + offset}, NAN, values.options());
+    auto view = buffer.narrow(0, offset, values.numel()).view(values.sizes());
+    view.copy_(values);
+    return view;
+  };
+  const at::Tensor x = shifted(at::randn({R, 1 + P * P, D}, generator, at::TensorOptions().dtype(at::kDouble)).to(dtype));
   const auto phase = at::randint(0, window[0] * window[1] * 3, {B, T}, generator, at::kLong);  // also out of [0, K)
   const auto plan = stdd::detail::plan_mix(R, P, D, T, window, masked, scales, fold, mixing);
   const auto args = k::make_mix_args(plan);
   const int64_t S = static_cast<int64_t>(scales.size());
   const int64_t tokens_in = plan.mask.num_tokens(), tokens_out = 1 + plan.mask.num_kept();
-  const int64_t chunks = D / V;
   const auto* p = phase.const_data_ptr<int64_t>();
+  const int64_t size = static_cast<int64_t>(sizeof(scalar_t));
 
   const auto mixed = stdd::mix_gather(x, phase, T, window, masked, scales, fold, mixing);
-  auto mixed_body = at::full_like(mixed, NAN);
-  for (int64_t item = 0; item < S * R * tokens_out; ++item)
-    for (int64_t c = 0; c < chunks; ++c)
+  at::Tensor mixed_body = shifted(at::full_like(mixed, NAN));
+  EXPECT_VALUE(k::vector_width(size, k::mix_boundaries(args), {x.const_data_ptr(), mixed_body.const_data_ptr()}), V);
+  for (int64_t item = 0; item < S * R * tokens_out; ++item) {
+    const auto it = k::mix_gather_item(args, item);
+    for (int32_t ch = 0; ch < D; ch += V)
       k::mix_gather_chunk<scalar_t, V>(x.const_data_ptr<scalar_t>(), p, mixed_body.mutable_data_ptr<scalar_t>(), args,
-                                       item, c * V);
+                                       it, item, ch);
+  }
   EXPECT(at::equal(mixed_body, mixed));
 
-  const auto grad_mixed = at::randn_like(mixed);
+  const at::Tensor grad_mixed = shifted(at::randn_like(mixed));
   const auto grad_x = stdd::mix_gather_backward(grad_mixed, phase, T, P, window, masked, scales, fold, mixing);
-  auto grad_x_body = at::full_like(x, NAN);
-  for (int64_t item = 0; item < R * tokens_in; ++item)
-    for (int64_t c = 0; c < chunks; ++c)
-      k::mix_gather_backward_chunk<scalar_t, V>(grad_mixed.const_data_ptr<scalar_t>(), p,
-                                                grad_x_body.mutable_data_ptr<scalar_t>(), args, item, c * V);
+  at::Tensor grad_x_body = shifted(at::full_like(x, NAN));
+  for (int64_t item = 0; item < R * tokens_in; ++item) {
+    const auto it = k::token_item(args.mask, p, args.num_frames, item);
+    for (int32_t ch = 0; ch < D; ch += V)
+      k::mix_gather_backward_chunk<scalar_t, V>(grad_mixed.const_data_ptr<scalar_t>(),
+                                                grad_x_body.mutable_data_ptr<scalar_t>(), args, it, item, ch);
+  }
   EXPECT(at::equal(grad_x_body, grad_x));
 
-  const auto full = at::randn_like(x);
-  const auto residual = at::randn_like(x);
+  const at::Tensor full = shifted(at::randn_like(x));
+  const at::Tensor residual = shifted(at::randn_like(x));
+  const auto pad_plan = stdd::detail::check_pad_scatter(full, mixed, T, window, masked, residual);
+  const auto pad_args = k::make_pad_args(pad_plan);
+  EXPECT_VALUE(k::vector_width(size, D, {full.const_data_ptr(), mixed.const_data_ptr(), residual.const_data_ptr()}),
+               offset == 0 ? 16 / size : V);
   for (bool with_residual : {false, true}) {
     const auto pad = stdd::pad_scatter(full, mixed, phase, T, window, masked,
                                        with_residual ? std::optional<at::Tensor>(residual) : std::nullopt);
-    auto pad_body = at::full_like(x, NAN);
-    for (int64_t item = 0; item < R * tokens_in; ++item)
-      for (int64_t c = 0; c < chunks; ++c)
+    at::Tensor pad_body = shifted(at::full_like(x, NAN));
+    for (int64_t item = 0; item < R * tokens_in; ++item) {
+      const auto it = k::token_item(pad_args.mask, p, 1, item);
+      for (int32_t ch = 0; ch < D; ch += V)
         k::pad_scatter_chunk<scalar_t, V>(full.const_data_ptr<scalar_t>(), mixed.const_data_ptr<scalar_t>(),
-                                          with_residual ? residual.const_data_ptr<scalar_t>() : nullptr, p,
-                                          pad_body.mutable_data_ptr<scalar_t>(), S, R, D, plan.mask, item, c * V);
+                                          with_residual ? residual.const_data_ptr<scalar_t>() : nullptr,
+                                          pad_body.mutable_data_ptr<scalar_t>(), pad_args, it, item, ch);
+    }
     EXPECT(at::equal(pad_body, pad));
   }
 
   const auto [grad_full, grad_mixed_pad] = stdd::pad_scatter_backward(full, phase, T, window, masked, S);
-  auto grad_full_body = at::full_like(x, NAN);
-  auto grad_mixed_body = at::full_like(mixed, NAN);
-  for (int64_t item = 0; item < R * tokens_in; ++item)
-    for (int64_t c = 0; c < chunks; ++c)
-      k::pad_scatter_backward_chunk<scalar_t, V>(full.const_data_ptr<scalar_t>(), p,
+  at::Tensor grad_full_body = shifted(at::full_like(x, NAN));
+  at::Tensor grad_mixed_body = shifted(at::full_like(mixed, NAN));
+  for (int64_t item = 0; item < R * tokens_in; ++item) {
+    const auto it = k::token_item(pad_args.mask, p, 1, item);
+    for (int32_t ch = 0; ch < D; ch += V)
+      k::pad_scatter_backward_chunk<scalar_t, V>(full.const_data_ptr<scalar_t>(),
                                                  grad_full_body.mutable_data_ptr<scalar_t>(),
-                                                 grad_mixed_body.mutable_data_ptr<scalar_t>(), S, R, D, plan.mask,
-                                                 item, c * V);
+                                                 grad_mixed_body.mutable_data_ptr<scalar_t>(), pad_args, it, item, ch);
+  }
   EXPECT(at::equal(grad_full_body, grad_full));
   EXPECT(at::equal(grad_mixed_body, grad_mixed_pad));
 }
 
+// vector_width by hand: boundaries and alignment.
+void test_vector_width_rule() {
+  namespace k = stdd::kernels;
+  alignas(16) static char memory[64];
+  const void* aligned = memory;
+  // ViT-B/16 defaults, D = 768, I = 24, scales (1, 2): boundaries 768, 24, 24, 12 -> gcd 12.
+  const auto plan = stdd::detail::plan_mix(8, 14, 768, 8, {2, 2}, 2, {1, 2}, 32, "continual");
+  const auto args = k::make_mix_args(plan);
+  EXPECT_VALUE(k::mix_boundaries(args), 12);
+  EXPECT_VALUE(k::vector_width(2, 12, {aligned}), 4);  // bf16 / fp16: 4 x 2 bytes
+  EXPECT_VALUE(k::vector_width(4, 12, {aligned}), 4);  // fp32: 16 bytes
+  EXPECT_VALUE(k::vector_width(8, 12, {aligned}), 2);  // fp64: 16 bytes
+  EXPECT_VALUE(k::vector_width(2, 768, {aligned}), 8);  // pad_scatter at D = 768: 16 bytes of bf16
+  // Separate mixing and no mixing drop the I / s boundaries.
+  EXPECT_VALUE(k::mix_boundaries(k::make_mix_args(stdd::detail::plan_mix(8, 14, 768, 8, {2, 2}, 2, {1, 2}, 32, "separate"))), 24);
+  EXPECT_VALUE(k::mix_boundaries(k::make_mix_args(stdd::detail::plan_mix(8, 14, 768, 8, {2, 2}, 2, {1, 2}, 32, "none"))), 768);
+  // I = 6, scale 2 -> width 3: odd, one element per thread.
+  EXPECT_VALUE(k::mix_boundaries(k::make_mix_args(stdd::detail::plan_mix(2, 4, 24, 2, {2, 2}, 2, {1, 2}, 4, "continual"))), 3);
+  EXPECT_VALUE(k::vector_width(2, 3, {aligned}), 1);
+  // Alignment: every pointer must be aligned to V elements; the worst one decides.
+  EXPECT_VALUE(k::vector_width(2, 768, {aligned, memory + 2}), 1);
+  EXPECT_VALUE(k::vector_width(2, 768, {memory + 4, aligned}), 2);
+  EXPECT_VALUE(k::vector_width(2, 768, {memory + 8}), 4);
+  EXPECT_VALUE(k::vector_width(4, 768, {memory + 8}), 2);
+  EXPECT_VALUE(k::vector_width(2, 768, {aligned, nullptr}), 8);  // an absent residual does not count
+  // The int32 index math of the CUDA kernels refuses sizes that do not fit.
+  expect_error([] { k::make_mix_args(stdd::detail::plan_mix(2, 4, int64_t{1} << 31, 2, {2, 2}, 2, {1}, 4, "none")); },
+               "D < 2**31");
+}
+
 void test_cuda_kernel_bodies_on_cpu() {
-  // One element per thread (any D), and 16-byte vectors where D, I and I/s allow.
-  check_kernel_bodies<float, 1>(at::kFloat, 3, 2, 24, 4, {2, 2}, 2, {1, 2}, 4, "continual");
-  check_kernel_bodies<float, 4>(at::kFloat, 8, 1, 64, 6, {2, 2}, 2, {1, 2}, 8, "continual");
-  check_kernel_bodies<double, 2>(at::kDouble, 3, 1, 40, 6, {2, 1}, 1, {1, 2, 4}, 4, "separate");
-  check_kernel_bodies<c10::Half, 8>(at::kHalf, 2, 3, 64, 4, {2, 2}, 1, {1, 2}, 4, "continual");
-  check_kernel_bodies<c10::BFloat16, 8>(at::kBFloat16, 3, 1, 96, 6, {2, 2}, 0, {1}, 32, "none");
-  check_kernel_bodies<c10::BFloat16, 1>(at::kBFloat16, 1, 2, 40, 4, {2, 1}, 1, {2}, 4, "continual");
+  // Every vector width of every dtype, each boundary that limits it (D, I, I/s),
+  // and each width again on base addresses misaligned for the next wider one.
+  check_kernel_bodies<float, 1>(at::kFloat, 3, 2, 24, 4, {2, 2}, 2, {1, 2}, 4, "continual");      // I/s = 3
+  check_kernel_bodies<float, 2>(at::kFloat, 8, 1, 40, 6, {2, 2}, 2, {1}, 4, "continual");         // I = 10
+  check_kernel_bodies<float, 4>(at::kFloat, 8, 1, 64, 6, {2, 2}, 2, {1, 2}, 8, "continual");      // I/2 = 4
+  check_kernel_bodies<float, 2>(at::kFloat, 3, 2, 64, 4, {2, 1}, 1, {1, 2}, 8, "continual", 2);    // misaligned for 4
+  check_kernel_bodies<float, 1>(at::kFloat, 3, 1, 64, 4, {2, 2}, 1, {1, 2}, 8, "continual", 1);    // misaligned for 2
+  check_kernel_bodies<double, 1>(at::kDouble, 3, 1, 40, 6, {2, 1}, 1, {1, 2, 4}, 8, "separate");   // I = 5
+  check_kernel_bodies<double, 2>(at::kDouble, 3, 1, 40, 6, {2, 1}, 1, {1, 2, 4}, 4, "separate");   // I = 10
+  check_kernel_bodies<double, 1>(at::kDouble, 2, 2, 64, 4, {2, 2}, 2, {1, 2}, 8, "continual", 1);  // misaligned for 2
+  check_kernel_bodies<c10::Half, 8>(at::kHalf, 2, 3, 64, 4, {2, 2}, 1, {1, 2}, 4, "continual");    // I/2 = 8
+  check_kernel_bodies<c10::Half, 4>(at::kHalf, 8, 1, 96, 14, {2, 2}, 2, {1, 2}, 12, "continual");  // I/2 = 4
+  check_kernel_bodies<c10::Half, 2>(at::kHalf, 3, 1, 96, 6, {2, 2}, 2, {1, 2}, 8, "continual");    // I/2 = 6
+  check_kernel_bodies<c10::Half, 1>(at::kHalf, 3, 1, 40, 4, {2, 1}, 1, {1}, 8, "separate");        // I = 5
+  check_kernel_bodies<c10::Half, 4>(at::kHalf, 3, 1, 64, 4, {2, 2}, 2, {1, 2}, 4, "continual", 4); // misaligned for 8
+  check_kernel_bodies<c10::Half, 1>(at::kHalf, 3, 1, 64, 4, {2, 2}, 2, {1, 2}, 4, "continual", 1); // misaligned for 2
+  check_kernel_bodies<c10::BFloat16, 8>(at::kBFloat16, 3, 1, 96, 6, {2, 2}, 0, {1}, 32, "none");   // D = 96
+  check_kernel_bodies<c10::BFloat16, 4>(at::kBFloat16, 8, 1, 768, 4, {2, 2}, 2, {1, 2}, 32, "continual");  // ViT-B
+  check_kernel_bodies<c10::BFloat16, 2>(at::kBFloat16, 3, 2, 48, 4, {2, 2}, 2, {1, 2}, 4, "continual");    // I/2 = 6
+  check_kernel_bodies<c10::BFloat16, 1>(at::kBFloat16, 1, 2, 40, 4, {2, 1}, 1, {2}, 4, "continual");       // I/2 = 5
+  check_kernel_bodies<c10::BFloat16, 2>(at::kBFloat16, 3, 1, 64, 4, {2, 2}, 2, {1, 2}, 4, "continual", 2); // misaligned for 4
 }
 
 }  // namespace
@@ -301,6 +369,7 @@ int main() {
   test_pad_scatter_by_hand();
   test_autograd_by_hand();
   test_errors_name_the_argument();
+  test_vector_width_rule();
   test_cuda_kernel_bodies_on_cpu();
   std::printf("stca_ops_test: %d checks, %d failed\n", checks, failures);
   return failures == 0 ? 0 : 1;

@@ -23,11 +23,13 @@ import torch
 import triton
 import triton.language as tl
 
-from stdd_kernels.mix_gather import (
+from stdd_kernels.triton_mix_gather import (
+    _divide,
     _geometry_constants,
     _patch_tile,
     launch_config,
     needs_wide_index,
+    on_device,
     output_buffer,
 )
 
@@ -91,7 +93,7 @@ def _pad_scatter_forward_kernel(
             cls += tl.load(
                 mixed_row + scale_offset + channels * stride_mixed_channel, mask=channel_ok, other=0.0
             ).to(ACC)
-        cls = cls / NUM_SCALES
+        cls = _divide(cls, NUM_SCALES)
         if HAS_RESIDUAL:
             cls += tl.load(
                 residual_ptr + row64 * stride_residual_row + channels * stride_residual_channel,
@@ -122,7 +124,7 @@ def _pad_scatter_forward_kernel(
             mask=take_mixed,
             other=0.0,
         ).to(ACC)
-    values = tl.where(take_mixed, mixed_sum / NUM_SCALES, values)
+    values = tl.where(take_mixed, _divide(mixed_sum, NUM_SCALES), values)
     if HAS_RESIDUAL:
         values += tl.load(
             residual_ptr
@@ -183,7 +185,7 @@ def _pad_scatter_backward_kernel(
 
     if tl.program_id(1) == 0:  # CLS, once per row: it came from the mixed path only
         cls = tl.load(grad_row + channels * stride_grad_channel, mask=channel_ok, other=0.0)
-        share = (cls.to(ACC) / NUM_SCALES).to(dtype)
+        share = _divide(cls.to(ACC), NUM_SCALES).to(dtype)
         for i in tl.static_range(NUM_SCALES):
             scale_offset = tl.full([], i, tl.int64) * stride_mixed_scale
             tl.store(mixed_row + scale_offset + channels, share, mask=channel_ok)
@@ -201,7 +203,7 @@ def _pad_scatter_backward_kernel(
         tl.where(take_mixed, 0.0, grad).to(dtype),
         mask=tile_ok,
     )
-    share = (grad.to(ACC) / NUM_SCALES).to(dtype)
+    share = _divide(grad.to(ACC), NUM_SCALES).to(dtype)
     for i in tl.static_range(NUM_SCALES):
         scale_offset = tl.full([], i, tl.int64) * stride_mixed_scale
         tl.store(
@@ -236,29 +238,30 @@ def pad_scatter_forward(
     has_residual = residual is not None
     # Without a residual the kernel never reads it; `full` stands in as a valid pointer.
     residual_arg = residual if has_residual else full
-    _pad_scatter_forward_kernel[grid](
-        full,
-        mixed,
-        residual_arg,
-        phase,
-        out,
-        geometry.num_frames,
-        channels,
-        *full.stride(),
-        *mixed.stride(),
-        *residual_arg.stride(),
-        *phase.stride(),
-        out.stride(0),
-        out.stride(1),
-        NUM_SCALES=mixed.shape[0],
-        HAS_RESIDUAL=has_residual,
-        ACCUMULATE_FP64=full.dtype == torch.float64,
-        WIDE_INDEX=needs_wide_index(full, mixed, residual, out),
-        BLOCK_TOKENS=block_tokens,
-        BLOCK_CHANNELS=block_channels,
-        num_warps=num_warps,
-        **_geometry_constants(geometry),
-    )
+    with on_device(full):
+        _pad_scatter_forward_kernel[grid](
+            full,
+            mixed,
+            residual_arg,
+            phase,
+            out,
+            geometry.num_frames,
+            channels,
+            *full.stride(),
+            *mixed.stride(),
+            *residual_arg.stride(),
+            *phase.stride(),
+            out.stride(0),
+            out.stride(1),
+            NUM_SCALES=mixed.shape[0],
+            HAS_RESIDUAL=has_residual,
+            ACCUMULATE_FP64=full.dtype == torch.float64,
+            WIDE_INDEX=needs_wide_index(full, mixed, residual, out),
+            BLOCK_TOKENS=block_tokens,
+            BLOCK_CHANNELS=block_channels,
+            num_warps=num_warps,
+            **_geometry_constants(geometry),
+        )
     return out
 
 
@@ -284,26 +287,27 @@ def pad_scatter_backward(
     num_patches = num_tokens - 1
     block_tokens, block_channels, num_warps = launch_config(channels, num_patches)
     grid = (rows, triton.cdiv(num_patches, block_tokens), triton.cdiv(channels, block_channels))
-    _pad_scatter_backward_kernel[grid](
-        grad_out,
-        phase,
-        grad_full,
-        grad_mixed,
-        geometry.num_frames,
-        channels,
-        *grad_out.stride(),
-        *phase.stride(),
-        grad_full.stride(0),
-        grad_full.stride(1),
-        grad_mixed.stride(0),
-        grad_mixed.stride(1),
-        grad_mixed.stride(2),
-        NUM_SCALES=num_scales,
-        ACCUMULATE_FP64=grad_out.dtype == torch.float64,
-        WIDE_INDEX=needs_wide_index(grad_out, grad_full, grad_mixed),
-        BLOCK_TOKENS=block_tokens,
-        BLOCK_CHANNELS=block_channels,
-        num_warps=num_warps,
-        **_geometry_constants(geometry),
-    )
+    with on_device(grad_out):
+        _pad_scatter_backward_kernel[grid](
+            grad_out,
+            phase,
+            grad_full,
+            grad_mixed,
+            geometry.num_frames,
+            channels,
+            *grad_out.stride(),
+            *phase.stride(),
+            grad_full.stride(0),
+            grad_full.stride(1),
+            grad_mixed.stride(0),
+            grad_mixed.stride(1),
+            grad_mixed.stride(2),
+            NUM_SCALES=num_scales,
+            ACCUMULATE_FP64=grad_out.dtype == torch.float64,
+            WIDE_INDEX=needs_wide_index(grad_out, grad_full, grad_mixed),
+            BLOCK_TOKENS=block_tokens,
+            BLOCK_CHANNELS=block_channels,
+            num_warps=num_warps,
+            **_geometry_constants(geometry),
+        )
     return grad_full, grad_mixed

@@ -6,7 +6,7 @@ zero when frame ``t + d`` is outside the clip, and ``mixed[s, r, 0] = x[r, 0]``.
 Ground truth: :func:`stdd_kernels.reference.mix_gather`.
 
 Layout of this file (one operator per file): private ``@triton.jit`` helpers
-(index math shared with ``pad_scatter.py``), the forward and backward kernels,
+(index math shared with ``triton_pad_scatter.py``), the forward and backward kernels,
 then the host launchers. The ``torch.library`` ops and autograd wiring live in
 :mod:`stdd_kernels.triton_backend`.
 
@@ -35,6 +35,8 @@ interval wraps and the kept cells are ``wrap, ..., o-1`` (``k``-th kept cell
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -45,7 +47,7 @@ MIXING_CODES = {"none": 0, "separate": 1, "continual": 2}
 INT32_LIMIT = 2**31 - 1
 
 # --------------------------------------------------------------------------
-# Index helpers (also imported by pad_scatter.py)
+# Index helpers (also imported by triton_pad_scatter.py)
 # --------------------------------------------------------------------------
 
 
@@ -111,6 +113,19 @@ def _kept_rank(
     wrap = phase + (MASKED - CELLS)
     rank = tl.where(wrap > 0, cell - wrap, tl.where(cell < phase, cell, cell - MASKED))
     return kept, window * KEEP + rank
+
+
+@triton.jit
+def _divide(total, COUNT: tl.constexpr):
+    """``total / COUNT``, correctly rounded (the reference's ``mean``), in ``total``'s float type.
+
+    Triton's ``/`` on fp32 is the fast approximate division (``div.full.f32``,
+    up to 2 ulp off); ``div_rn`` is IEEE division. fp64's ``/`` is exact already.
+    """
+    if total.dtype == tl.float64:
+        return total / COUNT
+    else:
+        return tl.math.div_rn(total, tl.full(total.shape, COUNT, tl.float32))
 
 
 @triton.jit
@@ -410,6 +425,14 @@ def needs_wide_index(*tensors) -> bool:
     return any(t is not None and t.numel() > 0 and max_offset(t) > INT32_LIMIT for t in tensors)
 
 
+def on_device(tensor: torch.Tensor):
+    """Launch context: Triton launches on the *current* CUDA device, so make it the tensor's.
+
+    A no-op for CPU tensors (Triton's interpreter).
+    """
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 def _geometry_constants(geometry: STCAGeometry) -> dict:
     return dict(
         GRID=geometry.grid,
@@ -450,26 +473,27 @@ def mix_gather_forward(
         return mixed
     block_tokens, block_channels, num_warps = launch_config(channels, geometry.num_kept)
     grid = (rows, triton.cdiv(geometry.num_kept, block_tokens), triton.cdiv(channels, block_channels))
-    _mix_gather_forward_kernel[grid](
-        x,
-        phase,
-        mixed,
-        geometry.num_frames,
-        channels,
-        *x.stride(),
-        *phase.stride(),
-        mixed.stride(0),
-        mixed.stride(1),
-        mixed.stride(2),
-        SCALES=scales,
-        MIX_CHANNELS=geometry.mix_channels,
-        MIXING=MIXING_CODES[geometry.mixing],
-        WIDE_INDEX=needs_wide_index(x, mixed),
-        BLOCK_TOKENS=block_tokens,
-        BLOCK_CHANNELS=block_channels,
-        num_warps=num_warps,
-        **_geometry_constants(geometry),
-    )
+    with on_device(x):
+        _mix_gather_forward_kernel[grid](
+            x,
+            phase,
+            mixed,
+            geometry.num_frames,
+            channels,
+            *x.stride(),
+            *phase.stride(),
+            mixed.stride(0),
+            mixed.stride(1),
+            mixed.stride(2),
+            SCALES=scales,
+            MIX_CHANNELS=geometry.mix_channels,
+            MIXING=MIXING_CODES[geometry.mixing],
+            WIDE_INDEX=needs_wide_index(x, mixed),
+            BLOCK_TOKENS=block_tokens,
+            BLOCK_CHANNELS=block_channels,
+            num_warps=num_warps,
+            **_geometry_constants(geometry),
+        )
     return mixed
 
 
@@ -491,24 +515,25 @@ def mix_gather_backward(
         return grad_x
     block_tokens, block_channels, num_warps = launch_config(channels, num_patches)
     grid = (rows, triton.cdiv(num_patches, block_tokens), triton.cdiv(channels, block_channels))
-    _mix_gather_backward_kernel[grid](
-        grad_mixed,
-        phase,
-        grad_x,
-        geometry.num_frames,
-        channels,
-        *grad_mixed.stride(),
-        *phase.stride(),
-        grad_x.stride(0),
-        grad_x.stride(1),
-        SCALES=tuple(geometry.scales),
-        MIX_CHANNELS=geometry.mix_channels,
-        MIXING=MIXING_CODES[geometry.mixing],
-        ACCUMULATE_FP64=grad_mixed.dtype == torch.float64,
-        WIDE_INDEX=needs_wide_index(grad_mixed, grad_x),
-        BLOCK_TOKENS=block_tokens,
-        BLOCK_CHANNELS=block_channels,
-        num_warps=num_warps,
-        **_geometry_constants(geometry),
-    )
+    with on_device(grad_mixed):
+        _mix_gather_backward_kernel[grid](
+            grad_mixed,
+            phase,
+            grad_x,
+            geometry.num_frames,
+            channels,
+            *grad_mixed.stride(),
+            *phase.stride(),
+            grad_x.stride(0),
+            grad_x.stride(1),
+            SCALES=tuple(geometry.scales),
+            MIX_CHANNELS=geometry.mix_channels,
+            MIXING=MIXING_CODES[geometry.mixing],
+            ACCUMULATE_FP64=grad_mixed.dtype == torch.float64,
+            WIDE_INDEX=needs_wide_index(grad_mixed, grad_x),
+            BLOCK_TOKENS=block_tokens,
+            BLOCK_CHANNELS=block_channels,
+            num_warps=num_warps,
+            **_geometry_constants(geometry),
+        )
     return grad_x
