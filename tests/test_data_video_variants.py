@@ -12,10 +12,12 @@ import re
 import numpy as np
 import pytest
 
-from stdd.data import PyAVDecoder, VideoDecodeError
-from stdd.data.decoders import FrameIndexCache, build_frame_index
+pytest.importorskip("av")
 
-from coded_video import decode_all, index_coded_frames, read_codes, write_video
+from stdd.data import PyAVDecoder, VideoDecodeError  # noqa: E402
+from stdd.data.decoders import FrameIndexCache, build_frame_index  # noqa: E402
+
+from coded_video import decode_all, index_coded_frames, read_codes, write_video  # noqa: E402
 
 FRAMES = 250  # > a few GOPs of 16, so seeking matters and the last GOP is far from the start
 KEPT = np.sort(np.random.default_rng(3).choice(FRAMES, 170, replace=False))  # variable frame rate: 80 dropped
