@@ -76,6 +76,7 @@ CASES = [
     Case(T=4, B=2, D=96, P=6, window=(2, 2), scales=(2,), fold=8, mixing="official"),  # I=12
     Case(T=8, B=1, D=72, P=14, window=(2, 1), scales=(1, 2, 3), fold=8, mixing="official"),  # I=9: 9, 4, 2
     Case(T=8, B=2, D=64, P=4, window=(2, 2), scales=(1, 2), fold=8, mask_ratio=0.4, mask_rounding="floor"),
+    Case(T=3, B=2, D=20, P=4, window=(2, 1), scales=(1,), fold=4, mixing="official"),  # I=5
 ]
 # gradcheck perturbs every input element: tiny shapes (still T=3, both windows, S=2).
 GRADCHECK_CASES = [

@@ -80,6 +80,7 @@ CASES = [
     Case("T3-B3-P4-D26-official-s3-floor", 3, 3, 4, 26, (2, 2), 0.4, (3,), 2, "official", "shuffle", "floor"),
     Case("T4-B1-P4-D40-official-s2", 1, 4, 4, 40, (2, 2), 0.5, (2,), 4, "official", "eval"),
     Case("T8-B1-P6-D72-official-s13", 1, 8, 6, 72, (2, 2), 0.5, (1, 3), 8, "official", "train"),
+    Case("T4-B2-P4-D24-w21-official-s1", 2, 4, 4, 24, (2, 1), 0.5, (1,), 4, "official", "shuffle"),
 ]
 
 
