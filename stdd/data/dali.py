@@ -31,7 +31,7 @@ every frame, slow but thorough; `probe_cache` remembers the results across runs)
 epoch's report, or raise (on_error="fail"). DALI itself cannot report a file that breaks mid-stream
 per sample (its reader drops such files, its decoder pads the missing frames), hence the check.
 
-GPU decoding was not run on this project's machines yet (no GPU lent); the CPU path is tested.
+GPU decoding has not been run yet (no GPU was available); the CPU path is tested.
 """
 
 from __future__ import annotations
