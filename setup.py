@@ -113,7 +113,7 @@ def _extensions():
     if toolkit is not None:
         cpp_extension.CUDA_HOME = str(toolkit.root)
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
-        kind = f"CUDA (toolkit {found}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})"
+        kind = f"CUDA (toolkit {found}; TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})"
         # torch links -lcudart from <root>/lib64 or <root>/lib; name the directory that has it.
         extension = cpp_extension.CUDAExtension(
             sources=sources + [f"{CSRC}/stca_cuda.cu"],

@@ -103,14 +103,14 @@ def find_cuda_toolkit(
             problem = toolkit_problem(root)
             if problem is not None:
                 return None, f"{variable}={value} is not a usable CUDA toolkit ({problem})"
-            return CudaToolkit(root, cudart_dir(root), f"{variable}"), f"{variable}={value}"
+            return CudaToolkit(root, cudart_dir(root), f"set by {variable}"), f"{root}, set by {variable}"
 
     nvcc = which("nvcc", path=environ.get("PATH"))
     tried = [] if nvcc is not None else ["no nvcc on PATH"]
     for root, found_by in _candidates(nvcc, run, default):
         problem = toolkit_problem(root)
         if problem is None:
-            return CudaToolkit(root, cudart_dir(root), found_by), f"{root} (from {found_by})"
+            return CudaToolkit(root, cudart_dir(root), found_by), f"{root}, {found_by}"
         if problem not in tried:
             tried.append(problem)
     return None, "no usable CUDA toolkit (set CUDA_HOME): " + "; ".join(tried)
@@ -119,10 +119,10 @@ def find_cuda_toolkit(
 def _candidates(nvcc: Optional[str], run: Callable, default: Path):
     """Toolkit roots to try, lazily: nvcc is only run when its real path gave nothing usable."""
     if nvcc is not None:
-        yield Path(os.path.realpath(nvcc)).parent.parent, f"nvcc on PATH, {nvcc}"
+        yield Path(os.path.realpath(nvcc)).parent.parent, f"the real path of nvcc on PATH ({nvcc})"
         reported = nvcc_reported_root(nvcc, run)
         if reported is not None:
-            yield reported, f"the toolkit nvcc on PATH ({nvcc}) reports"
+            yield reported, f"reported by nvcc on PATH ({nvcc})"
     yield default, "the default location"
 
 
