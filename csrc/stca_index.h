@@ -1,4 +1,4 @@
-// The STCA index maps (shared/STCA_SPEC.md, steps 1, 2 and 4), written once
+// The STCA index maps (docs/stca.md, steps 1, 2 and 4), written once
 // for both devices: the CPU kernels (stca_cpu.cpp), the CUDA kernels
 // (stca_cuda.cu, through stca_kernel_bodies.h) and the C++ tests include it.
 //

@@ -1,4 +1,4 @@
-// C++ API of the STCA operators (shared/STCA_SPEC.md). Link against the
+// C++ API of the STCA operators (docs/stca.md). Link against the
 // library built by CMakeLists.txt (or the Python extension) and call these
 // like any ATen op: they go through the dispatcher, so CPU/CUDA selection,
 // autograd and torch.compile tracing work the same as from Python, where the

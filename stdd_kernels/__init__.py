@@ -1,6 +1,6 @@
 """STCA operators: window-shift masking + multi-scale channel mixing
 (:func:`mix_gather`), padding + short-cut (:func:`pad_scatter`) and the
-window phases (:func:`mask_phase`). Semantics: ``shared/STCA_SPEC.md``;
+window phases (:func:`mask_phase`). Semantics: ``docs/stca.md``;
 ground truth: :mod:`stdd_kernels.reference`.
 
 Backends (``backend=`` argument, ``STDD_BACKEND`` environment variable, or

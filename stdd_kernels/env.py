@@ -1,8 +1,10 @@
-"""``python -m stdd_kernels.env [--json]``: what this machine can run.
+"""``python -m stdd_kernels.env [--json] [--require BACKENDS]``: what this machine can run.
 
 Prints library versions, the GPU (if any), whether DALI / xformers / the C++
-extension are importable, and which STCA backends are registered (and why the
-missing ones are missing). Paste its output into bug reports.
+extension are importable, what the install built (the build record of
+:mod:`stdd_kernels.build_info`), and which STCA backends are registered (and
+why the missing ones are missing). Paste its output into bug reports.
+``--require cpp,cuda`` exits with status 1 when one of those is unavailable.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ def collect() -> dict:
     import torch
 
     import stdd_kernels
+    from stdd_kernels.build_info import read_record
 
     gpus = []
     if torch.cuda.is_available():
@@ -77,6 +80,7 @@ def collect() -> dict:
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "stdd_backend_env": os.environ.get(stdd_kernels.ENV_VAR),
         "packages": optional,
+        "extension_build": read_record(),
         "backends": backends,
     }
 
@@ -98,7 +102,14 @@ def format_report(report: dict) -> str:
     for name, info in report["packages"].items():
         state = "ok" if info["usable"] else f"NOT USABLE ({info['error']})"
         lines.append(f"  {name:<10} {info['version'] or '-':<16} {state}")
-    lines += ["", "STCA backends:"]
+    build = report["extension_build"]
+    if build is None:
+        state = "no build record (not installed by setup.py, e.g. built with CMake)"
+    elif build.get("built"):
+        state = f"built, {build.get('kind')}"
+    else:
+        state = f"not built: {build.get('reason')}"
+    lines += ["", f"C++/CUDA extension build: {state}", "", "STCA backends:"]
     for name, info in report["backends"].items():
         if info["available"]:
             auto = ", ".join(f"{k}:{v}" for k, v in info["auto"].items()) or "explicit only"
@@ -111,10 +122,19 @@ def format_report(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stdd_kernels.env", description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument(
+        "--require", default="", metavar="BACKENDS",
+        help="comma-separated backends (e.g. cpp,cuda): exit with status 1 unless all are available",
+    )
     args = parser.parse_args(argv)
     report = collect()
     print(json.dumps(report, indent=2) if args.json else format_report(report))
-    return 0
+    required = [name.strip() for name in args.require.split(",") if name.strip()]
+    missing = [name for name in required if not report["backends"].get(name, {}).get("available")]
+    for name in missing:
+        reason = report["backends"].get(name, {}).get("reason", "no such backend")
+        print(f"required backend {name!r} is unavailable: {reason}", file=sys.stderr)
+    return 1 if missing else 0
 
 
 if __name__ == "__main__":

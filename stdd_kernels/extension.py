@@ -9,7 +9,9 @@ so ``torch.compile`` traces them); this module adapts them to the backend
 signature of :mod:`stdd_kernels.dispatch` and registers the backends.
 
 ``cuda`` is registered only when the extension was compiled with nvcc; a
-CPU-only build registers ``cpp`` alone and records why ``cuda`` is missing.
+CPU-only build registers ``cpp`` alone. Why a backend is missing comes from
+the build record ``setup.py`` wrote (:mod:`stdd_kernels.build_info`) when
+there is one.
 """
 
 from __future__ import annotations
@@ -19,13 +21,21 @@ import importlib
 import torch
 
 from . import dispatch
+from .build_info import read_record
 from .geometry import FLOAT_DTYPES, STCAGeometry
+
+BUILD_RECORD = read_record()  # None when _C was built without setup.py (CMake, by hand)
 
 try:
     # import_module, not `from . import _C`: during the package's own import the
     # latter reports a missing module as a "circular import".
     _C = importlib.import_module(f"{__package__}._C")
 except ImportError as error:  # not built, or built against another torch
+    if BUILD_RECORD is not None and not BUILD_RECORD.get("built"):
+        raise ImportError(
+            f"the C++/CUDA extension stdd_kernels._C was not built when stdd was installed: "
+            f"{BUILD_RECORD.get('reason')}"
+        ) from error
     raise ImportError(
         "the C++/CUDA extension stdd_kernels._C is not built or does not load "
         f"({error}); build it with `pip install --no-build-isolation -e .` "
@@ -96,8 +106,11 @@ if CUDA_COMPILED:
         )
     )
 else:
+    recorded = BUILD_RECORD.get("reason") if BUILD_RECORD is not None and not BUILD_RECORD.get("cuda") else None
     dispatch.mark_unavailable(
         "cuda",
-        "stdd_kernels._C was built without CUDA (torch without CUDA, nvcc not found, "
-        "or STDD_BUILD_CUDA=0 at build time)",
+        f"stdd_kernels._C was built without CUDA: {recorded}"
+        if recorded
+        else "stdd_kernels._C was built without CUDA (torch without CUDA, no usable CUDA "
+        "toolkit, or STDD_BUILD_CUDA=0 at build time)",
     )

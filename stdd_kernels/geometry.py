@@ -1,7 +1,7 @@
 """Argument validation and derived sizes for the STCA operators.
 
 Every backend receives an already validated :class:`STCAGeometry`, so the
-checks below live in exactly one place. The names follow ``STCA_SPEC.md``:
+checks below live in exactly one place. The names follow ``docs/stca.md``:
 ``P`` grid side, ``K`` cells per window, ``m`` masked cells per window,
 ``N_keep`` kept patch tokens per frame, ``I`` mixed channels per direction.
 """

@@ -1,4 +1,4 @@
-"""Public, validating entry points of the STCA operators (see ``STCA_SPEC.md``).
+"""Public, validating entry points of the STCA operators (see ``docs/stca.md``).
 
 These check every argument once (``ValueError`` naming the argument), resolve
 the backend (:mod:`stdd_kernels.dispatch`) and call it with a validated
@@ -55,7 +55,7 @@ def mix_gather(
     backend: Optional[str] = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Window-shift masking + multi-scale channel mixing (spec steps 1-2).
+    """Window-shift masking + multi-scale channel mixing (docs/stca.md, steps 1-2).
 
     ``x``: ``(B*T, 1 + P*P, D)`` tokens, frames of a clip contiguous, CLS first.
     Returns ``mixed``: ``(len(scales), B*T, 1 + N_keep, D)``.
@@ -99,7 +99,7 @@ def pad_scatter(
     backend: Optional[str] = None,
     validate: bool = True,
 ) -> torch.Tensor:
-    """Padding (+ the block's short-cut add when ``residual`` is given), spec step 4.
+    """Padding (+ the block's short-cut add when ``residual`` is given), docs/stca.md step 4.
 
     ``full``: ``(B*T, 1 + P*P, D)``; ``mixed``: ``(S, B*T, 1 + N_keep, D)``;
     ``residual``: like ``full`` or ``None``. Returns ``(B*T, 1 + P*P, D)``:

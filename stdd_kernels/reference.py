@@ -1,7 +1,7 @@
 """Plain PyTorch definition of the STCA operators: the ground truth.
 
-Read side by side with ``shared/STCA_SPEC.md``; each section below is named
-after the spec step it implements:
+Read side by side with ``docs/stca.md`` (the op contract); each section below
+is named after the step of the contract it implements:
 
 1. Window-shift masking  -> :func:`kept_cells`, :func:`kept_token_index`
 2. Multi-scale channel mixing -> :func:`channel_segments`, :func:`mix_gather`;

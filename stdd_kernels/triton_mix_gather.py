@@ -1,4 +1,4 @@
-"""Triton kernels for window-shift masking + multi-scale channel mixing (spec steps 1-2).
+"""Triton kernels for window-shift masking + multi-scale channel mixing (docs/stca.md, steps 1-2).
 
 ``mix_gather``: ``x (B*T, 1+N, D)`` -> ``mixed (S, B*T, 1+N_keep, D)`` with
 ``mixed[s, r, 1+j, ch] = x[r + d, kept_j(phase[r + d]), ch]``, ``d = delta_s(ch)``,

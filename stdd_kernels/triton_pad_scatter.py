@@ -1,4 +1,4 @@
-"""Triton kernels for padding + the block's short-cut add (spec step 4).
+"""Triton kernels for padding + the block's short-cut add (docs/stca.md, step 4).
 
 ``pad_scatter``: ``full (B*T, 1+N, D)``, ``mixed (S, B*T, 1+N_keep, D)``
 [, ``residual (B*T, 1+N, D)``] -> ``out (B*T, 1+N, D)``:

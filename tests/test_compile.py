@@ -3,22 +3,18 @@
 The ``stdd_triton`` ops are ``torch.library.custom_op``s with fake impls and
 registered autograd, so dynamo keeps them as opaque nodes and AOTAutograd
 traces their backward ops too. On CPU this runs with the ``aot_eager``
-backend (and one block stack with the default inductor backend) under Triton's interpreter (``TRITON_INTERPRET=1``, set here when
-neither it nor a GPU is present); results and gradients are compared with the
+backend (and one block stack with the default inductor backend) under Triton's
+interpreter (``TRITON_INTERPRET=1``, set by ``tests/conftest.py`` when no GPU is
+visible); results and gradients are compared with the
 eager reference backend.
 """
 
 from __future__ import annotations
 
 import importlib
-import os
-
-import torch
-
-if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are defined (see reload_kernels)
 
 import pytest
+import torch
 
 import stdd_kernels
 

@@ -1,4 +1,4 @@
-"""The reference STCA ops against the spec (shared/STCA_SPEC.md), element by element.
+"""The reference STCA ops against the op contract (docs/stca.md), element by element.
 
 Inputs encode where each element lives: ``x[row, token, ch] = code(row, token, ch)``
 (exact in float64), so every output element names the input element it came
@@ -654,8 +654,9 @@ def test_float_dtypes_accepted_and_preserved():
         assert mixed.dtype == dtype and pad.dtype == dtype
 
 
-def test_all_cases_cover_the_issue_grid():
-    """Guard: the parametrized cases above keep covering what the foundation issue lists."""
+def test_all_cases_cover_the_required_grid():
+    """Guard: the parametrized cases above keep covering the windows, scales, frame counts,
+    mixing modes, ratios and phase modes the fast paths must be checked on."""
     windows = {c[4] for c in CASES}
     scales = {c[6] for c in CASES}
     assert {(2, 2), (2, 1)} <= windows

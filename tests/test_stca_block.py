@@ -1,5 +1,5 @@
 """STCABlock: equals the plain open_clip block when STCA is switched off, and
-matches a literal, step-by-step reading of STCA_SPEC.md (steps 1-4) otherwise."""
+matches a literal, step-by-step reading of docs/stca.md (steps 1-4) otherwise."""
 
 import pytest
 import torch
@@ -45,7 +45,7 @@ def test_sdpa_attention_equals_multihead_attention_module():
 
 
 def _literal_stca(block, x, frames, phase, *, window, mask_ratio, scales, channel_fold, mixing):
-    """STCA_SPEC steps 1-4 written out: each scale attended on its own, with the
+    """docs/stca.md steps 1-4 written out: each scale attended on its own, with the
     nn.MultiheadAttention module itself (not the SDPA path under test)."""
     geometry = make_geometry(
         num_tokens=x.shape[1], channels=x.shape[2], rows=x.shape[0], num_frames=frames,

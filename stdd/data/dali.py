@@ -51,7 +51,7 @@ each clip after the transforms by the rotation the PyAV probe found (the crops a
 evaluation crops are put in the order PyAV gives for the upright video). apply_transforms=False turns
 the raw frames.
 
-GPU decoding was not run on this project's machines yet (no GPU lent); the CPU path is tested.
+GPU decoding has not been run yet (no GPU was available); the CPU path is tested.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ text features, the datasets, and the per-clip training phases.
 
 Frame-only baseline (``model.stca.enabled: false``): the same ``VideoEncoder``
 with ``mask_ratio=0`` and ``mixing="none"``, which computes exactly the plain
-CLIP block per frame (STCA_SPEC.md, section 2): no information crosses frames.
+CLIP block per frame (docs/stca.md, step 2): no information crosses frames.
 """
 
 from __future__ import annotations

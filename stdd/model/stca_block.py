@@ -2,7 +2,7 @@
 
 :class:`STCABlock` wraps an ``open_clip.transformer.ResidualAttentionBlock`` and
 reuses its parameters as they are (no new parameters), following
-``STCA_SPEC.md`` steps 1-4::
+``docs/stca.md`` steps 1-4::
 
     mixed = mix_gather(x)                               # WSM + MCM, (S, B*T, 1+N_keep, D)
     full  = x + ls_1(attn(ln_1(x)))                     # Eq. 1, all 1+N tokens
@@ -106,7 +106,7 @@ class STCABlock(nn.Module):
         num_frames: ``T``, frames per clip; inputs hold ``B*T`` frames, a clip's
             frames contiguous.
         window, mask_ratio, scales, channel_fold, mixing: STCA settings
-            (``STCA_SPEC.md``); ``mask_ratio=0`` with ``mixing="none"`` makes the
+            (``docs/stca.md``); ``mask_ratio=0`` with ``mixing="none"`` makes the
             block compute exactly the plain block.
         backend: STCA op backend (``None`` = automatic / ``STDD_BACKEND``).
         attention: ``"sdpa"`` (torch SDPA, any device) or ``"xformers"`` (CUDA only).

@@ -55,7 +55,7 @@ class VideoEncoder(nn.Module):
     normalised). ``phase``: optional ``(B, T)`` window phases; ``None`` gives
     ``t mod K`` in eval mode and random per-clip phases from the encoder's
     seedable generator in training mode (one draw per forward, shared by all
-    blocks). Any ``T >= 1`` works; the STCA settings are the ``STCA_SPEC.md``
+    blocks). Any ``T >= 1`` works; the STCA settings are the ``docs/stca.md``
     ones and are checked against the model's patch grid at construction.
 
     The phase generator is a CPU ``torch.Generator`` (``encoder.generator``):

@@ -1,8 +1,7 @@
 // C++ test of the STCA library (CMakeLists.txt, run by ctest): the ops,
 // called through the C++ API, against values worked out by hand from
-// shared/STCA_SPEC.md (the release-compatible rule: docs/stca.md); the
-// closed form of that rule against its literal reading; autograd from C++;
-// argument errors; and the CUDA
+// docs/stca.md (its release-compatible rule too); the closed form of that
+// rule against its literal reading; autograd from C++; argument errors; and the CUDA
 // kernels' per-thread bodies (csrc/stca_kernel_bodies.h) run on the CPU,
 // item by item, against the CPU kernels (no GPU is needed for that).
 //
