@@ -94,8 +94,8 @@ def _source_delta(
 ):
     """Which frame each channel of frame ``frame`` reads, for the forward gather.
 
-    Returns ``(delta, neighbour)``: ``frame + delta`` is the source frame (0
-    where there is nothing to read), ``neighbour`` marks the channels that read
+    Returns ``(delta, neighbour)``: ``frame + delta`` is the source frame
+    (``delta = 0`` where there is nothing to read), ``neighbour`` marks the channels that read
     another frame's value; the others are the frame's own (``delta = 0`` on
     ``[2I, D)``) or zero. Continual and separate mixing read ``frame + delta``
     when it is inside the clip; the release's rule clamps ``frame + delta``
