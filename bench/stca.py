@@ -290,14 +290,17 @@ class FreeGlueStack(torch.nn.Module):
 class STCAStack(torch.nn.Module):
     def __init__(self, blocks, shapes: Shapes, backend: str):
         super().__init__()
-        from stdd.model import STCABlock
+        from stdd.model import STCABlock, STCASettings
 
         self.blocks = torch.nn.ModuleList(
             [
                 STCABlock(
-                    block, num_frames=shapes.frames, window=shapes.window, mask_ratio=shapes.mask_ratio,
-                    scales=shapes.scales, channel_fold=shapes.channel_fold, mixing=shapes.mixing,
-                    backend=backend, seed=0,
+                    block,
+                    STCASettings(
+                        window=shapes.window, mask_ratio=shapes.mask_ratio, scales=shapes.scales,
+                        channel_fold=shapes.channel_fold, mixing=shapes.mixing, backend=backend,
+                    ),
+                    num_frames=shapes.frames,
                 )
                 for block in blocks
             ]
@@ -305,7 +308,7 @@ class STCAStack(torch.nn.Module):
 
     def forward(self, x, phase):
         for block in self.blocks:
-            x = block(x, phase, check_phase=False)
+            x = block(x, phase, validate=False)
         return x
 
 

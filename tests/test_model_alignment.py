@@ -96,10 +96,11 @@ def test_alignment_argument_errors():
 
 
 def test_stdd_model_checks_each_mask_once_but_every_new_mask():
-    from stdd.model import build_stdd
+    from stdd.model import STCASettings, build_stdd
 
     torch.manual_seed(0)
-    model, _ = build_stdd("STDD-Tiny-ViT", None, allow_random_init=True, channel_fold=8, distill_weight=0.0)
+    model, _ = build_stdd("STDD-Tiny-ViT", None, allow_random_init=True, stca=STCASettings(channel_fold=8),
+                          distill_weight=0.0)
     frames, text = torch.randn(1, 2, 32), torch.randn(2, 2, 32)
     mask = torch.ones(2, 2, dtype=torch.bool)
     model.scores(frames, text, mask)

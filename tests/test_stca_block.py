@@ -5,7 +5,8 @@ import pytest
 import torch
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 
-from stdd.model import STCABlock, multi_head_self_attention
+import stdd_kernels
+from stdd.model import STCABlock, STCASettings, multi_head_self_attention
 from stdd_kernels import reference
 from stdd_kernels.geometry import make_geometry
 
@@ -26,12 +27,13 @@ def _block(width=48, heads=4, ls_init_value=None, seed=0):
 )
 def test_switched_off_block_equals_plain_block(batch, frames, grid, width, heads, ls_init_value):
     block = _block(width, heads, ls_init_value).eval()
-    stca = STCABlock(block, num_frames=frames, mask_ratio=0.0, mixing="none", backend="reference").eval()
+    stca = STCABlock(block, STCASettings(mask_ratio=0.0, mixing="none", backend="reference"), num_frames=frames).eval()
     x = torch.randn(batch * frames, 1 + grid * grid, width)
     expected = block(x)
     assert (stca(x) - expected).abs().max().item() <= 1e-5
     stca.train()  # random phases change nothing when every cell is kept
-    assert (stca(x) - expected).abs().max().item() <= 1e-5
+    phase = stdd_kernels.mask_phase(batch, frames, mode="train", generator=torch.Generator().manual_seed(2))
+    assert (stca(x, phase) - expected).abs().max().item() <= 1e-5
 
 
 def test_sdpa_attention_equals_multihead_attention_module():
@@ -73,10 +75,11 @@ def test_block_matches_literal_spec_forward_and_backward(
 ):
     width = 48
     block = _block(width, 4, ls_init_value=0.5)
-    stca = STCABlock(
-        block, num_frames=frames, window=window, mask_ratio=mask_ratio, scales=scales,
-        channel_fold=channel_fold, mixing=mixing, backend="reference",
+    settings = STCASettings(
+        window=window, mask_ratio=mask_ratio, scales=scales, channel_fold=channel_fold, mixing=mixing,
+        backend="reference",
     )
+    stca = STCABlock(block, settings, num_frames=frames)
     cells = window[0] * window[1]
     phase = torch.randint(0, cells, (batch, frames), generator=torch.Generator().manual_seed(1))
     x = torch.randn(batch * frames, 1 + grid * grid, width, requires_grad=True)
@@ -100,43 +103,21 @@ def test_block_matches_literal_spec_forward_and_backward(
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
-def test_eval_phase_is_t_mod_k_and_training_phases_are_seedable():
+def test_default_phase_is_t_mod_k_in_eval_and_training_mode():
     block = _block()
-    stca = STCABlock(block, num_frames=4, channel_fold=8, backend="reference", seed=7)
+    stca = STCABlock(block, STCASettings(channel_fold=8, backend="reference"), num_frames=4)
     x = torch.randn(2 * 4, 17, 48)
-    stca.eval()
     eval_phase = torch.arange(4).remainder(4).expand(2, 4).contiguous()
-    torch.testing.assert_close(stca(x), stca(x, eval_phase), atol=0, rtol=0)
-
-    stca.train()
-    stca.manual_seed(3)
-    first = stca.sample_phase(2)
-    stca.manual_seed(3)
-    torch.testing.assert_close(stca.sample_phase(2), first)
-    # a training forward uses the generator's phases: the same as passing them
-    stca.manual_seed(11)
-    drawn = stca.sample_phase(2)
-    stca.manual_seed(11)
-    torch.testing.assert_close(stca(x), stca(x, drawn), atol=0, rtol=0)
-    # each clip's phases follow (t + i_b) mod K without shuffle
-    for row in drawn:
-        assert torch.equal(row, (torch.arange(4) + row[0]) % 4)
-
-
-def test_shuffled_phases_are_permutations_of_the_cycle():
-    stca = STCABlock(_block(), num_frames=4, channel_fold=8, shuffle_phases=True, seed=0)
-    seen_unsorted = False
-    for _ in range(20):
-        phase = stca.sample_phase(3)
-        for row in phase:
-            assert sorted(row.tolist()) == [0, 1, 2, 3]
-            seen_unsorted |= row.tolist() != [(row[0].item() + t) % 4 for t in range(4)]
-    assert seen_unsorted
+    for mode in (False, True):  # the block draws nothing: phases are an input
+        stca.train(mode)
+        torch.testing.assert_close(stca(x), stca(x, eval_phase), atol=0, rtol=0)
+    drawn = stdd_kernels.mask_phase(2, 4, mode="train", generator=torch.Generator().manual_seed(11))
+    assert not torch.equal(stca(x, drawn), stca(x))  # and an explicit phase is used
 
 
 def test_block_adds_no_parameters_and_keeps_open_clip_names():
     block = _block()
-    stca = STCABlock(block, num_frames=2, channel_fold=8)
+    stca = STCABlock(block, STCASettings(channel_fold=8), num_frames=2)
     assert [id(p) for p in stca.parameters()] == [id(p) for p in block.parameters()]
     assert set(stca.state_dict()) == {f"block.{k}" for k in block.state_dict()}
 
@@ -146,12 +127,14 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="ResidualAttentionBlock"):
         STCABlock(CustomResidualAttentionBlock(48, 4), num_frames=2)
     with pytest.raises(ValueError, match="mask_ratio"):
-        STCABlock(block, num_frames=2, mask_ratio=1.0)
+        STCABlock(block, STCASettings(mask_ratio=1.0), num_frames=2)
     with pytest.raises(ValueError, match="divisible by every scale"):
-        STCABlock(block, num_frames=2, channel_fold=16, scales=(1, 2))  # I = 3
+        STCABlock(block, STCASettings(channel_fold=16, scales=(1, 2)), num_frames=2)  # I = 3
     with pytest.raises(ValueError, match="attention"):
-        STCABlock(block, num_frames=2, channel_fold=8, attention="flash")
-    stca = STCABlock(block, num_frames=2, channel_fold=8)
+        STCABlock(block, STCASettings(channel_fold=8, attention="flash"), num_frames=2)
+    with pytest.raises(ValueError, match="STCASettings"):
+        STCABlock(block, {"channel_fold": 8}, num_frames=2)
+    stca = STCABlock(block, STCASettings(channel_fold=8), num_frames=2)
     x = torch.randn(4, 17, 48)
     with pytest.raises(ValueError, match=r"phase values must be in \[0, K\)"):
         stca(x, torch.tensor([[0, 4], [1, 2]]))
@@ -166,6 +149,6 @@ def test_xformers_request_without_xformers_is_a_clear_error():
         import xformers.ops  # noqa: F401
     except ImportError:
         with pytest.raises(ValueError, match="xformers"):
-            STCABlock(_block(), num_frames=2, channel_fold=8, attention="xformers")
+            STCABlock(_block(), STCASettings(channel_fold=8, attention="xformers"), num_frames=2)
     else:
         pytest.skip("xformers is installed; its kernel needs CUDA (not tested on CPU)")

@@ -5,9 +5,9 @@ Everything config-shaped lives here so ``train.py`` / ``eval.py`` /
 frame-only baseline with STCA switched off), the class list and prompts, the
 text features, the datasets, and the per-clip training phases.
 
-Frame-only baseline (``model.stca.enabled: false``): the same ``VideoEncoder``
-with ``mask_ratio=0`` and ``mixing="none"``, which computes exactly the plain
-CLIP block per frame (STCA_SPEC.md, section 2): no information crosses frames.
+Frame-only baseline (``model.stca.enabled: false``): the ``VideoEncoder`` with
+``stca=None``, i.e. open_clip's own blocks on every frame, at plain-CLIP cost:
+no information crosses frames.
 """
 
 from __future__ import annotations
@@ -29,21 +29,19 @@ from .config import ConfigError
 # ----------------------------------------------------------------------------- model settings
 
 
-def stca_settings(cfg: DictConfig) -> dict:
-    """VideoEncoder keyword arguments from ``cfg.model`` (STCA on, or off = frame-only)."""
+def stca_from_config(cfg: DictConfig):
+    """The :class:`~stdd.model.STCASettings` of ``cfg.model`` (``None`` for the frame-only baseline)."""
+    from ..model import STCASettings
+
     stca = cfg.model.stca
-    common = dict(
-        backend=cfg.model.get("backend"),
+    if not stca.get("enabled", True):
+        return None
+    return STCASettings(
+        window=tuple(stca.window), mask_ratio=float(stca.mask_ratio), scales=tuple(int(s) for s in stca.scales),
+        channel_fold=int(stca.channel_fold), mixing=str(stca.mixing),
+        shuffle_phases=bool(stca.get("shuffle_phases", False)), backend=cfg.model.get("backend"),
         attention=str(cfg.model.get("attention", "sdpa")),
-        window=tuple(stca.window),
-        channel_fold=int(stca.channel_fold),
     )
-    if stca.get("enabled", True):
-        return dict(
-            common, mask_ratio=float(stca.mask_ratio), scales=tuple(int(s) for s in stca.scales),
-            mixing=str(stca.mixing), shuffle_phases=bool(stca.get("shuffle_phases", False)),
-        )
-    return dict(common, mask_ratio=0.0, scales=(1,), mixing="none", shuffle_phases=False)
 
 
 def _score_mode(cfg: DictConfig) -> str:
@@ -77,8 +75,7 @@ def build_model(cfg: DictConfig, device, *, with_teacher: Optional[bool] = None)
             device=device,
             distill_weight=distill_weight,
             score_mode=_score_mode(cfg),
-            seed=int(cfg.run.seed),
-            **stca_settings(cfg),
+            stca=stca_from_config(cfg),
         )
     return model, text
 

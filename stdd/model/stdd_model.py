@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
@@ -25,6 +25,7 @@ from torch import nn
 from .alignment import SCORE_MODES, alignment_scores
 from .clip_loading import ClipSource, load_clip, vision_tower
 from .losses import ResidualProjector, classification_loss, feature_distillation_loss
+from .stca_settings import STCASettings
 from .text import TextEncoder
 from .video_encoder import FrozenImageEncoder, VideoEncoder
 
@@ -128,19 +129,11 @@ def build_stdd(
     model_name: str,
     pretrained: Optional[str],
     *,
+    stca: Optional[STCASettings] = STCASettings(),
     allow_random_init: bool = False,
     device="cpu",
     precision: str = "fp32",
     cache_dir: Optional[str] = None,
-    window: Sequence[int] = (2, 2),
-    mask_ratio: float = 0.5,
-    scales: Sequence[int] = (1, 2),
-    channel_fold: int = 32,
-    mixing: str = "continual",
-    backend: Optional[str] = None,
-    attention: str = "sdpa",
-    shuffle_phases: bool = False,
-    seed: Optional[int] = None,
     distill_weight: float = 2.0,
     projector_alpha: float = 0.1,
     score_mode: str = "fine",
@@ -151,7 +144,8 @@ def build_stdd(
 
     The teacher (when ``distill_weight > 0``) is a frozen copy of the original
     image tower, taken before the STCA conversion. See :func:`load_clip` for
-    ``model_name`` / ``pretrained``; the STCA settings are :class:`VideoEncoder`'s.
+    ``model_name`` / ``pretrained``; ``stca`` is :class:`VideoEncoder`'s
+    (``None``: the frame-only baseline, open_clip's own blocks).
     """
     clip_model, source = load_clip(
         model_name, pretrained, allow_random_init=allow_random_init, device=device,
@@ -159,10 +153,7 @@ def build_stdd(
     )
     visual = vision_tower(clip_model)
     teacher = FrozenImageEncoder(visual, gpu_dtype=teacher_gpu_dtype) if distill_weight > 0 else None
-    encoder = VideoEncoder(
-        visual, window=window, mask_ratio=mask_ratio, scales=scales, channel_fold=channel_fold,
-        mixing=mixing, backend=backend, attention=attention, shuffle_phases=shuffle_phases, seed=seed,
-    )
+    encoder = VideoEncoder(visual, stca)
     encoder.source = source
     logit_scale = float(clip_model.logit_scale.detach().float().exp())
     model = STDDModel(
