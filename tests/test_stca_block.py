@@ -1,6 +1,8 @@
 """STCABlock: equals the plain open_clip block when STCA is switched off, and
 matches a literal, step-by-step reading of STCA_SPEC.md (steps 1-4) otherwise."""
 
+import copy
+
 import pytest
 import torch
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
@@ -142,6 +144,80 @@ def test_bad_arguments_name_the_argument():
         stca(x, torch.zeros(3, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="divisible by num_frames"):
         stca(torch.randn(3, 17, 48))
+
+
+class _PackedAttention(torch.nn.Module):
+    """A stand-in for open_clip's own ``Attention`` module (which replaces nn.MultiheadAttention in
+    newer open_clip blocks): packed ``in_proj_weight``/``in_proj_bias``, an ``out_proj`` linear,
+    ``num_heads``, ``batch_first``, an ``attn_drop`` dropout, optional scaled-cosine / head-scale
+    parts, and no ``embed_dim`` or ``_qkv_same_embed_dim`` attributes."""
+
+    def __init__(self, dim, num_heads, *, scaled_cosine=False, batch_first=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.batch_first = batch_first
+        self.in_proj_weight = torch.nn.Parameter(torch.randn(3 * dim, dim) * dim**-0.5)
+        self.in_proj_bias = torch.nn.Parameter(0.1 * torch.randn(3 * dim))
+        self.logit_scale = torch.nn.Parameter(torch.zeros(num_heads, 1, 1)) if scaled_cosine else None
+        self.head_scale = None
+        self.attn_drop = torch.nn.Dropout(0.0)
+        self.out_proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None):  # (N, L, D), batch first
+        n, length, dim = x.shape
+        q, k, v = torch.nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(n, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = torch.softmax(q @ k.transpose(-1, -2) / (dim // self.num_heads) ** 0.5, dim=-1) @ v
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class _PackedAttentionBlock(torch.nn.Module):
+    """A block laid out like open_clip's ResidualAttentionBlock, around ``_PackedAttention``."""
+
+    def __init__(self, dim, heads, **attention_options):
+        super().__init__()
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.attn = _PackedAttention(dim, heads, **attention_options)
+        self.ls_1, self.ls_2 = torch.nn.Identity(), torch.nn.Identity()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.ls_1(self.attn(self.ln_1(x)))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+def test_block_check_is_duck_typed_on_what_stca_uses():
+    torch.manual_seed(0)
+    block = _PackedAttentionBlock(48, 4)
+    assert not hasattr(block.attn, "embed_dim") and not hasattr(block.attn, "_qkv_same_embed_dim")
+    x = torch.randn(2 * 3, 17, 48)
+    with torch.no_grad():
+        off = STCABlock(block, STCASettings(mask_ratio=0.0, mixing="none", backend="reference"), num_frames=3)
+        torch.testing.assert_close(off(x), block(x), atol=1e-5, rtol=1e-5)
+        # STCA on: the same result as an nn.MultiheadAttention block holding the same weights
+        twin = copy.deepcopy(block)
+        twin.attn = torch.nn.MultiheadAttention(48, 4, batch_first=True)
+        twin.attn.in_proj_weight.copy_(block.attn.in_proj_weight)
+        twin.attn.in_proj_bias.copy_(block.attn.in_proj_bias)
+        twin.attn.out_proj.load_state_dict(block.attn.out_proj.state_dict())
+        h = block.ln_1(x)  # the stand-in computes that attention
+        torch.testing.assert_close(twin.attn(h, h, h, need_weights=False)[0], block.attn(h), atol=1e-5, rtol=1e-5)
+        settings = STCASettings(channel_fold=8, backend="reference")
+        phase = torch.tensor([[0, 1, 2], [3, 1, 0]])
+        torch.testing.assert_close(STCABlock(block, settings, num_frames=3)(x, phase),
+                                   STCABlock(twin, settings, num_frames=3)(x, phase), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="scaled-cosine"):
+        STCABlock(_PackedAttentionBlock(48, 4, scaled_cosine=True), num_frames=3)
+    with pytest.raises(ValueError, match="batch-first"):
+        STCABlock(_PackedAttentionBlock(48, 4, batch_first=False), num_frames=3)
+    separate = _block(48, 4)
+    separate.attn = torch.nn.MultiheadAttention(48, 4, kdim=32, vdim=32, batch_first=True)
+    with pytest.raises(ValueError, match="one packed in_proj_weight"):
+        STCABlock(separate, num_frames=3)
+    with pytest.raises(ValueError, match="num_heads"):
+        broken = _PackedAttentionBlock(48, 4)
+        broken.attn.num_heads = 5
+        STCABlock(broken, num_frames=3)
 
 
 def test_xformers_request_without_xformers_is_a_clear_error():
