@@ -115,17 +115,15 @@ def predict(
     cfg, state = config_for_weights(None if checkpoint is None else str(checkpoint), config, list(overrides))
     from .engine.distributed import resolve_device
 
-    run_device = resolve_device(device or str(cfg.run.get("device", "auto")))
+    run_device = resolve_device(device or cfg.run.device)
     model, text = load_model_for_inference(cfg, state, run_device)
-    features = text_features_for(text, class_prompts, cfg.text.get("cache_dir"))
-    eval_cfg = cfg.get("eval", {})
+    features = text_features_for(text, class_prompts, cfg.text.cache_dir)
     dataset = build_video_dataset(
         cfg, None, training=False, records=[VideoRecord(path, -1) for path in paths],
-        n_temporal_views=int(eval_cfg.get("n_temporal_views", 3)),
-        n_spatial_crops=int(eval_cfg.get("n_spatial_crops", 1)),
+        n_temporal_views=cfg.eval.n_temporal_views, n_spatial_crops=cfg.eval.n_spatial_crops,
     )
     scored = score_dataset(model, dataset, features.features, features.mask, batch_size=batch_size,
-                           device=run_device, autocast_dtype=autocast_dtype(str(cfg.run.get("precision", "auto")), run_device))
+                           device=run_device, autocast_dtype=autocast_dtype(cfg.run.precision, run_device))
     probabilities = aggregate_views(scored.view_scores, range(len(names)))  # (N, C)
     k = min(top_k, len(names))
     by_index = {int(i): row for i, row in zip(scored.indices, probabilities)}

@@ -164,14 +164,14 @@ class Trainer:
         self.checkpoint_directory = self.run_directory / "checkpoints"
         self.logger = RunLogger(
             self.run_directory, enabled=self.context.is_main,
-            tensorboard=bool(cfg.run.get("tensorboard", True)),
+            tensorboard=cfg.run.tensorboard,
         )
         self.quiet = quiet
 
         # Seeds: model init is identical on every rank (DDP also broadcasts rank 0's weights);
         # each rank's own random streams (phases, augmentation) differ by rank.
         seed = int(cfg.run.seed)
-        if str(cfg.data.dataset) == "synthetic":  # generate once (rank 0), the others then reuse it
+        if cfg.data.dataset == "synthetic":  # generate once (rank 0), the others then reuse it
             from .engine.task import prepare_synthetic
 
             if self.context.is_main:
@@ -195,7 +195,7 @@ class Trainer:
 
         data = cfg.data
         self.batch_size = int(data.batch_size)
-        self.accumulation = int(cfg.optim.get("accumulation_steps", 1))
+        self.accumulation = int(cfg.optim.accumulation_steps)
         if self.batch_size <= 0 or self.accumulation <= 0:
             raise ConfigError("data.batch_size and optim.accumulation_steps must be positive")
         self.global_batch = self.batch_size * self.accumulation * self.context.world_size
@@ -208,7 +208,7 @@ class Trainer:
             drop_last=True,
         )
         self.dali_loader = None
-        if str(data.get("decoder", "pyav")) == "dali":
+        if data.decoder == "dali":
             # DALI shards by itself (shard_id/num_shards = rank/world size) with the same
             # per-epoch seeded order; batches are the same dicts as the PyAV loader's.
             self.dali_loader = self.task.build_dali_train_loader(self.batch_size)
@@ -228,26 +228,26 @@ class Trainer:
         optim = cfg.optim
         self.lr = (
             scaled_lr(float(optim.lr), self.global_batch, int(optim.reference_batch))
-            if optim.get("scale_lr", True) else float(optim.lr)
+            if optim.scale_lr else float(optim.lr)
         )
         self.optimizer = torch.optim.AdamW(
             optimizer_param_groups(self.module, float(optim.weight_decay)),
             lr=self.lr,
-            betas=tuple(optim.get("betas", (0.9, 0.999))),
-            eps=float(optim.get("eps", 1e-8)),
+            betas=tuple(optim.betas),
+            eps=float(optim.eps),
         )
         self.scheduler = build_scheduler(
             self.optimizer,
             total_steps=self.total_steps,
             warmup_steps=min(round(float(optim.warmup_epochs) * self.steps_per_epoch), self.total_steps),
-            warmup_start_factor=float(optim.get("warmup_start_factor", 0.01)),
-            end_factor=float(optim.get("end_factor", 0.01)),
+            warmup_start_factor=float(optim.warmup_start_factor),
+            end_factor=float(optim.end_factor),
         )
         self.autocast_dtype = autocast_dtype(str(cfg.run.precision), self.device)
         self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
-        ema_decay = cfg.averaging.get("ema_decay")
+        ema_decay = cfg.averaging.ema_decay
         self.ema = ExponentialMovingAverage(self.module.model, float(ema_decay)) if ema_decay else None
-        self.grad_clip = optim.get("grad_clip_norm")
+        self.grad_clip = optim.grad_clip_norm
 
         self.epoch = 0
         self.step_in_epoch = 0
@@ -279,7 +279,7 @@ class Trainer:
         path = None
         if self.context.is_main:
             path = ckpt.save_checkpoint(self.checkpoint_directory, state)
-            keep = int(self.cfg.checkpoint.get("keep_mid_epoch", 1))
+            keep = int(self.cfg.checkpoint.keep_mid_epoch)
             ckpt.prune_mid_epoch_checkpoints(self.checkpoint_directory, keep_last=keep)
             self.logger.log("checkpoint", self.global_step, epoch=self.epoch, path=str(path))
         barrier(self.context)
@@ -339,7 +339,7 @@ class Trainer:
             return iterator
         self.sampler.set_epoch(epoch)
         self.sampler.set_start_index(start_step * self.accumulation * self.batch_size)
-        workers = int(self.cfg.data.get("num_workers", 0))
+        workers = int(self.cfg.data.num_workers)
         # A dedicated generator: the loader's per-epoch base seed must not come from (and shift)
         # the global torch stream, or a resumed run would draw different numbers afterwards.
         loader_generator = torch.Generator().manual_seed(int(self.cfg.run.seed) * 1_000_003 + epoch)
@@ -403,17 +403,17 @@ class Trainer:
                 f"({self.context.world_size} process(es) x {self.batch_size} x {self.accumulation} accumulation), "
                 f"lr {self.lr:.3g}, device {self.device}, precision {cfg.run.precision}"
             )
-        if self.global_step == 0 and self.step_in_epoch == 0 and cfg.averaging.get("include_raw_clip"):
+        if self.global_step == 0 and self.step_in_epoch == 0 and cfg.averaging.include_raw_clip:
             # "epoch 0" for weight averaging: the weights before any update (the raw CLIP weights)
             if not ckpt.list_checkpoints(self.checkpoint_directory):
                 self.save_checkpoint()
-        max_steps = cfg.run.get("max_steps")
-        log_every = int(cfg.run.get("log_every_steps", 10))
-        every_epochs = int(cfg.checkpoint.get("every_epochs", 1))
-        every_steps = int(cfg.checkpoint.get("every_steps", 0) or 0)
+        max_steps = cfg.run.max_steps
+        log_every = int(cfg.run.log_every_steps)
+        every_epochs = int(cfg.checkpoint.every_epochs)
+        every_steps = int(cfg.checkpoint.every_steps)
         # the epochs weight averaging will read are always saved, whatever checkpoint.every_epochs says
-        averaged_epochs = set(parse_epoch_selection(cfg.averaging.get("epochs"), self.epochs))
-        eval_every = int(cfg.get("eval", {}).get("every_epochs", 0) or 0)
+        averaged_epochs = set(parse_epoch_selection(cfg.averaging.epochs, self.epochs))
+        eval_every = int(cfg.eval.every_epochs)
         history = []
         stopped_early = False
         progress = None
@@ -517,10 +517,10 @@ class Trainer:
                     self.run_directory / "ema.pt", _without_teacher(self.ema.averaged_state_dict(self.module.model)),
                     self.cfg
                 ))
-            selection = self.cfg.averaging.get("epochs")
+            selection = self.cfg.averaging.epochs
             if selection:
                 epochs = parse_epoch_selection(selection, self.epochs)
-                if self.cfg.averaging.get("include_raw_clip") and 0 not in epochs:
+                if self.cfg.averaging.include_raw_clip and 0 not in epochs:
                     epochs = [0] + epochs
                 averaged = average_epoch_checkpoints(self.checkpoint_directory, epochs)
                 out["averaged_weights"] = str(save_weights(

@@ -76,7 +76,7 @@ def test_mean_pooled_ablation_by_hand():
     text = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, -5.0]],  # class 0: mean (1, 1) -> cos 1
                          [[1.0, 0.0], [0.0, -3.0], [9.0, 9.0]]])  # class 1: (1, 0), (0, -1); pad ignored
     mask = torch.tensor([[True, True, False], [True, True, False]])
-    got = alignment_scores(video, text, mask, logit_scale=10.0, mode="mean")
+    got = alignment_scores(video, text, mask, logit_scale=10.0, mode="mean_pool")
     torch.testing.assert_close(got, torch.tensor([[10.0, 0.0]]), atol=1e-6, rtol=0)
 
 

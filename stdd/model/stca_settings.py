@@ -89,7 +89,7 @@ class STCASettings:
                 ) from error
         if self.attention == "xformers":
             try:
-                import xformers.ops  # noqa: F401
+                import xformers.ops  # noqa: F401  (availability check)
             except ImportError as error:
                 raise ValueError(
                     "attention='xformers' needs the xformers package (pip install 'stdd[xformers]'); "

@@ -24,10 +24,13 @@ from torch import nn
 
 from .alignment import SCORE_MODES, alignment_scores
 from .clip_loading import ClipSource, load_clip, vision_tower
-from .losses import ResidualProjector, classification_loss, feature_distillation_loss
+from .losses import PROJECTOR_ALPHA, ResidualProjector, classification_loss, feature_distillation_loss
 from .stca_settings import STCASettings
 from .text import TextEncoder
 from .video_encoder import FrozenImageEncoder, VideoEncoder
+
+
+DISTILL_WEIGHT = 2.0  # weight of the distillation term (the paper / FROSTER: 2.0)
 
 
 @dataclass
@@ -50,9 +53,9 @@ class STDDModel(nn.Module):
         video_encoder: the STCA :class:`VideoEncoder` (trainable).
         logit_scale: CLIP's ``logit_scale.exp()`` (kept frozen, a buffer).
         teacher: frozen :class:`FrozenImageEncoder` for distillation, or ``None``.
-        distill_weight: weight of the distillation term (paper/FROSTER: 2.0).
-        projector_alpha: residual projector scale (FROSTER: 0.1).
-        score_mode: ``"fine"`` (Eq. 8) or ``"mean"`` (mean-pooled ablation).
+        distill_weight: weight of the distillation term (``DISTILL_WEIGHT``).
+        projector_alpha: residual projector scale (``PROJECTOR_ALPHA``).
+        score_mode: ``"frame_prompt"`` (Eq. 8) or ``"mean_pool"`` (mean-pooled ablation).
 
     ``forward(video, text_features, text_mask, labels=None, phase=None)`` ->
     :class:`STDDOutput`. The distillation term is computed in training mode only.
@@ -64,9 +67,9 @@ class STDDModel(nn.Module):
         *,
         logit_scale: float,
         teacher: Optional[FrozenImageEncoder] = None,
-        distill_weight: float = 2.0,
-        projector_alpha: float = 0.1,
-        score_mode: str = "fine",
+        distill_weight: float = DISTILL_WEIGHT,
+        projector_alpha: float = PROJECTOR_ALPHA,
+        score_mode: str = SCORE_MODES[0],
     ):
         super().__init__()
         if not isinstance(video_encoder, VideoEncoder):
@@ -134,9 +137,9 @@ def build_stdd(
     device="cpu",
     precision: str = "fp32",
     cache_dir: Optional[str] = None,
-    distill_weight: float = 2.0,
-    projector_alpha: float = 0.1,
-    score_mode: str = "fine",
+    distill_weight: float = DISTILL_WEIGHT,
+    projector_alpha: float = PROJECTOR_ALPHA,
+    score_mode: str = SCORE_MODES[0],
     teacher_gpu_dtype: Optional[torch.dtype] = torch.bfloat16,
     text_batch_size: int = 256,
 ) -> tuple[STDDModel, TextEncoder]:
