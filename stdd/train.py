@@ -15,10 +15,11 @@ logs, saves checkpoints and writes the run directory:
     <run.output_dir>/final.pt            the weights after the last epoch
     <run.output_dir>/averaged.pt         the SWA weights (if averaging.epochs is set)
 
-Reproducibility: the data order of an epoch depends only on (seed, epoch);
-every random stream (Python, NumPy, torch CPU/CUDA, the STCA phase generators,
-per rank) is saved in each checkpoint, so ``--resume auto`` continues the
-run exactly where the checkpoint was taken; on CPU with ``data.num_workers=0``
+Reproducibility: the data order of an epoch depends only on (seed, epoch), the
+STCA training phases of a clip only on (seed, epoch, clip index) (``stdd.seeding``,
+``stdd.model.phases``); every process's random streams (Python, NumPy, torch
+CPU/CUDA) and the phase sampler's state are saved in each checkpoint, so
+``--resume auto`` continues the run exactly where the checkpoint was taken; on CPU with ``data.num_workers=0``
 the resumed run is bitwise equal to an uninterrupted one (tested). With
 worker processes the augmentation of a sample is still seeded per sample by the
 dataset, so the order-independent part stays reproducible.
@@ -52,6 +53,7 @@ from .engine.distributed import (
 )
 from .engine.runlog import RunLogger
 from .engine.schedule import build_scheduler, scaled_lr
+from .seeding import derive_seed, torch_generator
 
 WEIGHTS_FORMAT = "stdd-weights-v1"
 
@@ -77,17 +79,6 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("run.precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
     return choices[precision]
-
-
-def named_generators(module: torch.nn.Module) -> dict[str, torch.Generator]:
-    """Every ``torch.Generator`` a submodule keeps as ``.generator`` (e.g. the STCA phase
-    generators), by module name: these are part of the training state."""
-    found = {}
-    for name, sub in module.named_modules():
-        generator = getattr(sub, "generator", None)
-        if isinstance(generator, torch.Generator):
-            found[f"{name or 'root'}.generator"] = generator
-    return found
 
 
 def optimizer_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -169,7 +160,7 @@ class Trainer:
         self.quiet = quiet
 
         # Seeds: model init is identical on every rank (DDP also broadcasts rank 0's weights);
-        # each rank's own random streams (phases, augmentation) differ by rank.
+        # then each process's global streams are its own ("process" stream, keyed by rank).
         seed = int(cfg.run.seed)
         if cfg.data.dataset == "synthetic":  # generate once (rank 0), the others then reuse it
             from .engine.task import prepare_synthetic
@@ -179,9 +170,7 @@ class Trainer:
             barrier(self.context)
         seed_everything(seed)
         self.task = build_training_task(cfg, self.device)
-        seed_everything(seed + 1000003 * self.context.rank)
-        for offset, generator in enumerate(named_generators(self.task.module).values()):
-            generator.manual_seed(seed * 7919 + 104729 * self.context.rank + offset)
+        seed_everything(derive_seed(seed, "process", self.context.rank))
 
         self.module = self.task.module.to(self.device)
         if self.context.is_distributed:
@@ -255,11 +244,9 @@ class Trainer:
         self._resume(resume)
 
     # -------------------------------------------------------------- state
-    def _generators(self) -> dict[str, torch.Generator]:
-        return named_generators(self.module)
-
     def _state(self) -> dict:
-        rng_states = _gather_objects(ckpt.capture_rng_state(self._generators()), self.context)
+        rng_states = _gather_objects(ckpt.capture_rng_state(), self.context)
+        sampler = self.task.phase_sampler
         return {
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
@@ -270,6 +257,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "rng": rng_states,  # one entry per rank
+            "phase_sampler": sampler.state_dict() if sampler is not None else None,
             "world_size": self.context.world_size,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
         }
@@ -314,9 +302,11 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = (
             int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"])
         )
+        if self.task.phase_sampler is not None and state.get("phase_sampler"):
+            self.task.phase_sampler.load_state_dict(state["phase_sampler"])
         rng_states = state.get("rng") or []
         if len(rng_states) == self.context.world_size:
-            ckpt.restore_rng_state(rng_states[self.context.rank], self._generators())
+            ckpt.restore_rng_state(rng_states[self.context.rank])
         else:
             self.logger.info(
                 f"resume: checkpoint was written by {len(rng_states)} process(es), this run has "
@@ -342,7 +332,7 @@ class Trainer:
         workers = int(self.cfg.data.num_workers)
         # A dedicated generator: the loader's per-epoch base seed must not come from (and shift)
         # the global torch stream, or a resumed run would draw different numbers afterwards.
-        loader_generator = torch.Generator().manual_seed(int(self.cfg.run.seed) * 1_000_003 + epoch)
+        loader_generator = torch_generator(self.cfg.run.seed, "loader", epoch)
         return DataLoader(
             self.task.train_dataset,
             batch_size=self.batch_size,

@@ -6,7 +6,8 @@ strings, lists, dicts) so it loads with ``weights_only=True``::
     {"format": "stdd-checkpoint-v1", "epoch": int, "step_in_epoch": int,
      "global_step": int (optimizer steps so far), "model": state_dict, "optimizer": ...,
      "scheduler": ..., "scaler": ... or None, "ema": ... or None,
-     "rng": capture_rng_state(), "config": resolved config (dict),
+     "rng": [capture_rng_state() per rank], "phase_sampler": PhaseSampler.state_dict() or None,
+     "config": resolved config (dict),
      "metrics": {...}}
 
 ``epoch``/``step_in_epoch`` say where training resumes: after 3 complete
@@ -201,8 +202,10 @@ def _numpy_state_from_plain(state: Mapping) -> tuple:
 def capture_rng_state(generators: Optional[Mapping[str, torch.Generator]] = None) -> dict:
     """Every random stream a training step may draw from, as plain data.
 
-    ``generators``: named ``torch.Generator`` objects owned by the model/data
-    (e.g. the STCA phase generator), captured alongside the global streams.
+    ``generators``: named ``torch.Generator`` objects a caller keeps outside the
+    global streams, captured alongside them. (The STCA training phases need
+    none: they are derived per clip, and the sampler's state is saved once as
+    ``"phase_sampler"``.)
     """
     version, internal, gauss = random.getstate()
     state = {

@@ -3,7 +3,7 @@
 Everything config-shaped lives here so ``train.py`` / ``eval.py`` /
 ``predict.py`` stay about loops: building the STDD model (STCA on, or the
 frame-only baseline with STCA switched off), the class list and prompts, the
-text features, the datasets, and the per-clip training phases.
+text features, the datasets, and the training phases (its :class:`~stdd.model.phases.PhaseSampler`).
 
 Frame-only baseline (``model.stca.enabled: false``): the ``VideoEncoder`` with
 ``stca=None``, i.e. open_clip's own blocks on every frame, at plain-CLIP cost:
@@ -17,13 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-import stdd_kernels
-
+from ..model.phases import PhaseSampler
 from .config import ConfigError, stca_settings_of
 
 # ----------------------------------------------------------------------------- model settings
@@ -263,27 +261,6 @@ def build_video_dataset(cfg: DictConfig, spec: Optional[DataSpec], *, training: 
     return build_dataset(str(spec.annotation_file), **_annotation_options(spec), **options)
 
 
-# ----------------------------------------------------------------------------- phases
-
-
-def clip_phases(indices: torch.Tensor, *, epoch: int, seed: int, num_frames: int, window, shuffle: bool) -> torch.Tensor:
-    """Training window phases ``(B, T)``: a random per-clip offset (and optional shuffle) drawn
-    from a generator seeded by (seed, epoch, sample index).
-
-    Same distribution as the encoder's own generator, but a clip's phases no
-    longer depend on which batch or process it lands in, so a run on N
-    processes computes exactly what one process computes on the same global
-    batch, and a resumed run draws what the uninterrupted one drew.
-    """
-    rows = []
-    for index in indices.tolist():
-        stream = np.random.default_rng([int(seed), int(epoch), int(index), 0x57DD])
-        generator = torch.Generator().manual_seed(int(stream.integers(2**62)))
-        rows.append(stdd_kernels.mask_phase(1, num_frames, window=tuple(window), mode="train",
-                                            generator=generator, shuffle=shuffle))
-    return torch.cat(rows, dim=0)
-
-
 # ----------------------------------------------------------------------------- training task
 
 
@@ -322,6 +299,10 @@ class TrainingTask:
         features = text_features_for(text_encoder, prompts, cfg.text.cache_dir)
         del text_encoder  # frozen and no longer needed: training reads the cached features
         self.module = TrainingModule(model, features.features, features.mask)
+        # The one source of training phases (None for the frame-only baseline, which has no phases).
+        settings = model.video_encoder.stca
+        self.phase_sampler = None if settings is None else PhaseSampler(
+            settings, seed=cfg.run.seed, num_blocks=len(model.video_encoder.blocks))
         self.train_dataset = build_video_dataset(cfg, self.train_spec, training=True)
         from ..data.dataset import VideoBatchCollate
 
@@ -344,10 +325,8 @@ class TrainingTask:
         video = batch["video"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         phase = None
-        if self.cfg.model.stca.enabled:
-            phase = clip_phases(batch["index"], epoch=self.epoch, seed=self.cfg.run.seed,
-                                num_frames=video.shape[1], window=self.cfg.model.stca.window,
-                                shuffle=self.cfg.model.stca.shuffle_phases).to(device)
+        if self.phase_sampler is not None:
+            phase = self.phase_sampler(batch["index"], epoch=self.epoch, num_frames=video.shape[1], device=device)
         return video, labels, phase
 
     def build_dali_train_loader(self, batch_size: int):

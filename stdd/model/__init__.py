@@ -1,6 +1,8 @@
 """The STDD model on open_clip.
 
 - :class:`STCASettings` (``stca_settings.py``): every STCA setting, one frozen dataclass.
+- :class:`PhaseSampler` (``phases.py``): the random training phases, per clip (shared by the
+  blocks) or per block, from the run seed.
 - :class:`STCABlock` (``stca_block.py``): an open_clip ViT block made space-time (Eq. 1-7).
 - :class:`VideoEncoder` / :class:`FrozenImageEncoder` (``video_encoder.py``): the STCA
   student ``(B, T, 3, H, W) -> (B, T, E)`` (``stca=None``: open_clip's own blocks, the
@@ -23,7 +25,7 @@ Eq.         code                                                        test
 2           ``STCABlock.forward``: ``pad_scatter(full, mixed,            plain-block parity)
             residual=ls_2(mlp(ln_2(full))))``
 3-4 (WSM)   ``stdd_kernels.mix_gather`` (phases: an input, ``t mod K``    tests/test_reference.py (ops);
-            by default; training draws: ``stdd_kernels.mask_phase``)   test_stca_block.py (phases)
+            by default; training draws: ``phases.PhaseSampler``)       test_phases.py (phases)
 5-6 (MCM)   ``stdd_kernels.mix_gather`` (``mixing="separate"`` /          tests/test_reference.py;
             ``"continual"``), called by ``STCABlock.forward``           test_stca_block.py (both mixings)
 7           ``STCABlock.forward``: ``mixed + ls_1(attn(ln_1(mixed)))``,   test_stca_block.py (literal spec)
@@ -39,6 +41,7 @@ distill.    ``losses.ResidualProjector``, ``feature_distillation_loss``;  tests/
 from .alignment import SCORE_MODES, alignment_scores, frame_prompt_scores
 from .clip_loading import TINY_MODEL_NAMES, ClipSource, load_clip, register_model_configs, vision_tower
 from .losses import ResidualProjector, classification_loss, feature_distillation_loss
+from .phases import PhaseSampler
 from .stca_block import STCABlock, multi_head_self_attention
 from .stca_settings import STCASettings
 from .stdd_model import STDDModel, STDDOutput, build_stdd
@@ -59,6 +62,7 @@ __all__ = [
     "ClassTextFeatures",
     "ClipSource",
     "FrozenImageEncoder",
+    "PhaseSampler",
     "ResidualProjector",
     "STCABlock",
     "STCASettings",
