@@ -35,7 +35,7 @@ from typing import Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from .engine.checkpoint import atomic_write_bytes
+from .files import atomic_write
 from .engine.config import ConfigError, apply_overrides, load_config
 
 VARIANTS = {
@@ -130,7 +130,7 @@ def run_demo(work_dir: str = "runs/demo", overrides: Sequence[str] = (), out: Op
     summary["table"] = table
     print("\n".join(table))
     if out:
-        atomic_write_bytes(Path(out), (json.dumps(summary, indent=2) + "\n").encode())
+        atomic_write(out, json.dumps(summary, indent=2) + "\n")
         print(f"summary written to {out}")
     return summary
 

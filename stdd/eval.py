@@ -32,9 +32,9 @@ import torch
 from omegaconf import DictConfig
 
 from .engine import metrics, protocols
-from .engine.checkpoint import atomic_write_bytes
 from .engine.config import ConfigError, apply_overrides, load_config, typed_config
 from .engine.distributed import cleanup_distributed, init_distributed
+from .files import atomic_write
 
 PROTOCOLS = ("ep1", "ep2", "ep3", "k600")
 
@@ -178,7 +178,7 @@ def run_evaluation(args) -> dict:
     if context.is_main:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "results.json", (json.dumps(report, indent=2) + "\n").encode())
+        atomic_write(out / "results.json", json.dumps(report, indent=2) + "\n")
         metrics.write_per_class_csv(out / "per_class.csv", class_names, total)
         metrics.plot_confusion_matrix(out / "confusion.png", total, class_names,
                                       title=f"{report['protocol']} ({len(splits)} split(s) summed)")

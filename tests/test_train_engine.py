@@ -26,6 +26,7 @@ def test_checkpoint_write_killed_midway_leaves_last_good_checkpoint_loadable(tmp
     script = textwrap.dedent(
         f"""
         import os, signal, torch
+        from stdd import files
         from stdd.engine import checkpoint as ckpt
         ckpt.save_checkpoint({str(tmp_path)!r}, {{"epoch": 1, "step_in_epoch": 0, "global_step": 5,
                               "model": {{"w": torch.ones(1000)}}}})
@@ -33,7 +34,7 @@ def test_checkpoint_write_killed_midway_leaves_last_good_checkpoint_loadable(tmp
             handle.write(payload[: len(payload) // 2])
             handle.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        ckpt._write_payload = dying_write
+        files._write_payload = dying_write
         ckpt.save_checkpoint({str(tmp_path)!r}, {{"epoch": 2, "step_in_epoch": 0, "global_step": 10,
                               "model": {{"w": torch.full((1000,), 2.0)}}}})
         """

@@ -39,7 +39,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -47,6 +46,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from .annotations import VideoRecord, load_annotations, resolve_videos
 from .dataset import DecodeFailure, EpochReport, ON_ERROR_POLICIES, _distributed_rank_world
 from .decoders import PyAVDecoder, VideoDecodeError, VideoInfo
@@ -305,11 +305,7 @@ def _load_probe_cache(path: Path | None) -> dict:
 
 
 def _save_probe_cache(path: Path, entries: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        json.dump({"version": _PROBE_CACHE_VERSION, "entries": entries}, handle)
-    os.replace(temporary, path)
+    atomic_write(path, json.dumps({"version": _PROBE_CACHE_VERSION, "entries": entries}))
 
 
 _PROBE_CACHE_VERSION = 1

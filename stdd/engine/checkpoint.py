@@ -14,10 +14,9 @@ strings, lists, dicts) so it loads with ``weights_only=True``::
 epochs they are (3, 0); inside the 0-based epoch 3 after 17 optimizer steps,
 (3, 17) (a ``-mid`` checkpoint).
 
-Writes go to a temporary file in the same directory, are flushed and fsynced,
-then renamed over the final name (``os.replace`` is atomic on POSIX), so a crash
-mid-write leaves either the old file or nothing under the final name, never a
-half file. ``find_latest_checkpoint`` still *loads* each candidate, newest
+Writes are atomic (:func:`stdd.files.atomic_write`: temporary file in the same
+directory, fsync, rename, fsync of the directory), so a crash mid-write leaves
+either the old file or nothing under the final name, never a half file. ``find_latest_checkpoint`` still *loads* each candidate, newest
 first, and skips any that fail (a file truncated by a disk error or copied
 partially), so ``--resume auto`` always lands on the newest loadable one.
 """
@@ -25,16 +24,16 @@ partially), so ``--resume auto`` always lands on the newest loadable one.
 from __future__ import annotations
 
 import io
-import os
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
+
+from ..files import atomic_write
 
 CHECKPOINT_FORMAT = "stdd-checkpoint-v1"
 REQUIRED_KEYS = ("format", "epoch", "step_in_epoch", "global_step", "model")
@@ -58,49 +57,11 @@ def parse_checkpoint_name(name: str) -> Optional[tuple[int, int, bool]]:
     return (int(match.group(1)), int(match.group(2)), match.group(3) is not None) if match else None
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems do not allow opening a directory; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_payload(payload: bytes, handle) -> None:
-    """Write the bytes of a file (its own function so a test can crash a process inside it)."""
-    handle.write(payload)
-
-
-def atomic_write_bytes(path: Union[str, Path], payload: bytes) -> Path:
-    """Write ``payload`` to ``path`` via temp file + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            _write_payload(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
 def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`stdd.files.atomic_write`)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:

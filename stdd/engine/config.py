@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..files import atomic_write
 from ..model.alignment import SCORE_MODES
 from ..model.stca_settings import STCASettings
 from ..model.stdd_model import DISTILL_WEIGHT
@@ -308,11 +309,7 @@ def config_to_yaml(cfg: DictConfig) -> str:
 
 def save_config(cfg: DictConfig, path: Union[str, Path]) -> Path:
     """Write the resolved config atomically (the run directory's record of what ran)."""
-    from .checkpoint import atomic_write_bytes
-
-    path = Path(path)
-    atomic_write_bytes(path, config_to_yaml(cfg).encode())
-    return path
+    return atomic_write(path, config_to_yaml(cfg))
 
 
 def require(cfg: DictConfig, key: str):

@@ -15,16 +15,16 @@ With a ``cache_dir`` the features are stored on disk under a key made from the
 model name, its weights (tag, checkpoint SHA-256 or hash of random weights), the
 tokenizer's context length and every prompt; any change gives a new key, so
 features are recomputed exactly when something they depend on changed. Files are
-written atomically (temporary file + rename).
+written atomically (``stdd.files.atomic_write``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -33,6 +33,7 @@ import open_clip
 import torch
 from torch import nn
 
+from ..files import atomic_write
 from .clip_loading import ClipSource, load_clip
 
 logger = logging.getLogger(__name__)
@@ -157,21 +158,6 @@ class ClassTextFeatures:
         return replace(self, features=self.features.to(device), mask=self.mask.to(device))
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-        raise
-
-
 class TextEncoder(nn.Module):
     """The frozen open_clip text tower (eval mode, no grad) with a prompt-feature cache.
 
@@ -280,11 +266,10 @@ class TextEncoder(nn.Module):
             features[index, : len(chunk)] = chunk
             mask[index, : len(chunk)] = True
         if path is not None:
-            _atomic_torch_save(
-                {"key": key, "features": features, "mask": mask, "class_names": list(prompts),
-                 "model_name": self.source.model_name, "weights_id": self.source.weights_id},
-                path,
-            )
+            buffer = io.BytesIO()
+            torch.save({"key": key, "features": features, "mask": mask, "class_names": list(prompts),
+                        "model_name": self.source.model_name, "weights_id": self.source.weights_id}, buffer)
+            atomic_write(path, buffer.getvalue())
         return self._result(prompts, features, mask, path, cache_hit=False)
 
     @staticmethod

@@ -37,13 +37,13 @@ import logging
 import os
 import random
 import re
-import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+from stdd.files import atomic_write
 from stdd.resources import CLASS_COUNTS, class_names as dataset_class_names, display_name
 from stdd.text.schema import (
     OBJECTS_MAX, OBJECTS_MIN, SCHEMA_VERSION, SUB_ACTIONS_MAX, SUB_ACTIONS_MIN,
@@ -190,22 +190,8 @@ def class_slug(name: str) -> str:
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
-    """Write JSON to `path` via a temp file in the same directory + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, ensure_ascii=False, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``payload`` as UTF-8 JSON to ``path`` atomically (:func:`stdd.files.atomic_write`)."""
+    atomic_write(path, json.dumps(payload, ensure_ascii=False, indent=1) + "\n")
 
 
 def parse_json_answer(content: str | None) -> Any:
