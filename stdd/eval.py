@@ -119,7 +119,8 @@ def build_splits(args, class_names: list[str], per_file: list[list[int]]) -> lis
 
 def run_evaluation(args) -> dict:
     from .engine.evaluation import score_dataset
-    from .engine.task import build_prompts, build_video_dataset, resolve_class_names, text_features_for
+    from .data.annotations import resolve_class_names
+    from .engine.task import build_prompts, build_video_dataset, text_features_for
     from .train import autocast_dtype
 
     cfg, state = config_for_weights(args.checkpoint, args.config, args.overrides)

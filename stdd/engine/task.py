@@ -21,6 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..data.annotations import resolve_class_names
 from ..model.phases import PhaseSampler
 from .config import ConfigError, stca_settings_of
 
@@ -72,28 +73,6 @@ def load_student_state_dict(model: nn.Module, state: dict, source: str = "checkp
 
 
 # ----------------------------------------------------------------------------- classes and prompts
-
-
-def resolve_class_names(spec, *, where: str = "data.class_names") -> list[str]:
-    """A shipped list name (``ucf101``, ``hmdb51``, ``k400``, ``k600``, ``k600_new``), a class-name
-    file (one per line, or UCF101's ``classInd.txt``), or a list of names."""
-    from ..data import read_class_names
-    from ..resources import CLASS_COUNTS, class_names
-
-    if spec is None:
-        raise ConfigError(f"{where}: no class list given")
-    if isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec):
-        names = [str(n) for n in spec]
-    elif str(spec).lower() in CLASS_COUNTS:
-        names = class_names(str(spec).lower())
-    else:
-        path = Path(os.path.expanduser(str(spec)))
-        if not path.is_file():
-            raise ConfigError(f"{where} {spec!r}: neither a shipped list ({', '.join(CLASS_COUNTS)}) nor a file")
-        names = read_class_names(path)
-    if not names:
-        raise ConfigError(f"{where}: the class list is empty")
-    return names
 
 
 def _prompts_from_json(path: Path, class_names: Sequence[str]) -> dict[str, list[str]]:
@@ -210,7 +189,7 @@ def data_spec(cfg: DictConfig, split: str) -> DataSpec:
     formats = {"kinetics": "kinetics", "list": "list", "csv": "csv", "ucf101": "ucf101", "hmdb51": "hmdb51"}
     if kind not in formats:
         raise ConfigError(f"data.dataset {kind!r}: expected one of synthetic, {', '.join(formats)}")
-    names = resolve_class_names(data.class_names)
+    names = resolve_class_names(data.class_names, where="data.class_names")
     key = data.class_names.lower() if isinstance(data.class_names, str) else None
     return DataSpec(Path(os.path.expanduser(annotations)), formats[kind],
                     Path(os.path.expanduser(data.root)) if data.root else None, names, key)

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from stdd.files import atomic_write
-from stdd.resources import CLASS_COUNTS, class_names as dataset_class_names, display_name
+from stdd.resources import CLASS_COUNTS, display_name
 from stdd.text.schema import (
     OBJECTS_MAX, OBJECTS_MIN, SCHEMA_VERSION, SUB_ACTIONS_MAX, SUB_ACTIONS_MIN,
     normalize_entity, validate_askg_document, validate_graph, validate_stage1,
@@ -261,27 +261,16 @@ def render_stage2(class_name: str, display: str, knowledge: dict) -> str:
            for kind in ("object_object", "action_object", "action_action")})
 
 
-def read_class_file(path: str | Path) -> list[str]:
-    """Class names from a text file: one per line; blank lines and '#' comments skipped."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--classes {path}: no such file (or use one of {', '.join(CLASS_COUNTS)})") from None
-    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not names:
-        raise ValueError(f"--classes {path}: no class names (expected one name per line)")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"--classes {path}: duplicated class names {duplicates[:5]}")
-    return names
-
-
 def resolve_classes(spec: str) -> tuple[str, list[str]]:
-    """(dataset name, class names) for a shipped set name or a class-list file."""
-    if spec.lower() in CLASS_COUNTS:
-        return spec.lower(), dataset_class_names(spec)
-    return Path(spec).stem, read_class_file(spec)
+    """(dataset name, class names) for a shipped set name or a class-list file.
+
+    Files are read by the data package's class-list reader (`stdd.data.annotations.read_class_names`:
+    one name per line, or UCF101's "<id> <name>" classInd.txt). The dataset name of a file is its stem.
+    """
+    from stdd.data.annotations import resolve_class_names
+
+    names = resolve_class_names(spec, where="--classes")
+    return (spec.lower() if spec.lower() in CLASS_COUNTS else Path(spec).stem), names
 
 
 # ---------------------------------------------------------------- the builder
