@@ -8,7 +8,7 @@ import json
 import pytest
 
 from stdd.resources import ASKG_DIR, class_names, display_name
-from stdd.text.schema import (
+from stdd.askg.schema import (
     SHIPPED_SETS, check_prompt, validate_askg_document, validate_askg_file, validate_graph, validate_stage1,
 )
 
@@ -127,8 +127,8 @@ def test_shipped_askg_file_is_present_and_valid(dataset):
 
 
 def test_prompt_sources_for_the_text_side(tmp_path):
-    from stdd import askg as askg_cli
-    from stdd.text.askg import AskgError, load_prompts
+    from stdd.askg import cli as askg_cli
+    from stdd.askg import AskgError, load_prompts
 
     spatial = load_prompts("hmdb51", "S")
     both = load_prompts("hmdb51", "ST")

@@ -87,7 +87,7 @@ def test_one_class_list_reader_for_names_files_and_lists(tmp_path):
 
 def test_askg_build_reads_a_classind_file_without_its_ids(tmp_path):
     """The ASKG CLI read classInd.txt lines as names ('1 ApplyEyeMakeup'); it now uses the one reader."""
-    from stdd.text.askg import resolve_classes
+    from stdd.askg.builder import resolve_classes
 
     ind = write(tmp_path / "classInd.txt", "1 ApplyEyeMakeup\n2 ApplyLipstick\n3 Archery\n")
     assert resolve_classes(str(ind)) == ("classInd", ["ApplyEyeMakeup", "ApplyLipstick", "Archery"])

@@ -78,8 +78,8 @@ def load_student_state_dict(model: nn.Module, state: dict, source: str = "checkp
 def _prompts_from_json(path: Path, class_names: Sequence[str]) -> dict[str, list[str]]:
     """Prompts of ``class_names`` from a prompts file ``{"class": [sentences]}`` or an ASKG file
     (shipped or built; its spatial then temporal prompts, the paper's [S]+[T]), read by
-    ``stdd.text.askg.load_prompts``; classes matched by exact name, then by plain words."""
-    from ..text.askg import load_prompts
+    ``stdd.askg.load_prompts``; classes matched by exact name, then by plain words."""
+    from ..askg import load_prompts
 
     try:
         prompts = load_prompts(path)

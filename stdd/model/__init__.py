@@ -8,7 +8,7 @@
   student ``(B, T, 3, H, W) -> (B, T, E)`` (``stca=None``: open_clip's own blocks, the
   frame-only baseline) and the frozen per-frame CLIP teacher.
 - :class:`TextEncoder`, :func:`template_prompts`, :func:`load_prompt_file`
-  (``text.py``): prompts -> frozen text features ``(K, N_max, E)`` + mask, cached.
+  (``text_encoder.py``): prompts -> frozen text features ``(K, N_max, E)`` + mask, cached.
 - :func:`alignment_scores`, :func:`frame_prompt_scores` (``alignment.py``): Eq. 8.
 - :func:`classification_loss`, :class:`ResidualProjector`,
   :func:`feature_distillation_loss` (``losses.py``): Eq. 9 + distillation.
@@ -45,7 +45,7 @@ from .phases import PhaseSampler
 from .stca_block import STCABlock, multi_head_self_attention
 from .stca_settings import STCASettings
 from .stdd_model import STDDModel, STDDOutput, build_stdd
-from .text import (
+from .text_encoder import (
     DEFAULT_TEMPLATES,
     ClassTextFeatures,
     TextEncoder,

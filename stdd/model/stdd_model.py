@@ -26,7 +26,7 @@ from .alignment import SCORE_MODES, alignment_scores
 from .clip_loading import ClipSource, load_clip, vision_tower
 from .losses import PROJECTOR_ALPHA, ResidualProjector, classification_loss, feature_distillation_loss
 from .stca_settings import STCASettings
-from .text import TextEncoder
+from .text_encoder import TextEncoder
 from .video_encoder import FrozenImageEncoder, VideoEncoder
 
 

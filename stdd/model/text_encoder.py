@@ -5,7 +5,7 @@ order is the class index order):
 
 - :func:`template_prompts`: hand-written templates x class name;
 - :func:`load_prompt_file`: a JSON object ``{"<class name>": ["sentence", ...], ...}``
-  (the format the ASKG pipeline writes, ``stdd.text``).
+  (the format the ASKG pipeline writes, ``stdd.askg``).
 
 :class:`TextEncoder` runs the frozen open_clip text tower and returns
 :class:`ClassTextFeatures`: ``features (K, N_max, E)`` (unit norm) and a

@@ -19,18 +19,17 @@ every class of the set's class list, in class-list order.
 
 Validators return lists of error strings (empty = valid) so a file with many
 problems is reported in one pass; each error names the class and the field.
-`python -m stdd.text.schema FILE...` validates files from the shell.
+`python -m stdd.askg validate FILE...` validates files from the shell.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-from stdd.resources import CLASS_COUNTS, class_names, display_name
+from ..resources import CLASS_COUNTS, class_names, display_name
 
 SCHEMA_VERSION = 1
 
@@ -289,32 +288,3 @@ def validate_askg_file(path: str | Path, *, require_complete: bool = True) -> li
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return [f"{path}: not valid JSON ({exc})"]
     return validate_askg_document(document, str(path), require_complete=require_complete)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m stdd.text.schema",
-                                     description="Validate ASKG JSON files against the schema.")
-    parser.add_argument("files", nargs="+", type=Path)
-    parser.add_argument("--partial", action="store_true",
-                        help="do not require every class of the dataset (files written in batches)")
-    parser.add_argument("--max-errors", type=int, default=50)
-    args = parser.parse_args(argv)
-    status = 0
-    for path in args.files:
-        errors = validate_askg_file(path, require_complete=not args.partial)
-        if errors:
-            status = 1
-            print(f"{path}: {len(errors)} error(s)")
-            for error in errors[: args.max_errors]:
-                print(f"  {error}")
-            if len(errors) > args.max_errors:
-                print(f"  ... {len(errors) - args.max_errors} more")
-        else:
-            print(f"{path}: OK")
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())
