@@ -35,6 +35,7 @@ from .engine import metrics, protocols
 from .engine.config import ConfigError, apply_overrides, load_config, typed_config
 from .engine.distributed import cleanup_distributed, init_distributed
 from .files import atomic_write
+from .resources import DATASETS
 
 PROTOCOLS = ("ep1", "ep2", "ep3", "k600")
 
@@ -129,7 +130,7 @@ def run_evaluation(args) -> dict:
     records, class_names, per_file = _records_for(args, class_names)
     splits = build_splits(args, class_names, per_file)
     dataset_key = (args.dataset or (args.classes if isinstance(args.classes, str) else "") or "").lower()
-    if dataset_key not in ("ucf101", "hmdb51", "k400", "k600", "k600_new"):
+    if dataset_key not in DATASETS:
         dataset_key = None
     views = int(args.views or cfg.eval.n_temporal_views)
     crops = int(args.crops or cfg.eval.n_spatial_crops)

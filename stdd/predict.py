@@ -58,23 +58,15 @@ def _class_list(classes, class_file) -> list[str]:
 
 
 def _prompts_for(names: list[str], prompts_file) -> dict[str, list[str]]:
-    from .engine.task import _prompts_from_json, build_prompts
+    from .askg import load_prompts
+    from .engine.task import build_prompts
 
     templates = build_prompts("templates", names)
     if prompts_file is None:
         return templates
-    path = Path(os.path.expanduser(str(prompts_file)))
-    if not path.is_file():
-        raise ValueError(f"prompts {path}: no such file")
-    covered = {}
-    for name in names:  # classes missing from the file fall back to the templates
-        try:
-            covered[name] = _prompts_from_json(path, [name])[name]
-        except ConfigError as error:
-            if "no prompts for" not in str(error):
-                raise ValueError(str(error)) from error
+    covered = load_prompts(prompts_file, names, partial=True)  # classes missing from the file: templates
     if not covered:
-        raise ValueError(f"prompts {path}: covers none of the classes {names[:5]}")
+        raise ValueError(f"prompts {prompts_file}: covers none of the classes {names[:5]}")
     return {name: covered.get(name, templates[name]) for name in names}
 
 

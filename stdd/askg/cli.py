@@ -21,16 +21,13 @@ import logging
 import sys
 from pathlib import Path
 
-from ..resources import askg_path
+from ..resources import ASKG_SETS, askg_path
 from . import builder as askg_lib
 from .builder import AskgBuilder, AskgConfig, AskgError
 from .prompts import format_graph, load_graphs, prompt_lists
 
-SHIPPED_NAMES = ("ucf101", "hmdb51", "k400", "k600_new")
-
-
 def _graph_source(spec: str) -> Path:
-    return askg_path(spec) if spec.lower() in SHIPPED_NAMES and not Path(spec).exists() else Path(spec)
+    return askg_path(spec) if spec.lower() in ASKG_SETS and not Path(spec).exists() else Path(spec)
 
 
 def _cmd_build(args) -> int:

@@ -4,17 +4,47 @@
   ASKG file or a ``python -m stdd.askg build --out`` directory, validated.
 - :func:`prompt_lists`: ``{class: [sentences]}`` (spatial, temporal or both,
   the paper's [S] + [T]).
-- :func:`load_prompts`: the one prompt loader, for any prompt source.
+- :func:`load_prompts`: the one prompt loader: any prompt source (a shipped set
+  name, an ASKG file or build directory, a ``{"class": ["sentence", ...]}``
+  prompts file), optionally for given classes, in their order.
+- :func:`check_prompts`: the check of a ``{class: [sentences]}`` mapping that
+  every prompt source (and the text encoder) passes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
 
-from ..resources import askg_path
+from ..resources import ASKG_SETS, askg_path
 from .builder import AskgError, class_slug
 from .schema import validate_askg_document, validate_graph
+
+
+class PromptSourceError(AskgError, ValueError):
+    """A prompt source cannot be read, is malformed or lacks classes; the message names it."""
+
+
+def check_prompts(prompts: Mapping[str, Sequence[str]], source: str = "prompts") -> dict[str, list[str]]:
+    """Validate a ``{class: [sentence, ...]}`` mapping (:class:`PromptSourceError` naming ``source``)."""
+    if not isinstance(prompts, Mapping):
+        raise PromptSourceError(f"{source} must be an object {{class name: [sentences]}}, got {type(prompts).__name__}")
+    if not prompts:
+        raise PromptSourceError(f"{source} holds no classes")
+    checked = {}
+    for name, sentences in prompts.items():
+        if not isinstance(name, str) or not name.strip():
+            raise PromptSourceError(f"{source}: class names must be non-empty strings, got {name!r}")
+        if isinstance(sentences, str) or not isinstance(sentences, Sequence) or len(sentences) == 0:
+            raise PromptSourceError(
+                f"{source}: class {name!r} must map to a non-empty list of sentences, got {sentences!r}")
+        for sentence in sentences:
+            if not isinstance(sentence, str) or not sentence.strip():
+                raise PromptSourceError(f"{source}: class {name!r} has an empty or non-string sentence {sentence!r}")
+        checked[name] = list(sentences)
+    return checked
 
 
 def load_graphs(path: str | Path, *, allow_missing: bool = False) -> tuple[str, dict[str, dict]]:
@@ -84,28 +114,67 @@ def format_graph(name: str, graph: dict) -> str:
     return "\n".join(lines)
 
 
-def load_prompts(source: str | Path, only: str = "ST", *, allow_missing: bool = False) -> dict[str, list[str]]:
-    """{class: [prompt sentences]} from any prompt source the model's text side may be given.
+def _plain(name: str) -> str:
+    """Comparison key of a class name: lower-case words (``brush_hair`` matches ``Brush hair``)."""
+    return " ".join(name.replace("_", " ").lower().split())
 
-    `source`: a shipped set name (ucf101, hmdb51, k400, k600_new), an ASKG json
-    (shipped format or `build --out DIR/askg.json`), a build directory, or a
-    prompts json written by `python -m stdd.askg prompts` (then `only` must
-    match what that file holds; it cannot be re-split).
+
+def load_prompts(
+    source: Union[str, os.PathLike],
+    class_names: Optional[Sequence[str]] = None,
+    *,
+    only: str = "ST",
+    allow_missing: bool = False,
+    partial: bool = False,
+) -> dict[str, list[str]]:
+    """``{class: [prompt sentences]}`` from any prompt source the model's text side may be given.
+
+    ``source``: a shipped set name (``ucf101``, ``hmdb51``, ``k400``, ``k600_new``),
+    an ASKG json (shipped format or ``build --out DIR/askg.json``), a build
+    directory (``allow_missing``: classes not built yet are left out), or a
+    prompts json ``{"class": ["sentence", ...]}`` such as ``python -m stdd.askg
+    prompts`` writes (``only`` applies to graphs: a prompts file cannot be re-split).
+    Without ``class_names`` the source's classes come in its order; with them,
+    exactly those classes in that order, each matched by its exact name, else by
+    its plain words (:func:`_plain`); a class the source lacks is an error naming
+    the source, or, with ``partial``, left out.
+    Errors are :class:`PromptSourceError` (an ``AskgError`` and a ``ValueError``).
     """
-    path = Path(source)
-    if not path.exists() and isinstance(source, str) and source.lower() in ("ucf101", "hmdb51", "k400", "k600_new"):
+    path = Path(os.path.expanduser(str(source)))
+    if not path.exists() and isinstance(source, str) and source.lower() in ASKG_SETS:
         path = askg_path(source)
+    if not path.exists():
+        raise PromptSourceError(f"prompt file {path} does not exist")
+    document = None
     if path.is_file():
         try:
             document = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AskgError(f"prompt source {path}: not valid JSON ({exc})") from None
-        if isinstance(document, dict) and "classes" not in document:
-            # A prompts file: {class: [sentence, ...]}.
-            bad = [k for k, v in document.items()
-                   if not isinstance(v, list) or not v or not all(isinstance(s, str) and s.strip() for s in v)]
-            if bad:
-                raise AskgError(f"prompt source {path}: classes without a non-empty list of sentences: {bad[:5]}")
-            return {k: list(v) for k, v in document.items()}
-    _, graphs = load_graphs(path, allow_missing=allow_missing)
-    return prompt_lists(graphs, only)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise PromptSourceError(f"prompt file {path} is not valid UTF-8 JSON: {error}") from None
+    if isinstance(document, dict) and "classes" not in document:
+        prompts = check_prompts(document, source=f"prompt file {path}")
+    else:
+        try:
+            _, graphs = load_graphs(path, allow_missing=allow_missing)
+        except PromptSourceError:
+            raise
+        except AskgError as error:
+            raise PromptSourceError(str(error)) from error
+        prompts = prompt_lists(graphs, only)
+    if class_names is None:
+        return prompts
+    if isinstance(class_names, str):
+        raise PromptSourceError("class_names must be a sequence of class names, not one string")
+    lookup = {_plain(name): name for name in prompts}
+    selected, missing = {}, []
+    for name in class_names:
+        key = name if name in prompts else lookup.get(_plain(name))
+        if key is None:
+            missing.append(name)
+        else:
+            selected[name] = list(prompts[key])
+    if missing and not partial:
+        raise PromptSourceError(
+            f"prompt file {path} has no prompts for {len(missing)} of {len(class_names)} classes, e.g. {missing[:5]}"
+        )
+    return selected

@@ -29,7 +29,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..resources import CLASS_COUNTS, class_names, display_name
+from ..resources import ASKG_SETS, CLASS_COUNTS, class_names, display_name
 
 SCHEMA_VERSION = 1
 
@@ -42,7 +42,6 @@ PROMPT_MINIMUMS = {"spatial": 3, "temporal": 3}
 PROMPT_MAX_WORDS = 45
 
 GRAPH_KEYS = ("class", "objects", "sub_actions", "relations", "prompts")
-SHIPPED_SETS = ("ucf101", "hmdb51", "k400", "k600_new")
 FILE_KEYS = ("schema_version", "dataset", "provenance", "classes")
 SHIPPED_PROVENANCE_KEYS = ("generator", "how", "date", "regenerate")
 
@@ -250,7 +249,7 @@ def validate_askg_document(document: Any, source: str = "<document>", *,
     provenance = document.get("provenance")
     if not isinstance(provenance, dict):
         errors.append(f"{source}: field 'provenance' must be an object")
-    elif dataset in SHIPPED_SETS:
+    elif dataset in ASKG_SETS:
         for key in SHIPPED_PROVENANCE_KEYS:
             if not isinstance(provenance.get(key), str) or not provenance[key].strip():
                 errors.append(f"{source}: provenance.{key} must be a non-empty string")

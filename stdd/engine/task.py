@@ -75,31 +75,14 @@ def load_student_state_dict(model: nn.Module, state: dict, source: str = "checkp
 # ----------------------------------------------------------------------------- classes and prompts
 
 
-def _prompts_from_json(path: Path, class_names: Sequence[str]) -> dict[str, list[str]]:
-    """Prompts of ``class_names`` from a prompts file ``{"class": [sentences]}`` or an ASKG file
-    (shipped or built; its spatial then temporal prompts, the paper's [S]+[T]), read by
-    ``stdd.askg.load_prompts``; classes matched by exact name, then by plain words."""
+def _prompts_from_file(path: Path, class_names: Sequence[str]) -> dict[str, list[str]]:
+    """Prompts of ``class_names`` from a prompts or ASKG file (:func:`stdd.askg.load_prompts`)."""
     from ..askg import load_prompts
 
     try:
-        prompts = load_prompts(path)
-    except Exception as error:  # AskgError, ValueError: all name the file
-        raise ConfigError(f"prompt file {path}: {error}") from error
-    lookup = {_plain(name): name for name in prompts}
-    out, missing = {}, []
-    for name in class_names:
-        key = name if name in prompts else lookup.get(_plain(name))
-        if key is None:
-            missing.append(name)
-        else:
-            out[name] = list(prompts[key])
-    if missing:
-        raise ConfigError(f"prompt file {path}: no prompts for {len(missing)} of {len(class_names)} classes, e.g. {missing[:5]}")
-    return out
-
-
-def _plain(name: str) -> str:
-    return " ".join(name.replace("_", " ").lower().split())
+        return load_prompts(path, class_names)
+    except ValueError as error:  # the loader's errors name the file
+        raise ConfigError(str(error)) from error
 
 
 def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] = None,
@@ -112,7 +95,7 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
     ``with_templates`` adds the template sentences to file/ASKG prompts.
     """
     from ..model import template_prompts
-    from ..resources import askg_path, display_name
+    from ..resources import ASKG_SETS, askg_path, display_name
 
     key = (dataset or "").lower()
     displayed = [display_name(key, n) if key else " ".join(n.split()) for n in class_names]
@@ -123,23 +106,23 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
         return templates
     if source == "askg":
         if not key:
-            raise ConfigError("text.prompts=askg needs a known dataset (ucf101, hmdb51, k400, k600_new)")
+            raise ConfigError(f"text.prompts=askg needs a known dataset ({', '.join(ASKG_SETS)}, k600)")
         try:
             path = askg_path("k600_new" if key == "k600" else key)
         except ValueError as error:
             raise ConfigError(f"text.prompts=askg: {error}") from error
         if not path.is_file():
             raise ConfigError(f"text.prompts=askg: no shipped ASKG prompts at {path}")
-        prompts = _prompts_from_json(path, class_names)
+        prompts = _prompts_from_file(path, class_names)
     elif source == "dataset":
         if dataset_prompts is None or not Path(dataset_prompts).is_file():
             raise ConfigError("text.prompts=dataset: this dataset has no prompts.json")
-        prompts = _prompts_from_json(Path(dataset_prompts), class_names)
+        prompts = _prompts_from_file(Path(dataset_prompts), class_names)
     else:
         path = Path(os.path.expanduser(source))
         if not path.is_file():
             raise ConfigError(f"text.prompts {source!r}: expected templates, askg, dataset or a JSON file")
-        prompts = _prompts_from_json(path, class_names)
+        prompts = _prompts_from_file(path, class_names)
     if with_templates:
         prompts = {name: list(prompts[name]) + templates[name] for name in class_names}
     return prompts

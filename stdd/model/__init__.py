@@ -7,7 +7,7 @@
 - :class:`VideoEncoder` / :class:`FrozenImageEncoder` (``video_encoder.py``): the STCA
   student ``(B, T, 3, H, W) -> (B, T, E)`` (``stca=None``: open_clip's own blocks, the
   frame-only baseline) and the frozen per-frame CLIP teacher.
-- :class:`TextEncoder`, :func:`template_prompts`, :func:`load_prompt_file`
+- :class:`TextEncoder`, :func:`template_prompts`
   (``text_encoder.py``): prompts -> frozen text features ``(K, N_max, E)`` + mask, cached.
 - :func:`alignment_scores`, :func:`frame_prompt_scores` (``alignment.py``): Eq. 8.
 - :func:`classification_loss`, :class:`ResidualProjector`,
@@ -49,8 +49,6 @@ from .text_encoder import (
     DEFAULT_TEMPLATES,
     ClassTextFeatures,
     TextEncoder,
-    check_prompts,
-    load_prompt_file,
     template_prompts,
 )
 from .video_encoder import FrozenImageEncoder, VideoEncoder
@@ -72,12 +70,10 @@ __all__ = [
     "VideoEncoder",
     "alignment_scores",
     "build_stdd",
-    "check_prompts",
     "classification_loss",
     "feature_distillation_loss",
     "frame_prompt_scores",
     "load_clip",
-    "load_prompt_file",
     "multi_head_self_attention",
     "register_model_configs",
     "template_prompts",

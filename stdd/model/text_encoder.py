@@ -4,8 +4,7 @@ Prompt sources (both give an ordered ``{class name: [sentence, ...]}`` dict whos
 order is the class index order):
 
 - :func:`template_prompts`: hand-written templates x class name;
-- :func:`load_prompt_file`: a JSON object ``{"<class name>": ["sentence", ...], ...}``
-  (the format the ASKG pipeline writes, ``stdd.askg``).
+- :func:`stdd.askg.load_prompts`: a prompts or ASKG file (the one prompt loader).
 
 :class:`TextEncoder` runs the frozen open_clip text tower and returns
 :class:`ClassTextFeatures`: ``features (K, N_max, E)`` (unit norm) and a
@@ -33,6 +32,7 @@ import open_clip
 import torch
 from torch import nn
 
+from ..askg.prompts import check_prompts
 from ..files import atomic_write
 from .clip_loading import ClipSource, load_clip
 
@@ -87,54 +87,6 @@ def template_prompts(
         if not isinstance(template, str) or template.count("{}") != 1:
             raise ValueError(f"every template needs exactly one '{{}}' placeholder, got {template!r}")
     return {name: [template.format(name) for template in templates] for name in names}
-
-
-def check_prompts(prompts: Mapping[str, Sequence[str]], source: str = "prompts") -> dict[str, list[str]]:
-    """Validate a ``{class: [sentence, ...]}`` mapping (``ValueError`` naming ``source``)."""
-    if not isinstance(prompts, Mapping):
-        raise ValueError(f"{source} must be an object {{class name: [sentences]}}, got {type(prompts).__name__}")
-    if not prompts:
-        raise ValueError(f"{source} holds no classes")
-    checked = {}
-    for name, sentences in prompts.items():
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{source}: class names must be non-empty strings, got {name!r}")
-        if isinstance(sentences, str) or not isinstance(sentences, Sequence) or len(sentences) == 0:
-            raise ValueError(f"{source}: class {name!r} must map to a non-empty list of sentences, got {sentences!r}")
-        for sentence in sentences:
-            if not isinstance(sentence, str) or not sentence.strip():
-                raise ValueError(f"{source}: class {name!r} has an empty or non-string sentence {sentence!r}")
-        checked[name] = list(sentences)
-    return checked
-
-
-def load_prompt_file(
-    path: Union[str, os.PathLike], class_names: Optional[Sequence[str]] = None
-) -> dict[str, list[str]]:
-    """Read a prompt file ``{"<class>": ["sentence", ...], ...}`` (UTF-8 JSON).
-
-    With ``class_names`` the result holds exactly those classes, in that order
-    (``ValueError`` naming the file and the missing classes otherwise; extra
-    classes in the file are ignored). Without, the file's order is kept.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"prompt file {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"prompt file {path} is not valid UTF-8 JSON: {error}") from error
-    prompts = check_prompts(data, source=f"prompt file {path}")
-    if class_names is None:
-        return prompts
-    names = _check_class_names(class_names)
-    missing = [name for name in names if name not in prompts]
-    if missing:
-        raise ValueError(
-            f"prompt file {path} has no prompts for {len(missing)} of {len(names)} classes, e.g. {missing[:5]}"
-        )
-    return {name: prompts[name] for name in names}
 
 
 @dataclass(frozen=True)
