@@ -48,7 +48,7 @@ import torch
 
 from ..files import atomic_write
 from .annotations import VideoRecord, load_annotations, resolve_videos
-from .dataset import DecodeFailure, EpochReport, ON_ERROR_POLICIES, _distributed_rank_world
+from .dataset import DecodeFailure, EpochReport, ON_ERROR_POLICIES, distributed_rank_world
 from .decoders import PyAVDecoder, VideoDecodeError, VideoInfo
 from .sampling import ClipSampling, clip_span, sample_clip_indices
 from .transforms import CLIP_MEAN, CLIP_STD
@@ -457,7 +457,7 @@ def build_dali_loader(
     if not positions:
         raise ValueError(f"{source_name}: no usable videos left for DALI ({len(skipped)} left out)")
 
-    rank, world_size = _distributed_rank_world()
+    rank, world_size = distributed_rank_world()
     if distributed is False:
         rank, world_size = 0, 1
     if device == "gpu":
