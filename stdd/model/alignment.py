@@ -59,7 +59,7 @@ def alignment_scores(
     logit_scale=1.0,
     *,
     mode: str = SCORE_MODES[0],
-    check_mask: bool = True,
+    validate: bool = True,
 ) -> torch.Tensor:
     """Class scores ``(B, K)`` for frame features ``(B, T, E)`` and prompt features ``(K, N_max, E)``.
 
@@ -67,7 +67,7 @@ def alignment_scores(
     cosine similarities. ``mode="mean_pool"``: the mean-pooled video feature against each
     class's mean (real) prompt feature, logit-scaled cosine. ``logit_scale`` is
     a float or a scalar tensor (CLIP's ``logit_scale.exp()``, 100 for the
-    released models). ``check_mask=False`` skips the check that every class
+    released models). ``validate=False`` skips the check that every class
     has a real prompt (it reads the mask back from the device); callers that
     checked this mask already pass it.
     """
@@ -83,7 +83,7 @@ def alignment_scores(
         )
     classes, prompts, _ = text_features.shape
     mask = _check_mask(text_mask, classes, prompts).to(text_features.device)
-    if check_mask and not bool(mask.any(dim=1).all()):
+    if validate and not bool(mask.any(dim=1).all()):
         empty = torch.nonzero(~mask.any(dim=1)).flatten().tolist()
         raise ValueError(f"text_mask marks no prompt as valid for class indices {empty[:10]}")
     text_features = text_features.to(video_features.dtype)

@@ -101,7 +101,7 @@ class STDDModel(nn.Module):
         signature = (text_mask.data_ptr(), tuple(text_mask.shape), text_mask._version, text_mask.device)
         check = signature != self._checked_mask
         scores = alignment_scores(
-            frame_features, text_features, text_mask, self.logit_scale, mode=self.score_mode, check_mask=check
+            frame_features, text_features, text_mask, self.logit_scale, mode=self.score_mode, validate=check
         )
         self._checked_mask = signature
         return scores
