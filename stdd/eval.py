@@ -29,40 +29,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 
 from .engine import metrics, protocols
-from .engine.config import ConfigError, apply_overrides, load_config, typed_config
+from .engine.config import ConfigError
 from .engine.distributed import cleanup_distributed, init_distributed
 from .files import atomic_write
 from .resources import DATASETS
 
 PROTOCOLS = ("ep1", "ep2", "ep3", "k600")
-
-
-def config_for_weights(checkpoint: Optional[str], config: Optional[str], overrides: Sequence[str]) -> tuple[DictConfig, Optional[dict]]:
-    """The config to rebuild the model: stored in the checkpoint, else ``config`` (default
-    ``k400_vitb16``); then overrides. Returns ``(cfg, student state dict or None)``."""
-    from .train import load_weights
-
-    state = None
-    if checkpoint is not None:
-        loaded = load_weights(checkpoint)
-        state = loaded["model"]
-        if config is None and loaded["config"] is not None:
-            cfg = typed_config(loaded["config"], f"--checkpoint {checkpoint} (its stored config)")
-            return apply_overrides(cfg, overrides), state
-    return load_config(config or "k400_vitb16", overrides), state
-
-
-def load_model_for_inference(cfg: DictConfig, state: Optional[dict], device, *, checkpoint_name: str = "--checkpoint"):
-    """``(STDDModel without teacher, TextEncoder)`` in eval mode, weights loaded."""
-    from .engine.task import build_model, load_student_state_dict
-
-    model, text = build_model(cfg, "cpu", with_teacher=False)
-    if state is not None:
-        load_student_state_dict(model, state, source=checkpoint_name)
-    return model.to(device).eval(), text.to(device)
 
 
 def _records_for(args, class_names: Optional[list[str]]):
@@ -119,10 +93,11 @@ def build_splits(args, class_names: list[str], per_file: list[list[int]]) -> lis
 
 
 def run_evaluation(args) -> dict:
-    from .engine.evaluation import score_dataset
     from .data.annotations import resolve_class_names
+    from .engine.evaluation import score_dataset
+    from .engine.inference import config_for_weights, load_model_for_inference
+    from .engine.precision import autocast_dtype
     from .engine.task import build_prompts, build_video_dataset, text_features_for
-    from .train import autocast_dtype
 
     cfg, state = config_for_weights(args.checkpoint, args.config, args.overrides)
     context = init_distributed(cfg.run.device if args.device is None else args.device)

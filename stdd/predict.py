@@ -5,8 +5,8 @@
 
 From Python::
 
-    import stdd
-    results = stdd.predict(["video.mp4"], classes=["juggling", "cooking"], checkpoint="averaged.pt")
+    from stdd.predict import predict
+    results = predict(["video.mp4"], classes=["juggling", "cooking"], checkpoint="averaged.pt")
     results[0]["predictions"]   # [{"class": "juggling", "score": 0.93}, ...] best first
 
 Scores are the mean over views (``eval.n_temporal_views`` x ``eval.n_spatial_crops`` of the
@@ -88,9 +88,9 @@ def predict(
     from .data import VideoRecord
     from .engine.evaluation import score_dataset
     from .engine.metrics import aggregate_views
+    from .engine.inference import config_for_weights, load_model_for_inference
+    from .engine.precision import autocast_dtype
     from .engine.task import build_video_dataset, text_features_for
-    from .eval import config_for_weights, load_model_for_inference
-    from .train import autocast_dtype
 
     if isinstance(videos, (str, os.PathLike)):
         videos = [videos]

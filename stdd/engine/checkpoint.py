@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, validity checks, ``--resume auto``, RNG capture.
+"""Checkpoints and weights files: atomic writes, validity checks, ``--resume auto``, RNG capture.
 
 A checkpoint is one ``torch.save`` file holding plain data (tensors, numbers,
 strings, lists, dicts) so it loads with ``weights_only=True``::
@@ -32,10 +32,12 @@ from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from ..files import atomic_write
 
 CHECKPOINT_FORMAT = "stdd-checkpoint-v1"
+WEIGHTS_FORMAT = "stdd-weights-v1"
 REQUIRED_KEYS = ("format", "epoch", "step_in_epoch", "global_step", "model")
 _NAME_PATTERN = re.compile(r"^checkpoint-e(\d{4,})-s(\d{9,})(-mid)?\.pt$")
 
@@ -91,6 +93,34 @@ def save_checkpoint(directory: Union[str, Path], state: Mapping[str, Any]) -> Pa
     mid_epoch = int(state["step_in_epoch"]) > 0
     path = Path(directory) / checkpoint_name(int(state["epoch"]), int(state["global_step"]), mid_epoch)
     return atomic_torch_save(state, path)
+
+
+def save_weights(path: Union[str, Path], state_dict: dict, config, **extra) -> Path:
+    """A weights-only file ``{"format": "stdd-weights-v1", "model": ..., "config": ...}``
+    that ``stdd.eval`` / ``stdd.predict`` load (as they load training checkpoints).
+    ``config``: the run's config (stored resolved, as plain data)."""
+    if OmegaConf.is_config(config):
+        config = OmegaConf.to_container(config, resolve=True)
+    payload = {"format": WEIGHTS_FORMAT, "model": state_dict, "config": config}
+    payload.update(extra)
+    return atomic_torch_save(payload, path)
+
+
+def load_weights(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
+    """``{"model": state_dict, "config": dict or None}`` from a weights file or a training checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: no such file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(f"--checkpoint {path}: cannot be loaded ({type(error).__name__}: {error})") from error
+    if not isinstance(payload, dict) or payload.get("format") not in (WEIGHTS_FORMAT, CHECKPOINT_FORMAT):
+        raise CheckpointError(
+            f"--checkpoint {path}: not an stdd weights file or training checkpoint "
+            f"(expected format {WEIGHTS_FORMAT!r} or {CHECKPOINT_FORMAT!r})"
+        )
+    return {"model": payload["model"], "config": payload.get("config")}
 
 
 def prune_mid_epoch_checkpoints(directory: Union[str, Path], keep_last: int = 1) -> list[Path]:

@@ -1,17 +1,15 @@
-"""The embedded demo: STDD vs a frame-only model on synthetic motion videos, on the CPU.
+"""STDD vs the frame-only baseline on the synthetic motion set: what ``python -m stdd.demo`` runs.
 
-    python -m stdd.demo [--out summary.json] [--work-dir runs/demo] [key=value ...]
+:func:`run_demo`:
 
-(also what ``python -m stdd.train`` runs with no arguments). Steps:
-
-1. generate the synthetic motion set (``stdd.data.synthetic``: 8 classes defined only by
+1. generates the synthetic motion set (``stdd.data.synthetic``: 8 classes defined only by
    motion -- moving left/right/up/down, rotating clockwise/counter-clockwise, growing/
    shrinking -- with random shape, colour, position and speed; a single frame does not
    reveal the class);
-2. train STDD (tiny open_clip ViT from random weights, STCA on) with the ``demo`` preset;
-3. train the frame-only baseline: the same model and budget with STCA off
-   (``mask_ratio=0``, ``mixing="none"``: exactly the plain CLIP block on every frame);
-4. evaluate both on the held-out videos and print / write a small table.
+2. trains STDD (tiny open_clip ViT from random weights, STCA on) with the ``demo`` preset;
+3. trains the frame-only baseline: the same model and budget with STCA off
+   (``model.stca.enabled=false``: open_clip's own blocks on every frame);
+4. evaluates both on the held-out videos and prints / writes a small table.
 
 The frame-only model sees every frame but never two frames together, so it cannot tell
 left from right or clockwise from counter-clockwise; STCA mixes channels between
@@ -22,7 +20,6 @@ under ``data.root`` (reused afterwards).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -35,8 +32,10 @@ from typing import Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from .files import atomic_write
-from .engine.config import ConfigError, apply_overrides, load_config
+from ..files import atomic_write
+from .config import apply_overrides, load_config
+
+WORK_DIR = "runs/demo"  # where the videos and the two runs go unless told otherwise
 
 VARIANTS = {
     "stdd": {"model.stca.enabled": True},
@@ -61,10 +60,10 @@ def _clear_previous_run(directory: Path) -> None:
         shutil.rmtree(directory)
 
 
-def run_demo(work_dir: str = "runs/demo", overrides: Sequence[str] = (), out: Optional[str] = None,
+def run_demo(work_dir: str = WORK_DIR, overrides: Sequence[str] = (), out: Optional[str] = None,
              quiet: bool = False) -> dict:
-    from .engine.task import prepare_synthetic
-    from .train import Trainer
+    from .task import prepare_synthetic
+    from .trainer import Trainer
 
     start = time.time()
     work = Path(os.path.expanduser(work_dir))
@@ -133,23 +132,3 @@ def run_demo(work_dir: str = "runs/demo", overrides: Sequence[str] = (), out: Op
         atomic_write(out, json.dumps(summary, indent=2) + "\n")
         print(f"summary written to {out}")
     return summary
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stdd.demo", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--out", help="write the summary as JSON here")
-    parser.add_argument("--work-dir", default="runs/demo", help="videos and the two runs go here")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", help="demo config overrides key=value (both runs)")
-    args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        run_demo(args.work_dir, args.overrides, args.out, quiet=args.quiet)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

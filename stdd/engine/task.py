@@ -266,9 +266,6 @@ class TrainingTask:
         self.phase_sampler = None if settings is None else PhaseSampler(
             settings, seed=cfg.run.seed, num_blocks=len(model.video_encoder.blocks))
         self.train_dataset = build_video_dataset(cfg, self.train_spec, training=True)
-        from ..data.dataset import VideoBatchCollate
-
-        self.collate = VideoBatchCollate(self.train_dataset.sample_shape)
         self.val_dataset = None
         if cfg.data.val_annotations is not None or cfg.data.dataset == "synthetic":
             self._val_spec = data_spec(cfg, "val")

@@ -1,12 +1,8 @@
-"""Train STDD: ``python -m stdd.train [--config PRESET|file.yaml] [key=value ...] [--resume auto|PATH]``.
+"""One training run described by a typed config: :class:`Trainer` (``python -m stdd.train`` runs it).
 
-With no arguments this runs the demo (``python -m stdd.demo``): synthetic
-motion videos, a tiny open_clip ViT, CPU, STDD vs a frame-only baseline.
-
-Multi-GPU / multi-node: ``torchrun --nproc_per_node=8 -m stdd.train --config
-k400_vitb16 data.root=...``. Every process trains on its shard of each epoch
-(``ResumableDistributedSampler``); DDP averages the gradients; rank 0 alone
-logs, saves checkpoints and writes the run directory:
+Multi-GPU / multi-node: under ``torchrun`` every process trains on its shard of
+each epoch (``ResumableDistributedSampler``); DDP averages the gradients; rank 0
+alone logs, saves checkpoints and writes the run directory:
 
     <run.output_dir>/config.yaml         the resolved config of this run
     <run.output_dir>/metrics.jsonl       one JSON object per logged event
@@ -19,43 +15,42 @@ Reproducibility: the data order of an epoch depends only on (seed, epoch), the
 STCA training phases of a clip only on (seed, epoch, clip index) (``stdd.seeding``,
 ``stdd.model.phases``); every process's random streams (Python, NumPy, torch
 CPU/CUDA) and the phase sampler's state are saved in each checkpoint, so
-``--resume auto`` continues the run exactly where the checkpoint was taken; on CPU with ``data.num_workers=0``
-the resumed run is bitwise equal to an uninterrupted one (tested). With
-worker processes the augmentation of a sample is still seeded per sample by the
-dataset, so the order-independent part stays reproducible.
+``--resume auto`` continues the run exactly where the checkpoint was taken; on
+CPU with ``data.num_workers=0`` the resumed run is bitwise equal to an
+uninterrupted one (tested). With worker processes the augmentation of a sample
+is still seeded per sample by the dataset, so the order-independent part stays
+reproducible.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader
 
-from .engine import checkpoint as ckpt
-from .engine.averaging import ExponentialMovingAverage, average_epoch_checkpoints, parse_epoch_selection
-from .engine.config import ConfigError, load_config, save_config
-from .engine.distributed import (
+from ..data.dataset import video_dataloader
+from ..seeding import derive_seed, torch_generator
+from . import checkpoint as ckpt
+from .averaging import ExponentialMovingAverage, average_epoch_checkpoints, parse_epoch_selection
+from .checkpoint import save_weights
+from .config import ConfigError, save_config
+from .distributed import (
     DistributedContext,
     ResumableDistributedSampler,
     all_reduce_mean,
     barrier,
-    cleanup_distributed,
     init_distributed,
     parameters_in_sync,
 )
-from .engine.runlog import RunLogger
-from .engine.schedule import build_scheduler, scaled_lr
-from .seeding import derive_seed, torch_generator
-
-WEIGHTS_FORMAT = "stdd-weights-v1"
+from .precision import autocast, autocast_dtype
+from .runlog import RunLogger
+from .schedule import build_scheduler, scaled_lr
 
 
 # ------------------------------------------------------------------------------------- helpers
@@ -67,18 +62,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype]:
-    """``auto``: bf16 autocast on CUDA, none (fp32) on CPU."""
-    choices = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in choices:
-        raise ConfigError(f"run.precision {precision!r}: expected one of {sorted(choices)}")
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("run.precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
-    return choices[precision]
 
 
 def optimizer_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -94,35 +77,6 @@ def optimizer_param_groups(module: torch.nn.Module, weight_decay: float) -> list
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-
-
-def save_weights(path: Path, state_dict: dict, cfg: DictConfig, **extra) -> Path:
-    """A weights-only file ``{"format": "stdd-weights-v1", "model": ..., "config": ...}``
-    that ``stdd.eval`` / ``stdd.predict`` load (as they load training checkpoints)."""
-    payload = {"format": WEIGHTS_FORMAT, "model": state_dict, "config": OmegaConf.to_container(cfg, resolve=True)}
-    payload.update(extra)
-    return ckpt.atomic_torch_save(payload, path)
-
-
-def load_weights(path, map_location="cpu") -> dict:
-    """``{"model": state_dict, "config": dict or None}`` from a weights file or a training checkpoint."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--checkpoint {path}: no such file")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise ckpt.CheckpointError(f"--checkpoint {path}: cannot be loaded ({type(error).__name__}: {error})") from error
-    if not isinstance(payload, dict) or payload.get("format") not in (WEIGHTS_FORMAT, ckpt.CHECKPOINT_FORMAT):
-        raise ckpt.CheckpointError(
-            f"--checkpoint {path}: not an stdd weights file or training checkpoint "
-            f"(expected format {WEIGHTS_FORMAT!r} or {ckpt.CHECKPOINT_FORMAT!r})"
-        )
-    return {"model": payload["model"], "config": payload.get("config")}
-
-
-def _single_thread_worker(_worker_id: int) -> None:
-    torch.set_num_threads(1)  # the workers are the parallelism; threads in each would oversubscribe
 
 
 def _without_teacher(state: dict) -> dict:
@@ -145,7 +99,7 @@ class Trainer:
 
     def __init__(self, cfg: DictConfig, *, resume: Optional[str] = None, context: Optional[DistributedContext] = None,
                  quiet: bool = False):
-        from .engine.task import build_training_task  # model + data, imported lazily (heavy)
+        from .task import build_training_task  # model + data, imported lazily (heavy)
 
         self.cfg = cfg
         self.context = context or init_distributed(cfg.run.device)
@@ -163,7 +117,7 @@ class Trainer:
         # then each process's global streams are its own ("process" stream, keyed by rank).
         seed = int(cfg.run.seed)
         if cfg.data.dataset == "synthetic":  # generate once (rank 0), the others then reuse it
-            from .engine.task import prepare_synthetic
+            from .task import prepare_synthetic
 
             if self.context.is_main:
                 prepare_synthetic(cfg)
@@ -333,29 +287,16 @@ class Trainer:
         # A dedicated generator: the loader's per-epoch base seed must not come from (and shift)
         # the global torch stream, or a resumed run would draw different numbers afterwards.
         loader_generator = torch_generator(self.cfg.run.seed, "loader", epoch)
-        return DataLoader(
-            self.task.train_dataset,
-            batch_size=self.batch_size,
-            sampler=self.sampler,
-            num_workers=workers,
-            collate_fn=self.task.collate,
-            pin_memory=self.device.type == "cuda",
-            drop_last=True,
-            generator=loader_generator,
-            persistent_workers=False,
-            worker_init_fn=_single_thread_worker if workers > 0 else None,
+        return video_dataloader(
+            self.task.train_dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
+            drop_last=True, pin_memory=self.device.type == "cuda", generator=loader_generator,
         )
-
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
     def _micro_step(self, batch, sync: bool) -> dict:
         video, labels, phase = self.task.to_device(batch, self.device)
         no_sync = self.ddp.no_sync if (self.context.is_distributed and not sync) else contextlib.nullcontext
         with no_sync():
-            with self._autocast():
+            with autocast(self.device, self.autocast_dtype):
                 out = self.ddp(video, labels, phase)
             loss = out["loss"] / self.accumulation
             if self.scaler is not None:
@@ -532,44 +473,3 @@ def run_training(cfg: DictConfig, *, resume: Optional[str] = None, quiet: bool =
         return trainer.train()
     finally:
         trainer.close()
-
-
-def build_argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m stdd.train",
-        description="Train STDD. With no arguments: run the CPU demo (python -m stdd.demo).",
-    )
-    parser.add_argument("--config", help="shipped preset name (demo, k400_vitb16) or a YAML file")
-    parser.add_argument("--resume", default=None,
-                        help="'auto' = newest loadable checkpoint in the run directory, or a checkpoint path")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. optim.lr=1e-5)")
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv:
-        from . import demo
-
-        return demo.main([])
-    args = build_argument_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(OmegaConf.to_yaml(cfg))
-        return 0
-    try:
-        result = run_training(cfg, resume=args.resume)
-    finally:
-        cleanup_distributed()
-    printable = {k: v for k, v in result.items() if k != "history"}
-    print(printable)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
