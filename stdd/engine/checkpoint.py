@@ -229,3 +229,64 @@ def restore_rng_state(state: Mapping, generators: Optional[Mapping[str, torch.Ge
         if name not in saved:
             raise CheckpointError(f"resume: checkpoint has no state for random generator {name!r}")
         gen.set_state(saved[name])
+
+
+# ------------------------------------------------------------------------------- a run's checkpoints
+class CheckpointManager:
+    """A training run's checkpoints: save (every process's random streams included), prune, resume.
+
+    ``directory``: the run's ``checkpoints/``; ``context``: the process group (rank 0
+    writes, every rank takes part in gathering the random streams); ``log``: the
+    run's logger (``.log(event, step, **values)`` / ``.info(text)``).
+    """
+
+    def __init__(self, directory: Union[str, Path], context, log, *, keep_mid_epoch: int = 1):
+        self.directory = Path(directory)
+        self.context = context
+        self.log = log
+        self.keep_mid_epoch = int(keep_mid_epoch)
+
+    def exists(self) -> bool:
+        return bool(list_checkpoints(self.directory))
+
+    def save(self, state: Mapping[str, Any]) -> Optional[Path]:
+        """Write ``state`` plus ``rng`` (one entry per rank) and ``world_size``; prune old mid-epoch ones."""
+        from .distributed import all_gather_objects, barrier
+
+        state = dict(state, rng=all_gather_objects(capture_rng_state(), self.context),
+                     world_size=self.context.world_size)
+        path = None
+        if self.context.is_main:
+            path = save_checkpoint(self.directory, state)
+            prune_mid_epoch_checkpoints(self.directory, keep_last=self.keep_mid_epoch)
+            self.log.log("checkpoint", int(state["global_step"]), epoch=int(state["epoch"]), path=str(path))
+        barrier(self.context)
+        return path
+
+    def load(self, resume: Optional[str]) -> Optional[tuple[Path, dict]]:
+        """The checkpoint ``--resume`` names: ``None`` (a fresh run: refused if checkpoints exist),
+        ``"auto"`` (the newest loadable one, or ``None``) or a path."""
+        if resume in (None, "", "none"):
+            if self.exists():
+                raise CheckpointError(
+                    f"run directory {self.directory.parent} already has checkpoints; pass --resume auto to "
+                    f"continue it or set run.output_dir to a new directory"
+                )
+            return None
+        if resume == "auto":
+            found = find_latest_checkpoint(self.directory)
+            if found is None:
+                self.log.info(f"--resume auto: no checkpoint in {self.directory}, starting fresh")
+            return found
+        return Path(resume), load_checkpoint(resume)
+
+    def restore_random_streams(self, state: Mapping[str, Any]) -> None:
+        """This rank's saved random streams, when the checkpoint was written by as many processes."""
+        saved = state.get("rng") or []
+        if len(saved) == self.context.world_size:
+            restore_rng_state(saved[self.context.rank])
+        else:
+            self.log.info(
+                f"resume: checkpoint was written by {len(saved)} process(es), this run has "
+                f"{self.context.world_size}: random streams are reseeded, the run is not bit-reproducible"
+            )

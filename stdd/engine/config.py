@@ -310,14 +310,3 @@ def config_to_yaml(cfg: DictConfig) -> str:
 def save_config(cfg: DictConfig, path: Union[str, Path]) -> Path:
     """Write the resolved config atomically (the run directory's record of what ran)."""
     return atomic_write(path, config_to_yaml(cfg))
-
-
-def require(cfg: DictConfig, key: str):
-    """``cfg.<key>`` or a ConfigError naming the missing dotted key."""
-    value = OmegaConf.select(cfg, key, default=_MISSING)
-    if value is _MISSING:
-        raise ConfigError(f"config key {key!r} is required but missing")
-    return value
-
-
-_MISSING = object()

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .distributed import DistributedContext
+from .distributed import DistributedContext, all_gather_objects
 
 
 @dataclass
@@ -87,10 +87,7 @@ def score_dataset(
     )
     if world == 1:
         return local
-    import torch.distributed as dist
-
-    gathered = [None] * world
-    dist.all_gather_object(gathered, local)
+    gathered = all_gather_objects(local, context)
     order = torch.cat([g.indices for g in gathered]).argsort()
     return ScoredVideos(
         torch.cat([g.view_scores for g in gathered], 1)[:, order],

@@ -26,19 +26,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.dataset import video_dataloader
 from ..seeding import derive_seed, torch_generator
-from . import checkpoint as ckpt
-from .averaging import ExponentialMovingAverage, average_epoch_checkpoints, parse_epoch_selection
-from .checkpoint import save_weights
+from .averaging import average_epoch_checkpoints, parse_epoch_selection
+from .checkpoint import CheckpointManager, save_weights
 from .config import ConfigError, save_config
 from .distributed import (
     DistributedContext,
@@ -48,58 +50,48 @@ from .distributed import (
     init_distributed,
     parameters_in_sync,
 )
-from .precision import autocast, autocast_dtype
+from .optimization import build_optimization
+from .precision import autocast
 from .runlog import RunLogger
-from .schedule import build_scheduler, scaled_lr
 
 
-# ------------------------------------------------------------------------------------- helpers
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def optimizer_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on 1-D parameters (biases, norms, the
-    class/positional embeddings' scalars) as in Open-VCLIP's ZERO_WD_1D_PARAM."""
-    decay, no_decay = [], []
-    for parameter in module.parameters():
-        if parameter.requires_grad:
-            (no_decay if parameter.ndim <= 1 else decay).append(parameter)
-    if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters")
-    return [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
 
 
 def _without_teacher(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith("teacher.")}
 
 
-def _gather_objects(obj, context: DistributedContext) -> list:
-    if not context.is_distributed:
-        return [obj]
-    import torch.distributed as dist
+@dataclass
+class _EpochMeans:
+    """Running sums of one epoch's step logs (the epoch record is their mean over the steps)."""
 
-    gathered = [None] * context.world_size
-    dist.all_gather_object(gathered, obj)
-    return gathered
+    sums: dict = field(default_factory=dict)
+    steps: int = 0
+
+    def add(self, logs: dict) -> None:
+        for key, value in logs.items():
+            self.sums[key] = self.sums.get(key, 0) + value
+        self.steps += 1
+
+    def means(self, context: DistributedContext) -> dict:
+        return {k: float(all_reduce_mean(v / max(self.steps, 1), context)) for k, v in self.sums.items()}
 
 
-# ------------------------------------------------------------------------------------- trainer
 class Trainer:
-    """One training run described by a resolved config (see ``stdd/configs/*.yaml``)."""
+    """One training run described by a resolved config (see ``stdd/configs/*.yaml``).
+
+    Parts: the training task (model, data, phase sampler: ``stdd.engine.task``), the
+    optimization (``optimization.py``), the run's checkpoints (``CheckpointManager``);
+    :meth:`train` is the epoch loop.
+    """
 
     def __init__(self, cfg: DictConfig, *, resume: Optional[str] = None, context: Optional[DistributedContext] = None,
                  quiet: bool = False):
-        from .task import build_training_task  # model + data, imported lazily (heavy)
+        from .task import build_training_task, prepare_synthetic  # model + data, imported lazily (heavy)
 
         self.cfg = cfg
         self.context = context or init_distributed(cfg.run.device)
@@ -107,48 +99,44 @@ class Trainer:
         self.quiet = quiet
         self.run_directory = Path(os.path.expanduser(str(cfg.run.output_dir)))
         self.checkpoint_directory = self.run_directory / "checkpoints"
-        self.logger = RunLogger(
-            self.run_directory, enabled=self.context.is_main,
-            tensorboard=cfg.run.tensorboard,
-        )
-        self.quiet = quiet
+        self.logger = RunLogger(self.run_directory, enabled=self.context.is_main, tensorboard=cfg.run.tensorboard)
+        self.checkpoints = CheckpointManager(self.checkpoint_directory, self.context, self.logger,
+                                             keep_mid_epoch=cfg.checkpoint.keep_mid_epoch)
 
         # Seeds: model init is identical on every rank (DDP also broadcasts rank 0's weights);
         # then each process's global streams are its own ("process" stream, keyed by rank).
-        seed = int(cfg.run.seed)
         if cfg.data.dataset == "synthetic":  # generate once (rank 0), the others then reuse it
-            from .task import prepare_synthetic
-
             if self.context.is_main:
                 prepare_synthetic(cfg)
             barrier(self.context)
-        seed_everything(seed)
+        seed_everything(cfg.run.seed)
         self.task = build_training_task(cfg, self.device)
-        seed_everything(derive_seed(seed, "process", self.context.rank))
-
+        seed_everything(derive_seed(cfg.run.seed, "process", self.context.rank))
         self.module = self.task.module.to(self.device)
+        self.ddp = self.module
         if self.context.is_distributed:
             self.ddp = torch.nn.parallel.DistributedDataParallel(
-                self.module,
-                device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                self.module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 broadcast_buffers=False,  # buffers are frozen text features / teacher stats: same everywhere
             )
-        else:
-            self.ddp = self.module
+        self._build_data()
+        self.epochs = int(cfg.optim.epochs)
+        self.total_steps = self.steps_per_epoch * self.epochs
+        self.optimization = build_optimization(cfg, self.module, global_batch=self.global_batch,
+                                               steps_per_epoch=self.steps_per_epoch, device=self.device)
+        self.epoch = self.step_in_epoch = self.global_step = 0
+        self._resume(resume)
 
-        data = cfg.data
-        self.batch_size = int(data.batch_size)
-        self.accumulation = int(cfg.optim.accumulation_steps)
+    def _build_data(self) -> None:
+        """The per-process batch, the epoch's sampler (or DALI loader) and the steps per epoch."""
+        data, context = self.cfg.data, self.context
+        self.batch_size, self.accumulation = int(data.batch_size), int(self.cfg.optim.accumulation_steps)
         if self.batch_size <= 0 or self.accumulation <= 0:
             raise ConfigError("data.batch_size and optim.accumulation_steps must be positive")
-        self.global_batch = self.batch_size * self.accumulation * self.context.world_size
+        self.global_batch = self.batch_size * self.accumulation * context.world_size
         self.sampler = ResumableDistributedSampler(
-            self.task.train_dataset,
-            num_replicas=self.context.world_size,
-            rank=self.context.rank,
-            shuffle=True,
-            seed=seed,
-            drop_last=True,
+            self.task.train_dataset, num_replicas=context.world_size, rank=context.rank, shuffle=True,
+            seed=self.cfg.run.seed, drop_last=True,
         )
         self.dali_loader = None
         if data.decoder == "dali":
@@ -161,117 +149,41 @@ class Trainer:
         self.steps_per_epoch = batches // self.accumulation
         if self.steps_per_epoch == 0:
             raise ConfigError(
-                f"an epoch of {len(self.task.train_dataset)} videos over {self.context.world_size} process(es) gives "
+                f"an epoch of {len(self.task.train_dataset)} videos over {context.world_size} process(es) gives "
                 f"{batches} batch(es) of data.batch_size={self.batch_size} per process: fewer than one optimizer "
                 f"step of optim.accumulation_steps={self.accumulation}"
             )
-        self.epochs = int(cfg.optim.epochs)
-        self.total_steps = self.steps_per_epoch * self.epochs
-
-        optim = cfg.optim
-        self.lr = (
-            scaled_lr(float(optim.lr), self.global_batch, int(optim.reference_batch))
-            if optim.scale_lr else float(optim.lr)
-        )
-        self.optimizer = torch.optim.AdamW(
-            optimizer_param_groups(self.module, float(optim.weight_decay)),
-            lr=self.lr,
-            betas=tuple(optim.betas),
-            eps=float(optim.eps),
-        )
-        self.scheduler = build_scheduler(
-            self.optimizer,
-            total_steps=self.total_steps,
-            warmup_steps=min(round(float(optim.warmup_epochs) * self.steps_per_epoch), self.total_steps),
-            warmup_start_factor=float(optim.warmup_start_factor),
-            end_factor=float(optim.end_factor),
-        )
-        self.autocast_dtype = autocast_dtype(str(cfg.run.precision), self.device)
-        self.scaler = torch.amp.GradScaler("cuda") if self.autocast_dtype == torch.float16 else None
-        ema_decay = cfg.averaging.ema_decay
-        self.ema = ExponentialMovingAverage(self.module.model, float(ema_decay)) if ema_decay else None
-        self.grad_clip = optim.grad_clip_norm
-
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.global_step = 0
-        self._resume(resume)
 
     # -------------------------------------------------------------- state
-    def _state(self) -> dict:
-        rng_states = _gather_objects(ckpt.capture_rng_state(), self.context)
-        sampler = self.task.phase_sampler
-        return {
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "global_step": self.global_step,
-            "model": self.task.student_state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
-            "ema": self.ema.state_dict() if self.ema is not None else None,
-            "rng": rng_states,  # one entry per rank
-            "phase_sampler": sampler.state_dict() if sampler is not None else None,
-            "world_size": self.context.world_size,
-            "config": OmegaConf.to_container(self.cfg, resolve=True),
-        }
-
     def save_checkpoint(self) -> Optional[Path]:
-        state = self._state()  # every rank takes part in gathering the RNG states
-        path = None
-        if self.context.is_main:
-            path = ckpt.save_checkpoint(self.checkpoint_directory, state)
-            keep = int(self.cfg.checkpoint.keep_mid_epoch)
-            ckpt.prune_mid_epoch_checkpoints(self.checkpoint_directory, keep_last=keep)
-            self.logger.log("checkpoint", self.global_step, epoch=self.epoch, path=str(path))
-        barrier(self.context)
-        return path
+        sampler = self.task.phase_sampler
+        return self.checkpoints.save({
+            "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
+            "model": self.task.student_state_dict(), **self.optimization.state_dict(),
+            "phase_sampler": sampler.state_dict() if sampler is not None else None,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+        })
 
     def _resume(self, resume: Optional[str]) -> None:
-        existing = ckpt.list_checkpoints(self.checkpoint_directory)
-        if resume in (None, "", "none"):
-            if existing:
-                raise ConfigError(
-                    f"run directory {self.run_directory} already has checkpoints; pass --resume auto to continue "
-                    f"it or set run.output_dir to a new directory"
-                )
+        found = self.checkpoints.load(resume)
+        if found is None:
             return
-        if resume == "auto":
-            found = ckpt.find_latest_checkpoint(self.checkpoint_directory)
-            if found is None:
-                self.logger.info(f"--resume auto: no checkpoint in {self.checkpoint_directory}, starting fresh")
-                return
-            path, state = found
-        else:
-            path = Path(resume)
-            state = ckpt.load_checkpoint(path)
+        path, state = found
         self.task.load_student_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        saved_schedule = state["scheduler"]
-        self.scheduler.load_state_dict(saved_schedule)
-        if self.scaler is not None and state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
-        if self.ema is not None and state.get("ema"):
-            self.ema.load_state_dict(state["ema"])
+        self.optimization.load_state_dict(state)
+        if self.task.phase_sampler is not None and state.get("phase_sampler"):
+            self.task.phase_sampler.load_state_dict(state["phase_sampler"])
+        self.checkpoints.restore_random_streams(state)
         self.epoch, self.step_in_epoch, self.global_step = (
             int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"])
         )
-        if self.task.phase_sampler is not None and state.get("phase_sampler"):
-            self.task.phase_sampler.load_state_dict(state["phase_sampler"])
-        rng_states = state.get("rng") or []
-        if len(rng_states) == self.context.world_size:
-            ckpt.restore_rng_state(rng_states[self.context.rank])
-        else:
-            self.logger.info(
-                f"resume: checkpoint was written by {len(rng_states)} process(es), this run has "
-                f"{self.context.world_size}: random streams are reseeded, the run is not bit-reproducible"
-            )
         if self.step_in_epoch >= self.steps_per_epoch:  # a mid-epoch checkpoint at the very end of an epoch
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.logger.info(f"resumed from {path} (epoch {self.epoch}, step {self.step_in_epoch} of the epoch)")
 
-    # -------------------------------------------------------------- loop
-    def _loader(self, epoch: int, start_step: int):
+    # -------------------------------------------------------------- steps
+    def _batches(self, epoch: int, start_step: int):
+        """An iterator over this process's batches of ``epoch``, from optimizer step ``start_step`` on."""
         self.task.set_epoch(epoch)  # seeds the dataset's per-sample randomness and the phases
         if self.dali_loader is not None:
             self.dali_loader.set_epoch(epoch)
@@ -283,150 +195,115 @@ class Trainer:
             return iterator
         self.sampler.set_epoch(epoch)
         self.sampler.set_start_index(start_step * self.accumulation * self.batch_size)
-        workers = int(self.cfg.data.num_workers)
         # A dedicated generator: the loader's per-epoch base seed must not come from (and shift)
         # the global torch stream, or a resumed run would draw different numbers afterwards.
-        loader_generator = torch_generator(self.cfg.run.seed, "loader", epoch)
-        return video_dataloader(
-            self.task.train_dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=workers,
-            drop_last=True, pin_memory=self.device.type == "cuda", generator=loader_generator,
-        )
+        return iter(video_dataloader(
+            self.task.train_dataset, batch_size=self.batch_size, sampler=self.sampler,
+            num_workers=int(self.cfg.data.num_workers), drop_last=True, pin_memory=self.device.type == "cuda",
+            generator=torch_generator(self.cfg.run.seed, "loader", epoch),
+        ))
 
     def _micro_step(self, batch, sync: bool) -> dict:
         video, labels, phase = self.task.to_device(batch, self.device)
         no_sync = self.ddp.no_sync if (self.context.is_distributed and not sync) else contextlib.nullcontext
         with no_sync():
-            with autocast(self.device, self.autocast_dtype):
+            with autocast(self.device, self.optimization.autocast_dtype):
                 out = self.ddp(video, labels, phase)
-            loss = out["loss"] / self.accumulation
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
+            self.optimization.backward(out["loss"] / self.accumulation)
         return {key: value.detach() for key, value in out.items()}
 
-    def _optimizer_step(self) -> float:
-        grad_norm = float("nan")
-        if self.scaler is not None:
-            self.scaler.unscale_(self.optimizer)
-        if self.grad_clip:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                [p for p in self.module.parameters() if p.requires_grad], float(self.grad_clip)
-            ))
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        if self.ema is not None:
-            self.ema.update(self.module.model)
-        return grad_norm
+    def _train_step(self, batches) -> dict:
+        """One optimizer step over ``accumulation`` micro-batches; logs it; returns its mean logs."""
+        logs: dict = {}
+        for micro in range(self.accumulation):
+            out = self._micro_step(next(batches), sync=micro == self.accumulation - 1)
+            for key, value in out.items():
+                logs[key] = logs.get(key, 0) + value / self.accumulation
+        lr = self.optimization.current_lr
+        grad_norm = self.optimization.step()
+        self.global_step += 1
+        self.step_in_epoch += 1
+        if self.global_step % int(self.cfg.run.log_every_steps) == 0 or self.step_in_epoch == self.steps_per_epoch:
+            reduced = {k: float(all_reduce_mean(v, self.context)) for k, v in logs.items()}
+            self.logger.log("train", self.global_step, epoch=self.epoch, lr=lr, grad_norm=grad_norm, **reduced)
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(epoch=self.epoch, loss=f"{float(logs['loss']):.4f}", lr=f"{lr:.2e}")
+        return logs
 
-    def train(self) -> dict:
+    def _checkpoint_due(self, at_epoch_end: bool, hit_max: bool) -> bool:
+        """After the step just taken: end-of-epoch every ``checkpoint.every_epochs``, the last epoch and the
+        epochs weight averaging reads; mid-epoch every ``checkpoint.every_steps``; when stopping at max_steps."""
+        policy = self.cfg.checkpoint
+        if at_epoch_end:
+            return (self.epoch % int(policy.every_epochs) == 0 or self.epoch == self.epochs or hit_max
+                    or self.epoch in self.averaged_epochs)
+        return hit_max or bool(policy.every_steps and self.global_step % int(policy.every_steps) == 0)
+
+    def _start(self) -> None:
         cfg = self.cfg
+        # the epochs weight averaging will read are always saved, whatever checkpoint.every_epochs says
+        self.averaged_epochs = set(parse_epoch_selection(cfg.averaging.epochs, self.epochs))
         if self.context.is_main:
             self.run_directory.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_directory / "config.yaml")
             self.logger.info(
                 f"training {self.epochs} epochs x {self.steps_per_epoch} steps, global batch {self.global_batch} "
                 f"({self.context.world_size} process(es) x {self.batch_size} x {self.accumulation} accumulation), "
-                f"lr {self.lr:.3g}, device {self.device}, precision {cfg.run.precision}"
+                f"lr {self.optimization.lr:.3g}, device {self.device}, precision {cfg.run.precision}"
             )
         if self.global_step == 0 and self.step_in_epoch == 0 and cfg.averaging.include_raw_clip:
-            # "epoch 0" for weight averaging: the weights before any update (the raw CLIP weights)
-            if not ckpt.list_checkpoints(self.checkpoint_directory):
+            if not self.checkpoints.exists():  # "epoch 0" for weight averaging: the weights before any update
                 self.save_checkpoint()
-        max_steps = cfg.run.max_steps
-        log_every = int(cfg.run.log_every_steps)
-        every_epochs = int(cfg.checkpoint.every_epochs)
-        every_steps = int(cfg.checkpoint.every_steps)
-        # the epochs weight averaging will read are always saved, whatever checkpoint.every_epochs says
-        averaged_epochs = set(parse_epoch_selection(cfg.averaging.epochs, self.epochs))
-        eval_every = int(cfg.eval.every_epochs)
-        history = []
-        stopped_early = False
-        progress = None
+        self.progress = None
         if self.context.is_main and not self.quiet:
             from tqdm import tqdm
 
-            progress = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
-                            desc="train", file=sys.stderr, mininterval=1.0)
-        start_time = time.time()
-        while self.epoch < self.epochs:
+            self.progress = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
+                                 desc="train", file=sys.stderr, mininterval=1.0)
+
+    # -------------------------------------------------------------- the loop
+    def train(self) -> dict:
+        self._start()
+        max_steps, eval_every = self.cfg.run.max_steps, int(self.cfg.eval.every_epochs)
+        history, stopped_early, start_time = [], False, time.time()
+        while self.epoch < self.epochs and not stopped_early:
             self.module.train()
             self.task.set_train_mode(self.module)
-            loader = self._loader(self.epoch, self.step_in_epoch)
-            iterator = iter(loader)
-            epoch_sums: dict[str, torch.Tensor] = {}
-            epoch_count = 0
-            while self.step_in_epoch < self.steps_per_epoch:
-                step_logs: dict[str, torch.Tensor] = {}
-                for micro in range(self.accumulation):
-                    batch = next(iterator)
-                    out = self._micro_step(batch, sync=micro == self.accumulation - 1)
-                    for key, value in out.items():
-                        step_logs[key] = step_logs.get(key, 0) + value / self.accumulation
-                lr_used = self.optimizer.param_groups[0]["lr"]
-                grad_norm = self._optimizer_step()
-                self.global_step += 1
-                self.step_in_epoch += 1
-                for key, value in step_logs.items():
-                    epoch_sums[key] = epoch_sums.get(key, 0) + value
-                epoch_count += 1
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(epoch=self.epoch, loss=f"{float(step_logs['loss']):.4f}", lr=f"{lr_used:.2e}")
-                if self.global_step % log_every == 0 or self.step_in_epoch == self.steps_per_epoch:
-                    reduced = {k: float(all_reduce_mean(v, self.context)) for k, v in step_logs.items()}
-                    self.logger.log("train", self.global_step, epoch=self.epoch, lr=lr_used, grad_norm=grad_norm,
-                                    **reduced)
+            batches, epoch_logs = self._batches(self.epoch, self.step_in_epoch), _EpochMeans()
+            while True:
+                epoch_logs.add(self._train_step(batches))
                 at_epoch_end = self.step_in_epoch == self.steps_per_epoch
                 if at_epoch_end:
-                    self.epoch += 1
-                    self.step_in_epoch = 0
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
                 hit_max = max_steps is not None and self.global_step >= int(max_steps)
-                want_checkpoint = (
-                    (at_epoch_end and (self.epoch % every_epochs == 0 or self.epoch == self.epochs
-                                       or self.epoch in averaged_epochs))
-                    or (not at_epoch_end and every_steps and self.global_step % every_steps == 0)
-                    or hit_max
-                )
-                if want_checkpoint:
+                if self._checkpoint_due(at_epoch_end, hit_max):
                     self.save_checkpoint()
-                if hit_max and self.epoch < self.epochs:
-                    stopped_early = True
+                stopped_early = hit_max and self.epoch < self.epochs
+                if stopped_early or at_epoch_end:
                     break
-                if at_epoch_end:
-                    break
-            if stopped_early:
-                break
-            epoch_means = {k: float(all_reduce_mean(v / max(epoch_count, 1), self.context)) for k, v in epoch_sums.items()}
-            record = {"epoch": self.epoch, **{f"train_{k}": v for k, v in epoch_means.items()}}
-            if eval_every and (self.epoch % eval_every == 0 or self.epoch == self.epochs):
-                record.update(self.evaluate())
-            history.append(record)
-            self.logger.log("epoch", self.global_step, **record)
-        if progress is not None:
-            progress.close()
+            if not stopped_early:
+                record = {"epoch": self.epoch, **{f"train_{k}": v for k, v in epoch_logs.means(self.context).items()}}
+                if eval_every and (self.epoch % eval_every == 0 or self.epoch == self.epochs):
+                    record.update(self.evaluate())
+                history.append(record)
+                self.logger.log("epoch", self.global_step, **record)
+        if self.progress is not None:
+            self.progress.close()
+        self._check_replicas()
+        result = {"epochs_done": self.epoch, "global_step": self.global_step, "stopped_early": stopped_early,
+                  "seconds": time.time() - start_time, "history": history, "run_directory": str(self.run_directory)}
+        if not stopped_early:
+            result.update(self._finish())
+        return result
+
+    def _check_replicas(self) -> None:
         if self.context.is_distributed:
             # DDP keeps replicas bitwise equal; a broken invariant would silently train N models
             in_sync = parameters_in_sync(self.module, self.context)
             self.logger.log("sync_check", self.global_step, parameters_identical_across_ranks=in_sync)
             if not in_sync:
                 raise RuntimeError("DDP replicas hold different parameters after training")
-        result = {
-            "epochs_done": self.epoch,
-            "global_step": self.global_step,
-            "stopped_early": stopped_early,
-            "seconds": time.time() - start_time,
-            "history": history,
-            "run_directory": str(self.run_directory),
-        }
-        if not stopped_early:
-            result.update(self._finish())
-        return result
 
     def evaluate(self) -> dict:
         """Top-1 of the current weights on the validation set (if the task has one)."""
@@ -443,9 +320,10 @@ class Trainer:
             final = save_weights(self.run_directory / "final.pt", self.task.student_state_dict(), self.cfg,
                                  epoch=self.epoch)
             out["final_weights"] = str(final)
-            if self.ema is not None:
+            ema = self.optimization.ema
+            if ema is not None:
                 out["ema_weights"] = str(save_weights(
-                    self.run_directory / "ema.pt", _without_teacher(self.ema.averaged_state_dict(self.module.model)),
+                    self.run_directory / "ema.pt", _without_teacher(ema.averaged_state_dict(self.module.model)),
                     self.cfg
                 ))
             selection = self.cfg.averaging.epochs
