@@ -119,7 +119,7 @@ def attention_dropout(attn: nn.Module) -> float:
 
 
 def multi_head_self_attention(
-    attn: nn.Module, x: torch.Tensor, *, kind: str = "sdpa", training: bool = False
+    attn: nn.Module, x: torch.Tensor, *, kind: str = STCASettings.attention, training: bool = False
 ) -> torch.Tensor:
     """Batch-first self-attention ``attn(x, x, x)`` of a block's attention module, computed by SDPA.
 
