@@ -66,15 +66,20 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
     return atomic_write(path, buffer.getvalue())
 
 
+def _load_plain_data(path: Path, map_location, name: str):
+    """``torch.load(weights_only=True)``; any failure is a ``CheckpointError`` naming ``name`` and the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, wrong format, unpickling refused ...
+        raise CheckpointError(f"{name} {path}: cannot be loaded ({type(error).__name__}: {error})") from error
+
+
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
     """Load and check a checkpoint; ``CheckpointError`` names the file and the problem."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated zip, wrong format, unpickling refused ...
-        raise CheckpointError(f"checkpoint {path}: cannot be loaded ({type(error).__name__}: {error})") from error
+    state = _load_plain_data(path, map_location, "checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path}: not an stdd checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     missing = [key for key in REQUIRED_KEYS if key not in state]
@@ -111,10 +116,7 @@ def load_weights(path: Union[str, Path], map_location: Union[str, torch.device] 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such file")
-    try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:
-        raise CheckpointError(f"--checkpoint {path}: cannot be loaded ({type(error).__name__}: {error})") from error
+    payload = _load_plain_data(path, map_location, "--checkpoint")
     if not isinstance(payload, dict) or payload.get("format") not in (WEIGHTS_FORMAT, CHECKPOINT_FORMAT):
         raise CheckpointError(
             f"--checkpoint {path}: not an stdd weights file or training checkpoint "
