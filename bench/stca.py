@@ -421,13 +421,15 @@ class FreeGlueStack(torch.nn.Module):
 
 
 def stca_blocks(blocks, shapes: Shapes, backend: str) -> list:
-    from stdd.model import STCABlock
+    from stdd.model import STCABlock, STCASettings
 
+    settings = STCASettings(
+        window=shapes.window, mask_ratio=shapes.mask_ratio, scales=shapes.scales,
+        channel_fold=shapes.channel_fold, mixing=shapes.mixing, backend=backend,
+    )
     return [
         STCABlock(
-            block, num_frames=shapes.frames, window=shapes.window, mask_ratio=shapes.mask_ratio,
-            scales=shapes.scales, channel_fold=shapes.channel_fold, mixing=shapes.mixing,
-            backend=backend, seed=0,
+            block, settings, num_frames=shapes.frames,
         )
         for block in blocks
     ]
@@ -442,7 +444,7 @@ class STCAStack(torch.nn.Module):
 
     def forward(self, x, phase):
         for block in self.blocks:
-            x = block(x, phase, check_phase=False)
+            x = block(x, phase, validate=False)
         return x
 
 
@@ -465,7 +467,7 @@ class BooleanMaskSTCABlock(torch.nn.Module):
     release's mixing differs from continual mixing at the clip edges only, with
     the same amount of work (``--mixing official`` times both on the same rule).
 
-    ``forward(x, phase (B, T), check_phase=...) -> (1+N, B*T, D)``; ``check_phase``
+    ``forward(x, phase (B, T), validate=...) -> (1+N, B*T, D)``; ``validate``
     is accepted for the stack's signature and ignored.
     """
 
@@ -501,7 +503,7 @@ class BooleanMaskSTCABlock(torch.nn.Module):
         out = multi_head_self_attention(b.attn, b.ln_1(tokens).transpose(0, 1), training=self.training)
         return b.ls_1(out).transpose(0, 1)
 
-    def forward(self, x, phase, check_phase: bool = True):
+    def forward(self, x, phase, validate: bool = True):
         rows, D, I, T = x.shape[1], x.shape[2], self.mix, self.num_frames
         batch = rows // T
         cell = torch.arange(self.cells, device=x.device)

@@ -2,149 +2,31 @@
 
     python -m stdd.demo [--out summary.json] [--work-dir runs/demo] [key=value ...]
 
-(also what ``python -m stdd.train`` runs with no arguments). Steps:
-
-1. generate the synthetic motion set (``stdd.data.synthetic``: 8 classes defined only by
-   motion -- moving left/right/up/down, rotating clockwise/counter-clockwise, growing/
-   shrinking -- with random shape, colour, position and speed; a single frame does not
-   reveal the class);
-2. train STDD (tiny open_clip ViT from random weights, STCA on) with the ``demo`` preset;
-3. train the frame-only baseline: the same model and budget with STCA off
-   (``mask_ratio=0``, ``mixing="none"``: exactly the plain CLIP block on every frame);
-4. evaluate both on the held-out videos and print / write a small table.
-
-The frame-only model sees every frame but never two frames together, so it cannot tell
-left from right or clockwise from counter-clockwise; STCA mixes channels between
-neighbouring frames inside each block, which is what lets the model see motion.
-Overrides apply to both runs (e.g. ``optim.epochs=4``). The first run generates the videos
-under ``data.root`` (reused afterwards).
+(also what ``python -m stdd.train`` runs with no arguments). What it does:
+:mod:`stdd.engine.comparison`.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import shutil
 import sys
-import time
-from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-from omegaconf import OmegaConf
-
-from .engine.checkpoint import atomic_write_bytes
-from .engine.config import ConfigError, apply_overrides, load_config
-
-VARIANTS = {
-    "stdd": {"model.stca.enabled": True},
-    "frame_only": {"model.stca.enabled": False},
-}
-
-
-def _machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-    }
-
-
-def _clear_previous_run(directory: Path) -> None:
-    """Remove a previous demo run directory (only one this demo wrote: it holds config.yaml)."""
-    if directory.is_dir() and (directory / "config.yaml").is_file():
-        shutil.rmtree(directory)
-
-
-def run_demo(work_dir: str = "runs/demo", overrides: Sequence[str] = (), out: Optional[str] = None,
-             quiet: bool = False) -> dict:
-    from .engine.task import prepare_synthetic
-    from .train import Trainer
-
-    start = time.time()
-    work = Path(os.path.expanduser(work_dir))
-    base = load_config("demo", [f"data.root={work / 'data'}", *overrides])
-    generation_start = time.time()
-    dataset = prepare_synthetic(base)
-    generation_seconds = time.time() - generation_start
-    rows = {}
-    for name, settings in VARIANTS.items():
-        cfg = apply_overrides(base, [f"{key}={value}" for key, value in settings.items()]
-                              + [f"run.output_dir={work / name}"])
-        _clear_previous_run(work / name)
-        if not quiet:
-            print(f"[demo] training {name} ({'STCA on' if settings['model.stca.enabled'] else 'STCA off'})",
-                  file=sys.stderr, flush=True)
-        variant_start = time.time()
-        trainer = Trainer(cfg, resume=None, quiet=quiet)
-        try:
-            trained = trainer.train()
-            train_seconds = time.time() - variant_start
-            evaluation = trainer.evaluate()
-        finally:
-            trainer.close()
-        history = trained["history"]
-        rows[name] = {
-            "top1": evaluation["val_top1"],
-            "top5": evaluation["val_top5"],
-            "val_videos": evaluation["val_videos"],
-            "train_accuracy_last_epoch": history[-1].get("train_accuracy") if history else None,
-            "train_loss_last_epoch": history[-1].get("train_loss") if history else None,
-            "epochs": trained["epochs_done"],
-            "steps": trained["global_step"],
-            "train_seconds": round(train_seconds, 1),
-            "seconds": round(time.time() - variant_start, 1),
-            "run_directory": str(work / name),
-        }
-    summary = {
-        "task": "synthetic motion classes (8), held-out videos",
-        "classes": list(dataset.class_names),
-        "model": str(base.model.clip_name),
-        "frames": int(base.data.num_frames),
-        "input_size": int(base.data.input_size),
-        "epochs": int(base.optim.epochs),
-        "results": rows,
-        "stca_minus_frame_only_top1": round(rows["stdd"]["top1"] - rows["frame_only"]["top1"], 2),
-        "chance_top1": round(100.0 / len(dataset.class_names), 2),
-        "data_generation_seconds": round(generation_seconds, 1),
-        "total_seconds": round(time.time() - start, 1),
-        "machine": _machine(),
-        "config": OmegaConf.to_container(base, resolve=True),
-    }
-    table = [
-        f"{'model':<12} {'top-1':>7} {'top-5':>7} {'train acc':>10} {'steps':>6} {'seconds':>8}",
-        *[
-            f"{name:<12} {row['top1']:>7.2f} {row['top5']:>7.2f} "
-            f"{(row['train_accuracy_last_epoch'] or float('nan')):>10.2f} {row['steps']:>6d} {row['seconds']:>8.1f}"
-            for name, row in rows.items()
-        ],
-        f"STCA - frame-only top-1: {summary['stca_minus_frame_only_top1']:+.2f} points "
-        f"(chance {summary['chance_top1']:.1f}); total {summary['total_seconds']:.0f} s on "
-        f"{summary['machine']['cpu_count']} CPU core(s)",
-    ]
-    summary["table"] = table
-    print("\n".join(table))
-    if out:
-        atomic_write_bytes(Path(out), (json.dumps(summary, indent=2) + "\n").encode())
-        print(f"summary written to {out}")
-    return summary
+from .engine import comparison
+from .engine.config import ConfigError
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m stdd.demo", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=comparison.__doc__)
     parser.add_argument("--out", help="write the summary as JSON here")
-    parser.add_argument("--work-dir", default="runs/demo", help="videos and the two runs go here")
+    parser.add_argument("--work-dir", default=comparison.WORK_DIR, help="videos and the two runs go here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="demo config overrides key=value (both runs)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        run_demo(args.work_dir, args.overrides, args.out, quiet=args.quiet)
+        comparison.run_demo(args.work_dir, args.overrides, args.out, quiet=args.quiet)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -29,39 +29,14 @@ from typing import Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 
 from .engine import metrics, protocols
-from .engine.checkpoint import atomic_write_bytes
-from .engine.config import ConfigError, apply_overrides, load_config
+from .engine.config import ConfigError
 from .engine.distributed import cleanup_distributed, init_distributed
+from .files import atomic_write
+from .resources import DATASETS
 
 PROTOCOLS = ("ep1", "ep2", "ep3", "k600")
-
-
-def config_for_weights(checkpoint: Optional[str], config: Optional[str], overrides: Sequence[str]) -> tuple[DictConfig, Optional[dict]]:
-    """The config to rebuild the model: stored in the checkpoint, else ``config`` (default
-    ``k400_vitb16``); then overrides. Returns ``(cfg, student state dict or None)``."""
-    from .train import load_weights
-
-    state = None
-    if checkpoint is not None:
-        loaded = load_weights(checkpoint)
-        state = loaded["model"]
-        if config is None and loaded["config"] is not None:
-            cfg = OmegaConf.create(loaded["config"])
-            return apply_overrides(cfg, overrides), state
-    return load_config(config or "k400_vitb16", overrides), state
-
-
-def load_model_for_inference(cfg: DictConfig, state: Optional[dict], device, *, checkpoint_name: str = "--checkpoint"):
-    """``(STDDModel without teacher, TextEncoder)`` in eval mode, weights loaded."""
-    from .engine.task import build_model, load_student_state_dict
-
-    model, text = build_model(cfg, "cpu", with_teacher=False)
-    if state is not None:
-        load_student_state_dict(model, state, source=checkpoint_name)
-    return model.to(device).eval(), text.to(device)
 
 
 def _records_for(args, class_names: Optional[list[str]]):
@@ -118,21 +93,23 @@ def build_splits(args, class_names: list[str], per_file: list[list[int]]) -> lis
 
 
 def run_evaluation(args) -> dict:
+    from .data.annotations import resolve_class_names
     from .engine.evaluation import score_dataset
-    from .engine.task import build_prompts, build_video_dataset, resolve_class_names, text_features_for
-    from .train import autocast_dtype
+    from .engine.inference import config_for_weights, load_model_for_inference
+    from .engine.precision import autocast_dtype
+    from .engine.task import build_prompts, build_video_dataset, text_features_for
 
     cfg, state = config_for_weights(args.checkpoint, args.config, args.overrides)
-    context = init_distributed(str(cfg.run.get("device", "auto")) if args.device is None else args.device)
+    context = init_distributed(cfg.run.device if args.device is None else args.device)
     class_names = resolve_class_names(args.classes, where="--classes") if args.classes else None
     records, class_names, per_file = _records_for(args, class_names)
     splits = build_splits(args, class_names, per_file)
     dataset_key = (args.dataset or (args.classes if isinstance(args.classes, str) else "") or "").lower()
-    if dataset_key not in ("ucf101", "hmdb51", "k400", "k600", "k600_new"):
+    if dataset_key not in DATASETS:
         dataset_key = None
-    eval_cfg = cfg.get("eval", {})
-    views = int(args.views or eval_cfg.get("n_temporal_views", 3))
-    crops = int(args.crops or eval_cfg.get("n_spatial_crops", 1))
+    views = int(args.views or cfg.eval.n_temporal_views)
+    crops = int(args.crops or cfg.eval.n_spatial_crops)
+    aggregation = args.aggregation or cfg.eval.aggregation
     dataset = build_video_dataset(cfg, None, training=False, n_temporal_views=views, n_spatial_crops=crops,
                                   records=records)
     model, text = load_model_for_inference(cfg, state, context.device)
@@ -140,22 +117,22 @@ def run_evaluation(args) -> dict:
     # ASKG prompts exist; the K400 classes of the list are never scored).
     needed = sorted(set().union(*(split.class_indices for split in splits)))
     needed_names = [class_names[i] for i in needed]
-    prompts = build_prompts(args.prompts or cfg.text.get("prompts", "templates"), needed_names, dataset=dataset_key,
+    prompts = build_prompts(args.prompts or cfg.text.prompts, needed_names, dataset=dataset_key,
                             with_templates=args.with_templates)
-    features = text_features_for(text, prompts, cfg.text.get("cache_dir"))
+    features = text_features_for(text, prompts, cfg.text.cache_dir)
     start = time.time()
     scored = score_dataset(
-        model, dataset, features.features, features.mask, batch_size=int(args.batch_size or eval_cfg.get("batch_size", 8)),
-        num_workers=int(args.num_workers if args.num_workers is not None else cfg.data.get("num_workers", 0)),
+        model, dataset, features.features, features.mask, batch_size=int(args.batch_size or cfg.eval.batch_size),
+        num_workers=int(args.num_workers if args.num_workers is not None else cfg.data.num_workers),
         device=context.device, context=context, progress=not args.quiet,
-        autocast_dtype=autocast_dtype(str(cfg.run.get("precision", "auto")), context.device),
+        autocast_dtype=autocast_dtype(cfg.run.precision, context.device),
     )
     if len(needed) != len(class_names):  # back to full class positions; unused columns are never read
         full = torch.zeros(scored.view_scores.shape[0], scored.view_scores.shape[1], len(class_names))
         full[:, :, needed] = scored.view_scores
         scored.view_scores = full
     labels = scored.labels.numpy()
-    results = [metrics.evaluate_split(scored.view_scores, labels, split, aggregation=args.aggregation) for split in splits]
+    results = [metrics.evaluate_split(scored.view_scores, labels, split, aggregation=aggregation) for split in splits]
     summary = metrics.summarize(results)
     total = np.zeros((len(class_names), len(class_names)), dtype=np.int64)
     for result in results:
@@ -166,9 +143,9 @@ def run_evaluation(args) -> dict:
         "protocol": args.protocol if not args.split_file else f"split-file:{args.split_file}",
         "checkpoint": args.checkpoint,
         "model": str(cfg.model.clip_name),
-        "stca": bool(cfg.model.stca.get("enabled", True)),
+        "stca": bool(cfg.model.stca.enabled),
         "views": f"{views} temporal x {crops} spatial",
-        "aggregation": args.aggregation,
+        "aggregation": aggregation,
         "videos": int(len(records)),
         "videos_failed": len({f.index for f in scored.failures}),
         "seconds": round(time.time() - start, 2),
@@ -178,7 +155,7 @@ def run_evaluation(args) -> dict:
     if context.is_main:
         out = Path(args.out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out / "results.json", (json.dumps(report, indent=2) + "\n").encode())
+        atomic_write(out / "results.json", json.dumps(report, indent=2) + "\n")
         metrics.write_per_class_csv(out / "per_class.csv", class_names, total)
         metrics.plot_confusion_matrix(out / "confusion.png", total, class_names,
                                       title=f"{report['protocol']} ({len(splits)} split(s) summed)")
@@ -210,7 +187,7 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--with-templates", action="store_true", help="add template sentences to file/ASKG prompts")
     parser.add_argument("--views", type=int, help="temporal views per video (default eval.n_temporal_views)")
     parser.add_argument("--crops", type=int, choices=[1, 3], help="spatial crops per view (default eval.n_spatial_crops)")
-    parser.add_argument("--aggregation", choices=metrics.AGGREGATIONS, default="mean_softmax")
+    parser.add_argument("--aggregation", choices=metrics.AGGREGATIONS, help="how views are combined (default eval.aggregation)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--num-workers", type=int)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])

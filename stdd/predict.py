@@ -5,8 +5,8 @@
 
 From Python::
 
-    import stdd
-    results = stdd.predict(["video.mp4"], classes=["juggling", "cooking"], checkpoint="averaged.pt")
+    from stdd.predict import predict
+    results = predict(["video.mp4"], classes=["juggling", "cooking"], checkpoint="averaged.pt")
     results[0]["predictions"]   # [{"class": "juggling", "score": 0.93}, ...] best first
 
 Scores are the mean over views (``eval.n_temporal_views`` x ``eval.n_spatial_crops`` of the
@@ -58,23 +58,15 @@ def _class_list(classes, class_file) -> list[str]:
 
 
 def _prompts_for(names: list[str], prompts_file) -> dict[str, list[str]]:
-    from .engine.task import _prompts_from_json, build_prompts
+    from .askg import load_prompts
+    from .engine.task import build_prompts
 
     templates = build_prompts("templates", names)
     if prompts_file is None:
         return templates
-    path = Path(os.path.expanduser(str(prompts_file)))
-    if not path.is_file():
-        raise ValueError(f"prompts {path}: no such file")
-    covered = {}
-    for name in names:  # classes missing from the file fall back to the templates
-        try:
-            covered[name] = _prompts_from_json(path, [name])[name]
-        except ConfigError as error:
-            if "no prompts for" not in str(error):
-                raise ValueError(str(error)) from error
+    covered = load_prompts(prompts_file, names, partial=True)  # classes missing from the file: templates
     if not covered:
-        raise ValueError(f"prompts {path}: covers none of the classes {names[:5]}")
+        raise ValueError(f"prompts {prompts_file}: covers none of the classes {names[:5]}")
     return {name: covered.get(name, templates[name]) for name in names}
 
 
@@ -96,9 +88,9 @@ def predict(
     from .data import VideoRecord
     from .engine.evaluation import score_dataset
     from .engine.metrics import aggregate_views
+    from .engine.inference import config_for_weights, load_model_for_inference
+    from .engine.precision import autocast_dtype
     from .engine.task import build_video_dataset, text_features_for
-    from .eval import config_for_weights, load_model_for_inference
-    from .train import autocast_dtype
 
     if isinstance(videos, (str, os.PathLike)):
         videos = [videos]
@@ -115,17 +107,15 @@ def predict(
     cfg, state = config_for_weights(None if checkpoint is None else str(checkpoint), config, list(overrides))
     from .engine.distributed import resolve_device
 
-    run_device = resolve_device(device or str(cfg.run.get("device", "auto")))
+    run_device = resolve_device(device or cfg.run.device)
     model, text = load_model_for_inference(cfg, state, run_device)
-    features = text_features_for(text, class_prompts, cfg.text.get("cache_dir"))
-    eval_cfg = cfg.get("eval", {})
+    features = text_features_for(text, class_prompts, cfg.text.cache_dir)
     dataset = build_video_dataset(
         cfg, None, training=False, records=[VideoRecord(path, -1) for path in paths],
-        n_temporal_views=int(eval_cfg.get("n_temporal_views", 3)),
-        n_spatial_crops=int(eval_cfg.get("n_spatial_crops", 1)),
+        n_temporal_views=cfg.eval.n_temporal_views, n_spatial_crops=cfg.eval.n_spatial_crops,
     )
     scored = score_dataset(model, dataset, features.features, features.mask, batch_size=batch_size,
-                           device=run_device, autocast_dtype=autocast_dtype(str(cfg.run.get("precision", "auto")), run_device))
+                           device=run_device, autocast_dtype=autocast_dtype(cfg.run.precision, run_device))
     probabilities = aggregate_views(scored.view_scores, range(len(names)))  # (N, C)
     k = min(top_k, len(names))
     by_index = {int(i): row for i, row in zip(scored.indices, probabilities)}

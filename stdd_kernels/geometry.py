@@ -237,12 +237,12 @@ def same_device(actual: torch.device, wanted) -> bool:
 
 
 def check_phase_tensor(
-    phase, *, batch: int, num_frames: int, window: tuple[int, int], device, check_values: bool = True
+    phase, *, batch: int, num_frames: int, window: tuple[int, int], device, validate: bool = True
 ) -> torch.Tensor:
     """Validate a ``(B, T)`` integer phase tensor with values in ``[0, K)``, ``K = w1 * w2``.
 
     The value-range check reads the tensor back to the host (a device sync on
-    GPU); ``check_values=False`` skips it for callers that validated the phase
+    GPU); ``validate=False`` skips it for callers that validated the phase
     already, e.g. once per forward pass of a whole STCA stack. It is also
     skipped while ``torch.compile`` traces (a data-dependent host read).
     """
@@ -255,7 +255,7 @@ def check_phase_tensor(
         raise ValueError(f"phase must have shape (B, T) = {expected}, got {tuple(phase.shape)}")
     if not same_device(phase.device, device):
         raise ValueError(f"phase is on {phase.device} but the tokens are on {device}")
-    if check_values and phase.numel() > 0 and not torch.compiler.is_compiling():
+    if validate and phase.numel() > 0 and not torch.compiler.is_compiling():
         cells = window[0] * window[1]
         low, high = int(phase.min()), int(phase.max())
         if low < 0 or high >= cells:
@@ -267,7 +267,7 @@ def check_phase_tensor(
 
 
 def check_phase(
-    phase, batch: int, geometry: STCAGeometry, device: torch.device, check_values: bool = True
+    phase, batch: int, geometry: STCAGeometry, device: torch.device, validate: bool = True
 ) -> torch.Tensor:
     """:func:`check_phase_tensor` for the frames and window of ``geometry``."""
     return check_phase_tensor(
@@ -276,5 +276,5 @@ def check_phase(
         num_frames=geometry.num_frames,
         window=geometry.window,
         device=device,
-        check_values=check_values,
+        validate=validate,
     )

@@ -38,7 +38,7 @@ register_backend(
 def _phase_for(phase, batch: int, geometry: STCAGeometry, device, validate: bool) -> torch.Tensor:
     if phase is None:
         return reference.mask_phase(batch, geometry.num_frames, geometry.cells, device=device)
-    return check_phase(phase, batch, geometry, device, check_values=validate)
+    return check_phase(phase, batch, geometry, device, validate=validate)
 
 
 def mix_gather(

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from stdd.resources import ASKG_DIR, class_names, display_name
-from stdd.text.schema import (
-    SHIPPED_SETS, check_prompt, validate_askg_document, validate_askg_file, validate_graph, validate_stage1,
+from stdd.resources import ASKG_DIR, ASKG_SETS, class_names, display_name
+from stdd.askg.schema import (
+    check_prompt, validate_askg_document, validate_askg_file, validate_graph, validate_stage1,
 )
 
 ARCHERY = {
@@ -115,7 +115,7 @@ def test_file_level_checks(tmp_path):
     assert len(names) == 51
 
 
-@pytest.mark.parametrize("dataset", SHIPPED_SETS)
+@pytest.mark.parametrize("dataset", ASKG_SETS)
 def test_shipped_askg_file_is_present_and_valid(dataset):
     path = ASKG_DIR / f"{dataset}.json"
     assert path.exists(), f"shipped ASKG file {path} is missing"
@@ -127,17 +127,23 @@ def test_shipped_askg_file_is_present_and_valid(dataset):
 
 
 def test_prompt_sources_for_the_text_side(tmp_path):
-    from stdd import askg as askg_cli
-    from stdd.text.askg import AskgError, load_prompts
+    from stdd.askg import cli as askg_cli
+    from stdd.askg import AskgError, load_prompts
 
-    spatial = load_prompts("hmdb51", "S")
-    both = load_prompts("hmdb51", "ST")
+    spatial = load_prompts("hmdb51", only="S")
+    both = load_prompts("hmdb51", only="ST")
     assert list(both) == class_names("hmdb51")
     assert all(both[c][: len(spatial[c])] == spatial[c] and len(both[c]) > len(spatial[c]) for c in both)
     out = tmp_path / "prompts.json"
     assert askg_cli.main(["prompts", "--graph", "ucf101", "--out", str(out), "--only", "T"]) == 0
-    assert load_prompts(out) == load_prompts("ucf101", "T")
+    assert load_prompts(out) == load_prompts("ucf101", only="T")
     assert all(p.startswith("This is a video of apply eye makeup, ") for p in load_prompts(out)["ApplyEyeMakeup"])
     (tmp_path / "bad.json").write_text('{"archery": []}')
     with pytest.raises(AskgError, match="archery"):
         load_prompts(tmp_path / "bad.json")
+    # the one loader also selects classes, by exact name or plain words, and says which are missing
+    hmdb = load_prompts("hmdb51", ["Brush hair", "clap"])
+    assert list(hmdb) == ["Brush hair", "clap"] and hmdb["Brush hair"] == both["brush_hair"]
+    with pytest.raises(AskgError, match=r"hmdb51.json has no prompts for 1 of 2 classes"):
+        load_prompts("hmdb51", ["clap", "archery"])
+    assert list(load_prompts("hmdb51", ["clap", "archery"], partial=True)) == ["clap"]

@@ -96,7 +96,7 @@ def _tiny_blocks(layers, width=32, heads=2, seed=0):
 def test_stca_block_stack_traces_fullgraph_with_triton_backend():
     """Two stdd.model.STCABlocks on the triton backend, compiled whole, forward and backward."""
     pytest.importorskip("open_clip")
-    from stdd.model import STCABlock
+    from stdd.model import STCABlock, STCASettings
 
     torch._dynamo.reset()
     frames, batch, grid, width = 3, 2, 4, 32
@@ -104,7 +104,7 @@ def test_stca_block_stack_traces_fullgraph_with_triton_backend():
 
     def stack(backend):
         return torch.nn.ModuleList(
-            [STCABlock(block, num_frames=frames, channel_fold=8, backend=backend, seed=0) for block in blocks]
+            [STCABlock(block, STCASettings(channel_fold=8, backend=backend), num_frames=frames) for block in blocks]
         ).train()
 
     def run(modules, x, phase):
@@ -150,7 +150,7 @@ def test_stca_block_stack_compiles_with_inductor():
 
     def run(modules, tokens):
         for module in modules:
-            tokens = module(tokens, phase, check_phase=False)
+            tokens = module(tokens, phase, validate=False)
         return tokens
 
     def loss_and_grads(backend, compile_it):

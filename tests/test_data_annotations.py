@@ -9,6 +9,7 @@ from stdd.data.annotations import (
     VideoRecord,
     load_annotations,
     read_class_names,
+    resolve_class_names,
     read_csv_list,
     read_hmdb51_split,
     read_kinetics_csv,
@@ -67,6 +68,30 @@ def test_class_name_files(tmp_path):
         read_class_names(write(tmp_path / "dup.txt", "a\nb\na\n"))
     with pytest.raises(AnnotationError, match="empty"):
         read_class_names(write(tmp_path / "empty.txt", "\n"))
+
+
+def test_one_class_list_reader_for_names_files_and_lists(tmp_path):
+    from stdd.resources import class_names
+
+    assert resolve_class_names("UCF101") == class_names("ucf101")
+    assert resolve_class_names(["walk", "run"]) == ["walk", "run"]
+    ind = write(tmp_path / "classInd.txt", "1 ApplyEyeMakeup\r\n2 ApplyLipstick\r\n")
+    assert resolve_class_names(str(ind)) == ["ApplyEyeMakeup", "ApplyLipstick"]
+    with pytest.raises(ValueError, match=r"--classes 'nope.txt': neither a shipped list"):
+        resolve_class_names("nope.txt", where="--classes")
+    with pytest.raises(ValueError, match="duplicated"):
+        resolve_class_names(["a", "a"])
+    with pytest.raises(ValueError, match="no class list"):
+        resolve_class_names(None)
+
+
+def test_askg_build_reads_a_classind_file_without_its_ids(tmp_path):
+    """The ASKG CLI read classInd.txt lines as names ('1 ApplyEyeMakeup'); it now uses the one reader."""
+    from stdd.askg.builder import resolve_classes
+
+    ind = write(tmp_path / "classInd.txt", "1 ApplyEyeMakeup\n2 ApplyLipstick\n3 Archery\n")
+    assert resolve_classes(str(ind)) == ("classInd", ["ApplyEyeMakeup", "ApplyLipstick", "Archery"])
+    assert resolve_classes("hmdb51")[0] == "hmdb51" and len(resolve_classes("hmdb51")[1]) == 51
 
 
 def test_ucf101_official_layout(tmp_path):

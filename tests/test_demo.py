@@ -8,11 +8,11 @@ pytest.importorskip("omegaconf")
 pytest.importorskip("open_clip")
 pytest.importorskip("av")
 
-from stdd import demo
+from stdd.engine import comparison
 
 
 def test_demo_smoke_trains_both_variants_and_writes_the_table(tmp_path):
-    summary = demo.run_demo(
+    summary = comparison.run_demo(
         str(tmp_path / "work"),
         [
             "data.synthetic.videos_per_class=2", "data.synthetic.val_videos_per_class=1",

@@ -13,10 +13,10 @@ pytest.importorskip("omegaconf")
 pytest.importorskip("open_clip")
 pytest.importorskip("av")
 
-import stdd
 from stdd.data import generate_synthetic_dataset
+from stdd.engine.checkpoint import save_weights
 from stdd.engine.config import load_config
-from stdd.train import save_weights
+from stdd.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["moving left", "moving right", "growing"]
@@ -103,13 +103,13 @@ def test_predict_cli_on_generated_videos_with_a_broken_one(videos, weights, tmp_
 
 def test_predict_python_api_matches_the_cli_and_checks_arguments(videos, weights):
     clip = sorted((videos.root / "videos" / "test").rglob("*.mp4"))[0]
-    results = stdd.predict([clip], classes=CLASSES, checkpoint=weights, top_k=3, prompts=videos.prompts_file)
+    results = predict([clip], classes=CLASSES, checkpoint=weights, top_k=3, prompts=videos.prompts_file)
     assert len(results) == 1 and len(results[0]["predictions"]) == 3
     assert sum(p["score"] for p in results[0]["predictions"]) == pytest.approx(1.0, abs=1e-5)
-    again = stdd.predict(str(clip), classes=",".join(CLASSES), checkpoint=weights, top_k=3,
+    again = predict(str(clip), classes=",".join(CLASSES), checkpoint=weights, top_k=3,
                          prompts=videos.prompts_file)
     assert again == results  # deterministic in eval mode
     with pytest.raises(ValueError, match="at least two"):
-        stdd.predict([clip], classes=["only one"], checkpoint=weights)
+        predict([clip], classes=["only one"], checkpoint=weights)
     with pytest.raises(ValueError, match="no such file"):
-        stdd.predict([clip.with_name("missing.mp4")], classes=CLASSES, checkpoint=weights)
+        predict([clip.with_name("missing.mp4")], classes=CLASSES, checkpoint=weights)

@@ -78,7 +78,7 @@ def test_mean_pooled_ablation_by_hand():
     text = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [0.0, -5.0]],  # class 0: mean (1, 1) -> cos 1
                          [[1.0, 0.0], [0.0, -3.0], [9.0, 9.0]]])  # class 1: (1, 0), (0, -1); pad ignored
     mask = torch.tensor([[True, True, False], [True, True, False]])
-    got = alignment_scores(video, text, mask, logit_scale=10.0, mode="mean")
+    got = alignment_scores(video, text, mask, logit_scale=10.0, mode="mean_pool")
     torch.testing.assert_close(got, torch.tensor([[10.0, 0.0]]), atol=1e-6, rtol=0)
 
 
@@ -98,10 +98,11 @@ def test_alignment_argument_errors():
 
 
 def test_stdd_model_checks_each_mask_once_but_every_new_mask():
-    from stdd.model import build_stdd
+    from stdd.model import STCASettings, build_stdd
 
     torch.manual_seed(0)
-    model, _ = build_stdd("STDD-Tiny-ViT", None, allow_random_init=True, channel_fold=8, distill_weight=0.0)
+    model, _ = build_stdd("STDD-Tiny-ViT", None, allow_random_init=True, stca=STCASettings(channel_fold=8),
+                          distill_weight=0.0)
     frames, text = torch.randn(1, 2, 32), torch.randn(2, 2, 32)
     mask = torch.ones(2, 2, dtype=torch.bool)
     model.scores(frames, text, mask)

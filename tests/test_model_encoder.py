@@ -12,8 +12,10 @@ open_clip = pytest.importorskip("open_clip")
 
 from open_clip.transformer import QuickGELU, VisionTransformer
 
+import stdd_kernels
 from stdd.model import (
     STCABlock,
+    STCASettings,
     STDDModel,
     VideoEncoder,
     build_stdd,
@@ -63,7 +65,7 @@ def test_switched_off_encoder_equals_encode_image_per_frame(variant, batch, fram
         visual = VisionTransformer(**VARIANTS[variant])
     _perturb(visual)
     plain = copy.deepcopy(visual).eval()
-    encoder = VideoEncoder(visual, mask_ratio=0.0, mixing="none", backend="reference").eval()
+    encoder = VideoEncoder(visual, STCASettings(mask_ratio=0.0, mixing="none", backend="reference")).eval()
     size = plain.image_size
     video = torch.randn(batch, frames, 3, *size)
     with torch.no_grad():
@@ -77,17 +79,92 @@ def test_tiny_config_encoder_equals_clip_encode_image():
     clip, _ = _tiny_clip()
     _perturb(clip.visual)
     plain = copy.deepcopy(clip).eval()
-    encoder = VideoEncoder(clip.visual, mask_ratio=0.0, mixing="none").eval()
+    encoder = VideoEncoder(clip.visual, STCASettings(mask_ratio=0.0, mixing="none")).eval()
     video = torch.randn(2, 4, 3, 32, 32)
     with torch.no_grad():
         expected = plain.encode_image(video.reshape(8, 3, 32, 32)).reshape(2, 4, -1)
         assert (encoder(video) - expected).abs().max().item() <= 1e-5
 
 
+class _AttentionCalls(torch.overrides.TorchFunctionMode):
+    """Counts the attention computations of a forward pass and the tokens each one attends over."""
+
+    NAMES = ("scaled_dot_product_attention", "multi_head_attention_forward")
+
+    def __init__(self):
+        super().__init__()
+        self.lengths = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.NAMES:
+            query = args[0]  # (R, H, L, d) for SDPA; (N, L, D) / (L, N, D) for nn.MultiheadAttention
+            self.lengths.append(query.shape[-2] if func.__name__ == "scaled_dot_product_attention" else query.shape)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_frame_only_encoder_is_open_clip_forward_and_cost(variant):
+    """stca=None: open_clip's own blocks untouched; the output is open_clip's forward on every
+    frame (bitwise), with one attention per block over all tokens and plain CLIP's FLOPs."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    if VARIANTS[variant] is None:
+        visual = _tiny_clip()[0].visual
+    else:
+        torch.manual_seed(0)
+        visual = VisionTransformer(**VARIANTS[variant])
+    _perturb(visual)
+    plain = copy.deepcopy(visual).eval()
+    blocks = list(visual.transformer.resblocks)
+    encoder = VideoEncoder(visual, None).eval()
+    assert list(encoder.blocks) == blocks and not any(isinstance(b, STCABlock) for b in encoder.modules())
+    assert set(encoder.visual.state_dict()) == set(plain.state_dict())  # open_clip's keys, no ".block"
+    batch, frames = 2, 3
+    video = torch.randn(batch, frames, 3, *plain.image_size)
+    flat = video.reshape(batch * frames, 3, *plain.image_size)
+    with torch.no_grad():
+        assert torch.equal(encoder(video), plain(flat).reshape(batch, frames, -1))
+        calls = _AttentionCalls()
+        with calls:
+            encoder(video)
+        tokens = 1 + plain.grid_size[0] * plain.grid_size[1]
+        assert len(calls.lengths) == len(blocks)  # one attention per block ...
+        assert all(tokens in shape for shape in calls.lengths)  # ... over the 1+N tokens of a frame
+        counted = []
+        for module, source in ((encoder, video), (plain, flat)):
+            with FlopCounterMode(display=False) as flops:
+                module(source)
+            counted.append(flops.get_total_flops())
+        assert counted[0] == counted[1] > 0  # the cost of plain CLIP, nothing more
+        stca = VideoEncoder(copy.deepcopy(plain), STCASettings(mask_ratio=0.0, mixing="none", channel_fold=1,
+                                                               scales=(1,), window=(1, 1)))
+        calls = _AttentionCalls()
+        with calls:
+            stca.eval()(video)
+        assert len(calls.lengths) == 2 * len(blocks)  # an STCA block with everything off still attends twice
+    with pytest.raises(ValueError, match="no STCA blocks"):
+        encoder(video, torch.zeros(batch, frames, dtype=torch.long))
+
+
+def test_frame_only_gradient_checkpointing_is_open_clip_s():
+    clip, _ = _tiny_clip()
+    encoder = VideoEncoder(clip.visual, None).train()
+    video = torch.randn(2, 2, 3, 32, 32)
+    grads = []
+    for enable in (False, True):
+        encoder.zero_grad()
+        encoder.set_grad_checkpointing(enable)
+        assert encoder.visual.transformer.grad_checkpointing is enable
+        encoder(video).square().sum().backward()
+        grads.append([p.grad.clone() for p in encoder.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(recomputed, plain, atol=1e-6, rtol=1e-5)
+
+
 def test_every_block_is_stca_and_parameters_are_the_clip_ones():
     clip, _ = _tiny_clip()
     parameter_ids = [id(p) for p in clip.visual.parameters()]
-    encoder = VideoEncoder(clip.visual, channel_fold=8)
+    encoder = VideoEncoder(clip.visual, STCASettings(channel_fold=8))
     assert all(isinstance(b, STCABlock) for b in encoder.blocks)
     assert len(encoder.blocks) == 2
     assert [id(p) for p in encoder.parameters()] == parameter_ids
@@ -96,7 +173,7 @@ def test_every_block_is_stca_and_parameters_are_the_clip_ones():
 
 def test_stca_mixes_frames_within_a_clip_only():
     clip, _ = _tiny_clip()
-    encoder = VideoEncoder(clip.visual, channel_fold=8, backend="reference").eval()
+    encoder = VideoEncoder(clip.visual, STCASettings(channel_fold=8, backend="reference")).eval()
     video = torch.randn(2, 4, 3, 32, 32)
     changed = video.clone()
     changed[0, 1] += torch.randn(3, 32, 32)  # frame 1 of clip 0
@@ -107,26 +184,33 @@ def test_stca_mixes_frames_within_a_clip_only():
     assert difference[1].max() == 0  # the other clip does not
 
 
-def test_training_phases_seeded_and_shared_by_blocks():
+def test_phases_are_an_input_shared_by_blocks_or_one_per_block():
     clip, _ = _tiny_clip()
-    encoder = VideoEncoder(clip.visual, channel_fold=8, backend="reference", seed=5).train()
+    encoder = VideoEncoder(clip.visual, STCASettings(channel_fold=8, backend="reference")).train()
     video = torch.randn(2, 4, 3, 32, 32)
-    encoder.manual_seed(1)
-    drawn = encoder.sample_phase(2, 4)
-    encoder.manual_seed(1)
+    drawn = stdd_kernels.mask_phase(2, 4, mode="train", generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        random_phase_out = encoder(video)
-        assert torch.equal(random_phase_out, encoder(video, drawn))
+        shared = encoder(video, drawn)
+        assert torch.equal(shared, encoder(video, drawn.expand(2, 2, 4)))  # (B, T) = the same row per block
+        other = torch.stack([drawn, (drawn + 1) % 4])
+        assert not torch.equal(shared, encoder(video, other))  # block 1 reads its own row
+        assert torch.equal(encoder(video, other), encoder(video, other.clone()))
+        # no phase: the evaluation phases t mod K, in training mode too
+        assert torch.equal(encoder(video), encoder(video, torch.arange(4).expand(2, 4) % 4))
         encoder.eval()
         eval_out = encoder(video)
         assert torch.equal(eval_out, encoder(video, torch.arange(4).expand(2, 4) % 4))
     with pytest.raises(ValueError, match="phase values"):
         encoder(video, torch.full((2, 4), 4))
+    with pytest.raises(ValueError, match="phase values"):
+        encoder(video, torch.full((2, 2, 4), 4))
+    with pytest.raises(ValueError, match=r"\(n_blocks, B, T\) = \(2, 2, 4\)"):
+        encoder(video, torch.zeros(3, 2, 4, dtype=torch.long))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
     clip, _ = _tiny_clip()
-    encoder = VideoEncoder(clip.visual, channel_fold=8, backend="reference").train()
+    encoder = VideoEncoder(clip.visual, STCASettings(channel_fold=8, backend="reference")).train()
     video = torch.randn(2, 4, 3, 32, 32)
     phase = torch.tensor([[1, 2, 3, 0], [3, 0, 1, 2]])
     grads = []
@@ -142,13 +226,13 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 def test_bad_inputs_and_settings_are_named():
     clip, _ = _tiny_clip()
     with pytest.raises(ValueError, match="window"):
-        VideoEncoder(copy.deepcopy(clip.visual), window=(3, 3))  # 4x4 grid
+        VideoEncoder(copy.deepcopy(clip.visual), STCASettings(window=(3, 3)))  # 4x4 grid
     with pytest.raises(ValueError, match="divisible by every scale"):
-        VideoEncoder(copy.deepcopy(clip.visual), channel_fold=64, scales=(1, 2))  # I = 1
+        VideoEncoder(copy.deepcopy(clip.visual), STCASettings(channel_fold=64, scales=(1, 2)))  # I = 1
     dropout_clip = open_clip.create_model(TINY, force_patch_dropout=0.5)
     with pytest.raises(ValueError, match="patch dropout"):
         VideoEncoder(dropout_clip.visual)
-    encoder = VideoEncoder(clip.visual, channel_fold=8)
+    encoder = VideoEncoder(clip.visual, STCASettings(channel_fold=8))
     with pytest.raises(ValueError, match=r"\(B, T, 3, H, W\)"):
         encoder(torch.randn(4, 3, 32, 32))
     with pytest.raises(ValueError, match="pixels"):
@@ -179,7 +263,7 @@ def test_local_checkpoint_round_trip(tmp_path):
     for (name, want), (_, got) in zip(clip.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(want, got), name
 
-    encoder = VideoEncoder.from_pretrained(TINY, str(path), mask_ratio=0.0, mixing="none").eval()
+    encoder = VideoEncoder.from_pretrained(TINY, str(path), stca=STCASettings(mask_ratio=0.0, mixing="none")).eval()
     assert encoder.source == source
     assert encoder.preprocess_cfg["size"] == (32, 32) and len(encoder.preprocess_cfg["mean"]) == 3
     video = torch.randn(1, 3, 3, 32, 32)
@@ -196,7 +280,7 @@ def test_local_checkpoint_round_trip(tmp_path):
 def test_open_clip_visual_state_dict_loads_into_converted_encoder():
     source_clip, _ = _tiny_clip(seed=1)
     target_clip, _ = _tiny_clip(seed=2)
-    encoder = VideoEncoder(target_clip.visual, channel_fold=8)
+    encoder = VideoEncoder(target_clip.visual, STCASettings(channel_fold=8))
     encoder.load_clip_visual_state_dict(source_clip.state_dict())  # whole-CLIP keys
     renamed = {k.replace(".block.", "."): v for k, v in encoder.visual.state_dict().items()}
     for name, value in source_clip.visual.state_dict().items():
@@ -205,7 +289,7 @@ def test_open_clip_visual_state_dict_loads_into_converted_encoder():
 
 def test_stdd_model_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
-    model, text = build_stdd(TINY, None, allow_random_init=True, channel_fold=8, seed=0)
+    model, text = build_stdd(TINY, None, allow_random_init=True, stca=STCASettings(channel_fold=8))
     classes = text.class_features(template_prompts(["archery", "juggling", "surfing"], ["a video of {}."]))
     video = torch.randn(2, 4, 3, 32, 32)
     labels = torch.tensor([0, 2])
@@ -217,7 +301,7 @@ def test_stdd_model_checkpoint_round_trip(tmp_path):
     torch.save(model.state_dict(), path)
 
     torch.manual_seed(1)
-    restored, _ = build_stdd(TINY, None, allow_random_init=True, channel_fold=8, seed=0)
+    restored, _ = build_stdd(TINY, None, allow_random_init=True, stca=STCASettings(channel_fold=8))
     restored.load_state_dict(torch.load(path, weights_only=True))
     model.eval(), restored.eval()
     with torch.no_grad():
@@ -242,7 +326,7 @@ def _released_vision_tower(name):
 def test_released_architectures_convert_and_match_when_switched_off(name, window):
     visual = _released_vision_tower(name)
     plain = copy.deepcopy(visual)
-    encoder = VideoEncoder(visual, window=window, mask_ratio=0.0, mixing="none").eval()
+    encoder = VideoEncoder(visual, STCASettings(window=window, mask_ratio=0.0, mixing="none")).eval()
     video = torch.randn(1, 2, 3, 224, 224)
     with torch.no_grad():
         assert (encoder(video) - plain(video[0]).unsqueeze(0)).abs().max().item() <= 1e-5

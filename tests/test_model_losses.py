@@ -9,6 +9,7 @@ pytest.importorskip("open_clip")
 
 from stdd.model import (
     ResidualProjector,
+    STCASettings,
     build_stdd,
     classification_loss,
     feature_distillation_loss,
@@ -40,9 +41,9 @@ def test_residual_projector_starts_as_identity_and_learns():
     assert projector.mlp[2].weight.grad.abs().sum() > 0  # the zero-initialised layer gets a gradient
 
 
-def _model_and_classes(**options):
+def _model_and_classes(stca=STCASettings(channel_fold=8), **options):
     torch.manual_seed(0)
-    model, text = build_stdd(TINY, None, allow_random_init=True, channel_fold=8, seed=0, **options)
+    model, text = build_stdd(TINY, None, allow_random_init=True, stca=stca, **options)
     classes = text.class_features(template_prompts(["archery", "juggling", "surfing"], ["a video of {}."]))
     return model, classes
 
@@ -72,7 +73,7 @@ def test_teacher_is_the_original_clip_encoder():
     model, _ = _model_and_classes()
     video = torch.randn(1, 2, 3, 32, 32)
     # with STCA switched off the student equals the teacher at initialisation
-    off, _ = _model_and_classes(mask_ratio=0.0, mixing="none")
+    off, _ = _model_and_classes(STCASettings(channel_fold=8, mask_ratio=0.0, mixing="none"))
     off.eval()
     with torch.no_grad():
         torch.testing.assert_close(off.encode_video(video), off.teacher(video), atol=1e-5, rtol=0)

@@ -9,7 +9,8 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from stdd.model import TextEncoder, load_clip, load_prompt_file, template_prompts
+from stdd.askg import load_prompts
+from stdd.model import TextEncoder, load_clip, template_prompts
 
 TINY = "STDD-Tiny-ViT"
 
@@ -33,19 +34,19 @@ def test_template_prompts():
 def test_prompt_file_order_and_errors(tmp_path):
     path = tmp_path / "askg.json"
     path.write_text(json.dumps({"b": ["b one."], "a": ["a one.", "a two."], "c": ["c."]}), encoding="utf-8")
-    assert list(load_prompt_file(path)) == ["b", "a", "c"]
-    assert load_prompt_file(path, ["a", "b"]) == {"a": ["a one.", "a two."], "b": ["b one."]}
+    assert list(load_prompts(path)) == ["b", "a", "c"]
+    assert load_prompts(path, ["a", "b"]) == {"a": ["a one.", "a two."], "b": ["b one."]}
     with pytest.raises(ValueError, match=r"askg.json has no prompts for 1 of 2 classes"):
-        load_prompt_file(path, ["a", "zzz"])
+        load_prompts(path, ["a", "zzz"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"a": []}), encoding="utf-8")
     with pytest.raises(ValueError, match="bad.json: class 'a' must map to a non-empty list"):
-        load_prompt_file(bad)
+        load_prompts(bad)
     bad.write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match="not valid UTF-8 JSON"):
-        load_prompt_file(bad)
+        load_prompts(bad)
     with pytest.raises(ValueError, match="does not exist"):
-        load_prompt_file(tmp_path / "missing.json")
+        load_prompts(tmp_path / "missing.json")
 
 
 def test_features_match_encode_text_with_mask_not_repeats():

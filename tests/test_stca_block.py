@@ -1,6 +1,8 @@
 """STCABlock: equals the plain open_clip block when STCA is switched off, and
 matches a literal, step-by-step reading of docs/stca.md (steps 1-4) otherwise."""
 
+import copy
+
 import pytest
 import torch
 
@@ -8,7 +10,8 @@ pytest.importorskip("open_clip")
 
 from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 
-from stdd.model import STCABlock, multi_head_self_attention
+import stdd_kernels
+from stdd.model import STCABlock, STCASettings, multi_head_self_attention
 from stdd_kernels import reference
 from stdd_kernels.geometry import make_geometry
 
@@ -29,12 +32,13 @@ def _block(width=48, heads=4, ls_init_value=None, seed=0):
 )
 def test_switched_off_block_equals_plain_block(batch, frames, grid, width, heads, ls_init_value):
     block = _block(width, heads, ls_init_value).eval()
-    stca = STCABlock(block, num_frames=frames, mask_ratio=0.0, mixing="none", backend="reference").eval()
+    stca = STCABlock(block, STCASettings(mask_ratio=0.0, mixing="none", backend="reference"), num_frames=frames).eval()
     x = torch.randn(batch * frames, 1 + grid * grid, width)
     expected = block(x)
     assert (stca(x) - expected).abs().max().item() <= 1e-5
     stca.train()  # random phases change nothing when every cell is kept
-    assert (stca(x) - expected).abs().max().item() <= 1e-5
+    phase = stdd_kernels.mask_phase(batch, frames, mode="train", generator=torch.Generator().manual_seed(2))
+    assert (stca(x, phase) - expected).abs().max().item() <= 1e-5
 
 
 def test_sdpa_attention_equals_multihead_attention_module():
@@ -76,10 +80,11 @@ def test_block_matches_literal_spec_forward_and_backward(
 ):
     width = 48
     block = _block(width, 4, ls_init_value=0.5)
-    stca = STCABlock(
-        block, num_frames=frames, window=window, mask_ratio=mask_ratio, scales=scales,
-        channel_fold=channel_fold, mixing=mixing, backend="reference",
+    settings = STCASettings(
+        window=window, mask_ratio=mask_ratio, scales=scales, channel_fold=channel_fold, mixing=mixing,
+        backend="reference",
     )
+    stca = STCABlock(block, settings, num_frames=frames)
     cells = window[0] * window[1]
     phase = torch.randint(0, cells, (batch, frames), generator=torch.Generator().manual_seed(1))
     x = torch.randn(batch * frames, 1 + grid * grid, width, requires_grad=True)
@@ -103,43 +108,21 @@ def test_block_matches_literal_spec_forward_and_backward(
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
-def test_eval_phase_is_t_mod_k_and_training_phases_are_seedable():
+def test_default_phase_is_t_mod_k_in_eval_and_training_mode():
     block = _block()
-    stca = STCABlock(block, num_frames=4, channel_fold=8, backend="reference", seed=7)
+    stca = STCABlock(block, STCASettings(channel_fold=8, backend="reference"), num_frames=4)
     x = torch.randn(2 * 4, 17, 48)
-    stca.eval()
     eval_phase = torch.arange(4).remainder(4).expand(2, 4).contiguous()
-    torch.testing.assert_close(stca(x), stca(x, eval_phase), atol=0, rtol=0)
-
-    stca.train()
-    stca.manual_seed(3)
-    first = stca.sample_phase(2)
-    stca.manual_seed(3)
-    torch.testing.assert_close(stca.sample_phase(2), first)
-    # a training forward uses the generator's phases: the same as passing them
-    stca.manual_seed(11)
-    drawn = stca.sample_phase(2)
-    stca.manual_seed(11)
-    torch.testing.assert_close(stca(x), stca(x, drawn), atol=0, rtol=0)
-    # each clip's phases follow (t + i_b) mod K without shuffle
-    for row in drawn:
-        assert torch.equal(row, (torch.arange(4) + row[0]) % 4)
-
-
-def test_shuffled_phases_are_permutations_of_the_cycle():
-    stca = STCABlock(_block(), num_frames=4, channel_fold=8, shuffle_phases=True, seed=0)
-    seen_unsorted = False
-    for _ in range(20):
-        phase = stca.sample_phase(3)
-        for row in phase:
-            assert sorted(row.tolist()) == [0, 1, 2, 3]
-            seen_unsorted |= row.tolist() != [(row[0].item() + t) % 4 for t in range(4)]
-    assert seen_unsorted
+    for mode in (False, True):  # the block draws nothing: phases are an input
+        stca.train(mode)
+        torch.testing.assert_close(stca(x), stca(x, eval_phase), atol=0, rtol=0)
+    drawn = stdd_kernels.mask_phase(2, 4, mode="train", generator=torch.Generator().manual_seed(11))
+    assert not torch.equal(stca(x, drawn), stca(x))  # and an explicit phase is used
 
 
 def test_block_adds_no_parameters_and_keeps_open_clip_names():
     block = _block()
-    stca = STCABlock(block, num_frames=2, channel_fold=8)
+    stca = STCABlock(block, STCASettings(channel_fold=8), num_frames=2)
     assert [id(p) for p in stca.parameters()] == [id(p) for p in block.parameters()]
     assert set(stca.state_dict()) == {f"block.{k}" for k in block.state_dict()}
 
@@ -149,12 +132,14 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="ResidualAttentionBlock"):
         STCABlock(CustomResidualAttentionBlock(48, 4), num_frames=2)
     with pytest.raises(ValueError, match="mask_ratio"):
-        STCABlock(block, num_frames=2, mask_ratio=1.0)
+        STCABlock(block, STCASettings(mask_ratio=1.0), num_frames=2)
     with pytest.raises(ValueError, match="divisible by every scale"):
-        STCABlock(block, num_frames=2, channel_fold=16, scales=(1, 2))  # I = 3
+        STCABlock(block, STCASettings(channel_fold=16, scales=(1, 2)), num_frames=2)  # I = 3
     with pytest.raises(ValueError, match="attention"):
-        STCABlock(block, num_frames=2, channel_fold=8, attention="flash")
-    stca = STCABlock(block, num_frames=2, channel_fold=8)
+        STCABlock(block, STCASettings(channel_fold=8, attention="flash"), num_frames=2)
+    with pytest.raises(ValueError, match="STCASettings"):
+        STCABlock(block, {"channel_fold": 8}, num_frames=2)
+    stca = STCABlock(block, STCASettings(channel_fold=8), num_frames=2)
     x = torch.randn(4, 17, 48)
     with pytest.raises(ValueError, match=r"phase values must be in \[0, K\)"):
         stca(x, torch.tensor([[0, 4], [1, 2]]))
@@ -164,11 +149,85 @@ def test_bad_arguments_name_the_argument():
         stca(torch.randn(3, 17, 48))
 
 
+class _PackedAttention(torch.nn.Module):
+    """A stand-in for open_clip's own ``Attention`` module (which replaces nn.MultiheadAttention in
+    newer open_clip blocks): packed ``in_proj_weight``/``in_proj_bias``, an ``out_proj`` linear,
+    ``num_heads``, ``batch_first``, an ``attn_drop`` dropout, optional scaled-cosine / head-scale
+    parts, and no ``embed_dim`` or ``_qkv_same_embed_dim`` attributes."""
+
+    def __init__(self, dim, num_heads, *, scaled_cosine=False, batch_first=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.batch_first = batch_first
+        self.in_proj_weight = torch.nn.Parameter(torch.randn(3 * dim, dim) * dim**-0.5)
+        self.in_proj_bias = torch.nn.Parameter(0.1 * torch.randn(3 * dim))
+        self.logit_scale = torch.nn.Parameter(torch.zeros(num_heads, 1, 1)) if scaled_cosine else None
+        self.head_scale = None
+        self.attn_drop = torch.nn.Dropout(0.0)
+        self.out_proj = torch.nn.Linear(dim, dim)
+
+    def forward(self, x, attn_mask=None):  # (N, L, D), batch first
+        n, length, dim = x.shape
+        q, k, v = torch.nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(n, length, self.num_heads, -1).transpose(1, 2) for t in (q, k, v))
+        out = torch.softmax(q @ k.transpose(-1, -2) / (dim // self.num_heads) ** 0.5, dim=-1) @ v
+        return self.out_proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class _PackedAttentionBlock(torch.nn.Module):
+    """A block laid out like open_clip's ResidualAttentionBlock, around ``_PackedAttention``."""
+
+    def __init__(self, dim, heads, **attention_options):
+        super().__init__()
+        self.ln_1, self.ln_2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.attn = _PackedAttention(dim, heads, **attention_options)
+        self.ls_1, self.ls_2 = torch.nn.Identity(), torch.nn.Identity()
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(dim, 2 * dim), torch.nn.GELU(), torch.nn.Linear(2 * dim, dim))
+
+    def forward(self, x):
+        x = x + self.ls_1(self.attn(self.ln_1(x)))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+def test_block_check_is_duck_typed_on_what_stca_uses():
+    torch.manual_seed(0)
+    block = _PackedAttentionBlock(48, 4)
+    assert not hasattr(block.attn, "embed_dim") and not hasattr(block.attn, "_qkv_same_embed_dim")
+    x = torch.randn(2 * 3, 17, 48)
+    with torch.no_grad():
+        off = STCABlock(block, STCASettings(mask_ratio=0.0, mixing="none", backend="reference"), num_frames=3)
+        torch.testing.assert_close(off(x), block(x), atol=1e-5, rtol=1e-5)
+        # STCA on: the same result as an nn.MultiheadAttention block holding the same weights
+        twin = copy.deepcopy(block)
+        twin.attn = torch.nn.MultiheadAttention(48, 4, batch_first=True)
+        twin.attn.in_proj_weight.copy_(block.attn.in_proj_weight)
+        twin.attn.in_proj_bias.copy_(block.attn.in_proj_bias)
+        twin.attn.out_proj.load_state_dict(block.attn.out_proj.state_dict())
+        h = block.ln_1(x)  # the stand-in computes that attention
+        torch.testing.assert_close(twin.attn(h, h, h, need_weights=False)[0], block.attn(h), atol=1e-5, rtol=1e-5)
+        settings = STCASettings(channel_fold=8, backend="reference")
+        phase = torch.tensor([[0, 1, 2], [3, 1, 0]])
+        torch.testing.assert_close(STCABlock(block, settings, num_frames=3)(x, phase),
+                                   STCABlock(twin, settings, num_frames=3)(x, phase), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="scaled-cosine"):
+        STCABlock(_PackedAttentionBlock(48, 4, scaled_cosine=True), num_frames=3)
+    with pytest.raises(ValueError, match="batch-first"):
+        STCABlock(_PackedAttentionBlock(48, 4, batch_first=False), num_frames=3)
+    separate = _block(48, 4)
+    separate.attn = torch.nn.MultiheadAttention(48, 4, kdim=32, vdim=32, batch_first=True)
+    with pytest.raises(ValueError, match="one packed in_proj_weight"):
+        STCABlock(separate, num_frames=3)
+    with pytest.raises(ValueError, match="num_heads"):
+        broken = _PackedAttentionBlock(48, 4)
+        broken.attn.num_heads = 5
+        STCABlock(broken, num_frames=3)
+
+
 def test_xformers_request_without_xformers_is_a_clear_error():
     try:
         import xformers.ops  # noqa: F401
     except ImportError:
         with pytest.raises(ValueError, match="xformers"):
-            STCABlock(_block(), num_frames=2, channel_fold=8, attention="xformers")
+            STCABlock(_block(), STCASettings(channel_fold=8, attention="xformers"), num_frames=2)
     else:
         pytest.skip("xformers is installed; its kernel needs CUDA (not tested on CPU)")

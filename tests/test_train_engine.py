@@ -13,7 +13,7 @@ pytest.importorskip("omegaconf")
 
 from stdd.engine import checkpoint as ckpt
 from stdd.engine.averaging import ExponentialMovingAverage, average_epoch_checkpoints, parse_epoch_selection
-from stdd.engine.config import ConfigError, list_presets, load_config
+from stdd.engine.config import ConfigError, list_presets, load_config, stca_settings_of
 from stdd.engine.schedule import WarmupCosine, build_scheduler, scaled_lr
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,6 +28,7 @@ def test_checkpoint_write_killed_midway_leaves_last_good_checkpoint_loadable(tmp
     script = textwrap.dedent(
         f"""
         import os, signal, torch
+        from stdd import files
         from stdd.engine import checkpoint as ckpt
         ckpt.save_checkpoint({str(tmp_path)!r}, {{"epoch": 1, "step_in_epoch": 0, "global_step": 5,
                               "model": {{"w": torch.ones(1000)}}}})
@@ -35,7 +36,7 @@ def test_checkpoint_write_killed_midway_leaves_last_good_checkpoint_loadable(tmp
             handle.write(payload[: len(payload) // 2])
             handle.flush()
             os.kill(os.getpid(), signal.SIGKILL)
-        ckpt._write_payload = dying_write
+        files._write_payload = dying_write
         ckpt.save_checkpoint({str(tmp_path)!r}, {{"epoch": 2, "step_in_epoch": 0, "global_step": 10,
                               "model": {{"w": torch.full((1000,), 2.0)}}}})
         """
@@ -119,6 +120,57 @@ def test_config_presets_overrides_and_errors(tmp_path):
     broken.write_text("optim: [unclosed\n")
     with pytest.raises(ConfigError, match="broken.yaml"):
         load_config(broken)
+
+
+def test_typed_config_rejects_unknown_and_mistyped_keys_with_their_dotted_path(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.stca\.mask_ration"):
+        load_config("demo", ["model.stca.mask_ration=0.5"])
+    with pytest.raises(ConfigError, match=r"optim\.lr: .*could not be converted"):
+        load_config("demo", ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match=r"\+model\.stca\.extra.*fixed set of keys"):
+        load_config("demo", ["+model.stca.extra=1"])
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("base: demo\nmodel:\n  stca:\n    chanel_fold: 4\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml: model\.stca\.chanel_fold"):
+        load_config(typo)
+    wrong_type = tmp_path / "wrong.yaml"
+    wrong_type.write_text("data:\n  batch_size: many\n")
+    with pytest.raises(ConfigError, match=r"wrong\.yaml: data\.batch_size"):
+        load_config(wrong_type)
+    top_level = tmp_path / "top.yaml"
+    top_level.write_text("optm:\n  lr: 1.0\n")
+    with pytest.raises(ConfigError, match=r"top\.yaml: optm"):
+        load_config(top_level)
+    with pytest.raises(ConfigError, match=r"model\.stca: mask_ratio"):
+        stca_settings_of(load_config("demo", ["model.stca.mask_ratio=1.0"]))
+
+
+def test_model_stca_section_is_the_settings_dataclass_and_presets_keep_their_meaning():
+    from dataclasses import fields
+
+    from omegaconf import OmegaConf
+
+    from stdd.engine.config import PRESET_DIR, STCAConfig
+    from stdd.model import STCASettings
+
+    assert [f.name for f in fields(STCAConfig)] == ["enabled"] + [f.name for f in fields(STCASettings)]
+    assert {f.name: f.default for f in fields(STCAConfig)}.items() > {
+        f.name: f.default for f in fields(STCASettings)}.items()
+    assert stca_settings_of(load_config("k400_vitb16")) == STCASettings()  # the paper's settings are the defaults
+    assert stca_settings_of(load_config("demo", ["model.stca.enabled=false"])) is None
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    for preset in ("demo", "k400_vitb16"):
+        written = dict(leaves(OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{preset}.yaml"))))
+        typed = dict(leaves(OmegaConf.to_container(load_config(preset))))
+        for key, value in written.items():  # every value the preset writes is what the typed config holds
+            assert typed[key] == (tuple(value) if isinstance(typed[key], tuple) else value), key
 
 
 def test_warmup_cosine_schedule_and_linear_scaling():

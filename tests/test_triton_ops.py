@@ -431,7 +431,7 @@ def test_twelve_block_stack_loss_and_every_parameter_gradient_match_reference():
     pytest.importorskip("open_clip")
     from open_clip.transformer import ResidualAttentionBlock
 
-    from stdd.model import STCABlock
+    from stdd.model import STCABlock, STCASettings
 
     layers, batch, frames, grid, width, heads = 12, 2, 3, 4, 32, 2
     torch.manual_seed(0)
@@ -451,7 +451,7 @@ def test_twelve_block_stack_loss_and_every_parameter_gradient_match_reference():
 
     def loss_and_grads(backend):
         stack = [
-            STCABlock(block, num_frames=frames, channel_fold=8, backend=backend, seed=0).train()
+            STCABlock(block, STCASettings(channel_fold=8, backend=backend), num_frames=frames).train()
             for block in blocks
         ]
         blocks.zero_grad(set_to_none=True)

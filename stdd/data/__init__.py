@@ -10,7 +10,8 @@ DALI (stdd/data/dali.py) is imported only when a DALI loader is built.
 
 from .dali import build_dali_loader, dali_available  # imports DALI itself only when a loader is built
 from .annotations import AnnotationError, VideoRecord, load_annotations, read_class_names, resolve_videos
-from .dataset import DecodeFailure, EpochReport, VideoDataset, VideoLoader, build_dataloader, build_dataset
+from .dataset import DecodeFailure, EpochReport, VideoDataset, VideoLoader, build_dataset
+from .loaders import build_dataloader
 from .decoders import PyAVDecoder, VideoDecodeError, VideoInfo
 from .sampling import ClipSampling, dense_clip_indices, sample_clip_indices, segment_indices
 from .synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES

@@ -7,7 +7,8 @@ Supported (each parser names the file and line of a malformed entry and says wha
 - `read_csv_list`: "path,label" rows, optional header row; label an integer or a class name (needs
   `class_names`).
 - `read_class_names`: one class name per line (label = line number - 1), or "<id> <name>" lines as in
-  UCF101's classInd.txt (ids 1-based and consecutive).
+  UCF101's classInd.txt (ids 1-based and consecutive); `resolve_class_names` takes a shipped list
+  name, such a file or a list of names (the one class-list reader every command uses).
 - `read_ucf101_split`: UCF101 official classInd.txt + trainlist0{1,2,3}.txt ("Class/v_....avi 1-based
   label") / testlist0{1,2,3}.txt ("Class/v_....avi", label from the class directory).
 - `read_hmdb51_split`: HMDB51 official split files "<class>_test_split{1,2,3}.txt" with lines
@@ -101,6 +102,34 @@ def read_class_names(path: str | os.PathLike) -> list[str]:
         if name in seen:
             raise AnnotationError(path, line_number, f"duplicate class name {name!r} (first at line {seen[name]})")
         seen[name] = line_number
+    return names
+
+
+def resolve_class_names(spec, *, where: str = "classes") -> list[str]:
+    """The class list ``spec`` names: a shipped list (``ucf101``, ``hmdb51``, ``k400``, ``k600``,
+    ``k600_new``; see `stdd.resources`), a class-name file (read by `read_class_names`: one name per
+    line, or "<id> <name>" lines as in UCF101's classInd.txt), or a sequence of names.
+
+    ``ValueError`` (an `AnnotationError` for a malformed file) names ``where`` and the problem.
+    """
+    from stdd.resources import CLASS_COUNTS, class_names
+
+    if spec is None:
+        raise ValueError(f"{where}: no class list given")
+    if isinstance(spec, Sequence) and not isinstance(spec, str):
+        names = [str(name) for name in spec]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"{where}: duplicated class names {duplicates[:5]}")
+    elif str(spec).lower() in CLASS_COUNTS:
+        names = class_names(str(spec).lower())
+    else:
+        path = Path(os.path.expanduser(str(spec)))
+        if not path.is_file():
+            raise ValueError(f"{where} {spec!r}: neither a shipped list ({', '.join(CLASS_COUNTS)}) nor a file")
+        names = read_class_names(path)
+    if not names:
+        raise ValueError(f"{where}: the class list is empty")
     return names
 
 

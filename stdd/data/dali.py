@@ -59,7 +59,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -67,8 +66,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..files import atomic_write
 from .annotations import VideoRecord, load_annotations, resolve_videos
-from .dataset import DecodeFailure, EpochReport, ON_ERROR_POLICIES, _distributed_rank_world, log_new_failures
+from .dataset import DecodeFailure, EpochReport, ON_ERROR_POLICIES, distributed_rank_world, log_new_failures
 from .decoders import PyAVDecoder, VideoDecodeError, VideoInfo, upright_frame
 from .sampling import ClipSampling, clip_span, sample_clip_indices
 from .transforms import CLIP_MEAN, CLIP_STD
@@ -440,11 +440,7 @@ def _load_probe_cache(path: Path | None) -> dict:
 
 
 def _save_probe_cache(path: Path, entries: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        json.dump({"version": _PROBE_CACHE_VERSION, "entries": entries}, handle)
-    os.replace(temporary, path)
+    atomic_write(path, json.dumps({"version": _PROBE_CACHE_VERSION, "entries": entries}))
 
 
 _PROBE_CACHE_VERSION = 2  # 2: exact frame counts from the packet index, truncation, rotation
@@ -595,7 +591,7 @@ def build_dali_loader(
     if not positions:
         raise ValueError(f"{source_name}: no usable videos left for DALI ({len(skipped)} left out)")
 
-    rank, world_size = _distributed_rank_world()
+    rank, world_size = distributed_rank_world()
     if distributed is False:
         rank, world_size = 0, 1
     if device == "gpu":

@@ -212,6 +212,37 @@ def _worker_init(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def video_dataloader(
+    dataset: VideoDataset,
+    *,
+    batch_size: int,
+    sampler,
+    num_workers: int = 0,
+    drop_last: bool = False,
+    pin_memory: bool = False,
+    generator: torch.Generator | None = None,
+) -> DataLoader:
+    """The one ``DataLoader`` over a `VideoDataset` (training, evaluation and `build_dataloader` use it).
+
+    Batches are the dicts of this module's docstring (`VideoBatchCollate`); worker processes run one
+    intra-op thread each and are created per pass, so they see the epoch set in the main process.
+    ``generator``: the source of the workers' base seed (a run passes a stream derived from its seed,
+    so the global torch stream is not drawn from).
+    """
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=VideoBatchCollate(dataset.sample_shape),
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        generator=generator,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+        persistent_workers=False,
+    )
+
+
 class VideoLoader:
     """Iterable of batch dicts; one `for` loop over it is one epoch.
 
@@ -263,7 +294,8 @@ class VideoLoader:
         logger.log(logging.WARNING if report.failures else logging.INFO, "%s", report.summary())
 
 
-def _distributed_rank_world() -> tuple[int, int]:
+def distributed_rank_world() -> tuple[int, int]:
+    """``(rank, world size)`` of the initialised torch.distributed group, else ``(0, 1)``."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -290,75 +322,3 @@ def build_dataset(
     records, report = resolve_videos(records, on_missing=on_missing, source=source)
     logger.info("%s", report.summary(source))
     return VideoDataset(records, **dataset_options)
-
-
-def build_dataloader(
-    annotation_file: str | os.PathLike | None = None,
-    *,
-    training: bool,
-    records: Sequence[VideoRecord] | None = None,
-    format: str = "list",
-    root: str | os.PathLike | None = None,
-    class_names=None,
-    batch_size: int = 8,
-    num_workers: int = 2,
-    sampling: ClipSampling | None = None,
-    crop_size: int = 224,
-    short_side: int | None = None,
-    horizontal_flip: bool = True,
-    on_missing: str = "fail",
-    on_error: str = "skip",
-    seed: int = 0,
-    distributed: bool | None = None,
-    drop_last: bool | None = None,
-    pin_memory: bool = False,
-    backend: str = "pyav",
-    annotation_options: dict | None = None,
-    **backend_options,
-):
-    """Build a clip loader; returns an iterable of batch dicts (format in this module's docstring).
-
-    annotation_file + format ("list" | "csv" | "ucf101" | "hmdb51" | "kinetics", see
-    stdd.data.annotations) and root (video root; default the annotation file's directory), or ready
-    `records`. training: shuffled, random clips/crops, drop_last by default. distributed (default: when
-    torch.distributed is initialised): each rank reads its shard (DistributedSampler; in evaluation the
-    last shard is padded with repeated videos, as DistributedSampler does). on_missing: "fail" | "skip"
-    for videos listed but absent. on_error: "skip" | "fail" for videos that do not decode.
-    backend: "pyav" (CPU decoding in `num_workers` processes) or "dali" (see stdd.data.dali).
-    """
-    if backend == "dali":
-        from .dali import build_dali_loader
-
-        return build_dali_loader(
-            annotation_file, training=training, records=records, format=format, root=root, class_names=class_names,
-            batch_size=batch_size, sampling=sampling, crop_size=crop_size, short_side=short_side,
-            horizontal_flip=horizontal_flip, on_missing=on_missing, on_error=on_error, seed=seed, distributed=distributed,
-            num_threads=max(1, num_workers), annotation_options=annotation_options, **backend_options,
-        )
-    if backend != "pyav":
-        raise ValueError(f"backend: expected 'pyav' or 'dali', got {backend!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
-    dataset = build_dataset(
-        annotation_file, records=records, format=format, root=root, class_names=class_names, on_missing=on_missing,
-        annotation_options=annotation_options, training=training, sampling=sampling, crop_size=crop_size,
-        short_side=short_side, horizontal_flip=horizontal_flip, on_error=on_error, seed=seed, **backend_options,
-    )
-    rank, world_size = _distributed_rank_world()
-    if distributed is False:
-        rank, world_size = 0, 1
-    # DistributedSampler with one replica is also our seeded, set_epoch-able shuffler.
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=training, seed=seed)
-    dataloader = DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=VideoBatchCollate(dataset.sample_shape),
-        drop_last=training if drop_last is None else drop_last,
-        pin_memory=pin_memory,
-        worker_init_fn=_worker_init if num_workers > 0 else None,
-        # Workers are re-created each pass so they see the new epoch (seeding) set in the main process.
-        persistent_workers=False,
-    )
-    return VideoLoader(dataloader, dataset, sampler)

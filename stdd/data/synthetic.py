@@ -45,12 +45,13 @@ import argparse
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from ..files import atomic_output, atomic_write
 
 # Class name -> (motion kind, sign). Order fixes the label ids.
 MOTION_CLASSES: dict[str, tuple[str, int]] = {
@@ -263,7 +264,7 @@ def encode_video(
     codec: str = "h264",
     keyframe_interval: int | None = None,
 ) -> None:
-    """Encode uint8 RGB frames (T, H, W, 3) to `path` with PyAV (atomically: temp file + rename).
+    """Encode uint8 RGB frames (T, H, W, 3) to `path` with PyAV (atomically, `stdd.files.atomic_output`).
 
     codec "h264" -> libx264 yuv420p (use a .mp4 path), "vp9" -> libvpx-vp9 yuv420p (use .webm).
     Height and width must be even (yuv420p chroma subsampling). keyframe_interval: maximum frames
@@ -279,12 +280,10 @@ def encode_video(
         raise ValueError(f"frames: height and width must be even for yuv420p, got {frames.shape[1]}x{frames.shape[2]}")
     _, encoder_name, options = CODEC_SETTINGS[codec]
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(descriptor)
-    try:
+    # the temporary file keeps the extension: PyAV picks the container format from it
+    with atomic_output(path, suffix=path.suffix) as temporary:
         # bitexact: no random segment UID or date in the container, so the bytes depend only on the frames
-        with av.open(temporary, mode="w", options={"fflags": "+bitexact"}) as container:
+        with av.open(str(temporary), mode="w", options={"fflags": "+bitexact"}) as container:
             stream = container.add_stream(encoder_name, rate=fps)
             stream.width, stream.height = frames.shape[2], frames.shape[1]
             stream.pix_fmt = "yuv420p"
@@ -298,18 +297,6 @@ def encode_video(
                     container.mux(packet)
             for packet in stream.encode():  # flush delayed frames
                 container.mux(packet)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
 
 
 @dataclass(frozen=True)
@@ -420,15 +407,15 @@ def generate_synthetic_dataset(
 
     classes_file = root / "classes.txt"
     prompts_file = root / "prompts.json"
-    _write_text_atomic(classes_file, "".join(f"{name}\n" for name in class_names))
-    _write_text_atomic(
+    atomic_write(classes_file, "".join(f"{name}\n" for name in class_names))
+    atomic_write(
         prompts_file, json.dumps({name: CLASS_PROMPTS[name] for name in class_names}, indent=2) + "\n"
     )
     annotation_files = {}
     for split_name, lines in annotation_lines.items():
         annotation_files[split_name] = root / f"{split_name}.txt"
-        _write_text_atomic(annotation_files[split_name], "".join(f"{line}\n" for line in lines))
-    _write_text_atomic(
+        atomic_write(annotation_files[split_name], "".join(f"{line}\n" for line in lines))
+    atomic_write(
         metadata_file,
         json.dumps({"parameters": parameters, "horizontal_flip_changes_label": True}, indent=2) + "\n",
     )

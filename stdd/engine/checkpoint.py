@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, validity checks, ``--resume auto``, RNG capture.
+"""Checkpoints and weights files: atomic writes, validity checks, ``--resume auto``, RNG capture.
 
 A checkpoint is one ``torch.save`` file holding plain data (tensors, numbers,
 strings, lists, dicts) so it loads with ``weights_only=True``::
@@ -6,17 +6,17 @@ strings, lists, dicts) so it loads with ``weights_only=True``::
     {"format": "stdd-checkpoint-v1", "epoch": int, "step_in_epoch": int,
      "global_step": int (optimizer steps so far), "model": state_dict, "optimizer": ...,
      "scheduler": ..., "scaler": ... or None, "ema": ... or None,
-     "rng": capture_rng_state(), "config": resolved config (dict),
+     "rng": [capture_rng_state() per rank], "phase_sampler": PhaseSampler.state_dict() or None,
+     "config": resolved config (dict),
      "metrics": {...}}
 
 ``epoch``/``step_in_epoch`` say where training resumes: after 3 complete
 epochs they are (3, 0); inside the 0-based epoch 3 after 17 optimizer steps,
 (3, 17) (a ``-mid`` checkpoint).
 
-Writes go to a temporary file in the same directory, are flushed and fsynced,
-then renamed over the final name (``os.replace`` is atomic on POSIX), so a crash
-mid-write leaves either the old file or nothing under the final name, never a
-half file. ``find_latest_checkpoint`` still *loads* each candidate, newest
+Writes are atomic (:func:`stdd.files.atomic_write`: temporary file in the same
+directory, fsync, rename, fsync of the directory), so a crash mid-write leaves
+either the old file or nothing under the final name, never a half file. ``find_latest_checkpoint`` still *loads* each candidate, newest
 first, and skips any that fail (a file truncated by a disk error or copied
 partially), so ``--resume auto`` always lands on the newest loadable one.
 """
@@ -24,18 +24,20 @@ partially), so ``--resume auto`` always lands on the newest loadable one.
 from __future__ import annotations
 
 import io
-import os
 import random
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Union
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
+
+from ..files import atomic_write
 
 CHECKPOINT_FORMAT = "stdd-checkpoint-v1"
+WEIGHTS_FORMAT = "stdd-weights-v1"
 REQUIRED_KEYS = ("format", "epoch", "step_in_epoch", "global_step", "model")
 _NAME_PATTERN = re.compile(r"^checkpoint-e(\d{4,})-s(\d{9,})(-mid)?\.pt$")
 
@@ -57,49 +59,19 @@ def parse_checkpoint_name(name: str) -> Optional[tuple[int, int, bool]]:
     return (int(match.group(1)), int(match.group(2)), match.group(3) is not None) if match else None
 
 
-def _fsync_directory(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return  # some filesystems do not allow opening a directory; the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_payload(payload: bytes, handle) -> None:
-    """Write the bytes of a file (its own function so a test can crash a process inside it)."""
-    handle.write(payload)
-
-
-def atomic_write_bytes(path: Union[str, Path], payload: bytes) -> Path:
-    """Write ``payload`` to ``path`` via temp file + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            _write_payload(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(path.parent)
-    return path
-
-
 def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`stdd.files.atomic_write`)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write(path, buffer.getvalue())
+
+
+def _load_plain_data(path: Path, map_location, name: str):
+    """``torch.load(weights_only=True)``; any failure is a ``CheckpointError`` naming ``name`` and the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # truncated zip, wrong format, unpickling refused ...
+        raise CheckpointError(f"{name} {path}: cannot be loaded ({type(error).__name__}: {error})") from error
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
@@ -107,10 +79,7 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated zip, wrong format, unpickling refused ...
-        raise CheckpointError(f"checkpoint {path}: cannot be loaded ({type(error).__name__}: {error})") from error
+    state = _load_plain_data(path, map_location, "checkpoint")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {path}: not an stdd checkpoint (expected format {CHECKPOINT_FORMAT!r})")
     missing = [key for key in REQUIRED_KEYS if key not in state]
@@ -129,6 +98,31 @@ def save_checkpoint(directory: Union[str, Path], state: Mapping[str, Any]) -> Pa
     mid_epoch = int(state["step_in_epoch"]) > 0
     path = Path(directory) / checkpoint_name(int(state["epoch"]), int(state["global_step"]), mid_epoch)
     return atomic_torch_save(state, path)
+
+
+def save_weights(path: Union[str, Path], state_dict: dict, config, **extra) -> Path:
+    """A weights-only file ``{"format": "stdd-weights-v1", "model": ..., "config": ...}``
+    that ``stdd.eval`` / ``stdd.predict`` load (as they load training checkpoints).
+    ``config``: the run's config (stored resolved, as plain data)."""
+    if OmegaConf.is_config(config):
+        config = OmegaConf.to_container(config, resolve=True)
+    payload = {"format": WEIGHTS_FORMAT, "model": state_dict, "config": config}
+    payload.update(extra)
+    return atomic_torch_save(payload, path)
+
+
+def load_weights(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
+    """``{"model": state_dict, "config": dict or None}`` from a weights file or a training checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint {path}: no such file")
+    payload = _load_plain_data(path, map_location, "--checkpoint")
+    if not isinstance(payload, dict) or payload.get("format") not in (WEIGHTS_FORMAT, CHECKPOINT_FORMAT):
+        raise CheckpointError(
+            f"--checkpoint {path}: not an stdd weights file or training checkpoint "
+            f"(expected format {WEIGHTS_FORMAT!r} or {CHECKPOINT_FORMAT!r})"
+        )
+    return {"model": payload["model"], "config": payload.get("config")}
 
 
 def prune_mid_epoch_checkpoints(directory: Union[str, Path], keep_last: int = 1) -> list[Path]:
@@ -201,8 +195,10 @@ def _numpy_state_from_plain(state: Mapping) -> tuple:
 def capture_rng_state(generators: Optional[Mapping[str, torch.Generator]] = None) -> dict:
     """Every random stream a training step may draw from, as plain data.
 
-    ``generators``: named ``torch.Generator`` objects owned by the model/data
-    (e.g. the STCA phase generator), captured alongside the global streams.
+    ``generators``: named ``torch.Generator`` objects a caller keeps outside the
+    global streams, captured alongside them. (The STCA training phases need
+    none: they are derived per clip, and the sampler's state is saved once as
+    ``"phase_sampler"``.)
     """
     version, internal, gauss = random.getstate()
     state = {
@@ -235,3 +231,64 @@ def restore_rng_state(state: Mapping, generators: Optional[Mapping[str, torch.Ge
         if name not in saved:
             raise CheckpointError(f"resume: checkpoint has no state for random generator {name!r}")
         gen.set_state(saved[name])
+
+
+# ------------------------------------------------------------------------------- a run's checkpoints
+class CheckpointManager:
+    """A training run's checkpoints: save (every process's random streams included), prune, resume.
+
+    ``directory``: the run's ``checkpoints/``; ``context``: the process group (rank 0
+    writes, every rank takes part in gathering the random streams); ``log``: the
+    run's logger (``.log(event, step, **values)`` / ``.info(text)``).
+    """
+
+    def __init__(self, directory: Union[str, Path], context, log, *, keep_mid_epoch: int = 1):
+        self.directory = Path(directory)
+        self.context = context
+        self.log = log
+        self.keep_mid_epoch = int(keep_mid_epoch)
+
+    def exists(self) -> bool:
+        return bool(list_checkpoints(self.directory))
+
+    def save(self, state: Mapping[str, Any]) -> Optional[Path]:
+        """Write ``state`` plus ``rng`` (one entry per rank) and ``world_size``; prune old mid-epoch ones."""
+        from .distributed import all_gather_objects, barrier
+
+        state = dict(state, rng=all_gather_objects(capture_rng_state(), self.context),
+                     world_size=self.context.world_size)
+        path = None
+        if self.context.is_main:
+            path = save_checkpoint(self.directory, state)
+            prune_mid_epoch_checkpoints(self.directory, keep_last=self.keep_mid_epoch)
+            self.log.log("checkpoint", int(state["global_step"]), epoch=int(state["epoch"]), path=str(path))
+        barrier(self.context)
+        return path
+
+    def load(self, resume: Optional[str]) -> Optional[tuple[Path, dict]]:
+        """The checkpoint ``--resume`` names: ``None`` (a fresh run: refused if checkpoints exist),
+        ``"auto"`` (the newest loadable one, or ``None``) or a path."""
+        if resume in (None, "", "none"):
+            if self.exists():
+                raise CheckpointError(
+                    f"run directory {self.directory.parent} already has checkpoints; pass --resume auto to "
+                    f"continue it or set run.output_dir to a new directory"
+                )
+            return None
+        if resume == "auto":
+            found = find_latest_checkpoint(self.directory)
+            if found is None:
+                self.log.info(f"--resume auto: no checkpoint in {self.directory}, starting fresh")
+            return found
+        return Path(resume), load_checkpoint(resume)
+
+    def restore_random_streams(self, state: Mapping[str, Any]) -> None:
+        """This rank's saved random streams, when the checkpoint was written by as many processes."""
+        saved = state.get("rng") or []
+        if len(saved) == self.context.world_size:
+            restore_rng_state(saved[self.context.rank])
+        else:
+            self.log.info(
+                f"resume: checkpoint was written by {len(saved)} process(es), this run has "
+                f"{self.context.world_size}: random streams are reseeded, the run is not bit-reproducible"
+            )

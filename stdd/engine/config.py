@@ -1,21 +1,36 @@
-"""Config loading: shipped presets or a YAML file, plus ``key=value`` overrides.
+"""Typed run configs: the schema (dataclasses), shipped presets or a YAML file, ``key=value`` overrides.
 
-A config is plain data (YAML, read with omegaconf). ``load_config(None)`` gives
-the ``demo`` preset. A user YAML may start from a preset with ``base: <preset
-or path>`` and change only what differs. Overrides use omegaconf's dot-list
-syntax (``optim.lr=1e-5 data.batch_size=8``); a key that is not in the config
-is an error (a typo would otherwise be silently ignored) unless it is written
-``+key=value``.
+A config is plain data (YAML) bound to the dataclasses below with
+``OmegaConf.structured``: every key has one type and one default, written here
+once (the ``model.stca`` section is generated from
+:class:`~stdd.model.stca_settings.STCASettings`, whose fields and defaults are
+the STCA settings' only home). Code reads ``cfg.section.key`` directly. A key
+that is not in the schema, or a value of the wrong type, is a
+:class:`ConfigError` naming its dotted path (``model.stca.mask_ration``), in a
+file as in an override.
+
+``load_config(None)`` gives the ``demo`` preset. A user YAML may start from a
+preset with ``base: <preset or path>`` and change only what differs.
+Overrides use omegaconf's dot-list syntax (``optim.lr=1e-5 data.batch_size=8``);
+``+key=value`` adds a key of a new top-level section, which nothing in stdd
+reads (for a user's own tooling); the typed sections stay closed.
 """
 
 from __future__ import annotations
 
 import os
+import typing
+from dataclasses import dataclass, field, fields, make_dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+from omegaconf.errors import OmegaConfBaseException
+
+from ..files import atomic_write
+from ..model.alignment import SCORE_MODES
+from ..model.stca_settings import STCASettings
+from ..model.stdd_model import DISTILL_WEIGHT
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "demo"
@@ -23,6 +38,178 @@ DEFAULT_PRESET = "demo"
 
 class ConfigError(ValueError):
     """A config file or override is malformed; the message names it."""
+
+
+# ----------------------------------------------------------------------------- the schema
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/stdd"  # run directory: config.yaml, metrics.jsonl, checkpoints/, final.pt
+    seed: int = 0  # the run seed: model init, data order, augmentation and phase streams derive from it
+    device: str = "auto"  # auto (the local GPU under torchrun, else CPU) | cpu | cuda
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    log_every_steps: int = 10  # training scalars every N optimizer steps (and at each epoch end)
+    max_steps: Optional[int] = None  # stop with a checkpoint after this many optimizer steps (job limits)
+    tensorboard: bool = True  # also write the scalars for TensorBoard (metrics.jsonl is always written)
+
+
+def _stca_config_class():
+    """``model.stca``: ``enabled`` plus every :class:`STCASettings` field with its type and default."""
+    hints = typing.get_type_hints(STCASettings)
+    specs = [("enabled", bool, field(default=True))]  # false: the frame-only baseline (open_clip's blocks)
+    specs += [(f.name, hints[f.name], field(default=f.default)) for f in fields(STCASettings)]
+    cls = make_dataclass("STCAConfig", specs)
+    cls.__doc__ = "``enabled`` (false: frame-only, open_clip's own blocks) + the fields of STCASettings."
+    return cls
+
+
+STCAConfig = _stca_config_class()
+
+
+@dataclass
+class ModelConfig:
+    clip_name: str = "ViT-B-16"  # an open_clip architecture name (open_clip.list_models())
+    pretrained: Optional[str] = "openai"  # an open_clip tag or a local checkpoint file; null: random init
+    allow_random_init: bool = False  # pretrained null needs this: never train from random weights silently
+    stca: STCAConfig = field(default_factory=STCAConfig)
+
+
+@dataclass
+class TextConfig:
+    prompts: str = "templates"  # templates | askg (shipped ASKG prompts) | dataset (its prompts.json) | a file
+    cache_dir: Optional[str] = None  # text-feature cache directory; null: no cache
+    with_templates: bool = False  # add the template sentences to file / ASKG prompts
+
+
+@dataclass
+class LossConfig:
+    distillation_weight: float = DISTILL_WEIGHT  # weight of the distillation term; 0: no teacher
+    score: str = SCORE_MODES[0]  # frame_prompt (Eq. 8) | mean_pool (the ablation)
+
+
+@dataclass
+class SyntheticConfig:
+    """The synthetic motion set (``data.dataset: synthetic``); null: the generator's default."""
+
+    videos_per_class: Optional[int] = None  # training videos per class
+    val_videos_per_class: Optional[int] = None  # held-out videos per class
+    num_frames: Optional[int] = None  # frames per video
+    size: Optional[int] = None  # frame height and width in pixels (even)
+    seed: Optional[int] = None  # seed of the generated set
+    classes: Optional[list[str]] = None  # a subset of the motion classes; null: all
+    codec: Optional[str] = None  # h264 | vp9
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "kinetics"  # kinetics (csv) | list (mmaction2) | csv | ucf101 | hmdb51 | synthetic
+    root: Optional[str] = None  # video root directory (synthetic: where the set is generated)
+    train_annotations: Optional[str] = None  # annotation file of the training split
+    val_annotations: Optional[str] = None  # annotation file of the validation split (optional)
+    class_names: Any = None  # a shipped list name (k400, ucf101, hmdb51, k600), a class-name file or a list
+    decoder: str = "pyav"  # pyav (CPU workers) | dali (GPU decoding)
+    num_frames: int = 8  # frames per clip, T
+    stride: int = 16  # frames between sampled frames (dense sampling)
+    sampling: str = "dense"  # dense | segments (TSN)
+    input_size: int = 224  # crop size in pixels (the model's image size)
+    short_side: Optional[int] = None  # frames are decoded with this shorter side; null: input_size
+    horizontal_flip: bool = True  # random horizontal flips in training
+    batch_size: int = 4  # clips per process and step
+    num_workers: int = 2  # decoding worker processes (0: in the main process)
+    on_missing: str = "skip"  # listed videos that do not exist: skip (counted) | fail
+    on_error: str = "skip"  # videos that do not decode: skip (counted, replaced in training) | fail
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3.33e-6  # AdamW lr for a global batch of reference_batch clips
+    reference_batch: int = 32  # the global batch lr is given for
+    scale_lr: bool = True  # scale lr linearly with the actual global batch
+    weight_decay: float = 0.01  # on matrices only (no decay on 1-D parameters)
+    betas: tuple[float, float] = (0.9, 0.999)  # AdamW betas
+    eps: float = 1e-8  # AdamW eps
+    epochs: int = 22  # training epochs
+    warmup_epochs: float = 2.0  # linear warm-up, in epochs
+    warmup_start_factor: float = 0.01  # warm-up starts at lr * this
+    end_factor: float = 0.01  # the cosine ends at lr * this
+    grad_clip_norm: Optional[float] = 1.0  # clip the gradient norm; null: no clipping
+    accumulation_steps: int = 1  # micro-batches per optimizer step
+
+
+@dataclass
+class CheckpointConfig:
+    every_epochs: int = 1  # end-of-epoch checkpoint every N epochs (the last one and averaged ones always)
+    every_steps: int = 0  # mid-epoch checkpoint every N optimizer steps; 0: none
+    keep_mid_epoch: int = 1  # mid-epoch checkpoints kept (the newest)
+
+
+@dataclass
+class AveragingConfig:
+    epochs: Any = None  # uniform weight average over epochs: all | last:N | A-B | [list]; null: off
+    include_raw_clip: bool = False  # the weights before training count as "epoch 0" of the average
+    ema_decay: Optional[float] = None  # also keep an exponential moving average (ema.pt); null: off
+
+
+@dataclass
+class EvalConfig:
+    every_epochs: int = 0  # validation top-1 during training every N epochs; 0: off
+    n_temporal_views: int = 3  # temporal views per video (evaluation, prediction)
+    n_spatial_crops: int = 1  # spatial crops per view: 1 | 3
+    aggregation: str = "mean_softmax"  # how views are combined: mean_softmax | mean_score
+    batch_size: int = 8  # videos per evaluation batch
+
+
+@dataclass
+class STDDConfig:
+    """A whole run: what ``stdd.train`` / ``stdd.eval`` / ``stdd.predict`` read."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS = tuple(f.name for f in fields(STDDConfig))
+
+
+def _error_text(error: OmegaConfBaseException) -> str:
+    """omegaconf's message with the dotted path of the key first (``model.stca.window: ...``)."""
+    message = str(getattr(error, "msg", None) or error).splitlines()[0]
+    key = getattr(error, "full_key", None)
+    return f"{key}: {message}" if key else message
+
+
+def typed_config(data: Union[DictConfig, dict], source: str) -> DictConfig:
+    """``data`` (a loaded YAML, a checkpoint's stored config) bound to the schema.
+
+    Unknown keys and values of the wrong type raise :class:`ConfigError`
+    ``"<source>: <dotted.key>: ..."``. Top-level keys outside the schema are kept
+    only when they were added with ``+key=value`` (see :func:`apply_overrides`).
+    """
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(STDDConfig), data)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"{source}: {_error_text(error)}") from error
+    return cfg
+
+
+def stca_settings_of(cfg: DictConfig) -> Optional[STCASettings]:
+    """The :class:`STCASettings` of ``cfg.model.stca``; ``None`` when ``enabled`` is false (frame-only)."""
+    section = cfg.model.stca
+    if not section.enabled:
+        return None
+    values = OmegaConf.to_container(section, resolve=True)
+    try:
+        return STCASettings(**{f.name: values[f.name] for f in fields(STCASettings)})
+    except ValueError as error:
+        raise ConfigError(f"model.stca: {error}") from error
 
 
 def list_presets() -> list[str]:
@@ -56,34 +243,52 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"config file {path}: expected a mapping at the top level, got a list")
     base = cfg.pop("base", None)
     if base is None:
-        return cfg
+        return typed_config(cfg, f"config file {path}")
     base_source = Path(os.path.expanduser(str(base)))
     if not base_source.is_absolute() and (path.parent / base_source).is_file():
         base_source = path.parent / base_source
     base_cfg = _load_yaml(_resolve_source(base_source if base_source.is_file() else base), seen + (path,))
-    return OmegaConf.merge(base_cfg, cfg)
+    try:
+        return OmegaConf.merge(base_cfg, cfg)
+    except OmegaConfBaseException as error:
+        raise ConfigError(f"config file {path}: {_error_text(error)}") from error
 
 
 def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
-    """Merge ``key=value`` strings into ``cfg``; unknown keys need a ``+`` prefix."""
+    """Merge ``key=value`` strings into the typed ``cfg``; ``+key=value`` adds a new top-level section.
+
+    A key outside the schema, or a value of the wrong type, is a :class:`ConfigError`
+    naming the dotted key.
+    """
     strict, additions = [], []
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.lr=1e-5)")
         (additions if item.startswith("+") else strict).append(item.lstrip("+"))
+    for item in additions:
+        if item.split(".", 1)[0].split("=", 1)[0] in SECTIONS:
+            raise ConfigError(
+                f"override +{item}: the {item.split('.', 1)[0]!r} section has a fixed set of keys; "
+                "write key=value for one of them (a + key may only start a new top-level section)"
+            )
+    cfg = cfg.copy()
     try:
-        merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist(additions))
-        OmegaConf.set_struct(merged, True)
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(strict))
-    except ConfigKeyError as error:
-        raise ConfigError(
-            f"override: {error.msg if hasattr(error, 'msg') else error} "
-            f"(the key is not in the config; write +key=value to add a new key)"
-        ) from error
+        if additions:
+            for section in SECTIONS:  # keep the typed sections closed while the root takes new keys
+                OmegaConf.set_struct(cfg[section], True)
+            OmegaConf.set_struct(cfg, False)
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(additions))
     except OmegaConfBaseException as error:
-        raise ConfigError(f"override: {error}") from error
-    OmegaConf.set_struct(merged, False)
-    return merged
+        raise ConfigError(f"override: {_error_text(error)}") from error
+    OmegaConf.set_struct(cfg, True)
+    for item in strict:  # one at a time, so an error without a key path still names its override
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as error:
+            hint = " (not a key of the config)" if "not in" in str(error) else ""
+            where = "" if getattr(error, "full_key", None) else f" {item}"
+            raise ConfigError(f"override{where}: {_error_text(error)}{hint}") from error
+    return cfg
 
 
 def load_config(config: Optional[Union[str, Path]] = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -94,6 +299,7 @@ def load_config(config: Optional[Union[str, Path]] = None, overrides: Sequence[s
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as error:
         raise ConfigError(f"config interpolation failed: {error}") from error
+    stca_settings_of(cfg)  # the STCA values are checked now, not when the model is built
     return cfg
 
 
@@ -103,19 +309,4 @@ def config_to_yaml(cfg: DictConfig) -> str:
 
 def save_config(cfg: DictConfig, path: Union[str, Path]) -> Path:
     """Write the resolved config atomically (the run directory's record of what ran)."""
-    from .checkpoint import atomic_write_bytes
-
-    path = Path(path)
-    atomic_write_bytes(path, config_to_yaml(cfg).encode())
-    return path
-
-
-def require(cfg: DictConfig, key: str):
-    """``cfg.<key>`` or a ConfigError naming the missing dotted key."""
-    value = OmegaConf.select(cfg, key, default=_MISSING)
-    if value is _MISSING:
-        raise ConfigError(f"config key {key!r} is required but missing")
-    return value
-
-
-_MISSING = object()
+    return atomic_write(path, config_to_yaml(cfg))

@@ -9,7 +9,6 @@ and saves (``DistributedContext.is_main``).
 from __future__ import annotations
 
 import datetime
-import math
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -97,19 +96,13 @@ def all_reduce_mean(value: torch.Tensor, context: DistributedContext) -> torch.T
     return value
 
 
-def all_reduce_sum(value: torch.Tensor, context: DistributedContext) -> torch.Tensor:
-    value = value.detach().clone()
-    if context.is_distributed:
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-    return value
-
-
-def broadcast_object(obj, context: DistributedContext, source: int = 0):
+def all_gather_objects(obj, context: DistributedContext) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` without a process group)."""
     if not context.is_distributed:
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=source)
-    return holder[0]
+        return [obj]
+    gathered = [None] * context.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 class ResumableDistributedSampler(DistributedSampler):
@@ -144,10 +137,6 @@ class ResumableDistributedSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples - self.start_index
-
-
-def batches_per_epoch(num_samples_per_rank: int, batch_size: int, drop_last: bool) -> int:
-    return num_samples_per_rank // batch_size if drop_last else math.ceil(num_samples_per_rank / batch_size)
 
 
 def parameters_digest(module: torch.nn.Module) -> str:

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from torch.utils.data import DataLoader
 
-from .distributed import DistributedContext
+from .distributed import DistributedContext, all_gather_objects
 
 
 @dataclass
@@ -46,15 +45,13 @@ def score_dataset(
     ``dataset``: an evaluation ``stdd.data.VideoDataset`` (items ``(V, T, 3, S, S)``).
     Videos that fail to decode are dropped and listed in ``failures``.
     """
-    from ..data.dataset import VideoBatchCollate
+    from ..data.dataset import video_dataloader
 
     device = torch.device(device) if device is not None else text_features.device
     rank, world = (context.rank, context.world_size) if context is not None else (0, 1)
     subset = list(range(rank, len(dataset), world))
-    loader = DataLoader(
-        dataset, batch_size=batch_size, sampler=subset, num_workers=num_workers,
-        collate_fn=VideoBatchCollate(dataset.sample_shape), pin_memory=device.type == "cuda",
-    )
+    loader = video_dataloader(dataset, batch_size=batch_size, sampler=subset, num_workers=num_workers,
+                              pin_memory=device.type == "cuda")
     was_training = model.training
     model.eval()
     text_features = text_features.to(device)
@@ -90,10 +87,7 @@ def score_dataset(
     )
     if world == 1:
         return local
-    import torch.distributed as dist
-
-    gathered = [None] * world
-    dist.all_gather_object(gathered, local)
+    gathered = all_gather_objects(local, context)
     order = torch.cat([g.indices for g in gathered]).argsort()
     return ScoredVideos(
         torch.cat([g.view_scores for g in gathered], 1)[:, order],

@@ -10,7 +10,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_bytes
+from ..files import atomic_write
 from .protocols import ZeroShotSplit
 
 AGGREGATIONS = ("mean_softmax", "mean_score")
@@ -116,7 +116,7 @@ def write_per_class_csv(path: Union[str, Path], class_names: Sequence[str], matr
     writer.writerow(["class", "videos", "correct", "top1_accuracy"])
     for name, count, correct, acc in zip(class_names, counts, np.diag(matrix), accuracy):
         writer.writerow([name, int(count), int(correct), "" if np.isnan(acc) else f"{acc:.2f}"])
-    return atomic_write_bytes(path, buffer.getvalue().encode())
+    return atomic_write(path, buffer.getvalue())
 
 
 def plot_confusion_matrix(path: Union[str, Path], matrix: np.ndarray, class_names: Sequence[str], title: Optional[str] = None) -> Path:
@@ -145,4 +145,4 @@ def plot_confusion_matrix(path: Union[str, Path], matrix: np.ndarray, class_name
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
-    return atomic_write_bytes(path, buffer.getvalue())
+    return atomic_write(path, buffer.getvalue())

@@ -13,7 +13,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 
 def _plain(value):
@@ -71,15 +71,3 @@ class RunLogger:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def read_metrics(path: Union[str, Path], event: Optional[str] = None) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if line:
-                record = json.loads(line)
-                if event is None or record.get("event") == event:
-                    records.append(record)
-    return records

@@ -3,11 +3,11 @@
 Everything config-shaped lives here so ``train.py`` / ``eval.py`` /
 ``predict.py`` stay about loops: building the STDD model (STCA on, or the
 frame-only baseline with STCA switched off), the class list and prompts, the
-text features, the datasets, and the per-clip training phases.
+text features, the datasets, and the training phases (its :class:`~stdd.model.phases.PhaseSampler`).
 
-Frame-only baseline (``model.stca.enabled: false``): the same ``VideoEncoder``
-with ``mask_ratio=0`` and ``mixing="none"``, which computes exactly the plain
-CLIP block per frame (docs/stca.md, step 2): no information crosses frames.
+Frame-only baseline (``model.stca.enabled: false``): the ``VideoEncoder`` with
+``stca=None``, i.e. open_clip's own blocks on every frame, at plain-CLIP cost:
+no information crosses frames.
 """
 
 from __future__ import annotations
@@ -17,51 +17,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-import stdd_kernels
-
-from .config import ConfigError
+from ..data.annotations import resolve_class_names
+from ..model.phases import PhaseSampler
+from .config import ConfigError, stca_settings_of
 
 # ----------------------------------------------------------------------------- model settings
-
-
-def stca_settings(cfg: DictConfig) -> dict:
-    """VideoEncoder keyword arguments from ``cfg.model`` (STCA on, or off = frame-only)."""
-    stca = cfg.model.stca
-    common = dict(
-        backend=cfg.model.get("backend"),
-        attention=str(cfg.model.get("attention", "sdpa")),
-        window=tuple(stca.window),
-        channel_fold=int(stca.channel_fold),
-    )
-    if stca.get("enabled", True):
-        return dict(
-            common, mask_ratio=float(stca.mask_ratio), scales=tuple(int(s) for s in stca.scales),
-            mixing=str(stca.mixing), shuffle_phases=bool(stca.get("shuffle_phases", False)),
-        )
-    return dict(common, mask_ratio=0.0, scales=(1,), mixing="none", shuffle_phases=False)
-
-
-def _score_mode(cfg: DictConfig) -> str:
-    score = str(cfg.loss.get("score", "frame_prompt"))
-    modes = {"frame_prompt": "fine", "fine": "fine", "mean_pool": "mean", "mean": "mean"}
-    if score not in modes:
-        raise ConfigError(f"loss.score {score!r}: expected frame_prompt (Eq. 8) or mean_pool")
-    return modes[score]
 
 
 def build_model(cfg: DictConfig, device, *, with_teacher: Optional[bool] = None):
     """``(STDDModel, TextEncoder)`` from ``cfg.model`` / ``cfg.loss`` (weights as configured)."""
     from ..model import build_stdd
 
-    distill_weight = float(cfg.loss.get("distillation_weight", 0.0))
-    if with_teacher is False:
-        distill_weight = 0.0
-    pretrained = cfg.model.get("pretrained")
+    distill_weight = 0.0 if with_teacher is False else float(cfg.loss.distillation_weight)
+    pretrained = cfg.model.pretrained
     if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null"):
         pretrained = None
     if isinstance(pretrained, str) and (os.sep in pretrained or pretrained.endswith((".pt", ".bin", ".pth", ".safetensors"))):
@@ -71,14 +43,13 @@ def build_model(cfg: DictConfig, device, *, with_teacher: Optional[bool] = None)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(cfg.run.seed))
         model, text = build_stdd(
-            str(cfg.model.clip_name),
+            cfg.model.clip_name,
             pretrained,
-            allow_random_init=bool(cfg.model.get("allow_random_init", False)),
+            stca=stca_settings_of(cfg),
+            allow_random_init=cfg.model.allow_random_init,
             device=device,
             distill_weight=distill_weight,
-            score_mode=_score_mode(cfg),
-            seed=int(cfg.run.seed),
-            **stca_settings(cfg),
+            score_mode=cfg.loss.score,
         )
     return model, text
 
@@ -104,53 +75,14 @@ def load_student_state_dict(model: nn.Module, state: dict, source: str = "checkp
 # ----------------------------------------------------------------------------- classes and prompts
 
 
-def resolve_class_names(spec, *, where: str = "data.class_names") -> list[str]:
-    """A shipped list name (``ucf101``, ``hmdb51``, ``k400``, ``k600``, ``k600_new``), a class-name
-    file (one per line, or UCF101's ``classInd.txt``), or a list of names."""
-    from ..data import read_class_names
-    from ..resources import CLASS_COUNTS, class_names
-
-    if spec is None:
-        raise ConfigError(f"{where}: no class list given")
-    if isinstance(spec, (list, tuple)) or OmegaConf.is_list(spec):
-        names = [str(n) for n in spec]
-    elif str(spec).lower() in CLASS_COUNTS:
-        names = class_names(str(spec).lower())
-    else:
-        path = Path(os.path.expanduser(str(spec)))
-        if not path.is_file():
-            raise ConfigError(f"{where} {spec!r}: neither a shipped list ({', '.join(CLASS_COUNTS)}) nor a file")
-        names = read_class_names(path)
-    if not names:
-        raise ConfigError(f"{where}: the class list is empty")
-    return names
-
-
-def _prompts_from_json(path: Path, class_names: Sequence[str]) -> dict[str, list[str]]:
-    """Prompts of ``class_names`` from a prompts file ``{"class": [sentences]}`` or an ASKG file
-    (shipped or built; its spatial then temporal prompts, the paper's [S]+[T]), read by
-    ``stdd.text.askg.load_prompts``; classes matched by exact name, then by plain words."""
-    from ..text.askg import load_prompts
+def _prompts_from_file(path: Path, class_names: Sequence[str]) -> dict[str, list[str]]:
+    """Prompts of ``class_names`` from a prompts or ASKG file (:func:`stdd.askg.load_prompts`)."""
+    from ..askg import load_prompts
 
     try:
-        prompts = load_prompts(path)
-    except Exception as error:  # AskgError, ValueError: all name the file
-        raise ConfigError(f"prompt file {path}: {error}") from error
-    lookup = {_plain(name): name for name in prompts}
-    out, missing = {}, []
-    for name in class_names:
-        key = name if name in prompts else lookup.get(_plain(name))
-        if key is None:
-            missing.append(name)
-        else:
-            out[name] = list(prompts[key])
-    if missing:
-        raise ConfigError(f"prompt file {path}: no prompts for {len(missing)} of {len(class_names)} classes, e.g. {missing[:5]}")
-    return out
-
-
-def _plain(name: str) -> str:
-    return " ".join(name.replace("_", " ").lower().split())
+        return load_prompts(path, class_names)
+    except ValueError as error:  # the loader's errors name the file
+        raise ConfigError(str(error)) from error
 
 
 def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] = None,
@@ -163,7 +95,7 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
     ``with_templates`` adds the template sentences to file/ASKG prompts.
     """
     from ..model import template_prompts
-    from ..resources import askg_path, display_name
+    from ..resources import ASKG_SETS, askg_path, display_name
 
     key = (dataset or "").lower()
     displayed = [display_name(key, n) if key else " ".join(n.split()) for n in class_names]
@@ -174,23 +106,23 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
         return templates
     if source == "askg":
         if not key:
-            raise ConfigError("text.prompts=askg needs a known dataset (ucf101, hmdb51, k400, k600_new)")
+            raise ConfigError(f"text.prompts=askg needs a known dataset ({', '.join(ASKG_SETS)}, k600)")
         try:
             path = askg_path("k600_new" if key == "k600" else key)
         except ValueError as error:
             raise ConfigError(f"text.prompts=askg: {error}") from error
         if not path.is_file():
             raise ConfigError(f"text.prompts=askg: no shipped ASKG prompts at {path}")
-        prompts = _prompts_from_json(path, class_names)
+        prompts = _prompts_from_file(path, class_names)
     elif source == "dataset":
         if dataset_prompts is None or not Path(dataset_prompts).is_file():
             raise ConfigError("text.prompts=dataset: this dataset has no prompts.json")
-        prompts = _prompts_from_json(Path(dataset_prompts), class_names)
+        prompts = _prompts_from_file(Path(dataset_prompts), class_names)
     else:
         path = Path(os.path.expanduser(source))
         if not path.is_file():
             raise ConfigError(f"text.prompts {source!r}: expected templates, askg, dataset or a JSON file")
-        prompts = _prompts_from_json(path, class_names)
+        prompts = _prompts_from_file(path, class_names)
     if with_templates:
         prompts = {name: list(prompts[name]) + templates[name] for name in class_names}
     return prompts
@@ -220,99 +152,75 @@ def prepare_synthetic(cfg: DictConfig) -> "object":
     """Generate (or reuse) the synthetic motion set under ``data.root``."""
     from ..data import generate_synthetic_dataset
 
-    options = cfg.data.get("synthetic") or {}
-    size = int(options.get("size", 64))
-    return generate_synthetic_dataset(
-        os.path.expanduser(str(cfg.data.root)),
-        videos_per_class=int(options.get("videos_per_class", 16)),
-        val_videos_per_class=int(options.get("val_videos_per_class", 4)),
-        num_frames=int(options.get("num_frames", 32)),
-        height=size,
-        width=size,
-        seed=int(options.get("seed", 0)),
-        codec=str(options.get("codec", "h264")),
-        classes=None if options.get("classes") is None else [str(c) for c in options.get("classes")],
-    )
+    options = {key: value for key, value in OmegaConf.to_container(cfg.data.synthetic).items() if value is not None}
+    if "size" in options:
+        options["height"] = options["width"] = options.pop("size")
+    return generate_synthetic_dataset(os.path.expanduser(str(cfg.data.root)), **options)
 
 
 def data_spec(cfg: DictConfig, split: str) -> DataSpec:
     """``split``: ``train`` or ``val``."""
     data = cfg.data
-    kind = str(data.dataset)
+    kind = data.dataset
     if kind == "synthetic":
         generated = prepare_synthetic(cfg)
         return DataSpec(generated.annotation_files[split], "list", generated.root, list(generated.class_names),
                         None, generated.prompts_file)
-    annotations = data.get(f"{split}_annotations")
+    annotations = data[f"{split}_annotations"]
     if annotations is None:
         raise ConfigError(f"data.{split}_annotations is required for data.dataset={kind}")
     formats = {"kinetics": "kinetics", "list": "list", "csv": "csv", "ucf101": "ucf101", "hmdb51": "hmdb51"}
     if kind not in formats:
         raise ConfigError(f"data.dataset {kind!r}: expected one of synthetic, {', '.join(formats)}")
-    names = resolve_class_names(data.get("class_names"))
-    key = str(data.get("class_names")).lower() if isinstance(data.get("class_names"), str) else None
-    root = data.get("root")
-    return DataSpec(Path(os.path.expanduser(str(annotations))), formats[kind],
-                    Path(os.path.expanduser(str(root))) if root else None, names, key)
+    names = resolve_class_names(data.class_names, where="data.class_names")
+    key = data.class_names.lower() if isinstance(data.class_names, str) else None
+    return DataSpec(Path(os.path.expanduser(annotations)), formats[kind],
+                    Path(os.path.expanduser(data.root)) if data.root else None, names, key)
 
 
 def clip_sampling(cfg: DictConfig, *, training: bool, n_temporal_views: int = 1, n_spatial_crops: int = 1):
     from ..data import ClipSampling
 
-    data = cfg.data
     return ClipSampling(
-        mode=str(data.get("sampling", "dense")),
-        clip_length=int(data.num_frames),
-        stride=int(data.get("stride", 16)),
+        mode=cfg.data.sampling,
+        clip_length=cfg.data.num_frames,
+        stride=cfg.data.stride,
         n_temporal_views=1 if training else int(n_temporal_views),
         n_spatial_crops=1 if training else int(n_spatial_crops),
     )
 
 
-def build_video_dataset(cfg: DictConfig, spec: DataSpec, *, training: bool, n_temporal_views: int = 1,
-                        n_spatial_crops: int = 1, records=None):
-    from ..data import build_dataset
-
+def _clip_options(cfg: DictConfig, *, training: bool, n_temporal_views: int = 1, n_spatial_crops: int = 1) -> dict:
+    """How clips are read and transformed, as the PyAV and DALI loaders both take it."""
     data = cfg.data
-    kwargs = dict(
+    return dict(
         training=training,
         sampling=clip_sampling(cfg, training=training, n_temporal_views=n_temporal_views,
                                n_spatial_crops=n_spatial_crops),
-        crop_size=int(data.input_size),
-        short_side=int(data.get("short_side") or data.input_size),
-        horizontal_flip=bool(data.get("horizontal_flip", True)),
-        on_missing=str(data.get("on_missing", "skip")),
-        on_error=str(data.get("on_error", "skip")),
-        seed=int(cfg.run.seed),
+        crop_size=data.input_size,
+        short_side=data.short_side or data.input_size,
+        horizontal_flip=data.horizontal_flip,
+        on_missing=data.on_missing,
+        on_error=data.on_error,
+        seed=cfg.run.seed,
     )
+
+
+def _annotation_options(spec: DataSpec) -> dict:
+    return dict(format=spec.format, root=str(spec.root) if spec.root else None,
+                class_names=spec.class_names if spec.format in ("csv", "kinetics", "hmdb51") else None)
+
+
+def build_video_dataset(cfg: DictConfig, spec: Optional[DataSpec], *, training: bool, n_temporal_views: int = 1,
+                        n_spatial_crops: int = 1, records=None):
+    """The PyAV dataset of ``spec``'s annotation file, or of ready ``records``."""
+    from ..data import build_dataset
+
+    options = _clip_options(cfg, training=training, n_temporal_views=n_temporal_views,
+                            n_spatial_crops=n_spatial_crops)
     if records is not None:
-        return build_dataset(records=records, **kwargs)
-    options = {}
-    return build_dataset(str(spec.annotation_file), format=spec.format,
-                         root=str(spec.root) if spec.root else None,
-                         class_names=spec.class_names if spec.format in ("csv", "kinetics", "hmdb51") else None,
-                         annotation_options=options or None, **kwargs)
-
-
-# ----------------------------------------------------------------------------- phases
-
-
-def clip_phases(indices: torch.Tensor, *, epoch: int, seed: int, num_frames: int, window, shuffle: bool) -> torch.Tensor:
-    """Training window phases ``(B, T)``: a random per-clip offset (and optional shuffle) drawn
-    from a generator seeded by (seed, epoch, sample index).
-
-    Same distribution as the encoder's own generator, but a clip's phases no
-    longer depend on which batch or process it lands in, so a run on N
-    processes computes exactly what one process computes on the same global
-    batch, and a resumed run draws what the uninterrupted one drew.
-    """
-    rows = []
-    for index in indices.tolist():
-        stream = np.random.default_rng([int(seed), int(epoch), int(index), 0x57DD])
-        generator = torch.Generator().manual_seed(int(stream.integers(2**62)))
-        rows.append(stdd_kernels.mask_phase(1, num_frames, window=tuple(window), mode="train",
-                                            generator=generator, shuffle=shuffle))
-    return torch.cat(rows, dim=0)
+        return build_dataset(records=records, **options)
+    return build_dataset(str(spec.annotation_file), **_annotation_options(spec), **options)
 
 
 # ----------------------------------------------------------------------------- training task
@@ -348,19 +256,18 @@ class TrainingTask:
         self.train_spec = data_spec(cfg, "train")
         model, text_encoder = build_model(cfg, "cpu")
         self.class_names = self.train_spec.class_names
-        prompts = build_prompts(cfg.text.get("prompts"), self.class_names, dataset=self.train_spec.dataset_key,
-                                dataset_prompts=self.train_spec.prompts_file,
-                                with_templates=bool(cfg.text.get("with_templates", False)))
-        features = text_features_for(text_encoder, prompts, cfg.text.get("cache_dir"))
+        prompts = build_prompts(cfg.text.prompts, self.class_names, dataset=self.train_spec.dataset_key,
+                                dataset_prompts=self.train_spec.prompts_file, with_templates=cfg.text.with_templates)
+        features = text_features_for(text_encoder, prompts, cfg.text.cache_dir)
         del text_encoder  # frozen and no longer needed: training reads the cached features
         self.module = TrainingModule(model, features.features, features.mask)
+        # The one source of training phases (None for the frame-only baseline, which has no phases).
+        settings = model.video_encoder.stca
+        self.phase_sampler = None if settings is None else PhaseSampler(
+            settings, seed=cfg.run.seed, num_blocks=len(model.video_encoder.blocks))
         self.train_dataset = build_video_dataset(cfg, self.train_spec, training=True)
-        self.num_frames = int(cfg.data.num_frames)
-        from ..data.dataset import VideoBatchCollate
-
-        self.collate = VideoBatchCollate(self.train_dataset.sample_shape)
         self.val_dataset = None
-        if cfg.data.get("val_annotations") is not None or str(cfg.data.dataset) == "synthetic":
+        if cfg.data.val_annotations is not None or cfg.data.dataset == "synthetic":
             self._val_spec = data_spec(cfg, "val")
             self.val_dataset = "lazy"  # built on first evaluation
         self.epoch = 0
@@ -377,26 +284,18 @@ class TrainingTask:
         video = batch["video"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         phase = None
-        if self.cfg.model.stca.get("enabled", True):
-            phase = clip_phases(batch["index"], epoch=self.epoch, seed=int(self.cfg.run.seed),
-                                num_frames=video.shape[1], window=self.cfg.model.stca.window,
-                                shuffle=bool(self.cfg.model.stca.get("shuffle_phases", False))).to(device)
+        if self.phase_sampler is not None:
+            phase = self.phase_sampler(batch["index"], epoch=self.epoch, num_frames=video.shape[1], device=device)
         return video, labels, phase
 
     def build_dali_train_loader(self, batch_size: int):
         """The DALI training loader (GPU decoding; see stdd.data.dali) for ``data.decoder: dali``."""
         from ..data import build_dataloader
 
-        data, spec = self.cfg.data, self.train_spec
         return build_dataloader(
-            str(spec.annotation_file), training=True, backend="dali", format=spec.format,
-            root=str(spec.root) if spec.root else None,
-            class_names=spec.class_names if spec.format in ("csv", "kinetics", "hmdb51") else None,
-            batch_size=batch_size, sampling=clip_sampling(self.cfg, training=True), crop_size=int(data.input_size),
-            short_side=int(data.get("short_side") or data.input_size),
-            horizontal_flip=bool(data.get("horizontal_flip", True)), on_missing=str(data.get("on_missing", "skip")),
-            on_error=str(data.get("on_error", "skip")), seed=int(self.cfg.run.seed),
-            num_workers=int(data.get("num_workers", 2)),
+            str(self.train_spec.annotation_file), backend="dali", batch_size=batch_size,
+            num_workers=self.cfg.data.num_workers, **_annotation_options(self.train_spec),
+            **_clip_options(self.cfg, training=True),
         )
 
     def student_state_dict(self) -> dict:
@@ -409,24 +308,21 @@ class TrainingTask:
         """Top-1/top-5 (%) on the validation split with the training classes (single process view)."""
         from .evaluation import score_dataset
 
+        evaluation = self.cfg.eval
         if self.val_dataset == "lazy":
-            eval_cfg = self.cfg.get("eval", {})
             self.val_dataset = build_video_dataset(
-                self.cfg, self._val_spec, training=False,
-                n_temporal_views=int(eval_cfg.get("n_temporal_views", 1)),
-                n_spatial_crops=int(eval_cfg.get("n_spatial_crops", 1)))
+                self.cfg, self._val_spec, training=False, n_temporal_views=evaluation.n_temporal_views,
+                n_spatial_crops=evaluation.n_spatial_crops)
         result = score_dataset(
             module.model, self.val_dataset, module.text_features, module.text_mask,
-            batch_size=int(self.cfg.get("eval", {}).get("batch_size", 8)),
-            num_workers=int(self.cfg.data.get("num_workers", 0)), device=module.text_features.device,
-            context=context,
+            batch_size=evaluation.batch_size, num_workers=self.cfg.data.num_workers,
+            device=module.text_features.device, context=context,
         )
         from .metrics import evaluate_split
         from .protocols import ZeroShotSplit
 
         split = ZeroShotSplit("val", tuple(range(len(self.class_names))))
-        metrics = evaluate_split(result.view_scores, result.labels, split,
-                                 aggregation=str(self.cfg.get("eval", {}).get("aggregation", "mean_softmax")))
+        metrics = evaluate_split(result.view_scores, result.labels, split, aggregation=evaluation.aggregation)
         return {"top1": metrics["top1"], "top5": metrics["top5"], "videos": metrics["num_videos"]}
 
 

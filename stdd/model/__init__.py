@@ -1,10 +1,14 @@
 """The STDD model on open_clip.
 
+- :class:`STCASettings` (``stca_settings.py``): every STCA setting, one frozen dataclass.
+- :class:`PhaseSampler` (``phases.py``): the random training phases, per clip (shared by the
+  blocks) or per block, from the run seed.
 - :class:`STCABlock` (``stca_block.py``): an open_clip ViT block made space-time (Eq. 1-7).
 - :class:`VideoEncoder` / :class:`FrozenImageEncoder` (``video_encoder.py``): the STCA
-  student ``(B, T, 3, H, W) -> (B, T, E)`` and the frozen per-frame CLIP teacher.
-- :class:`TextEncoder`, :func:`template_prompts`, :func:`load_prompt_file`
-  (``text.py``): prompts -> frozen text features ``(K, N_max, E)`` + mask, cached.
+  student ``(B, T, 3, H, W) -> (B, T, E)`` (``stca=None``: open_clip's own blocks, the
+  frame-only baseline) and the frozen per-frame CLIP teacher.
+- :class:`TextEncoder`, :func:`template_prompts`
+  (``text_encoder.py``): prompts -> frozen text features ``(K, N_max, E)`` + mask, cached.
 - :func:`alignment_scores`, :func:`frame_prompt_scores` (``alignment.py``): Eq. 8.
 - :func:`classification_loss`, :class:`ResidualProjector`,
   :func:`feature_distillation_loss` (``losses.py``): Eq. 9 + distillation.
@@ -20,8 +24,8 @@ Eq.         code                                                        test
 1           ``STCABlock.forward``: ``full = x + ls_1(attn(ln_1(x)))``    tests/test_stca_block.py (literal spec,
 2           ``STCABlock.forward``: ``pad_scatter(full, mixed,            plain-block parity)
             residual=ls_2(mlp(ln_2(full))))``
-3-4 (WSM)   ``stdd_kernels.mix_gather`` (phases: ``mask_phase``,          tests/test_reference.py (ops);
-            ``STCABlock.sample_phase`` / ``VideoEncoder.sample_phase``)  test_stca_block.py (phases)
+3-4 (WSM)   ``stdd_kernels.mix_gather`` (phases: an input, ``t mod K``    tests/test_reference.py (ops);
+            by default; training draws: ``phases.PhaseSampler``)       test_phases.py (phases)
 5-6 (MCM)   ``stdd_kernels.mix_gather`` (``mixing="separate"`` /          tests/test_reference.py;
             ``"continual"``), called by ``STCABlock.forward``           test_stca_block.py (both mixings)
 7           ``STCABlock.forward``: ``mixed + ls_1(attn(ln_1(mixed)))``,   test_stca_block.py (literal spec)
@@ -37,14 +41,14 @@ distill.    ``losses.ResidualProjector``, ``feature_distillation_loss``;  tests/
 from .alignment import SCORE_MODES, alignment_scores, frame_prompt_scores
 from .clip_loading import TINY_MODEL_NAMES, ClipSource, load_clip, register_model_configs, vision_tower
 from .losses import ResidualProjector, classification_loss, feature_distillation_loss
+from .phases import PhaseSampler
 from .stca_block import STCABlock, multi_head_self_attention
+from .stca_settings import STCASettings
 from .stdd_model import STDDModel, STDDOutput, build_stdd
-from .text import (
+from .text_encoder import (
     DEFAULT_TEMPLATES,
     ClassTextFeatures,
     TextEncoder,
-    check_prompts,
-    load_prompt_file,
     template_prompts,
 )
 from .video_encoder import FrozenImageEncoder, VideoEncoder
@@ -56,20 +60,20 @@ __all__ = [
     "ClassTextFeatures",
     "ClipSource",
     "FrozenImageEncoder",
+    "PhaseSampler",
     "ResidualProjector",
     "STCABlock",
+    "STCASettings",
     "STDDModel",
     "STDDOutput",
     "TextEncoder",
     "VideoEncoder",
     "alignment_scores",
     "build_stdd",
-    "check_prompts",
     "classification_loss",
     "feature_distillation_loss",
     "frame_prompt_scores",
     "load_clip",
-    "load_prompt_file",
     "multi_head_self_attention",
     "register_model_configs",
     "template_prompts",

@@ -10,7 +10,7 @@ similarities scaled by CLIP's logit scale,
     S_t2v[n,k] = mean_{valid j} max_t  s[n,k,t,j]      (prompt-to-frame)
     S[n,k]     = (S_v2t + S_t2v) / 2                   (Eq. 8; used for the loss and zero-shot)
 
-The ablation ``mode="mean"`` scores the mean-pooled video feature against each
+The ablation ``mode="mean_pool"`` scores the mean-pooled video feature against each
 class's mean prompt feature: ``logit_scale * cos(mean_t z, mean_j c_k)``.
 """
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SCORE_MODES = ("fine", "mean")
+SCORE_MODES = ("frame_prompt", "mean_pool")  # Eq. 8 (the default) | the mean-pooled ablation
 
 
 def _check_mask(text_mask: torch.Tensor, classes: int, prompts: int) -> torch.Tensor:
@@ -58,16 +58,16 @@ def alignment_scores(
     text_mask: torch.Tensor,
     logit_scale=1.0,
     *,
-    mode: str = "fine",
-    check_mask: bool = True,
+    mode: str = SCORE_MODES[0],
+    validate: bool = True,
 ) -> torch.Tensor:
     """Class scores ``(B, K)`` for frame features ``(B, T, E)`` and prompt features ``(K, N_max, E)``.
 
-    ``mode="fine"``: Eq. 8 (:func:`frame_prompt_scores`) on logit-scaled cosine
-    similarities. ``mode="mean"``: the mean-pooled video feature against each
+    ``mode="frame_prompt"``: Eq. 8 (:func:`frame_prompt_scores`) on logit-scaled
+    cosine similarities. ``mode="mean_pool"``: the mean-pooled video feature against each
     class's mean (real) prompt feature, logit-scaled cosine. ``logit_scale`` is
     a float or a scalar tensor (CLIP's ``logit_scale.exp()``, 100 for the
-    released models). ``check_mask=False`` skips the check that every class
+    released models). ``validate=False`` skips the check that every class
     has a real prompt (it reads the mask back from the device); callers that
     checked this mask already pass it.
     """
@@ -83,13 +83,13 @@ def alignment_scores(
         )
     classes, prompts, _ = text_features.shape
     mask = _check_mask(text_mask, classes, prompts).to(text_features.device)
-    if check_mask and not bool(mask.any(dim=1).all()):
+    if validate and not bool(mask.any(dim=1).all()):
         empty = torch.nonzero(~mask.any(dim=1)).flatten().tolist()
         raise ValueError(f"text_mask marks no prompt as valid for class indices {empty[:10]}")
     text_features = text_features.to(video_features.dtype)
     frames = F.normalize(video_features, dim=-1)
     prompts_unit = F.normalize(text_features, dim=-1)
-    if mode == "fine":
+    if mode == "frame_prompt":
         similarity = torch.einsum("bte,kne->bktn", frames, prompts_unit) * logit_scale
         return frame_prompt_scores(similarity, mask)
     # mean-pooled ablation

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+PROJECTOR_ALPHA = 0.1  # scale of the residual projector's MLP branch (FROSTER: 0.1)
+
 
 def classification_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Eq. 9: mean cross-entropy of softmax over the seen classes' scores ``S`` ``(B, K)``."""
@@ -36,7 +38,7 @@ class ResidualProjector(nn.Module):
     ``W2`` zeros, ``alpha = 0.1``.
     """
 
-    def __init__(self, dim: int, alpha: float = 0.1):
+    def __init__(self, dim: int, alpha: float = PROJECTOR_ALPHA):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"dim must be a positive int, got {dim!r}")

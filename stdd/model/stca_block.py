@@ -1,8 +1,8 @@
 """Space-time Cross Attention block: an open_clip ViT block made temporal (paper Eq. 1-7).
 
-:class:`STCABlock` wraps an ``open_clip.transformer.ResidualAttentionBlock`` and
-reuses its parameters as they are (no new parameters), following
-``docs/stca.md`` steps 1-4::
+:class:`STCABlock` wraps an open_clip ``ResidualAttentionBlock`` and reuses its
+parameters as they are (no new parameters), following the operator contract
+(``docs/stca.md``) steps 1-4::
 
     mixed = mix_gather(x)                               # WSM + MCM, (S, B*T, 1+N_keep, D)
     full  = x + ls_1(attn(ln_1(x)))                     # Eq. 1, all 1+N tokens
@@ -11,68 +11,122 @@ reuses its parameters as they are (no new parameters), following
 
 The gather/scatter always go through the dispatching ops
 (``stdd_kernels.mix_gather`` / ``stdd_kernels.pad_scatter``), so the same block
-runs on the reference, Triton or C++/CUDA backend.
+runs on the reference, Triton or C++/CUDA backend; their keyword arguments come
+from the block's :class:`~stdd.model.stca_settings.STCASettings` in one place
+(:meth:`STCABlock.forward`).
 
+The window phases are an input (``phase``): the block draws nothing itself.
 The forward pass has no data-dependent Python control flow, no ``.item()`` and
 no printing, so a stack of these blocks traces with
 ``torch.compile(fullgraph=True)``; the one host-syncing check (the phase value
-range) is skipped while compiling.
+range) is skipped while compiling, and by ``validate=False``.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import stdd_kernels
-from stdd_kernels.geometry import (
-    check_mixing,
-    check_phase_tensor,
-    check_scales,
-    check_window,
-    masked_cells,
-    positive_int,
-)
+from stdd_kernels.geometry import check_phase_tensor, positive_int
 
-ATTENTION_KINDS = ("sdpa", "xformers")
+from .stca_settings import STCASettings
+
+# Parts of a block or attention module that would change its output but that STCA does not
+# apply; a block that has one (not None / not switched off) is refused rather than
+# computed wrongly.
+_UNSUPPORTED_BLOCK_PARTS = {
+    "ln_1_kv": "is a cross-attention block (ln_1_kv); STCA needs self-attention",
+    "ln_attn": "has a post-attention norm ln_attn (open_clip's CustomResidualAttentionBlock)",
+}
+_UNSUPPORTED_ATTENTION_PARTS = {
+    "bias_k": "add_bias_kv", "bias_v": "add_bias_kv", "logit_scale": "scaled-cosine attention",
+    "head_scale": "head scaling", "q_norm": "qk-norm", "k_norm": "qk-norm",
+}
 
 
-def check_block_supported(block: nn.Module, name: str = "block") -> None:
-    """Raise ``ValueError`` unless ``block`` is a plain open_clip ``ResidualAttentionBlock``.
+def _shape(value) -> Optional[tuple]:
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
 
-    The STCA block recomputes the block's attention from ``attn.in_proj_weight``
-    / ``in_proj_bias`` / ``out_proj``, so it needs a standard
-    ``nn.MultiheadAttention`` with packed q/k/v weights and no extras.
+
+def check_block_supported(block: nn.Module, name: str = "block") -> int:
+    """Raise ``ValueError`` unless STCA can compute ``block``; returns its width ``D``.
+
+    Duck-typed on what STCA uses, so it holds for ``torch.nn.MultiheadAttention``
+    blocks and for attention modules of the same layout (open_clip's own
+    ``Attention``): a block ``ln_1 -> attn -> ls_1``, ``ln_2 -> mlp -> ls_2`` whose
+    ``attn`` is batch-first self-attention with one packed ``in_proj_weight``
+    ``(3D, D)``, an optional ``in_proj_bias`` ``(3D,)``, an ``out_proj`` linear
+    ``(D, D)`` and ``num_heads`` dividing ``D``, and nothing STCA would skip.
     """
-    from open_clip.transformer import ResidualAttentionBlock
-
-    if not isinstance(block, ResidualAttentionBlock):
+    missing = [part for part in ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2") if not hasattr(block, part)]
+    if missing:
         raise ValueError(
-            f"{name} must be an open_clip.transformer.ResidualAttentionBlock, got "
-            f"{type(block).__module__}.{type(block).__name__} (custom blocks with qk-norm, "
-            "scaled-cosine or head-scaled attention are not supported)"
+            f"{name} must be a block like open_clip's ResidualAttentionBlock (ln_1, attn, ls_1, ln_2, mlp, ls_2); "
+            f"{type(block).__module__}.{type(block).__name__} has no {missing}"
         )
-    if hasattr(block, "ln_1_kv"):
-        raise ValueError(f"{name} is a cross-attention block (has ln_1_kv); STCA needs self-attention")
+    for part, why in _UNSUPPORTED_BLOCK_PARTS.items():
+        if hasattr(block, part):
+            raise ValueError(
+                f"{name} {why}, which STCA would not apply: use open_clip's ResidualAttentionBlock "
+                "(custom blocks with qk-norm, scaled-cosine or head-scaled attention are not supported)"
+            )
     attn = block.attn
-    if not isinstance(attn, nn.MultiheadAttention):
-        raise ValueError(f"{name}.attn must be torch.nn.MultiheadAttention, got {type(attn).__name__}")
-    if not attn._qkv_same_embed_dim or attn.in_proj_weight is None:
-        raise ValueError(f"{name}.attn must use one packed in_proj_weight (kdim == vdim == embed_dim)")
-    if attn.bias_k is not None or attn.bias_v is not None or attn.add_zero_attn:
-        raise ValueError(f"{name}.attn uses add_bias_kv/add_zero_attn, which STCA does not support")
+    where = f"{name}.attn ({type(attn).__name__})"
+    weight = getattr(attn, "in_proj_weight", None)
+    shape = _shape(weight)
+    if shape is None or len(shape) != 2 or shape[0] != 3 * shape[1]:
+        raise ValueError(
+            f"{where} must hold one packed in_proj_weight of shape (3D, D) (q, k, v of the same width), "
+            f"got {shape if shape is not None else type(weight).__name__}"
+        )
+    width = shape[1]
+    bias = getattr(attn, "in_proj_bias", None)
+    if bias is not None and _shape(bias) != (3 * width,):
+        raise ValueError(f"{where}.in_proj_bias must have shape ({3 * width},) or be None, got {_shape(bias)}")
+    out_proj = getattr(attn, "out_proj", None)
+    if _shape(getattr(out_proj, "weight", None)) != (width, width):
+        raise ValueError(f"{where} must have an out_proj linear layer of weight ({width}, {width})")
+    if getattr(out_proj, "bias", None) is not None and _shape(out_proj.bias) != (width,):
+        raise ValueError(f"{where}.out_proj.bias must have shape ({width},) or be None")
+    heads = getattr(attn, "num_heads", None)
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
+        raise ValueError(f"{where}.num_heads must be a positive int dividing the width {width}, got {heads!r}")
+    if getattr(attn, "batch_first", None) is not True:
+        raise ValueError(
+            f"{where} must be batch-first (batch_first=True, tokens (N, L, D)), "
+            f"got batch_first={getattr(attn, 'batch_first', None)!r}"
+        )
+    if getattr(attn, "add_zero_attn", False):
+        raise ValueError(f"{where} uses add_zero_attn, which STCA does not support")
+    for part, what in _UNSUPPORTED_ATTENTION_PARTS.items():
+        value = getattr(attn, part, None)
+        if value is not None and not isinstance(value, nn.Identity):
+            raise ValueError(f"{where} uses {what} ({part}), which STCA does not support")
+    return width
+
+
+def attention_dropout(attn: nn.Module) -> float:
+    """The attention-probability dropout of ``attn``: ``nn.MultiheadAttention.dropout`` (a float)
+    or an ``attn_drop`` ``nn.Dropout`` (open_clip's ``Attention``)."""
+    dropout = getattr(attn, "dropout", None)
+    if isinstance(dropout, (int, float)) and not isinstance(dropout, bool):
+        return float(dropout)
+    return float(getattr(getattr(attn, "attn_drop", None), "p", 0.0))
 
 
 def multi_head_self_attention(
-    attn: nn.MultiheadAttention, x: torch.Tensor, *, kind: str = "sdpa", training: bool = False
+    attn: nn.Module, x: torch.Tensor, *, kind: str = STCASettings.attention, training: bool = False
 ) -> torch.Tensor:
-    """``attn(x, x, x)`` of a batch-first ``nn.MultiheadAttention``, computed by SDPA.
+    """Batch-first self-attention ``attn(x, x, x)`` of a block's attention module, computed by SDPA.
 
-    ``x``: ``(R, L, D)`` -> ``(R, L, D)``. Uses the module's own weights, so the
-    result equals ``attn(x, x, x, need_weights=False)[0]`` up to float rounding.
+    ``x``: ``(R, L, D)`` -> ``(R, L, D)``. Uses the module's own weights
+    (``in_proj_weight``, ``in_proj_bias``, ``out_proj``, ``num_heads``; see
+    :func:`check_block_supported`), so for an ``nn.MultiheadAttention`` the result
+    equals ``attn(x, x, x, need_weights=False)[0]`` up to float rounding.
     ``kind="xformers"`` uses ``xformers.ops.memory_efficient_attention``
     (CUDA only; xformers has no CPU kernel).
     """
@@ -80,7 +134,7 @@ def multi_head_self_attention(
     heads = attn.num_heads
     head_dim = channels // heads
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (R, L, 3D)
-    dropout = attn.dropout if training else 0.0
+    dropout = attention_dropout(attn) if training else 0.0
     if kind == "xformers":
         import xformers.ops as xops  # checked at construction
 
@@ -103,117 +157,51 @@ class STCABlock(nn.Module):
         block: the open_clip block. It is registered as the submodule ``block``
             (state_dict keys ``block.ln_1.weight``, ``block.attn.in_proj_weight``,
             ...), and its parameters are used for the full path and every mixed path.
+        settings: the :class:`~stdd.model.stca_settings.STCASettings` (checked
+            against the block's width); ``mask_ratio=0`` with ``mixing="none"``
+            makes the block compute exactly the plain block.
         num_frames: ``T``, frames per clip; inputs hold ``B*T`` frames, a clip's
             frames contiguous.
-        window, mask_ratio, scales, channel_fold, mixing: STCA settings
-            (``docs/stca.md``); ``mask_ratio=0`` with ``mixing="none"`` makes the
-            block compute exactly the plain block.
-        backend: STCA op backend (``None`` = automatic / ``STDD_BACKEND``).
-        attention: ``"sdpa"`` (torch SDPA, any device) or ``"xformers"`` (CUDA only).
-        shuffle_phases: in training, also permute each clip's frame phases.
-        seed: seed of the block's own phase generator (training phases).
 
     ``forward(x, phase=None)``: ``x`` ``(B*T, 1+N, D)`` -> ``(B*T, 1+N, D)``.
     ``phase`` ``(B, T)`` ints in ``[0, K)`` on ``x``'s device; ``None`` means
-    ``t mod K`` in eval mode and random per-clip phases from the block's
-    generator in training mode (:meth:`sample_phase`).
+    the evaluation phases ``t mod K`` (in training mode too: random training
+    phases come from :class:`~stdd.model.phases.PhaseSampler`, passed in).
     """
 
-    def __init__(
-        self,
-        block: nn.Module,
-        *,
-        num_frames: int,
-        window: Sequence[int] = (2, 2),
-        mask_ratio: float = 0.5,
-        scales: Sequence[int] = (1, 2),
-        channel_fold: int = 32,
-        mixing: str = "continual",
-        backend: Optional[str] = None,
-        attention: str = "sdpa",
-        shuffle_phases: bool = False,
-        seed: Optional[int] = None,
-    ):
+    def __init__(self, block: nn.Module, settings: STCASettings = STCASettings(), *, num_frames: int):
         super().__init__()
-        check_block_supported(block)
+        if not isinstance(settings, STCASettings):
+            raise ValueError(f"settings must be an STCASettings, got {type(settings).__name__}")
+        width = check_block_supported(block)
+        settings.check_model(width)
         self.block = block
+        self.settings = settings
         self.num_frames = positive_int(num_frames, "num_frames")
-        self.window = check_window(window)
-        masked_cells(self.window, mask_ratio)  # validates mask_ratio
-        self.mask_ratio = float(mask_ratio)
-        self.scales = check_scales(scales)
-        # Same rules as the ops (I = width // channel_fold), checked now rather than at the first forward.
-        self.channel_fold = check_mixing(block.attn.embed_dim, self.scales, channel_fold, mixing)
-        self.mixing = mixing
-        if backend is not None and not isinstance(backend, str):
-            raise ValueError(f"backend must be a backend name or None, got {backend!r}")
-        self.backend = backend
-        if attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {attention!r}")
-        if attention == "xformers":
-            try:
-                import xformers.ops  # noqa: F401
-            except ImportError as error:
-                raise ValueError(
-                    "attention='xformers' needs the xformers package (pip install 'stdd[xformers]'); "
-                    "use attention='sdpa' otherwise"
-                ) from error
-        self.attention = attention
-        if not isinstance(shuffle_phases, bool):
-            raise ValueError(f"shuffle_phases must be a bool, got {shuffle_phases!r}")
-        self.shuffle_phases = shuffle_phases
-        self.generator = torch.Generator()  # CPU: the same seed gives the same phases on any device
-        if seed is not None:
-            self.generator.manual_seed(int(seed))
-        else:
-            self.generator.seed()
-
-    # ---------------------------------------------------------------- phases
-    @property
-    def cells(self) -> int:
-        """``K = w1 * w2``: the number of distinct phases."""
-        return self.window[0] * self.window[1]
-
-    def manual_seed(self, seed: int) -> None:
-        """Reseed the generator that draws training phases."""
-        self.generator.manual_seed(int(seed))
-
-    def sample_phase(self, batch: int, device=None, num_frames: Optional[int] = None) -> torch.Tensor:
-        """Random training phases ``(B, T)``: a per-clip offset (+ shuffle if enabled)."""
-        return stdd_kernels.mask_phase(
-            batch,
-            self.num_frames if num_frames is None else num_frames,
-            window=self.window,
-            mode="train",
-            generator=self.generator,
-            shuffle=self.shuffle_phases,
-            device=device,
-        )
 
     def check_phase(
         self, phase: torch.Tensor, batch: int, device, num_frames: Optional[int] = None
     ) -> torch.Tensor:
-        """Shape/dtype/device check of an explicit phase and, outside torch.compile, its value range.
+        """Shape/dtype/device check of an explicit ``(B, T)`` phase and, outside torch.compile, its values.
 
         The value check reads the tensor back (a device sync): callers running a
         stack of blocks (:class:`~stdd.model.VideoEncoder`) check once and call the
-        blocks with ``check_phase=False``.
+        blocks with ``validate=False``.
         """
         return check_phase_tensor(
             phase,
             batch=batch,
             num_frames=self.num_frames if num_frames is None else num_frames,
-            window=self.window,
+            window=self.settings.window,
             device=device,
         )
 
-    # --------------------------------------------------------------- forward
     def _attend(self, tokens: torch.Tensor) -> torch.Tensor:
         """``ls_1(attn(ln_1(tokens)))`` with the wrapped block's weights; ``(R, L, D)``."""
         block = self.block
         return block.ls_1(
             multi_head_self_attention(
-                block.attn, block.ln_1(tokens), kind=self.attention, training=self.training
+                block.attn, block.ln_1(tokens), kind=self.settings.attention, training=self.training
             )
         )
 
@@ -222,13 +210,13 @@ class STCABlock(nn.Module):
         x: torch.Tensor,
         phase: Optional[torch.Tensor] = None,
         *,
-        check_phase: bool = True,
         num_frames: Optional[int] = None,
+        validate: bool = True,
     ) -> torch.Tensor:
         """``x`` ``(B*T, 1+N, D)`` -> ``(B*T, 1+N, D)``; see the class docstring for ``phase``.
 
         ``num_frames`` overrides the constructor's ``T`` for this call (the video
-        encoder passes the clip length of its input). ``check_phase=False`` skips
+        encoder passes the clip length of its input). ``validate=False`` skips
         the checks of an explicit ``phase`` (the caller did them).
         """
         frames = self.num_frames if num_frames is None else num_frames
@@ -236,24 +224,15 @@ class STCABlock(nn.Module):
             raise ValueError(f"x must have shape (B*T, 1+N, D), got {tuple(x.shape)}")
         if x.shape[0] % frames:
             raise ValueError(f"x.shape[0] (B*T = {x.shape[0]}) must be divisible by num_frames={frames}")
-        batch = x.shape[0] // frames
-        if phase is None:
-            if self.training:
-                phase = self.sample_phase(batch, x.device, frames)
-            # else: the ops use the evaluation phases t mod K
-        elif check_phase:
-            phase = self.check_phase(phase, batch, x.device, frames)
-        settings = dict(window=self.window, mask_ratio=self.mask_ratio, phase=phase, backend=self.backend)
+        if phase is not None and validate:
+            phase = self.check_phase(phase, x.shape[0] // frames, x.device, frames)
+        # The ops' keyword arguments, from the settings (the one place they are fed).
+        s = self.settings
+        common = dict(window=s.window, mask_ratio=s.mask_ratio, phase=phase, backend=s.backend, validate=False)
 
         # Steps 1-2: (S, B*T, 1+N_keep, D), every scale from the same input tokens.
         mixed = stdd_kernels.mix_gather(
-            x,
-            frames,
-            scales=self.scales,
-            channel_fold=self.channel_fold,
-            mixing=self.mixing,
-            validate=False,
-            **settings,
+            x, frames, scales=s.scales, channel_fold=s.channel_fold, mixing=s.mixing, **common
         )
         # Step 3: full path on all 1+N tokens; all scales' mixed tokens as one
         # (S*B*T, 1+N_keep, D) batch through the same ln_1/attention weights.
@@ -268,13 +247,7 @@ class STCABlock(nn.Module):
         # stream: keep the tensors the op sees in one dtype (no-ops otherwise).
         mixed = mixed.to(full.dtype)
         residual = residual.to(full.dtype)
-        return stdd_kernels.pad_scatter(
-            full, mixed, frames, residual=residual, validate=False, **settings
-        )
+        return stdd_kernels.pad_scatter(full, mixed, frames, residual=residual, **common)
 
     def extra_repr(self) -> str:
-        return (
-            f"num_frames={self.num_frames}, window={self.window}, mask_ratio={self.mask_ratio}, "
-            f"scales={self.scales}, channel_fold={self.channel_fold}, mixing={self.mixing!r}, "
-            f"backend={self.backend!r}, attention={self.attention!r}, shuffle_phases={self.shuffle_phases}"
-        )
+        return f"num_frames={self.num_frames}, settings={self.settings}"

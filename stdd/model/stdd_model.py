@@ -3,7 +3,7 @@
 Typical use (the training/eval code builds on this)::
 
     model, text = build_stdd("ViT-B-16", "openai", device="cuda")      # or a checkpoint file
-    classes = text.class_features(load_prompt_file("k400_prompts.json", names), cache_dir="cache/")
+    classes = text.class_features(stdd.askg.load_prompts("k400_prompts.json", names), cache_dir="cache/")
     out = model(video, classes.features.cuda(), classes.mask.cuda(), labels=labels)  # training
     out.loss.backward()
     scores = model(video, features, mask).scores                       # (B, K) zero-shot scores
@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
 
 from .alignment import SCORE_MODES, alignment_scores
 from .clip_loading import ClipSource, load_clip, vision_tower
-from .losses import ResidualProjector, classification_loss, feature_distillation_loss
-from .text import TextEncoder
+from .losses import PROJECTOR_ALPHA, ResidualProjector, classification_loss, feature_distillation_loss
+from .stca_settings import STCASettings
+from .text_encoder import TextEncoder
 from .video_encoder import FrozenImageEncoder, VideoEncoder
+
+
+DISTILL_WEIGHT = 2.0  # weight of the distillation term (the paper / FROSTER: 2.0)
 
 
 @dataclass
@@ -49,9 +53,9 @@ class STDDModel(nn.Module):
         video_encoder: the STCA :class:`VideoEncoder` (trainable).
         logit_scale: CLIP's ``logit_scale.exp()`` (kept frozen, a buffer).
         teacher: frozen :class:`FrozenImageEncoder` for distillation, or ``None``.
-        distill_weight: weight of the distillation term (paper/FROSTER: 2.0).
-        projector_alpha: residual projector scale (FROSTER: 0.1).
-        score_mode: ``"fine"`` (Eq. 8) or ``"mean"`` (mean-pooled ablation).
+        distill_weight: weight of the distillation term (``DISTILL_WEIGHT``).
+        projector_alpha: residual projector scale (``PROJECTOR_ALPHA``).
+        score_mode: ``"frame_prompt"`` (Eq. 8) or ``"mean_pool"`` (mean-pooled ablation).
 
     ``forward(video, text_features, text_mask, labels=None, phase=None)`` ->
     :class:`STDDOutput`. The distillation term is computed in training mode only.
@@ -63,9 +67,9 @@ class STDDModel(nn.Module):
         *,
         logit_scale: float,
         teacher: Optional[FrozenImageEncoder] = None,
-        distill_weight: float = 2.0,
-        projector_alpha: float = 0.1,
-        score_mode: str = "fine",
+        distill_weight: float = DISTILL_WEIGHT,
+        projector_alpha: float = PROJECTOR_ALPHA,
+        score_mode: str = SCORE_MODES[0],
     ):
         super().__init__()
         if not isinstance(video_encoder, VideoEncoder):
@@ -97,7 +101,7 @@ class STDDModel(nn.Module):
         signature = (text_mask.data_ptr(), tuple(text_mask.shape), text_mask._version, text_mask.device)
         check = signature != self._checked_mask
         scores = alignment_scores(
-            frame_features, text_features, text_mask, self.logit_scale, mode=self.score_mode, check_mask=check
+            frame_features, text_features, text_mask, self.logit_scale, mode=self.score_mode, validate=check
         )
         self._checked_mask = signature
         return scores
@@ -128,22 +132,14 @@ def build_stdd(
     model_name: str,
     pretrained: Optional[str],
     *,
+    stca: Optional[STCASettings] = STCASettings(),
     allow_random_init: bool = False,
     device="cpu",
     precision: str = "fp32",
     cache_dir: Optional[str] = None,
-    window: Sequence[int] = (2, 2),
-    mask_ratio: float = 0.5,
-    scales: Sequence[int] = (1, 2),
-    channel_fold: int = 32,
-    mixing: str = "continual",
-    backend: Optional[str] = None,
-    attention: str = "sdpa",
-    shuffle_phases: bool = False,
-    seed: Optional[int] = None,
-    distill_weight: float = 2.0,
-    projector_alpha: float = 0.1,
-    score_mode: str = "fine",
+    distill_weight: float = DISTILL_WEIGHT,
+    projector_alpha: float = PROJECTOR_ALPHA,
+    score_mode: str = SCORE_MODES[0],
     teacher_gpu_dtype: Optional[torch.dtype] = torch.bfloat16,
     text_batch_size: int = 256,
 ) -> tuple[STDDModel, TextEncoder]:
@@ -151,7 +147,8 @@ def build_stdd(
 
     The teacher (when ``distill_weight > 0``) is a frozen copy of the original
     image tower, taken before the STCA conversion. See :func:`load_clip` for
-    ``model_name`` / ``pretrained``; the STCA settings are :class:`VideoEncoder`'s.
+    ``model_name`` / ``pretrained``; ``stca`` is :class:`VideoEncoder`'s
+    (``None``: the frame-only baseline, open_clip's own blocks).
     """
     clip_model, source = load_clip(
         model_name, pretrained, allow_random_init=allow_random_init, device=device,
@@ -159,10 +156,7 @@ def build_stdd(
     )
     visual = vision_tower(clip_model)
     teacher = FrozenImageEncoder(visual, gpu_dtype=teacher_gpu_dtype) if distill_weight > 0 else None
-    encoder = VideoEncoder(
-        visual, window=window, mask_ratio=mask_ratio, scales=scales, channel_fold=channel_fold,
-        mixing=mixing, backend=backend, attention=attention, shuffle_phases=shuffle_phases, seed=seed,
-    )
+    encoder = VideoEncoder(visual, stca)
     encoder.source = source
     logit_scale = float(clip_model.logit_scale.detach().float().exp())
     model = STDDModel(

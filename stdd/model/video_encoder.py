@@ -1,10 +1,12 @@
 """Video encoders on an open_clip ``VisionTransformer``.
 
-- :class:`VideoEncoder`: the STDD student. Every transformer block of the ViT
-  becomes an :class:`~stdd.model.stca_block.STCABlock` (same parameters, no new
-  ones); a clip ``(B, T, 3, H, W)`` gives per-frame embeddings ``(B, T, E)``
-  after ``ln_post`` and ``proj`` (``z_{t,cls}^L`` of the paper, projected into
-  the joint space).
+- :class:`VideoEncoder`: the STDD student. With STCA settings, every
+  transformer block of the ViT becomes an
+  :class:`~stdd.model.stca_block.STCABlock` (same parameters, no new ones);
+  with ``stca=None`` open_clip's own blocks are left untouched (the frame-only
+  baseline: open_clip's forward on every frame, at plain-CLIP cost). A clip
+  ``(B, T, 3, H, W)`` gives per-frame embeddings ``(B, T, E)`` after ``ln_post``
+  and ``proj`` (``z_{t,cls}^L`` of the paper, projected into the joint space).
 - :class:`FrozenImageEncoder`: the distillation teacher, a frozen copy of the
   original CLIP image encoder applied frame by frame (eval mode, no grad,
   bf16 autocast on GPU).
@@ -14,17 +16,15 @@ from __future__ import annotations
 
 import copy
 import re
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import stdd_kernels
-from stdd_kernels.geometry import make_geometry
-
 from .clip_loading import ClipSource, load_clip, vision_tower
 from .stca_block import STCABlock, check_block_supported
+from .stca_settings import STCASettings
 
 
 def _check_video(video: torch.Tensor, image_size: tuple[int, int], name: str = "video") -> None:
@@ -41,44 +41,27 @@ def _check_video(video: torch.Tensor, image_size: tuple[int, int], name: str = "
 
 
 class VideoEncoder(nn.Module):
-    """An open_clip ``VisionTransformer`` whose blocks are all STCA blocks.
+    """An open_clip ``VisionTransformer`` whose blocks are all STCA blocks (or, ``stca=None``, its own).
 
     Build it with :meth:`from_pretrained` (weights by open_clip name + tag or
     checkpoint file) or directly from a ``VisionTransformer`` (``clip.visual``),
-    which is converted in place: its ``transformer.resblocks[i]`` become
-    ``STCABlock`` wrappers of the original blocks, so state_dict keys are the
-    open_clip ones with ``.block`` inserted
-    (``visual.transformer.resblocks.3.block.attn.in_proj_weight``).
+    which is converted in place: with STCA its ``transformer.resblocks[i]``
+    become ``STCABlock`` wrappers of the original blocks, so state_dict keys are
+    the open_clip ones with ``.block`` inserted
+    (``visual.transformer.resblocks.3.block.attn.in_proj_weight``); with
+    ``stca=None`` nothing is converted and the keys are open_clip's.
 
     Input ``video``: ``(B, T, 3, H, W)`` normalised frames (open_clip's
     preprocessing per frame). Output: ``(B, T, E)`` per-frame embeddings (not
-    normalised). ``phase``: optional ``(B, T)`` window phases; ``None`` gives
-    ``t mod K`` in eval mode and random per-clip phases from the encoder's
-    seedable generator in training mode (one draw per forward, shared by all
-    blocks). Any ``T >= 1`` works; the STCA settings are the ``docs/stca.md``
-    ones and are checked against the model's patch grid at construction.
-
-    The phase generator is a CPU ``torch.Generator`` (``encoder.generator``):
-    it is not in the state dict, so a resumable run saves
-    ``encoder.generator.get_state()`` next to it, and distributed ranks seed
-    it differently (``manual_seed(seed + rank)``) to draw different phases.
+    normalised). ``phase``: the window phases, ``(B, T)`` shared by all blocks or
+    ``(n_blocks, B, T)`` one per block, ints in ``[0, K)``; ``None`` gives the
+    evaluation phases ``t mod K`` (training phases are drawn by
+    :class:`~stdd.model.phases.PhaseSampler` and passed in). Any ``T >= 1``
+    works; the settings are checked against the model's patch grid and width at
+    construction.
     """
 
-    def __init__(
-        self,
-        visual: nn.Module,
-        *,
-        window: Sequence[int] = (2, 2),
-        mask_ratio: float = 0.5,
-        scales: Sequence[int] = (1, 2),
-        channel_fold: int = 32,
-        mixing: str = "continual",
-        backend: Optional[str] = None,
-        attention: str = "sdpa",
-        shuffle_phases: bool = False,
-        seed: Optional[int] = None,
-        num_frames: int = 8,
-    ):
+    def __init__(self, visual: nn.Module, stca: Optional[STCASettings] = STCASettings()):
         super().__init__()
         import open_clip
         from open_clip.transformer import VisionTransformer
@@ -88,6 +71,13 @@ class VideoEncoder(nn.Module):
                 "visual must be an open_clip VisionTransformer (clip_model.visual of a ViT model), "
                 f"got {type(visual).__name__}"
             )
+        if stca is not None and not isinstance(stca, STCASettings):
+            raise ValueError(f"stca must be an STCASettings or None (frame-only), got {type(stca).__name__}")
+        self.visual = visual
+        self.stca = stca
+        self.grad_checkpointing = False
+        if stca is None:
+            return  # the frame-only baseline: open_clip's own blocks and forward
         if not (hasattr(visual, "_embeds") and hasattr(visual, "_pool")):
             raise ValueError(
                 f"this open_clip ({open_clip.__version__}) VisionTransformer lacks _embeds/_pool; "
@@ -108,34 +98,10 @@ class VideoEncoder(nn.Module):
             if isinstance(block, STCABlock):
                 raise ValueError("visual is already converted to STCA blocks")
             check_block_supported(block, f"visual.transformer.resblocks[{index}]")
-        width = visual.transformer.width
-        try:  # the settings against this model's grid and width, once, with the ops' own rules
-            make_geometry(
-                num_tokens=1 + grid[0] * grid[1], channels=width, rows=num_frames, num_frames=num_frames,
-                window=window, mask_ratio=mask_ratio, scales=scales, channel_fold=channel_fold,
-                mixing=mixing, tensor_name="tokens",
-            )
-        except ValueError as error:
-            sides = [d for d in range(1, grid[0] + 1) if grid[0] % d == 0]
-            raise ValueError(
-                f"STCA settings do not fit this ViT ({grid[0]}x{grid[0]} patch grid, width {width}): {error}. "
-                f"Window sides that tile this grid: {sides} (e.g. ViT-B/32 at 224 px has a 7x7 grid)"
-            ) from error
-        settings = dict(
-            num_frames=num_frames, window=window, mask_ratio=mask_ratio, scales=scales,
-            channel_fold=channel_fold, mixing=mixing, backend=backend, attention=attention,
-            shuffle_phases=shuffle_phases,
-        )
+        stca.check_model(visual.transformer.width, grid[0])
         for index in range(len(blocks)):
-            blocks[index] = STCABlock(blocks[index], seed=0, **settings)
-        self.visual = visual
-        self.settings = {k: v for k, v in settings.items() if k != "num_frames"}
-        self.grad_checkpointing = False
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(int(seed))
-        else:
-            self.generator.seed()
+            # num_frames is only the blocks' default clip length: forward passes the input's
+            blocks[index] = STCABlock(blocks[index], stca, num_frames=1)
 
     # ----------------------------------------------------------- construction
     @classmethod
@@ -144,22 +110,22 @@ class VideoEncoder(nn.Module):
         model_name: str,
         pretrained: Optional[str],
         *,
+        stca: Optional[STCASettings] = STCASettings(),
         allow_random_init: bool = False,
         device="cpu",
         precision: str = "fp32",
         cache_dir: Optional[str] = None,
-        **stca_settings,
     ) -> "VideoEncoder":
         """Load CLIP ``model_name`` with weights ``pretrained`` (tag or file) and convert its ViT.
 
-        The text tower is dropped. ``stca_settings``: the constructor's keyword
-        arguments. ``encoder.source`` says which weights were loaded.
+        The text tower is dropped. ``stca``: as in the constructor.
+        ``encoder.source`` says which weights were loaded.
         """
         clip_model, source = load_clip(
             model_name, pretrained, allow_random_init=allow_random_init, device=device,
             precision=precision, cache_dir=cache_dir,
         )
-        encoder = cls(vision_tower(clip_model), **stca_settings)
+        encoder = cls(vision_tower(clip_model), stca)
         encoder.source = source
         return encoder
 
@@ -185,17 +151,8 @@ class VideoEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward (activation memory ~ one block)."""
         self.grad_checkpointing = bool(enable)
-
-    def manual_seed(self, seed: int) -> None:
-        """Reseed the generator of the training phases."""
-        self.generator.manual_seed(int(seed))
-
-    def sample_phase(self, batch: int, num_frames: int, device=None) -> torch.Tensor:
-        """Random training phases ``(B, T)`` from the encoder's generator."""
-        return stdd_kernels.mask_phase(
-            batch, num_frames, window=self.settings["window"], mode="train", generator=self.generator,
-            shuffle=self.settings["shuffle_phases"], device=device,
-        )
+        if self.stca is None:
+            self.visual.set_grad_checkpointing(self.grad_checkpointing)
 
     def load_clip_visual_state_dict(self, state_dict: dict, strict: bool = True):
         """Load an open_clip ``VisionTransformer`` state dict (keys without ``.block``).
@@ -205,11 +162,25 @@ class VideoEncoder(nn.Module):
         """
         visual_keys = {k[len("visual."):]: v for k, v in state_dict.items() if k.startswith("visual.")}
         source = visual_keys or dict(state_dict)
-        renamed = {
-            re.sub(r"^transformer\.resblocks\.(\d+)\.", r"transformer.resblocks.\1.block.", key): value
-            for key, value in source.items()
-        }
-        return self.visual.load_state_dict(renamed, strict=strict)
+        if self.stca is not None:
+            source = {
+                re.sub(r"^transformer\.resblocks\.(\d+)\.", r"transformer.resblocks.\1.block.", key): value
+                for key, value in source.items()
+            }
+        return self.visual.load_state_dict(source, strict=strict)
+
+    def check_phase(self, phase: torch.Tensor, batch: int, num_frames: int, device) -> torch.Tensor:
+        """Check an explicit phase once for the whole stack: ``(B, T)`` or ``(n_blocks, B, T)``."""
+        if isinstance(phase, torch.Tensor) and phase.dim() == 3:
+            expected = (len(self.blocks), batch, num_frames)
+            if tuple(phase.shape) != expected:
+                raise ValueError(
+                    f"phase must have shape (B, T) = {expected[1:]} (shared by all blocks) or "
+                    f"(n_blocks, B, T) = {expected} (one per block), got {tuple(phase.shape)}"
+                )
+            self.blocks[0].check_phase(phase.flatten(0, 1), len(self.blocks) * batch, device, num_frames)
+            return phase
+        return self.blocks[0].check_phase(phase, batch, device, num_frames)
 
     # ---------------------------------------------------------------- forward
     def forward(self, video: torch.Tensor, phase: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -218,19 +189,24 @@ class VideoEncoder(nn.Module):
         batch, frames = video.shape[:2]
         visual = self.visual
         frames_flat = video.reshape(batch * frames, *video.shape[2:]).to(visual.conv1.weight.dtype)
+        if self.stca is None:
+            if phase is not None:
+                raise ValueError("phase was given but this encoder has no STCA blocks (stca=None)")
+            features = visual(frames_flat)  # open_clip's own forward, frame by frame
+            if isinstance(features, tuple):  # output_tokens=True towers
+                features = features[0]
+            return features.reshape(batch, frames, -1)
         tokens = visual._embeds(frames_flat)  # (B*T, 1+N, D): conv1, CLS, positions, ln_pre
-        if phase is None:
-            if self.training:
-                phase = self.sample_phase(batch, frames, tokens.device)
-        else:  # checked once here, not once per block
-            phase = self.blocks[0].check_phase(phase, batch, tokens.device, frames)
-        for block in self.blocks:
+        if phase is not None:  # checked once here, not once per block
+            phase = self.check_phase(phase, batch, frames, tokens.device)
+        for index, block in enumerate(self.blocks):
+            block_phase = phase[index] if phase is not None and phase.dim() == 3 else phase
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = checkpoint(
-                    block, tokens, phase, check_phase=False, num_frames=frames, use_reentrant=False
+                    block, tokens, block_phase, validate=False, num_frames=frames, use_reentrant=False
                 )
             else:
-                tokens = block(tokens, phase, check_phase=False, num_frames=frames)
+                tokens = block(tokens, block_phase, validate=False, num_frames=frames)
         pooled, _ = visual._pool(tokens)  # ln_post + CLS (or average) pooling
         if visual.proj is not None:
             pooled = pooled @ visual.proj

@@ -26,6 +26,8 @@ ASKG_DIR = RESOURCES_DIR / "askg"
 # corrupted install or a bad edit and must fail loudly, not shift class indices.
 CLASS_COUNTS = {"ucf101": 101, "hmdb51": 51, "k400": 400, "k600": 600, "k600_new": 220}
 DATASETS = tuple(CLASS_COUNTS)
+# The sets whose ASKG graphs and prompts ship in askg/ (Kinetics-600 as k400 + its 220 new classes).
+ASKG_SETS = ("ucf101", "hmdb51", "k400", "k600_new")
 
 # Kinetics-600 renamed (or narrowed with a "(not ...)" qualifier) these K400
 # classes; the K600 name covers the same videos, so it is not a class unseen by
@@ -107,7 +109,7 @@ def display_name(dataset: str, class_name: str) -> str:
 
 
 def askg_path(dataset: str) -> Path:
-    """Path of the shipped ASKG file for ucf101|hmdb51|k400|k600_new."""
+    """Path of the shipped ASKG file of one of ``ASKG_SETS`` (ucf101|hmdb51|k400|k600_new)."""
     dataset = _check_dataset(dataset)
     if dataset == "k600":
         raise ValueError("dataset='k600': ASKG graphs ship as k400 + k600_new (the 220 new classes)")
@@ -115,6 +117,6 @@ def askg_path(dataset: str) -> Path:
 
 
 __all__ = [
-    "ASKG_DIR", "CLASSES_DIR", "CLASS_COUNTS", "DATASETS", "K400_RENAMED_IN_K600",
+    "ASKG_DIR", "ASKG_SETS", "CLASSES_DIR", "CLASS_COUNTS", "DATASETS", "K400_RENAMED_IN_K600",
     "askg_path", "class_names", "display_name",
 ]

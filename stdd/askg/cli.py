@@ -2,7 +2,7 @@
 
   build     --classes <file|ucf101|hmdb51|k400|k600|k600_new> --out DIR [--model M]
             [--base-url URL] [--concurrency N] [--retries N] [--api-key-env NAME]
-            Two-stage pipeline (stdd.text.askg); resumable: rerun the same command
+            Two-stage pipeline (stdd.askg.builder); resumable: rerun the same command
             after a crash or Ctrl-C and only unfinished classes are requested.
             Exit status 0 when every class was built, 1 when some failed (see
             DIR/report.json), 2 on a usage / endpoint error, 130 when interrupted.
@@ -21,15 +21,13 @@ import logging
 import sys
 from pathlib import Path
 
-from stdd.resources import askg_path
-from stdd.text import askg as askg_lib
-from stdd.text.askg import AskgBuilder, AskgConfig, AskgError
-
-SHIPPED_NAMES = ("ucf101", "hmdb51", "k400", "k600_new")
-
+from ..resources import ASKG_SETS, askg_path
+from . import builder as askg_lib
+from .builder import AskgBuilder, AskgConfig, AskgError
+from .prompts import format_graph, load_graphs, prompt_lists
 
 def _graph_source(spec: str) -> Path:
-    return askg_path(spec) if spec.lower() in SHIPPED_NAMES and not Path(spec).exists() else Path(spec)
+    return askg_path(spec) if spec.lower() in ASKG_SETS and not Path(spec).exists() else Path(spec)
 
 
 def _cmd_build(args) -> int:
@@ -69,8 +67,8 @@ def _cmd_build(args) -> int:
 
 
 def _cmd_prompts(args) -> int:
-    dataset, graphs = askg_lib.load_graphs(_graph_source(args.graph), allow_missing=args.allow_missing)
-    prompts = askg_lib.prompt_lists(graphs, args.only)
+    dataset, graphs = load_graphs(_graph_source(args.graph), allow_missing=args.allow_missing)
+    prompts = prompt_lists(graphs, args.only)
     askg_lib.atomic_write_json(Path(args.out), prompts)
     count = sum(len(v) for v in prompts.values())
     print(f"{len(prompts)} classes, {count} prompts ({args.only.upper()}) -> {args.out}")
@@ -78,7 +76,7 @@ def _cmd_prompts(args) -> int:
 
 
 def _cmd_inspect(args) -> int:
-    _, graphs = askg_lib.load_graphs(_graph_source(args.graph), allow_missing=True)
+    _, graphs = load_graphs(_graph_source(args.graph), allow_missing=True)
     graph = graphs.get(args.class_name)
     if graph is None:
         lowered = {k.lower(): k for k in graphs}
@@ -91,12 +89,12 @@ def _cmd_inspect(args) -> int:
     if args.json:
         print(json.dumps(graph, ensure_ascii=False, indent=1))
     else:
-        print(askg_lib.format_graph(args.class_name, graph))
+        print(format_graph(args.class_name, graph))
     return 0
 
 
 def _cmd_validate(args) -> int:
-    from stdd.text.schema import validate_askg_file
+    from .schema import validate_askg_file
 
     status = 0
     for spec in args.files:
@@ -105,8 +103,10 @@ def _cmd_validate(args) -> int:
         if errors:
             status = 1
             print(f"{path}: {len(errors)} error(s)")
-            for error in errors[:50]:
+            for error in errors[: args.max_errors]:
                 print(f"  {error}")
+            if len(errors) > args.max_errors:
+                print(f"  ... {len(errors) - args.max_errors} more")
         else:
             print(f"{path}: OK")
     return status
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="schema-check ASKG files")
     validate.add_argument("files", nargs="+", help="ASKG json files or shipped set names")
     validate.add_argument("--partial", action="store_true", help="do not require every class")
+    validate.add_argument("--max-errors", type=int, default=50, help="errors listed per file (default 50)")
     validate.set_defaults(func=_cmd_validate)
     return parser
 
@@ -172,7 +173,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""ASKG pipeline: an LLM builds an Action Semantic Knowledge Graph per class, then prompts.
+"""ASKG construction: an LLM builds an Action Semantic Knowledge Graph per class, then prompts.
 
 Two stages per class, against any OpenAI-compatible chat-completions endpoint
 (the `openai` client; hosted or a local server via --base-url):
@@ -12,7 +12,7 @@ Two stages per class, against any OpenAI-compatible chat-completions endpoint
            action triples ("Try to complete the whole sentence according to each
            relation triple").
 
-Every answer is parsed as JSON and validated (`stdd.text.schema`); an invalid
+Every answer is parsed as JSON and validated (`stdd.askg.schema`); an invalid
 answer, HTTP 429/5xx, a timeout or a dropped connection is retried with
 exponential backoff (the retry of an invalid answer shows the model its errors),
 up to `retries` times, after which the class is reported as failed and the run
@@ -37,17 +37,17 @@ import logging
 import os
 import random
 import re
-import tempfile
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
-from stdd.resources import CLASS_COUNTS, class_names as dataset_class_names, display_name
-from stdd.text.schema import (
+from ..files import atomic_write
+from ..resources import CLASS_COUNTS, display_name
+from .schema import (
     OBJECTS_MAX, OBJECTS_MIN, SCHEMA_VERSION, SUB_ACTIONS_MAX, SUB_ACTIONS_MIN,
-    normalize_entity, validate_askg_document, validate_graph, validate_stage1,
+    normalize_entity, validate_graph, validate_stage1,
 )
 
 log = logging.getLogger("stdd.askg")
@@ -190,22 +190,8 @@ def class_slug(name: str) -> str:
 
 
 def atomic_write_json(path: Path, payload: Any) -> None:
-    """Write JSON to `path` via a temp file in the same directory + os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(payload, handle, ensure_ascii=False, indent=1)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    """Write ``payload`` as UTF-8 JSON to ``path`` atomically (:func:`stdd.files.atomic_write`)."""
+    atomic_write(path, json.dumps(payload, ensure_ascii=False, indent=1) + "\n")
 
 
 def parse_json_answer(content: str | None) -> Any:
@@ -275,27 +261,16 @@ def render_stage2(class_name: str, display: str, knowledge: dict) -> str:
            for kind in ("object_object", "action_object", "action_action")})
 
 
-def read_class_file(path: str | Path) -> list[str]:
-    """Class names from a text file: one per line; blank lines and '#' comments skipped."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"--classes {path}: no such file (or use one of {', '.join(CLASS_COUNTS)})") from None
-    names = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    if not names:
-        raise ValueError(f"--classes {path}: no class names (expected one name per line)")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"--classes {path}: duplicated class names {duplicates[:5]}")
-    return names
-
-
 def resolve_classes(spec: str) -> tuple[str, list[str]]:
-    """(dataset name, class names) for a shipped set name or a class-list file."""
-    if spec.lower() in CLASS_COUNTS:
-        return spec.lower(), dataset_class_names(spec)
-    return Path(spec).stem, read_class_file(spec)
+    """(dataset name, class names) for a shipped set name or a class-list file.
+
+    Files are read by the data package's class-list reader (`stdd.data.annotations.read_class_names`:
+    one name per line, or UCF101's "<id> <name>" classInd.txt). The dataset name of a file is its stem.
+    """
+    from stdd.data.annotations import resolve_class_names
+
+    names = resolve_class_names(spec, where="--classes")
+    return (spec.lower() if spec.lower() in CLASS_COUNTS else Path(spec).stem), names
 
 
 # ---------------------------------------------------------------- the builder
@@ -316,7 +291,7 @@ class AskgBuilder:
                 raise AskgError(
                     f"no API key: environment variable {config.api_key_env} is not set "
                     f"(name another with --api-key-env; for a local server that ignores keys, set it to any value)")
-            import openai  # imported here: the rest of stdd.text works without it
+            import openai  # imported here: the rest of stdd.askg works without it
 
             client = openai.OpenAI(api_key=api_key, base_url=config.base_url,
                                    max_retries=0, timeout=config.timeout_s)
@@ -538,7 +513,7 @@ class AskgBuilder:
             regenerate += f" --base-url {base}"
         return {"generator": "stdd.askg build",
                 "how": "two-stage LLM pipeline (knowledge graph, then prompts), JSON answers validated "
-                       "against stdd.text.schema",
+                       "against stdd.askg.schema",
                 "model": self.config.model, "prompt_version": PROMPT_VERSION,
                 "temperature": self.config.temperature,
                 "base_url": base or "https://api.openai.com/v1",
@@ -564,101 +539,3 @@ class AskgBuilder:
         log.info("ASKG %s: %d built, %d from cache, %d failed, %d missing, %d requests -> %s",
                  dataset, len(report.built), len(report.cached), len(report.failed), len(missing),
                  report.requests, report.out_dir / "askg.json")
-
-
-# ---------------------------------------------------------------- reading graphs
-
-def load_graphs(path: str | Path, *, allow_missing: bool = False) -> tuple[str, dict[str, dict]]:
-    """(dataset, {class: graph}) from a shipped/merged ASKG json or a `build --out` directory.
-
-    Everything read is validated; a directory's classes that are not built yet are
-    an error unless `allow_missing`.
-    """
-    path = Path(path)
-    if path.is_dir():
-        manifest_path = path / "manifest.json"
-        if not manifest_path.exists():
-            raise AskgError(f"--graph {path}: a directory must be a `stdd.askg build --out` directory "
-                            f"(no manifest.json)")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-        dataset, names = manifest["dataset"], manifest["classes"]
-        graphs, missing, errors = {}, [], []
-        for name in names:
-            cache = path / "classes" / f"{class_slug(name)}.json"
-            if not cache.exists():
-                missing.append(name)
-                continue
-            graph = json.loads(cache.read_text(encoding="utf-8"))["result"]
-            problems = validate_graph(graph, dataset, name)
-            if problems:
-                errors.extend(f"{cache}: {p}" for p in problems)
-            graphs[name] = graph
-        if errors:
-            raise AskgError("invalid graphs:\n" + "\n".join(errors[:20]))
-        if missing and not allow_missing:
-            raise AskgError(f"--graph {path}: {len(missing)} of {len(names)} classes not built yet "
-                            f"(e.g. {missing[:3]}); rerun build to finish, or pass --allow-missing")
-        return dataset, graphs
-    if not path.exists():
-        raise AskgError(f"--graph {path}: no such file or directory")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AskgError(f"--graph {path}: not valid JSON ({exc})") from None
-    errors = validate_askg_document(document, str(path), require_complete=not allow_missing)
-    if errors:
-        raise AskgError("invalid ASKG file:\n" + "\n".join(errors[:20]))
-    return document["dataset"], dict(document["classes"])
-
-
-PROMPT_KINDS = {"S": ("spatial",), "T": ("temporal",), "ST": ("spatial", "temporal")}
-
-
-def prompt_lists(graphs: dict[str, dict], only: str = "ST") -> dict[str, list[str]]:
-    """{class: [sentences]}: spatial, temporal, or spatial then temporal prompts."""
-    kinds = PROMPT_KINDS.get(only.upper())
-    if kinds is None:
-        raise ValueError(f"--only {only!r}: expected one of {', '.join(PROMPT_KINDS)}")
-    return {name: [s for kind in kinds for s in graph["prompts"][kind]] for name, graph in graphs.items()}
-
-
-def format_graph(name: str, graph: dict) -> str:
-    """Human-readable view of one class's graph and prompts."""
-    lines = [f"class: {name}", "objects: " + ", ".join(graph["objects"]),
-             "sub-actions (in order): " + " -> ".join(graph["sub_actions"]), "relations:"]
-    for kind in ("object_object", "action_object", "action_action"):
-        lines.append(f"  {kind}:")
-        lines.extend(f"    ({s}) --{p}--> ({o})" for s, p, o in graph["relations"][kind])
-    for kind in ("spatial", "temporal"):
-        lines.append(f"{kind} prompts:")
-        lines.extend(f"  - {s}" for s in graph["prompts"][kind])
-    return "\n".join(lines)
-
-
-def load_prompts(source: str | Path, only: str = "ST", *, allow_missing: bool = False) -> dict[str, list[str]]:
-    """{class: [prompt sentences]} from any prompt source the model's text side may be given.
-
-    `source`: a shipped set name (ucf101, hmdb51, k400, k600_new), an ASKG json
-    (shipped format or `build --out DIR/askg.json`), a build directory, or a
-    prompts json written by `python -m stdd.askg prompts` (then `only` must
-    match what that file holds; it cannot be re-split).
-    """
-    from stdd.resources import askg_path
-
-    path = Path(source)
-    if not path.exists() and isinstance(source, str) and source.lower() in ("ucf101", "hmdb51", "k400", "k600_new"):
-        path = askg_path(source)
-    if path.is_file():
-        try:
-            document = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise AskgError(f"prompt source {path}: not valid JSON ({exc})") from None
-        if isinstance(document, dict) and "classes" not in document:
-            # A prompts file: {class: [sentence, ...]}.
-            bad = [k for k, v in document.items()
-                   if not isinstance(v, list) or not v or not all(isinstance(s, str) and s.strip() for s in v)]
-            if bad:
-                raise AskgError(f"prompt source {path}: classes without a non-empty list of sentences: {bad[:5]}")
-            return {k: list(v) for k, v in document.items()}
-    _, graphs = load_graphs(path, allow_missing=allow_missing)
-    return prompt_lists(graphs, only)

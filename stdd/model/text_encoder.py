@@ -4,8 +4,7 @@ Prompt sources (both give an ordered ``{class name: [sentence, ...]}`` dict whos
 order is the class index order):
 
 - :func:`template_prompts`: hand-written templates x class name;
-- :func:`load_prompt_file`: a JSON object ``{"<class name>": ["sentence", ...], ...}``
-  (the format the ASKG pipeline writes, ``stdd.text``).
+- :func:`stdd.askg.load_prompts`: a prompts or ASKG file (the one prompt loader).
 
 :class:`TextEncoder` runs the frozen open_clip text tower and returns
 :class:`ClassTextFeatures`: ``features (K, N_max, E)`` (unit norm) and a
@@ -15,16 +14,16 @@ With a ``cache_dir`` the features are stored on disk under a key made from the
 model name, its weights (tag, checkpoint SHA-256 or hash of random weights), the
 tokenizer's context length and every prompt; any change gives a new key, so
 features are recomputed exactly when something they depend on changed. Files are
-written atomically (temporary file + rename).
+written atomically (``stdd.files.atomic_write``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -33,6 +32,8 @@ import open_clip
 import torch
 from torch import nn
 
+from ..askg.prompts import check_prompts
+from ..files import atomic_write
 from .clip_loading import ClipSource, load_clip
 
 logger = logging.getLogger(__name__)
@@ -88,54 +89,6 @@ def template_prompts(
     return {name: [template.format(name) for template in templates] for name in names}
 
 
-def check_prompts(prompts: Mapping[str, Sequence[str]], source: str = "prompts") -> dict[str, list[str]]:
-    """Validate a ``{class: [sentence, ...]}`` mapping (``ValueError`` naming ``source``)."""
-    if not isinstance(prompts, Mapping):
-        raise ValueError(f"{source} must be an object {{class name: [sentences]}}, got {type(prompts).__name__}")
-    if not prompts:
-        raise ValueError(f"{source} holds no classes")
-    checked = {}
-    for name, sentences in prompts.items():
-        if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{source}: class names must be non-empty strings, got {name!r}")
-        if isinstance(sentences, str) or not isinstance(sentences, Sequence) or len(sentences) == 0:
-            raise ValueError(f"{source}: class {name!r} must map to a non-empty list of sentences, got {sentences!r}")
-        for sentence in sentences:
-            if not isinstance(sentence, str) or not sentence.strip():
-                raise ValueError(f"{source}: class {name!r} has an empty or non-string sentence {sentence!r}")
-        checked[name] = list(sentences)
-    return checked
-
-
-def load_prompt_file(
-    path: Union[str, os.PathLike], class_names: Optional[Sequence[str]] = None
-) -> dict[str, list[str]]:
-    """Read a prompt file ``{"<class>": ["sentence", ...], ...}`` (UTF-8 JSON).
-
-    With ``class_names`` the result holds exactly those classes, in that order
-    (``ValueError`` naming the file and the missing classes otherwise; extra
-    classes in the file are ignored). Without, the file's order is kept.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"prompt file {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"prompt file {path} is not valid UTF-8 JSON: {error}") from error
-    prompts = check_prompts(data, source=f"prompt file {path}")
-    if class_names is None:
-        return prompts
-    names = _check_class_names(class_names)
-    missing = [name for name in names if name not in prompts]
-    if missing:
-        raise ValueError(
-            f"prompt file {path} has no prompts for {len(missing)} of {len(names)} classes, e.g. {missing[:5]}"
-        )
-    return {name: prompts[name] for name in names}
-
-
 @dataclass(frozen=True)
 class ClassTextFeatures:
     """Prompt features of ``K`` classes.
@@ -155,21 +108,6 @@ class ClassTextFeatures:
 
     def to(self, device) -> "ClassTextFeatures":
         return replace(self, features=self.features.to(device), mask=self.mask.to(device))
-
-
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        if os.path.exists(handle.name):
-            os.unlink(handle.name)
-        raise
 
 
 class TextEncoder(nn.Module):
@@ -280,11 +218,10 @@ class TextEncoder(nn.Module):
             features[index, : len(chunk)] = chunk
             mask[index, : len(chunk)] = True
         if path is not None:
-            _atomic_torch_save(
-                {"key": key, "features": features, "mask": mask, "class_names": list(prompts),
-                 "model_name": self.source.model_name, "weights_id": self.source.weights_id},
-                path,
-            )
+            buffer = io.BytesIO()
+            torch.save({"key": key, "features": features, "mask": mask, "class_names": list(prompts),
+                        "model_name": self.source.model_name, "weights_id": self.source.weights_id}, buffer)
+            atomic_write(path, buffer.getvalue())
         return self._result(prompts, features, mask, path, cache_hit=False)
 
     @staticmethod

@@ -19,18 +19,17 @@ every class of the set's class list, in class-list order.
 
 Validators return lists of error strings (empty = valid) so a file with many
 problems is reported in one pass; each error names the class and the field.
-`python -m stdd.text.schema FILE...` validates files from the shell.
+`python -m stdd.askg validate FILE...` validates files from the shell.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 from typing import Any
 
-from stdd.resources import CLASS_COUNTS, class_names, display_name
+from ..resources import ASKG_SETS, CLASS_COUNTS, class_names, display_name
 
 SCHEMA_VERSION = 1
 
@@ -43,7 +42,6 @@ PROMPT_MINIMUMS = {"spatial": 3, "temporal": 3}
 PROMPT_MAX_WORDS = 45
 
 GRAPH_KEYS = ("class", "objects", "sub_actions", "relations", "prompts")
-SHIPPED_SETS = ("ucf101", "hmdb51", "k400", "k600_new")
 FILE_KEYS = ("schema_version", "dataset", "provenance", "classes")
 SHIPPED_PROVENANCE_KEYS = ("generator", "how", "date", "regenerate")
 
@@ -251,7 +249,7 @@ def validate_askg_document(document: Any, source: str = "<document>", *,
     provenance = document.get("provenance")
     if not isinstance(provenance, dict):
         errors.append(f"{source}: field 'provenance' must be an object")
-    elif dataset in SHIPPED_SETS:
+    elif dataset in ASKG_SETS:
         for key in SHIPPED_PROVENANCE_KEYS:
             if not isinstance(provenance.get(key), str) or not provenance[key].strip():
                 errors.append(f"{source}: provenance.{key} must be a non-empty string")
@@ -289,32 +287,3 @@ def validate_askg_file(path: str | Path, *, require_complete: bool = True) -> li
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return [f"{path}: not valid JSON ({exc})"]
     return validate_askg_document(document, str(path), require_complete=require_complete)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m stdd.text.schema",
-                                     description="Validate ASKG JSON files against the schema.")
-    parser.add_argument("files", nargs="+", type=Path)
-    parser.add_argument("--partial", action="store_true",
-                        help="do not require every class of the dataset (files written in batches)")
-    parser.add_argument("--max-errors", type=int, default=50)
-    args = parser.parse_args(argv)
-    status = 0
-    for path in args.files:
-        errors = validate_askg_file(path, require_complete=not args.partial)
-        if errors:
-            status = 1
-            print(f"{path}: {len(errors)} error(s)")
-            for error in errors[: args.max_errors]:
-                print(f"  {error}")
-            if len(errors) > args.max_errors:
-                print(f"  ... {len(errors) - args.max_errors} more")
-        else:
-            print(f"{path}: OK")
-    return status
-
-
-if __name__ == "__main__":
-    sys.exit(main())

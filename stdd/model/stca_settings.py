@@ -1,0 +1,97 @@
+"""The STCA settings: one frozen dataclass, one field per setting, one default each.
+
+Modelled on open_clip's ``CLIPVisionCfg``: every builder (``STCABlock``,
+``VideoEncoder``, ``VideoEncoder.from_pretrained``, ``build_stdd``) takes one
+:class:`STCASettings` and passes it on unchanged; the run config's
+``model.stca`` section is generated from these fields (``stdd.engine.config``),
+so a new setting is added here and nowhere else. The defaults are the paper's
+ViT-B/16 settings. The operator contract behind the names is ``docs/stca.md``.
+
+A settings object checks itself when it is created (each field on its own) and,
+with :meth:`STCASettings.check_model`, against a model's patch grid and width
+with the operators' own rules, so a bad setting fails when the model is built,
+not at the first forward pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from stdd_kernels.geometry import (
+    MIXING_MODES,
+    check_mixing,
+    check_scales,
+    check_window,
+    make_geometry,
+    masked_cells,
+    positive_int,
+)
+
+ATTENTION_KINDS = ("sdpa", "xformers")
+
+
+@dataclass(frozen=True)
+class STCASettings:
+    """How every block of the video encoder does Space-time Cross Attention (paper Eq. 1-7)."""
+
+    window: tuple[int, int] = (2, 2)  # WSM window (w1, w2); must tile the patch grid; K = w1*w2 phases
+    mask_ratio: float = 0.5  # share of each window's K cells masked: m = round(mask_ratio * K), < K
+    scales: tuple[int, ...] = (1, 2)  # MCM scales; each one is a mixed path through the block's attention
+    channel_fold: int = 32  # F: I = width // F channels are read from the neighbour frames per direction
+    mixing: str = "continual"  # "continual" (Eq. 6), "separate" (Eq. 5) or "none" (no channel mixing)
+    shuffle_phases: bool = False  # training phases: also permute each clip's frame phases
+    backend: Optional[str] = None  # STCA op backend (reference|triton|cpp|cuda); None: automatic / STDD_BACKEND
+    attention: str = "sdpa"  # "sdpa" (torch SDPA, any device) or "xformers" (CUDA only)
+
+    def __post_init__(self):
+        # Lists (from YAML) become tuples, so settings compare and hash by value.
+        object.__setattr__(self, "window", check_window(self.window))
+        masked_cells(self.window, self.mask_ratio)  # checks mask_ratio against the window
+        object.__setattr__(self, "mask_ratio", float(self.mask_ratio))
+        object.__setattr__(self, "scales", check_scales(self.scales))
+        positive_int(self.channel_fold, "channel_fold")
+        if self.mixing not in MIXING_MODES:
+            raise ValueError(f"mixing must be one of {MIXING_MODES}, got {self.mixing!r}")
+        if not isinstance(self.shuffle_phases, bool):
+            raise ValueError(f"shuffle_phases must be a bool, got {self.shuffle_phases!r}")
+        if self.backend is not None and not isinstance(self.backend, str):
+            raise ValueError(f"backend must be a backend name or None, got {self.backend!r}")
+        if self.attention not in ATTENTION_KINDS:
+            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+
+    @property
+    def cells(self) -> int:
+        """``K = w1 * w2``: cells per window, and the number of distinct phases."""
+        return self.window[0] * self.window[1]
+
+    def check_model(self, width: int, grid: Optional[int] = None) -> None:
+        """Raise ``ValueError`` unless these settings run on a ViT of this ``width`` (and ``grid``).
+
+        ``width``: the token width ``D``; ``grid``: the patch grid side ``P`` (checked when
+        given). The rules are the operators' (``stdd_kernels.geometry``); the message
+        names the setting and, for a window that does not tile the grid, the sides that do.
+        """
+        if grid is None:
+            check_mixing(width, self.scales, self.channel_fold, self.mixing)
+        else:
+            try:
+                make_geometry(
+                    num_tokens=1 + grid * grid, channels=width, rows=1, num_frames=1, window=self.window,
+                    mask_ratio=self.mask_ratio, scales=self.scales, channel_fold=self.channel_fold,
+                    mixing=self.mixing, tensor_name="tokens",
+                )
+            except ValueError as error:
+                sides = [d for d in range(1, grid + 1) if grid % d == 0]
+                raise ValueError(
+                    f"STCA settings do not fit this ViT ({grid}x{grid} patch grid, width {width}): {error}. "
+                    f"Window sides that tile this grid: {sides} (e.g. ViT-B/32 at 224 px has a 7x7 grid)"
+                ) from error
+        if self.attention == "xformers":
+            try:
+                import xformers.ops  # noqa: F401  (availability check)
+            except ImportError as error:
+                raise ValueError(
+                    "attention='xformers' needs the xformers package (pip install 'stdd[xformers]'); "
+                    "use attention='sdpa' otherwise"
+                ) from error

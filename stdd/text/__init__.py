@@ -1,1 +1,0 @@
-"""Text side of STDD: ASKG construction (LLM pipeline, schema) and prompt lists."""
