@@ -42,7 +42,7 @@ def test_boolean_mask_block_equals_the_stca_block_for_one_scale(bench, phases):
     pytest.importorskip("open_clip")
     from open_clip.transformer import ResidualAttentionBlock
 
-    from stdd.model import STCABlock
+    from stdd.model import STCABlock, STCASettings
 
     clips, frames, grid, width = 2, 4, 4, 32
     torch.manual_seed(0)
@@ -57,9 +57,9 @@ def test_boolean_mask_block_equals_the_stca_block_for_one_scale(bench, phases):
         shuffle=phases == "train",
     )
     x = torch.randn(clips * frames, 1 + grid * grid, width, generator=generator)
-    settings = dict(num_frames=frames, window=(2, 2), mask_ratio=0.5, scales=(1,), channel_fold=8)
-    expected = STCABlock(block, **settings, backend="reference").eval()(x, phase)
-    peer = bench.BooleanMaskSTCABlock(block, grid=grid, **settings).eval()
+    settings = dict(window=(2, 2), mask_ratio=0.5, scales=(1,), channel_fold=8)
+    expected = STCABlock(block, STCASettings(**settings, backend="reference"), num_frames=frames).eval()(x, phase)
+    peer = bench.BooleanMaskSTCABlock(block, grid=grid, num_frames=frames, **settings).eval()
     got = peer(x.transpose(0, 1).contiguous(), phase).transpose(0, 1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # ... and it is not the plain block: the mixing and masking did something.
@@ -73,7 +73,7 @@ def test_boolean_mask_block_equals_the_stca_block_with_the_release_rule(bench, s
     pytest.importorskip("open_clip")
     from open_clip.transformer import ResidualAttentionBlock
 
-    from stdd.model import STCABlock
+    from stdd.model import STCABlock, STCASettings
 
     clips, frames, grid, width = 2, 4, 4, 48  # I = 48 // 8 = 6: widths 6, 3, 1
     torch.manual_seed(0)
@@ -85,13 +85,17 @@ def test_boolean_mask_block_equals_the_stca_block_with_the_release_rule(bench, s
     generator = torch.Generator().manual_seed(2)
     phase = stdd_kernels.mask_phase(clips, frames, mode="train", generator=generator, shuffle=True)
     x = torch.randn(clips * frames, 1 + grid * grid, width, generator=generator)
-    settings = dict(num_frames=frames, window=(2, 2), mask_ratio=0.5, scales=scales, channel_fold=8)
-    peer = bench.BooleanMaskSTCABlock(block, grid=grid, **settings).eval()
+    settings = dict(window=(2, 2), mask_ratio=0.5, scales=scales, channel_fold=8)
+    peer = bench.BooleanMaskSTCABlock(block, grid=grid, num_frames=frames, **settings).eval()
     got = peer(x.transpose(0, 1).contiguous(), phase).transpose(0, 1)
-    expected = STCABlock(block, **settings, mixing="official", backend="reference").eval()(x, phase)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    def stca_block(mixing):
+        stca = STCASettings(**settings, mixing=mixing, backend="reference")
+        return STCABlock(block, stca, num_frames=frames).eval()(x, phase)
+
+    torch.testing.assert_close(got, stca_block("official"), rtol=1e-5, atol=1e-5)
     if scales == (1, 2):  # ... which is not the paper's continual mixing at the clip edges
-        continual = STCABlock(block, **settings, backend="reference").eval()(x, phase)
+        continual = stca_block("continual")
         assert (got - continual).abs().max() > 1e-4
 
 
