@@ -51,7 +51,7 @@ passed (the rows not run are recorded as skipped).
      floor moves no glue bytes at all). Training backpropagates from both
      streams, so every attention/MLP backward of the STCA block runs too.
    - ``stca[<backend>]``: ``stdd.model.STCABlock`` (scales (1, 2), window (2, 2),
-     mask ratio 0.5, continual mixing) with that op backend; explicit phases
+     mask ratio 0.5, continual mixing or ``--mixing``) with that op backend; explicit phases
      (eval phases for inference, seeded random per-clip phases for training),
      checked once outside the timing.
    - ``boolean-mask``: the formulation a user would otherwise run, written
@@ -93,7 +93,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import torch  # noqa: E402
 
 import stdd_kernels  # noqa: E402
-from stdd_kernels.geometry import make_geometry  # noqa: E402
+from stdd_kernels.geometry import MIXING_MODES, make_geometry  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 COMMIT_ENV_VAR = "STDD_GIT_COMMIT"  # the commit of a checkout without .git, given by whoever copied it
@@ -461,10 +461,11 @@ class BooleanMaskSTCABlock(torch.nn.Module):
     ``t - (i+1)`` and ``t + (i+1)``, later ``i`` overwriting), ``torch.cat``
     puts CLS in front, and each scale runs its own attention; after attention
     the full path is cloned and the mean of the scales is assigned into it
-    through the mask, then rearranged back. For scales ``(1,)`` this computes
-    exactly the STCA block (spec steps 1-4); for ``(1, 2)`` the release's
-    mixing differs from continual mixing at the clip edges only (``docs/stca.md``),
-    with the same amount of work.
+    through the mask, then rearranged back. It computes exactly the STCA block
+    with ``mixing="official"`` (``docs/stca.md``; tests/test_bench_stca.py), and
+    for scales ``(1,)`` the default continual block too; for ``(1, 2)`` the
+    release's mixing differs from continual mixing at the clip edges only, with
+    the same amount of work (``--mixing official`` times both on the same rule).
 
     ``forward(x, phase (B, T), validate=...) -> (1+N, B*T, D)``; ``validate``
     is accepted for the stack's signature and ignored.
@@ -724,6 +725,8 @@ def parse_args(argv=None):
     parser.add_argument("--skip-compiled", action="store_true", help="leave out the torch.compile stack variants")
     parser.add_argument("--budget-s", type=float, default=None,
                         help="start no new measurement after this many seconds (the rest is recorded as skipped)")
+    parser.add_argument("--mixing", choices=MIXING_MODES, default="continual",
+                        help="channel mixing of the ops and stca[*] blocks (official: the authors' release's rule)")
     parser.add_argument("--width", type=int, default=768)
     parser.add_argument("--heads", type=int, default=12)
     parser.add_argument("--grid", type=int, default=14, help="patches per side (14: ViT-B/16 at 224 px)")
@@ -745,14 +748,15 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     if args.tiny:
-        shapes = Shapes(width=64, heads=4, grid=4, frames=4, layers=2, op_batch=2, infer_batch=2, train_batch=1)
+        shapes = Shapes(width=64, heads=4, grid=4, frames=4, layers=2, op_batch=2, infer_batch=2, train_batch=1,
+                        mixing=args.mixing)
         warmup, repeats = args.warmup or 1, args.repeats or 2
     else:
         shapes = Shapes(
             width=args.width, heads=args.heads, grid=args.grid, frames=args.frames, layers=args.layers,
             op_batch=args.op_batch or (32 if gpu else 2),
             infer_batch=args.infer_batch or (32 if gpu else 1),
-            train_batch=args.train_batch or (16 if gpu else 1),
+            train_batch=args.train_batch or (16 if gpu else 1), mixing=args.mixing,
         )
         warmup, repeats = args.warmup or (5 if gpu else 1), args.repeats or (25 if gpu else 3)
     backends = backends_for(device, dtype, args.backends)

@@ -43,11 +43,11 @@ void mix_gather_kernel(const scalar_t* x, const int64_t* phase, scalar_t* mixed,
       const int64_t t = row % T;
       for (int64_t ch = 0; ch < D;) {
         const ChannelRun run = channel_run(ch, D, plan.mix_channels, scale, plan.mixing);
-        const int64_t source_frame = t + run.delta;
-        if (source_frame < 0 || source_frame >= T) {
+        const int64_t source = source_frame(t, run.delta, T, plan.mixing);
+        if (source < 0) {
           std::fill(out + ch, out + run.stop, scalar_t(0));  // outside the clip: zero
         } else {
-          const int64_t source_row = row + run.delta;
+          const int64_t source_row = row + (source - t);
           const int64_t token = kept_token(phase[source_row], slot - 1, plan.mask);
           std::copy(x + (source_row * tokens_in + token) * D + ch, x + (source_row * tokens_in + token) * D + run.stop,
                     out + ch);
@@ -60,7 +60,9 @@ void mix_gather_kernel(const scalar_t* x, const int64_t* phase, scalar_t* mixed,
 
 // grad_x[row, token] = sum over scales of the grad_mixed elements that read
 // x[row, token]: kept token j of frame t is read, channel by channel, by
-// frame t - delta_s(ch) (when inside the clip), at the same slot 1 + j.
+// frame t - delta_s(ch) (when inside the clip; with the release's rule also
+// by the frames whose clamped reads land on an edge frame, reader_frames),
+// at the same slot 1 + j.
 template <typename scalar_t>
 void mix_gather_backward_kernel(const scalar_t* grad_mixed, const int64_t* phase, scalar_t* grad_x,
                                 const detail::MixPlan& plan) {
@@ -91,9 +93,9 @@ void mix_gather_backward_kernel(const scalar_t* grad_mixed, const int64_t* phase
         }
         for (int64_t ch = 0; ch < D;) {
           const ChannelRun run = channel_run(ch, D, plan.mix_channels, plan.scales[s], plan.mixing);
-          const int64_t reader_frame = t - run.delta;
-          if (reader_frame >= 0 && reader_frame < T) {
-            const scalar_t* g = grad_scale + ((row - run.delta) * tokens_out + slot) * D;
+          const auto readers = reader_frames(t, run.delta, T, plan.mixing);
+          for (int64_t reader = readers.first; reader <= readers.last; ++reader) {
+            const scalar_t* g = grad_scale + ((row + (reader - t)) * tokens_out + slot) * D;
             for (int64_t c = ch; c < run.stop; ++c) sum[c] += static_cast<opmath_t>(g[c]);
           }
           ch = run.stop;

@@ -18,7 +18,8 @@
 
 namespace stdd {
 
-enum class Mixing : int32_t { kContinual = 0, kSeparate = 1, kNone = 2 };
+// kOfficial: the authors' release's rule (docs/stca.md, release-compatible variant).
+enum class Mixing : int32_t { kContinual = 0, kSeparate = 1, kNone = 2, kOfficial = 3 };
 
 // Geometry of the patch grid and the window-shift mask. Plain integers so it
 // can be passed by value to a CUDA kernel. The index type is int64_t on the
@@ -130,9 +131,28 @@ struct BasicChannelRun {
 };
 using ChannelRun = BasicChannelRun<int64_t>;
 
+// The release's rule (kOfficial) for scale s, in closed form. The release
+// writes, for i = 0 .. s-1 with d_i = I >> i, channels [0, d_i) from frame
+// t - (i+1) where t >= i+1 and channels [2I - d_i, 2I) from t + (i+1) where
+// t <= T-2-i, later steps overwriting earlier ones. A channel c of [0, I)
+// (of [I, 2I): c = 2I-1-ch, the mirror image) is covered by the steps
+// i < depth(c), depth(c) = #{i < s : c < I >> i} >= 1 (the widths shrink, so
+// these are the first depth(c) steps). The last of them that writes frame t
+// is i = min(depth - 1, t - 1), reading t - min(depth, t); none writes t = 0.
+// So a channel run carries delta = -depth (or +depth), and source_frame
+// clamps it at the clip edge, where continual mixing gives zero instead.
+template <typename index_t>
+STDD_HOST_DEVICE index_t official_depth(same_t<index_t> c, same_t<index_t> mix_channels, same_t<index_t> scale) {
+  index_t depth = 0;
+  while (depth < scale && c < (mix_channels >> depth)) ++depth;
+  return depth;
+}
+
 // For scale s with I = mix_channels: continual mixing (block width h = I/s):
 // block q of [0, I) reads t - (s - q), block q of [I, 2I) reads t + q + 1;
-// separate: [0, I) reads t - s, [I, 2I) reads t + s; none: all own.
+// separate: [0, I) reads t - s, [I, 2I) reads t + s; none: all own;
+// official: [I >> depth, I >> (depth - 1)) (from 0 when depth = s) reads
+// delta = -depth, its mirror image in [I, 2I) +depth, clamped by source_frame.
 // Channels [2I, D) are always the frame's own.
 template <typename index_t = int64_t>
 STDD_HOST_DEVICE BasicChannelRun<index_t> channel_run(same_t<index_t> channel, same_t<index_t> channels,
@@ -146,6 +166,14 @@ STDD_HOST_DEVICE BasicChannelRun<index_t> channel_run(same_t<index_t> channel, s
   if (mixing == Mixing::kSeparate) {
     return channel < I ? Run{-scale, I} : Run{scale, 2 * I};
   }
+  if (mixing == Mixing::kOfficial) {  // depth >= 1 and I >> (scale - 1) >= 1, validated by the host
+    if (channel < I) {
+      const index_t depth = official_depth<index_t>(channel, I, scale);
+      return Run{-depth, I >> (depth - 1)};
+    }
+    const index_t depth = official_depth<index_t>(2 * I - 1 - channel, I, scale);
+    return Run{depth, 2 * I - (depth < scale ? (I >> depth) : 0)};
+  }
   const index_t width = I / scale;  // h, validated > 0 by the host
   if (channel < I) {
     const index_t q = channel / width;
@@ -153,6 +181,50 @@ STDD_HOST_DEVICE BasicChannelRun<index_t> channel_run(same_t<index_t> channel, s
   }
   const index_t q = (channel - I) / width;
   return Run{q + 1, I + (q + 1) * width};
+}
+
+// The frame that frame t's channels of a run with this delta read, or -1
+// where they are zero: t + delta when inside the clip (continual, separate);
+// official: t + delta clamped into [0, T), zero where the clamp leaves a mixed
+// channel (delta != 0) on frame t itself (t = 0 for delta < 0, t = T-1 for
+// delta > 0: no step of the release writes those).
+template <typename index_t = int64_t>
+STDD_HOST_DEVICE index_t source_frame(same_t<index_t> frame, same_t<index_t> delta, same_t<index_t> num_frames,
+                                      Mixing mixing) {
+  if (mixing == Mixing::kOfficial && delta != 0) {
+    const index_t clamped = delta < 0 ? (delta > -frame ? delta : -frame)
+                                      : (delta < num_frames - 1 - frame ? delta : num_frames - 1 - frame);
+    return clamped == 0 ? -1 : frame + clamped;
+  }
+  const index_t source = frame + delta;
+  return source < 0 || source >= num_frames ? -1 : source;
+}
+
+// The frames [first, last] (empty when first > last) whose channels of a run
+// with this delta read frame t: the inverse of source_frame, for the
+// gradients. One frame, t - delta, except for the release's clamp: frame 0
+// is also read, through delta = -depth, by every frame in [1, depth), and
+// frame T-1, through +depth, by every frame in (T-1-depth, T-1).
+template <typename index_t>
+struct ReaderFrames {
+  index_t first;
+  index_t last;
+};
+
+template <typename index_t = int64_t>
+STDD_HOST_DEVICE ReaderFrames<index_t> reader_frames(same_t<index_t> frame, same_t<index_t> delta,
+                                                     same_t<index_t> num_frames, Mixing mixing) {
+  using Readers = ReaderFrames<index_t>;
+  if (mixing == Mixing::kOfficial && delta < 0 && frame == 0) {
+    const index_t last = -delta < num_frames - 1 ? -delta : num_frames - 1;
+    return Readers{1, last};
+  }
+  if (mixing == Mixing::kOfficial && delta > 0 && frame == num_frames - 1) {
+    const index_t first = num_frames - 1 - delta > 0 ? num_frames - 1 - delta : 0;
+    return Readers{first, num_frames - 2};
+  }
+  const index_t reader = frame - delta;
+  return reader < 0 || reader >= num_frames ? Readers{1, 0} : Readers{reader, reader};
 }
 
 }  // namespace stdd

@@ -11,7 +11,8 @@
 //
 // V channels of a chunk always read the same neighbour frame: the host picks
 // V (vector_width below) so that it divides every channel-run boundary
-// (D, I, 2I, I/s) and every tensor's base address is V elements aligned.
+// (D, I, 2I, I/s; official: I >> i) and every tensor's base address is V
+// elements aligned.
 // Index math inside a frame row is 32-bit (the host checks the sizes fit);
 // offsets into the tensors are 64-bit.
 #pragma once
@@ -95,7 +96,9 @@ inline PadKernelArgs make_pad_args(const detail::PadPlan& plan) {
 // ---------------------------------------------------------------------------
 
 // gcd of the channel-run boundaries of mix_gather: D and, with mixing, I
-// (then 2I is a multiple) and, for continual mixing, every block width I / s.
+// (then 2I is a multiple) and, for continual mixing, every block width I / s;
+// for the release's rule every width I >> i, i < s (then the mirrored
+// boundaries 2I - (I >> i) are multiples too).
 inline int64_t mix_boundaries(const MixKernelArgs& a) {
   auto gcd = [](int64_t p, int64_t q) {
     while (q != 0) {
@@ -110,6 +113,11 @@ inline int64_t mix_boundaries(const MixKernelArgs& a) {
   g = gcd(g, a.mix_channels);
   if (a.mixing == Mixing::kContinual) {
     for (int32_t s = 0; s < a.num_scales; ++s) g = gcd(g, a.mix_channels / a.scales[s]);
+  }
+  if (a.mixing == Mixing::kOfficial) {
+    for (int32_t s = 0; s < a.num_scales; ++s) {
+      for (int32_t i = 1; i < a.scales[s]; ++i) g = gcd(g, a.mix_channels >> i);
+    }
   }
   return g;
 }
@@ -197,11 +205,11 @@ STDD_HOST_DEVICE void mix_gather_chunk(const scalar_t* x, const int64_t* phase, 
     pack = load_pack<scalar_t, V>(x + it.row * tokens_in * D + ch);  // CLS, unmixed
   } else {
     const int32_t delta = channel_run<int32_t>(ch, a.channels, a.mix_channels, it.scale, a.mixing).delta;
-    const int32_t source_frame = it.frame + delta;
-    if (source_frame < 0 || source_frame >= a.num_frames) {
+    const int32_t source = source_frame<int32_t>(it.frame, delta, a.num_frames, a.mixing);
+    if (source < 0) {
       pack = zero_pack<scalar_t, V>();
     } else {
-      const int64_t source_row = it.row + delta;
+      const int64_t source_row = it.row + (source - it.frame);
       const int32_t phase32 = static_cast<int32_t>(phase[source_row] % a.mask.cells());
       const int32_t token = it.window_origin + cell_offset(kept_cell(phase32, it.rank, a.mask), a.mask);
       pack = load_pack<scalar_t, V>(x + (source_row * tokens_in + token) * D + ch);
@@ -240,8 +248,10 @@ STDD_HOST_DEVICE TokenItem token_item(const Mask32& mask, const int64_t* phase, 
   return it;
 }
 
-// grad_x[row, token, ch:ch+V]: sums, over scales, the grad_mixed elements that
-// read this x element (no atomics). A masked token is read by nobody.
+// grad_x[row, token, ch:ch+V]: sums, over scales and reader frames
+// (reader_frames: one, or with the release's rule up to s at the clip
+// edges), the grad_mixed elements that read this x element (no atomics). A
+// masked token is read by nobody.
 template <typename scalar_t, int V>
 STDD_HOST_DEVICE void mix_gather_backward_chunk(const scalar_t* grad_mixed, scalar_t* grad_x, const MixKernelArgs& a,
                                                 const TokenItem& it, int64_t item, int32_t ch) {
@@ -253,17 +263,18 @@ STDD_UNROLL
   for (int i = 0; i < V; ++i) sum[i] = opmath_t(0);
   if (!it.masked) {
     for (int32_t s = 0; s < a.num_scales; ++s) {
-      int64_t reader_row = it.row;  // CLS: read by its own frame at every scale
+      ReaderFrames<int32_t> readers{it.frame, it.frame};  // CLS: read by its own frame at every scale
       if (it.slot != 0) {
         const int32_t delta = channel_run<int32_t>(ch, a.channels, a.mix_channels, a.scales[s], a.mixing).delta;
-        const int32_t reader_frame = it.frame - delta;
-        if (reader_frame < 0 || reader_frame >= a.num_frames) continue;
-        reader_row = it.row - delta;
+        readers = reader_frames<int32_t>(it.frame, delta, a.num_frames, a.mixing);
       }
-      const auto pack =
-          load_pack<scalar_t, V>(grad_mixed + ((s * a.rows + reader_row) * tokens_out + it.slot) * D + ch);
+      for (int32_t reader = readers.first; reader <= readers.last; ++reader) {
+        const int64_t reader_row = it.row + (reader - it.frame);
+        const auto pack =
+            load_pack<scalar_t, V>(grad_mixed + ((s * a.rows + reader_row) * tokens_out + it.slot) * D + ch);
 STDD_UNROLL
-      for (int i = 0; i < V; ++i) sum[i] += static_cast<opmath_t>(pack.value[i]);
+        for (int i = 0; i < V; ++i) sum[i] += static_cast<opmath_t>(pack.value[i]);
+      }
     }
   }
   Pack<scalar_t, V> out;

@@ -21,7 +21,9 @@ Mixing parse_mixing(std::string_view mixing) {
   if (mixing == "continual") return Mixing::kContinual;
   if (mixing == "separate") return Mixing::kSeparate;
   if (mixing == "none") return Mixing::kNone;
-  TORCH_CHECK(false, "mixing must be one of 'continual', 'separate', 'none', got '", std::string(mixing), "'");
+  if (mixing == "official") return Mixing::kOfficial;
+  TORCH_CHECK(false, "mixing must be one of 'continual', 'separate', 'none', 'official', got '", std::string(mixing),
+              "'");
 }
 
 MaskGeometry check_mask(int64_t grid, at::IntArrayRef window, int64_t masked) {
@@ -89,6 +91,16 @@ MixPlan plan_mix(int64_t rows, int64_t grid, int64_t channels, int64_t num_frame
     for (int64_t s : plan.scales) {
       TORCH_CHECK(plan.mix_channels % s == 0, "continual mixing needs I = D // channel_fold = ", plan.mix_channels,
                   " divisible by every scale; scale ", s, " in scales=", scales, " does not divide it");
+    }
+  }
+  if (plan.mixing == Mixing::kOfficial) {
+    int64_t deepest = 0;  // bit length of I: the last scale whose last block is not empty
+    while ((plan.mix_channels >> deepest) > 0) ++deepest;
+    for (int64_t s : plan.scales) {
+      TORCH_CHECK(s <= deepest, "official mixing halves the channel blocks (d_i = I >> i for i < s): scale ", s,
+                  " in scales=", scales, " with I = D // channel_fold = ", plan.mix_channels,
+                  " has empty blocks and would equal scale ", deepest, "; use scales <= ", deepest,
+                  " or a smaller channel_fold");
     }
   }
   return plan;
@@ -162,13 +174,18 @@ PadPlan check_pad_scatter_backward(const at::Tensor& grad_pad, int64_t num_frame
 
 }  // namespace detail
 
-int64_t masked_cells(at::IntArrayRef window, double mask_ratio) {
+int64_t masked_cells(at::IntArrayRef window, double mask_ratio, std::string_view mask_rounding) {
+  TORCH_CHECK(mask_rounding == "nearest" || mask_rounding == "floor",
+              "mask_rounding must be 'nearest' or 'floor', got '", std::string(mask_rounding), "'");
   TORCH_CHECK(window.size() == 2 && window[0] >= 1 && window[1] >= 1,
               "window must be a pair of positive ints (w1, w2), got ", window);
   TORCH_CHECK(mask_ratio >= 0.0 && mask_ratio < 1.0, "mask_ratio must be in [0, 1), got ", mask_ratio);
   const int64_t cells = window[0] * window[1];
-  // std::nearbyint rounds half to even in the default rounding mode, like Python's round().
-  const int64_t masked = static_cast<int64_t>(std::nearbyint(mask_ratio * static_cast<double>(cells)));
+  const double product = mask_ratio * static_cast<double>(cells);
+  // std::nearbyint rounds half to even in the default rounding mode, like Python's round();
+  // "floor" is the release's int(mask_ratio * K).
+  const int64_t masked =
+      static_cast<int64_t>(mask_rounding == "nearest" ? std::nearbyint(product) : std::floor(product));
   TORCH_CHECK(masked < cells, "mask_ratio=", mask_ratio, " masks all ", cells, " cells of a window ", window,
               "; at least one cell must be kept");
   return masked;

@@ -9,7 +9,7 @@
 //   mixed                   (S, B*T, 1 + N_keep, D), S = number of scales
 //   phase                   (B, T) integer, values in [0, K), K = window[0]*window[1]
 // The mask is given as `masked` = m cells per window (the Python API computes
-// it as round(mask_ratio * K); see masked_cells below).
+// it from mask_ratio * K, rounded to nearest or floored; see masked_cells below).
 #pragma once
 
 #include <optional>
@@ -25,7 +25,8 @@ namespace stdd {
 
 // Window-shift masking + multi-scale channel mixing (spec steps 1-2):
 // x (B*T, 1+P*P, D) -> mixed (S, B*T, 1+N_keep, D). mixing: "continual" |
-// "separate" | "none"; I = D / channel_fold channels are mixed per direction.
+// "separate" | "none" | "official" (the authors' release, docs/stca.md);
+// I = D / channel_fold channels are mixed per direction.
 at::Tensor mix_gather(
     const at::Tensor& x, const at::Tensor& phase, int64_t num_frames, at::IntArrayRef window,
     int64_t masked, at::IntArrayRef scales, int64_t channel_fold, std::string_view mixing);
@@ -48,9 +49,11 @@ std::tuple<at::Tensor, at::Tensor> pad_scatter_backward(
     const at::Tensor& grad_pad, const at::Tensor& phase, int64_t num_frames, at::IntArrayRef window,
     int64_t masked, int64_t num_scales);
 
-// m = round(mask_ratio * K) with Python's rounding (half to even), as the
-// Python API computes it; throws unless 0 <= mask_ratio < 1 and m < K.
-int64_t masked_cells(at::IntArrayRef window, double mask_ratio);
+// m masked cells per window of K = w1*w2, as the Python API computes it:
+// mask_rounding "nearest": round(mask_ratio * K) with Python's rounding (half
+// to even); "floor": floor(mask_ratio * K), the authors' release. Throws
+// unless 0 <= mask_ratio < 1 and m < K.
+int64_t masked_cells(at::IntArrayRef window, double mask_ratio, std::string_view mask_rounding = "nearest");
 
 namespace detail {
 

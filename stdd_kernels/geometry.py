@@ -12,7 +12,11 @@ import math
 from dataclasses import dataclass
 import torch
 
-MIXING_MODES = ("continual", "separate", "none")
+MIXING_MODES = ("continual", "separate", "none", "official")
+# How m = mask_ratio * K becomes a whole number of masked cells per window:
+# "nearest" rounds (Python's round, half to even; the default), "floor" truncates
+# as the authors' release does (int(mask_ratio * K)). See docs/stca.md.
+MASK_ROUNDINGS = ("nearest", "floor")
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -28,10 +32,10 @@ class STCAGeometry:
     num_frames: int  # T
     grid: int  # P: patches per side, N = P * P
     window: tuple[int, int]  # (w1, w2)
-    masked: int  # m: masked cells per window
+    masked: int  # m: masked cells per window (mask_ratio * K rounded by mask_rounding, see masked_cells)
     scales: tuple[int, ...] | None  # S; None for pad_scatter, which takes S from mixed.shape[0]
     channel_fold: int  # F
-    mixing: str  # "continual" | "separate" | "none"
+    mixing: str  # "continual" | "separate" | "none" | "official" (the authors' release)
     channels: int  # D
 
     @property
@@ -75,14 +79,24 @@ def check_window(window) -> tuple[int, int]:
     return int(window[0]), int(window[1])
 
 
-def masked_cells(window: tuple[int, int], mask_ratio) -> int:
-    """``m = round(mask_ratio * K)``, at least one cell of each window kept."""
+def masked_cells(window: tuple[int, int], mask_ratio, mask_rounding: str = "nearest") -> int:
+    """``m`` masked cells per window of ``K = w1 * w2``, at least one cell of each window kept.
+
+    ``mask_rounding="nearest"``: ``m = round(mask_ratio * K)`` (Python's round,
+    half to even); ``"floor"``: ``m = int(mask_ratio * K)``, the authors'
+    release. They agree when ``mask_ratio * K`` is whole (0.5 of K=4: 2) or its
+    fraction is below one half (0.6 of K=4 = 2.4: 2; 0.5 of K=9 = 4.5: 4, half
+    to even) and differ above (0.4 of K=4 = 1.6: 2 vs 1; 0.4 of K=9 = 3.6: 4 vs 3).
+    """
+    if mask_rounding not in MASK_ROUNDINGS:
+        raise ValueError(f"mask_rounding must be one of {MASK_ROUNDINGS}, got {mask_rounding!r}")
     if isinstance(mask_ratio, bool) or not isinstance(mask_ratio, (int, float)):
         raise ValueError(f"mask_ratio must be a number in [0, 1), got {mask_ratio!r}")
     if not 0.0 <= float(mask_ratio) < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio!r}")
     cells = window[0] * window[1]
-    masked = round(float(mask_ratio) * cells)
+    product = float(mask_ratio) * cells
+    masked = round(product) if mask_rounding == "nearest" else math.floor(product)
     if masked >= cells:
         raise ValueError(
             f"mask_ratio={mask_ratio!r} masks all {cells} cells of a window {window}; "
@@ -105,8 +119,11 @@ def check_scales(scales) -> tuple[int, ...]:
 def check_mixing(channels: int, scales: tuple[int, ...], channel_fold, mixing) -> int:
     """Check the channel-mixing settings for ``D = channels``; returns ``channel_fold``.
 
-    Needs ``1 <= I = D // F`` and ``2I <= D`` unless ``mixing="none"``, and for
-    continual mixing ``I`` divisible by every scale.
+    Needs ``1 <= I = D // F`` and ``2I <= D`` unless ``mixing="none"``; for
+    continual mixing ``I`` divisible by every scale; for the release's rule
+    (``"official"``, block widths ``d_i = I >> i`` for ``i < s``) a non-empty
+    last block, ``I >> (s - 1) >= 1``, for every scale ``s``: a scale past that
+    adds steps that write no channel and would silently equal a smaller scale.
     """
     channel_fold = positive_int(channel_fold, "channel_fold")
     if mixing not in MIXING_MODES:
@@ -128,6 +145,16 @@ def check_mixing(channels: int, scales: tuple[int, ...], channel_fold, mixing) -
                     raise ValueError(
                         f"continual mixing needs I = D // channel_fold = {mix} divisible by every "
                         f"scale; scale {s} in scales={scales} does not divide it"
+                    )
+        if mixing == "official":
+            for s in scales:
+                if mix >> (s - 1) < 1:
+                    deepest = mix.bit_length()
+                    raise ValueError(
+                        f"official mixing halves the channel blocks (d_i = I >> i for i < s): scale {s} in "
+                        f"scales={scales} with I = D // channel_fold = {mix} has empty blocks "
+                        f"(I >> {s - 1} = 0) and would equal scale {deepest}; use scales <= {deepest} "
+                        "or a smaller channel_fold"
                     )
     return channel_fold
 
@@ -167,8 +194,13 @@ def make_geometry(
     channel_fold,
     mixing: str,
     tensor_name: str,
+    mask_rounding: str = "nearest",
 ) -> STCAGeometry:
-    """Validate the operator arguments; raises ``ValueError`` naming the culprit."""
+    """Validate the operator arguments; raises ``ValueError`` naming the culprit.
+
+    ``mask_rounding`` decides ``masked`` (:func:`masked_cells`); the geometry
+    carries only the resulting count, which is all a backend needs.
+    """
     num_frames = positive_int(num_frames, "num_frames")
     if rows % num_frames != 0:
         raise ValueError(
@@ -181,7 +213,7 @@ def make_geometry(
             f"window {window} must tile the {grid}x{grid} patch grid: "
             f"{grid} is not divisible by both window sides"
         )
-    masked = masked_cells(window, mask_ratio)
+    masked = masked_cells(window, mask_ratio, mask_rounding)
     scales = None if scales is None else check_scales(scales)
     channel_fold = check_mixing(channels, scales or (), channel_fold, mixing)
     return STCAGeometry(

@@ -49,6 +49,7 @@ def mix_gather(
     channel_fold: int = 32,
     window: Sequence[int] = (2, 2),
     mask_ratio: float = 0.5,
+    mask_rounding: str = "nearest",
     phase: Optional[torch.Tensor] = None,
     mixing: str = "continual",
     backend: Optional[str] = None,
@@ -61,6 +62,10 @@ def mix_gather(
     ``phase``: ``(B, T)`` ints in ``[0, K)``; ``None`` = evaluation phases
     ``t mod K``. ``validate=False`` skips only the phase value-range check,
     which syncs with the device (shapes, dtypes and devices are always checked).
+    ``mixing``: ``"continual"`` (default), ``"separate"``, ``"none"``, or
+    ``"official"``, the authors' release (``docs/stca.md``);
+    ``mask_rounding``: ``"nearest"`` (default) or ``"floor"`` (the release's
+    count of masked cells per window, see :func:`~stdd_kernels.geometry.masked_cells`).
     """
     check_float_tensor(x, "x", 3)
     geometry = make_geometry(
@@ -74,6 +79,7 @@ def mix_gather(
         channel_fold=channel_fold,
         mixing=mixing,
         tensor_name="x",
+        mask_rounding=mask_rounding,
     )
     batch = x.shape[0] // geometry.num_frames
     phase = _phase_for(phase, batch, geometry, x.device, validate)
@@ -87,6 +93,7 @@ def pad_scatter(
     *,
     window: Sequence[int] = (2, 2),
     mask_ratio: float = 0.5,
+    mask_rounding: str = "nearest",
     phase: Optional[torch.Tensor] = None,
     residual: Optional[torch.Tensor] = None,
     backend: Optional[str] = None,
@@ -97,7 +104,9 @@ def pad_scatter(
     ``full``: ``(B*T, 1 + P*P, D)``; ``mixed``: ``(S, B*T, 1 + N_keep, D)``;
     ``residual``: like ``full`` or ``None``. Returns ``(B*T, 1 + P*P, D)``:
     ``full`` with CLS and the kept patch tokens replaced by the mean of
-    ``mixed`` over its first dimension, plus ``residual``.
+    ``mixed`` over its first dimension, plus ``residual``. ``window``,
+    ``mask_ratio``, ``mask_rounding`` and ``phase`` must be those ``mixed`` was
+    gathered with.
     """
     check_float_tensor(full, "full", 3)
     check_float_tensor(mixed, "mixed", 4)
@@ -115,6 +124,7 @@ def pad_scatter(
         channel_fold=1,
         mixing="none",
         tensor_name="full",
+        mask_rounding=mask_rounding,
     )
     expected = (mixed.shape[0], full.shape[0], 1 + geometry.num_kept, full.shape[2])
     if tuple(mixed.shape) != expected:
@@ -156,9 +166,15 @@ def mask_phase(
     """Window-shift phases ``(B, T)`` (int64) in ``[0, K)``, ``K = w1 * w2``.
 
     ``mode="eval"``: ``t mod K`` (deterministic). ``mode="train"``: a random
-    offset per clip, ``(t + i_b) mod K``; ``shuffle=True`` also permutes each
-    clip's phases. Draws come from ``generator`` (a CPU ``torch.Generator``),
-    so seeding it reproduces the phases on any ``device``.
+    offset per clip, ``(t + i_b) mod K``. ``shuffle=True`` then permutes each
+    clip's phases at random (the frames keep their phases as a set, in a new
+    order per clip): with ``mode="train"`` these are the authors' release's
+    training phases, with ``mode="eval"`` its evaluation phases; an evaluation
+    shuffle needs a ``generator``, so that evaluation stays reproducible.
+    Draws come from ``generator`` (a CPU ``torch.Generator``; ``None`` in
+    training: torch's global one), so seeding it reproduces the phases on any
+    ``device``. One call draws one set for all clips; a caller wanting
+    independent draws per block calls it once per block.
     """
     batch = positive_int(batch, "batch")
     num_frames = positive_int(num_frames, "num_frames")
@@ -171,8 +187,11 @@ def mask_phase(
         raise ValueError(f"generator must be a CPU torch.Generator, got one on {generator.device}")
     if not isinstance(shuffle, bool):
         raise ValueError(f"shuffle must be a bool, got {shuffle!r}")
-    if shuffle and mode != "train":
-        raise ValueError("shuffle=True only applies to mode='train'")
+    if shuffle and mode == "eval" and generator is None:
+        raise ValueError(
+            "shuffle=True with mode='eval' (the release's evaluation phases) needs a seeded generator: "
+            "evaluation phases must be reproducible"
+        )
     return reference.mask_phase(
         batch, num_frames, w1 * w2, mode=mode, generator=generator, shuffle=shuffle, device=device
     )

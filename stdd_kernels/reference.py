@@ -4,7 +4,8 @@ Read side by side with ``docs/stca.md`` (the op contract); each section below
 is named after the step of the contract it implements:
 
 1. Window-shift masking  -> :func:`kept_cells`, :func:`kept_token_index`
-2. Multi-scale channel mixing -> :func:`channel_segments`, :func:`mix_gather`
+2. Multi-scale channel mixing -> :func:`channel_segments`, :func:`mix_gather`;
+   the authors' release's rule (``mixing="official"``) -> :func:`official_source_frames`
 3. Attention on both paths -> lives in the model block (``stdd.model``); these
    ops are the data movement before and after it.
 4. Padding and short-cut -> :func:`pad_scatter`
@@ -89,8 +90,12 @@ def channel_segments(
     - separate (Eq. 5): ``[0, I)`` reads ``t - s``, ``[I, 2I)`` reads ``t + s``;
     - none: every channel is the frame's own.
     Channels ``[2I, D)`` are always the frame's own (``delta = 0``).
+    The release's rule (``"official"``) has no such split: its source frame
+    depends on the frame as well, see :func:`official_source_frames`.
     """
     I = mix_channels
+    if mixing == "official":
+        raise ValueError("official mixing reads frame-dependent sources: use official_source_frames")
     if mixing == "none":
         return [(0, channels, 0)]
     if mixing == "separate":
@@ -106,11 +111,48 @@ def channel_segments(
     return segments
 
 
+def official_source_frames(num_frames: int, mix_channels: int, scale: int) -> list[list[int | None]]:
+    """The authors' release's mixing rule for one scale, read literally (spec section 5).
+
+    Returns ``table[t][ch]`` for ``t < T`` and ``ch < 2I``: the frame whose kept
+    token channel ``ch`` of frame ``t`` takes, ``None`` where no step writes it
+    (the value stays 0). Channels ``[2I, D)`` are the frame's own. The release
+    fills a zero buffer in steps ``i = 0 .. s-1`` with ``d_i = I >> i``:
+    channels ``[0, d_i)`` from frame ``t - (i+1)`` for every ``t >= i+1``, and
+    channels ``[2I - d_i, 2I)`` from frame ``t + (i+1)`` for every
+    ``t <= T-2-i``, each step overwriting the earlier ones.
+    """
+    T, I = num_frames, mix_channels
+    table: list[list[int | None]] = [[None] * (2 * I) for _ in range(T)]
+    for i in range(scale):
+        width = I >> i  # d_i
+        for t in range(T):
+            if t >= i + 1:
+                for ch in range(width):
+                    table[t][ch] = t - (i + 1)
+            if t <= T - 2 - i:
+                for ch in range(2 * I - width, 2 * I):
+                    table[t][ch] = t + (i + 1)
+    return table
+
+
+def _official_source_offsets(T: int, channels: int, mix_channels: int, scale: int, device) -> torch.Tensor:
+    """``(T, D)`` int64: ``source frame - t`` of every channel of every frame, or ``-T`` (never
+    a valid offset) where the value is zero; from :func:`official_source_frames`."""
+    table = official_source_frames(T, mix_channels, scale)
+    offsets = torch.zeros(T, channels, dtype=torch.int64)  # [2I, D): the frame's own
+    for t, sources in enumerate(table):
+        offsets[t, : len(sources)] = torch.tensor([-T if s is None else s - t for s in sources], dtype=torch.int64)
+    return offsets.to(device)
+
+
 def mix_gather(x: torch.Tensor, phase: torch.Tensor, geometry: STCAGeometry) -> torch.Tensor:
     """WSM + MCM: ``x (B*T, 1+N, D)`` -> ``mixed (n_scales, B*T, 1+N_keep, D)``.
 
     ``mixed[s, b*T+t, 1+j, ch] = x[b*T + t + delta_s(ch), kept_j(t + delta_s(ch)), ch]``,
     zero when ``t + delta`` is outside ``[0, T)``; token 0 (CLS) is ``x``'s own.
+    For the release's rule (``mixing="official"``) the source frame of a
+    channel also depends on ``t``: :func:`official_source_frames`.
     """
     rows, _, channels = x.shape
     T = geometry.num_frames
@@ -119,6 +161,16 @@ def mix_gather(x: torch.Tensor, phase: torch.Tensor, geometry: STCAGeometry) -> 
     frame = row % T  # t of every row
     per_scale = []
     for scale in geometry.scales:
+        if geometry.mixing == "official":
+            offsets = _official_source_offsets(T, channels, geometry.mix_channels, scale, x.device)[frame]  # (B*T, D)
+            inside = offsets > -T
+            source_row = torch.where(inside, row.unsqueeze(1) + offsets, row.unsqueeze(1))  # (B*T, D)
+            tokens = kept[source_row].transpose(1, 2)  # (B*T, N_keep, D): kept token j of each source frame
+            channel = torch.arange(channels, device=x.device)
+            values = x[source_row.unsqueeze(1), tokens, channel]  # (B*T, N_keep, D)
+            patches = torch.where(inside.unsqueeze(1), values, torch.zeros_like(values))
+            per_scale.append(torch.cat([x[:, :1, :], patches], dim=1))
+            continue
         pieces = []
         for start, stop, delta in channel_segments(
             channels, geometry.mix_channels, scale, geometry.mixing
@@ -182,17 +234,20 @@ def mask_phase(
     """Per-frame phases ``(B, T)`` int64 in ``[0, K)``.
 
     eval: ``phase[b, t] = t mod K``. train: ``(t + i_b) mod K`` with a random
-    offset ``i_b`` per clip, and with ``shuffle`` a random permutation of each
-    clip's frame phases. Random draws use ``generator`` on the CPU, so a seeded
-    generator gives the same phases on every device.
+    offset ``i_b`` per clip. With ``shuffle`` (either mode; the authors'
+    release, ``docs/stca.md``) a random permutation of each clip's frame phases
+    follows. Random draws use ``generator`` on the CPU, so a seeded generator
+    gives the same phases on every device.
     """
-    if mode == "eval":
+    if mode == "eval" and not shuffle:
         frames = torch.arange(num_frames, dtype=torch.int64, device=device)
         return (frames % cells).unsqueeze(0).expand(batch, num_frames).contiguous()
-    # "train"
     frames = torch.arange(num_frames, dtype=torch.int64)
-    offset = torch.randint(0, cells, (batch, 1), generator=generator, dtype=torch.int64)
-    phase = (frames.unsqueeze(0) + offset) % cells
+    if mode == "eval":
+        phase = (frames % cells).unsqueeze(0).expand(batch, num_frames)
+    else:  # "train"
+        offset = torch.randint(0, cells, (batch, 1), generator=generator, dtype=torch.int64)
+        phase = (frames.unsqueeze(0) + offset) % cells
     if shuffle:
         order = torch.argsort(torch.rand(batch, num_frames, generator=generator), dim=1)
         phase = torch.gather(phase, 1, order)

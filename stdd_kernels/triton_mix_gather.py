@@ -23,7 +23,9 @@ Kernel design (why it is one pass and needs no atomics):
   frame's *own* phase) as kept token ``j`` or not at all; for scale ``s`` it was
   read only by ``mixed[s, r' - d, 1+j, ch]`` with ``d = delta_s(ch)``. So every
   ``dx`` element is a sum over scales of at most one element each: a gather,
-  written exactly once, masked tokens get zeros.
+  written exactly once, masked tokens get zeros. (The release's rule,
+  ``mixing="official"``, clamps reads at the clip edges, so there the first and
+  last frames are read by up to ``s`` frames each: a few more terms of the same sum.)
 
 Index math, with ``K = w1*w2`` cells per window, ``m`` masked, ``K-m`` kept:
 the kept cells of phase ``o`` are the complement of the cyclic interval
@@ -43,7 +45,7 @@ import triton.language as tl
 
 from .geometry import STCAGeometry
 
-MIXING_CODES = {"none": 0, "separate": 1, "continual": 2}
+MIXING_CODES = {"none": 0, "separate": 1, "continual": 2, "official": 3}
 INT32_LIMIT = 2**31 - 1
 
 # --------------------------------------------------------------------------
@@ -57,7 +59,11 @@ def _channel_delta(channels, SCALE: tl.constexpr, MIX_CHANNELS: tl.constexpr, MI
 
     MIXING 0 = none (all 0), 1 = separate (``[0, I)``: ``-s``, ``[I, 2I)``: ``+s``),
     2 = continual (block ``q`` of width ``I/s``: ``q - s`` below ``I``, ``q + 1`` in
-    ``[I, 2I)``). Channels ``[2I, D)`` read the frame itself.
+    ``[I, 2I)``), 3 = the release's rule before its clamp at the clip edges
+    (:func:`_source_delta`): ``-depth`` below ``I`` and ``+depth`` on ``[I, 2I)``,
+    ``depth = #{i < s : c < I >> i}`` for ``c = ch`` (``2I-1-ch`` on ``[I, 2I)``),
+    the number of the release's steps ``i`` whose block ``[0, I >> i)`` (mirrored:
+    ``[2I - (I >> i), 2I)``) covers the channel. Channels ``[2I, D)`` read the frame itself.
     """
     if MIXING == 0:
         delta = channels * 0
@@ -65,6 +71,13 @@ def _channel_delta(channels, SCALE: tl.constexpr, MIX_CHANNELS: tl.constexpr, MI
         delta = tl.where(
             channels < MIX_CHANNELS, -SCALE, tl.where(channels < 2 * MIX_CHANNELS, SCALE, 0)
         )
+    elif MIXING == 3:
+        left = channels < MIX_CHANNELS
+        mirrored = tl.where(left, channels, 2 * MIX_CHANNELS - 1 - channels)
+        depth = channels * 0
+        for i in tl.static_range(SCALE):
+            depth += (mirrored < (MIX_CHANNELS >> i)).to(tl.int32)
+        delta = tl.where(left, -depth, tl.where(channels < 2 * MIX_CHANNELS, depth, 0))
     else:
         WIDTH: tl.constexpr = MIX_CHANNELS // SCALE
         delta = tl.where(
@@ -73,6 +86,34 @@ def _channel_delta(channels, SCALE: tl.constexpr, MIX_CHANNELS: tl.constexpr, MI
             tl.where(channels < 2 * MIX_CHANNELS, (channels - MIX_CHANNELS) // WIDTH + 1, 0),
         )
     return delta
+
+
+@triton.jit
+def _source_delta(
+    channels, channel_ok, frame, num_frames, SCALE: tl.constexpr, MIX_CHANNELS: tl.constexpr, MIXING: tl.constexpr
+):
+    """Which frame each channel of frame ``frame`` reads, for the forward gather.
+
+    Returns ``(delta, neighbour)``: ``frame + delta`` is the source frame
+    (``delta = 0`` where there is nothing to read), ``neighbour`` marks the channels that read
+    another frame's value; the others are the frame's own (``delta = 0`` on
+    ``[2I, D)``) or zero. Continual and separate mixing read ``frame + delta``
+    when it is inside the clip; the release's rule clamps ``frame + delta``
+    into ``[0, T)``, and a mixed channel clamped onto its own frame (frame 0
+    below ``I``, frame ``T-1`` on ``[I, 2I)``) is zero: the release's last
+    step writing frame ``t`` reads ``t - min(depth, t)``, and none writes ``t = 0``.
+    """
+    delta = _channel_delta(channels, SCALE, MIX_CHANNELS, MIXING)
+    if MIXING == 3:
+        clamped = tl.where(delta < 0, tl.maximum(delta, -frame), tl.minimum(delta, num_frames - 1 - frame))
+        neighbour = (clamped != 0) & channel_ok
+        delta = tl.where(neighbour, clamped, 0)
+    else:
+        source_frame = frame + delta
+        inside = (source_frame >= 0) & (source_frame < num_frames) & channel_ok
+        neighbour = inside & (delta != 0)
+        delta = tl.where(inside, delta, 0)  # any valid frame where the value is a zero
+    return delta, neighbour
 
 
 @triton.jit
@@ -276,11 +317,8 @@ def _mix_gather_forward_kernel(
         if MIXING == 0:
             values = own
         else:
-            delta = _channel_delta(channels, SCALES[i], MIX_CHANNELS, MIXING)  # (BC,), 0 on own channels
-            source_frame = frame + delta
-            inside = (source_frame >= 0) & (source_frame < num_frames) & channel_ok
-            neighbour = inside & (delta != 0)
-            delta = tl.where(inside, delta, 0)  # any valid frame where the value is a zero
+            # (BC,): 0 on own channels and where the value is a zero
+            delta, neighbour = _source_delta(channels, channel_ok, frame, num_frames, SCALES[i], MIX_CHANNELS, MIXING)
             source_phase = tl.load(
                 phase_ptr + clip * stride_phase_clip + (frame + delta) * stride_phase_frame
             ).to(tl.int32)  # (BC,): the phase of the frame each channel reads
@@ -360,10 +398,12 @@ def _mix_gather_backward_kernel(
 
     total = tl.full([BLOCK_TOKENS, BLOCK_CHANNELS], 0, ACC)
     for i in tl.static_range(len(SCALES)):
-        delta = _channel_delta(channels, SCALES[i], MIX_CHANNELS, MIXING)
-        reader_frame = frame - delta  # the frame whose mixed token read this one
+        block_delta = _channel_delta(channels, SCALES[i], MIX_CHANNELS, MIXING)
+        # The frame whose mixed token read this one (the release's rule too: t - delta reads
+        # t - delta + clamp(delta) = this frame whenever t - delta is inside the clip).
+        reader_frame = frame - block_delta
         valid = (reader_frame >= 0) & (reader_frame < num_frames) & channel_ok
-        delta = tl.where(valid, delta, 0)
+        delta = tl.where(valid, block_delta, 0)
         scale_offset = tl.full([], i, tl.int64) * stride_grad_scale
         channel_offsets = scale_offset + (row64 - delta) * stride_grad_row + channels * stride_grad_channel
         total += tl.load(
@@ -371,6 +411,21 @@ def _mix_gather_backward_kernel(
             mask=kept[:, None] & valid[None, :],
             other=0.0,
         ).to(ACC)
+        if MIXING == 3:
+            if (frame == 0) | (frame == num_frames - 1):
+                # The release's clamp: frame 0 is also read (delta = -depth) by frames
+                # 1 .. depth-1, frame T-1 (delta = +depth) by frames T-2 .. T-depth.
+                for k in tl.static_range(1, SCALES[i]):
+                    below = (block_delta < 0) & (frame == 0) & (k < -block_delta)
+                    above = (block_delta > 0) & (frame == num_frames - 1) & (k < block_delta)
+                    extra = (below | above) & (k < num_frames) & channel_ok
+                    reader_offset = tl.where(extra, tl.where(below, k, -k), 0)  # reader row - this row
+                    extra_offsets = scale_offset + (row64 + reader_offset) * stride_grad_row + channels * stride_grad_channel
+                    total += tl.load(
+                        grad_mixed_ptr + extra_offsets[None, :] + source_tokens[:, None] * stride_grad_token,
+                        mask=kept[:, None] & extra[None, :],
+                        other=0.0,
+                    ).to(ACC)
     tl.store(
         dx_row + dx_tokens[:, None] * stride_dx_token + channels[None, :],
         total.to(grad_x_ptr.dtype.element_ty),

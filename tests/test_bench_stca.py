@@ -3,7 +3,8 @@
 The script is loaded from its path (bench/ is not a package). The peer is
 checked against ``stdd.model.STCABlock`` on the reference backend for scales
 ``(1,)``, where the authors' formulation and the spec's agree exactly, so the
-benchmark's speed-up over it is measured on the same work.
+benchmark's speed-up over it is measured on the same work, and for several
+scales against the block with ``mixing="official"`` (the release's rule).
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def test_boolean_mask_block_equals_the_stca_block_for_one_scale(bench, phases):
     pytest.importorskip("open_clip")
     from open_clip.transformer import ResidualAttentionBlock
 
-    from stdd.model import STCABlock
+    from stdd.model import STCABlock, STCASettings
 
     clips, frames, grid, width = 2, 4, 4, 32
     torch.manual_seed(0)
@@ -56,13 +57,46 @@ def test_boolean_mask_block_equals_the_stca_block_for_one_scale(bench, phases):
         shuffle=phases == "train",
     )
     x = torch.randn(clips * frames, 1 + grid * grid, width, generator=generator)
-    settings = dict(num_frames=frames, window=(2, 2), mask_ratio=0.5, scales=(1,), channel_fold=8)
-    expected = STCABlock(block, **settings, backend="reference").eval()(x, phase)
-    peer = bench.BooleanMaskSTCABlock(block, grid=grid, **settings).eval()
+    settings = dict(window=(2, 2), mask_ratio=0.5, scales=(1,), channel_fold=8)
+    expected = STCABlock(block, STCASettings(**settings, backend="reference"), num_frames=frames).eval()(x, phase)
+    peer = bench.BooleanMaskSTCABlock(block, grid=grid, num_frames=frames, **settings).eval()
     got = peer(x.transpose(0, 1).contiguous(), phase).transpose(0, 1)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # ... and it is not the plain block: the mixing and masking did something.
     assert (got - block(x)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("scales", [(1, 2), (1, 2, 3)], ids=str)
+def test_boolean_mask_block_equals_the_stca_block_with_the_release_rule(bench, scales):
+    """The peer applies the release's rule as the release writes it (slice copies that
+    overwrite); ``mixing="official"`` reproduces it, clip edges and halved widths included."""
+    pytest.importorskip("open_clip")
+    from open_clip.transformer import ResidualAttentionBlock
+
+    from stdd.model import STCABlock, STCASettings
+
+    clips, frames, grid, width = 2, 4, 4, 48  # I = 48 // 8 = 6: widths 6, 3, 1
+    torch.manual_seed(0)
+    block = ResidualAttentionBlock(width, 2, ls_init_value=0.5, batch_first=True).eval()
+    with torch.no_grad():
+        for parameter in block.parameters():
+            if parameter.dim() == 1:
+                parameter.add_(0.1 * torch.randn_like(parameter))
+    generator = torch.Generator().manual_seed(2)
+    phase = stdd_kernels.mask_phase(clips, frames, mode="train", generator=generator, shuffle=True)
+    x = torch.randn(clips * frames, 1 + grid * grid, width, generator=generator)
+    settings = dict(window=(2, 2), mask_ratio=0.5, scales=scales, channel_fold=8)
+    peer = bench.BooleanMaskSTCABlock(block, grid=grid, num_frames=frames, **settings).eval()
+    got = peer(x.transpose(0, 1).contiguous(), phase).transpose(0, 1)
+
+    def stca_block(mixing):
+        stca = STCASettings(**settings, mixing=mixing, backend="reference")
+        return STCABlock(block, stca, num_frames=frames).eval()(x, phase)
+
+    torch.testing.assert_close(got, stca_block("official"), rtol=1e-5, atol=1e-5)
+    if scales == (1, 2):  # ... which is not the paper's continual mixing at the clip edges
+        continual = stca_block("continual")
+        assert (got - continual).abs().max() > 1e-4
 
 
 def test_copy_ratio_above_one_is_not_a_result(bench):

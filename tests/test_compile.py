@@ -139,7 +139,7 @@ def test_stca_block_stack_compiles_with_inductor():
     one graph (the custom ops stay opaque nodes, inductor fuses the glue around them),
     loss and every gradient equal to the eager reference."""
     pytest.importorskip("open_clip")
-    from stdd.model import STCABlock
+    from stdd.model import STCABlock, STCASettings
 
     torch._dynamo.reset()
     frames, batch, grid, width = 3, 2, 4, 32
@@ -154,7 +154,7 @@ def test_stca_block_stack_compiles_with_inductor():
         return tokens
 
     def loss_and_grads(backend, compile_it):
-        stack = [STCABlock(block, num_frames=frames, channel_fold=8, backend=backend, seed=0) for block in blocks]
+        stack = [STCABlock(block, STCASettings(channel_fold=8, backend=backend), num_frames=frames) for block in blocks]
         fn = torch.compile(run, fullgraph=True) if compile_it else run
         blocks.zero_grad(set_to_none=True)
         loss = fn(stack, x).square().mean()

@@ -38,17 +38,23 @@ class Case:
     fold: int
     mixing: str = "continual"
     mask_ratio: float = 0.5
+    mask_rounding: str = "nearest"
 
     @property
     def op_kwargs(self) -> dict:
         return dict(
             scales=self.scales, channel_fold=self.fold, window=self.window,
-            mask_ratio=self.mask_ratio, mixing=self.mixing,
+            mask_ratio=self.mask_ratio, mask_rounding=self.mask_rounding, mixing=self.mixing,
         )
 
+    @property
+    def scatter_kwargs(self) -> dict:
+        return dict(window=self.window, mask_ratio=self.mask_ratio, mask_rounding=self.mask_rounding)
+
     def __str__(self) -> str:
+        rounding = "" if self.mask_rounding == "nearest" else f"-{self.mask_rounding}"
         return (f"T{self.T}-B{self.B}-D{self.D}-P{self.P}-w{self.window[0]}x{self.window[1]}-"
-                f"s{'_'.join(map(str, self.scales))}-F{self.fold}-{self.mixing}-m{self.mask_ratio}")
+                f"s{'_'.join(map(str, self.scales))}-F{self.fold}-{self.mixing}-m{self.mask_ratio}{rounding}")
 
 
 CASES = [
@@ -62,11 +68,21 @@ CASES = [
     Case(T=3, B=1, D=96, P=6, window=(2, 1), scales=(1, 2), fold=8, mask_ratio=0.0),
     Case(T=8, B=3, D=24, P=14, window=(2, 1), scales=(1,), fold=4),
     Case(T=3, B=1, D=64, P=4, window=(2, 2), scales=(1, 2), fold=8, mask_ratio=0.25),  # m=1, 3 kept
+    # The release's rule (docs/stca.md) at T = 1, 2, 3, 4, 8; I not divisible by the scales.
+    Case(T=1, B=2, D=24, P=4, window=(2, 2), scales=(1, 2), fold=4, mixing="official"),  # I=6
+    Case(T=2, B=3, D=40, P=6, window=(2, 1), scales=(1, 2, 3), fold=4, mixing="official"),  # I=10: 10, 5, 2
+    Case(T=3, B=1, D=26, P=4, window=(2, 2), scales=(3,), fold=2, mixing="official",
+         mask_ratio=0.4, mask_rounding="floor"),  # I=13: 13, 6, 3; floor(1.6) = 1 masked
+    Case(T=4, B=2, D=96, P=6, window=(2, 2), scales=(2,), fold=8, mixing="official"),  # I=12
+    Case(T=8, B=1, D=72, P=14, window=(2, 1), scales=(1, 2, 3), fold=8, mixing="official"),  # I=9: 9, 4, 2
+    Case(T=8, B=2, D=64, P=4, window=(2, 2), scales=(1, 2), fold=8, mask_ratio=0.4, mask_rounding="floor"),
+    Case(T=3, B=2, D=20, P=4, window=(2, 1), scales=(1,), fold=4, mixing="official"),  # I=5
 ]
 # gradcheck perturbs every input element: tiny shapes (still T=3, both windows, S=2).
 GRADCHECK_CASES = [
     Case(T=3, B=1, D=8, P=2, window=(2, 2), scales=(1, 2), fold=4),
     Case(T=3, B=2, D=6, P=2, window=(2, 1), scales=(1, 2), fold=3, mixing="separate"),
+    Case(T=4, B=1, D=12, P=2, window=(2, 1), scales=(2, 3), fold=3, mixing="official"),  # I=4: 4, 2, 1
 ]
 
 
@@ -85,10 +101,8 @@ def run(backend, x, phase, case, full=None, residual=None):
     mixed = stdd_kernels.mix_gather(x, case.T, phase=phase, backend=backend, **case.op_kwargs)
     if full is None:
         return mixed, None
-    pad = stdd_kernels.pad_scatter(
-        full, mixed, case.T, window=case.window, mask_ratio=case.mask_ratio, phase=phase,
-        residual=residual, backend=backend,
-    )
+    pad = stdd_kernels.pad_scatter(full, mixed, case.T, phase=phase, residual=residual, backend=backend,
+                                   **case.scatter_kwargs)
     return mixed, pad
 
 
@@ -150,7 +164,7 @@ def _geometry(case: Case, x: torch.Tensor):
     return stdd_kernels.geometry.make_geometry(
         num_tokens=x.shape[1], channels=x.shape[2], rows=x.shape[0], num_frames=case.T,
         window=case.window, mask_ratio=case.mask_ratio, scales=case.scales, channel_fold=case.fold,
-        mixing=case.mixing, tensor_name="x",
+        mixing=case.mixing, tensor_name="x", mask_rounding=case.mask_rounding,
     )
 
 
@@ -173,7 +187,7 @@ def _max_error(value: torch.Tensor, truth: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[5], CASES[9]], ids=str)
+@pytest.mark.parametrize("case", [CASES[2], CASES[3], CASES[5], CASES[9], CASES[11], CASES[14]], ids=str)
 def test_low_precision_error_at_most_twice_pytorchs(case, dtype):
     x, phase = make_inputs(case, dtype, seed=3)
     generator = torch.Generator().manual_seed(4)
@@ -217,8 +231,7 @@ def test_gradcheck_and_gradgradcheck(case):
 
     def pad(full_, mixed_, residual_):
         return stdd_kernels.pad_scatter(
-            full_, mixed_, case.T, window=case.window, mask_ratio=case.mask_ratio, phase=phase,
-            residual=residual_, backend="cpp",
+            full_, mixed_, case.T, phase=phase, residual=residual_, backend="cpp", **case.scatter_kwargs
         )
 
     inputs = (x.clone().requires_grad_(True),)
@@ -266,7 +279,7 @@ def nan_filled_allocations():
         torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6], CASES[9]], ids=str)
+@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6], CASES[9], CASES[10], CASES[12], CASES[14]], ids=str)
 def test_every_output_element_is_written(case):
     x, phase = make_inputs(case, torch.float32, seed=7)
     full, residual = torch.randn_like(x), torch.randn_like(x)
@@ -367,6 +380,8 @@ def test_torch_compile_fullgraph_traces_forward_and_backward():
         (dict(phase_shape=(3, 2)), "phase must have shape \\(B, T\\) = \\(2, 3\\)"),
         (dict(x_dtype=torch.int32), "x must be float32, float16, bfloat16 or float64"),
         (dict(channel_fold=64), "leaves I = D // F = 0"),
+        (dict(mixing="official", scales=[1, 4]), "scale 4 in scales=\\[1, 4\\] with I = D // channel_fold = 6 has "
+                                                 "empty blocks and would equal scale 3"),
     ],
 )
 def test_cpp_errors_name_the_argument(mutate, message):
@@ -409,8 +424,14 @@ VECTOR_WIDTH_CASES = [
     Case(T=8, B=2, D=768, P=14, window=(2, 2), scales=(1, 2), fold=32),  # 4: ViT-B/16, I=24, I/2=12
     Case(T=3, B=1, D=48, P=6, window=(2, 2), scales=(1, 2), fold=4),  # 2: I=12, I/2=6
     CASES[0],  # 1: D=24, fold 4, I=6, I/2=3
+    # The release's rule: every width I >> i, i < s, is a boundary.
+    Case(T=8, B=2, D=768, P=14, window=(2, 2), scales=(1, 2), fold=32, mixing="official",
+         mask_rounding="floor"),  # 4: I=24, 12
+    Case(T=3, B=1, D=128, P=4, window=(2, 2), scales=(1, 2, 3), fold=4, mixing="official"),  # 8: I=32, 16, 8
+    Case(T=4, B=1, D=48, P=4, window=(2, 2), scales=(1, 2), fold=4, mixing="official"),  # 2: I=12, 6
+    CASES[12],  # 1: I=13
 ]
-CUDA_CASES = VECTOR_WIDTH_CASES + [CASES[2], CASES[4], CASES[9]]
+CUDA_CASES = VECTOR_WIDTH_CASES + [CASES[2], CASES[4], CASES[9], CASES[11], CASES[14], CASES[15]]
 
 
 @pytest.mark.cuda

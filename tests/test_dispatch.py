@@ -79,6 +79,37 @@ def test_named_backend_errors_are_clear(counting_backend, monkeypatch):
         stdd_kernels.mix_gather(x, 4, channel_fold=4)
 
 
+def test_release_options_reach_every_backend_in_the_geometry(monkeypatch):
+    """mixing="official" and mask_rounding="floor" arrive at a backend as the validated
+    geometry (``mixing``, and ``masked`` = floor(0.4 * 4) = 1), on every dispatch route."""
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    seen = []
+
+    def mix(x, phase, geometry):
+        seen.append(geometry)
+        return reference.mix_gather(x, phase, geometry)
+
+    def pad(full, mixed, phase, geometry, residual=None):
+        seen.append(geometry)
+        return reference.pad_scatter(full, mixed, phase, geometry, residual)
+
+    dispatch.register_backend(dispatch.Backend(
+        name="recording", mix_gather=mix, pad_scatter=pad, supports=lambda device, dtype: None,
+        auto_priority={"cpu": 1000},
+    ))
+    try:
+        x = torch.randn(4, 17, 16)
+        settings = dict(mask_ratio=0.4, mask_rounding="floor")
+        for backend in (None, "recording"):
+            mixed = stdd_kernels.mix_gather(x, 4, channel_fold=4, scales=(1, 2), mixing="official", backend=backend,
+                                            **settings)
+            assert mixed.shape == (2, 4, 1 + 4 * 3, 16)  # 3 of 4 cells kept per window
+            stdd_kernels.pad_scatter(x, mixed, 4, backend=backend, **settings)
+        assert [(g.mixing, g.masked) for g in seen] == [("official", 1), ("none", 1)] * 2
+    finally:
+        dispatch._REGISTRY.pop("recording")
+
+
 def test_unavailable_backend_reports_why(monkeypatch):
     monkeypatch.setitem(dispatch._UNAVAILABLE, "ghost", "ImportError: built without it")
     with pytest.raises(ValueError, match="failed to load: ImportError: built without it"):

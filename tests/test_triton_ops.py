@@ -59,6 +59,7 @@ class Case:
     channel_fold: int
     mixing: str
     phases: str  # "eval" | "train" | "shuffle"
+    mask_rounding: str = "nearest"
 
     def __str__(self):
         return self.name
@@ -72,6 +73,14 @@ CASES = [
     Case("T8-B1-P6-D24-none-ratio0", 1, 8, 6, 24, (2, 1), 0.0, (1, 2), 4, "none", "eval"),
     Case("T3-B3-P6-D96-ratio0", 3, 3, 6, 96, (2, 2), 0.0, (1, 2), 12, "continual", "train"),
     Case("T8-B1-P14-D40-w21-eval-s21", 1, 8, 14, 40, (2, 1), 0.5, (2, 1), 10, "continual", "eval"),
+    # The release's rule (docs/stca.md): T = 1, 2, 3, 4, 8, I not divisible by the scales,
+    # its floor of the masked-cell count (0.4 of K=4: 1 masked, 3 kept).
+    Case("T1-B3-P4-D24-official", 3, 1, 4, 24, (2, 2), 0.5, (1, 2), 4, "official", "shuffle"),
+    Case("T2-B1-P6-D40-w21-official-s123", 1, 2, 6, 40, (2, 1), 0.5, (1, 2, 3), 5, "official", "train"),
+    Case("T3-B3-P4-D26-official-s3-floor", 3, 3, 4, 26, (2, 2), 0.4, (3,), 2, "official", "shuffle", "floor"),
+    Case("T4-B1-P4-D40-official-s2", 1, 4, 4, 40, (2, 2), 0.5, (2,), 4, "official", "eval"),
+    Case("T8-B1-P6-D72-official-s13", 1, 8, 6, 72, (2, 2), 0.5, (1, 3), 8, "official", "train"),
+    Case("T4-B2-P4-D24-w21-official-s1", 2, 4, 4, 24, (2, 1), 0.5, (1,), 4, "official", "shuffle"),
 ]
 
 
@@ -87,6 +96,7 @@ def geometry_of(case: Case, scales=True):
         channel_fold=case.channel_fold,
         mixing=case.mixing,
         tensor_name="x",
+        mask_rounding=case.mask_rounding,
     )
 
 
@@ -131,6 +141,7 @@ def op_kwargs(case: Case, phase):
         channel_fold=case.channel_fold,
         window=case.window,
         mask_ratio=case.mask_ratio,
+        mask_rounding=case.mask_rounding,
         phase=phase,
         mixing=case.mixing,
     )
@@ -232,6 +243,7 @@ def test_pad_scatter_forward_and_gradients_match_reference(case):
         case.frames,
         window=case.window,
         mask_ratio=case.mask_ratio,
+        mask_rounding=case.mask_rounding,
         phase=phase,
         residual=leaves[2] if with_residual else None,
         backend="triton",
@@ -283,9 +295,9 @@ def assert_within_twice_torch_error(kernel_out, torch_low, exact, what):
 LOW_PRECISION = [torch.float16, torch.bfloat16]
 
 
+@pytest.mark.parametrize("case", [CASES[3], CASES[8]], ids=str)  # three scales: the mean is not exact
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=str)
-def test_low_precision_matches_fp64_reference(dtype):
-    case = CASES[3]  # three scales: the mean is not exact in low precision
+def test_low_precision_matches_fp64_reference(dtype, case):
     geometry = geometry_of(case)
     scatter_geometry = geometry_of(case, scales=False)
     rows, tokens, D = case.clips * case.frames, 1 + case.grid**2, case.channels
@@ -316,7 +328,9 @@ def test_low_precision_matches_fp64_reference(dtype):
     assert_within_twice_torch_error(out, low, exact, f"pad_scatter {dtype}")
 
     grad_out = randn(rows, tokens, D, dtype=dtype, seed=36)
-    grad_full, grad_mixed = pad_scatter_module.pad_scatter_backward(grad_out, phase, scatter_geometry, 3)
+    grad_full, grad_mixed = pad_scatter_module.pad_scatter_backward(
+        grad_out, phase, scatter_geometry, len(case.scales)
+    )
     _, (full_low, mixed_low) = reference_grads(
         lambda f, m: reference.pad_scatter(f, m, phase, scatter_geometry), [full, mixed], grad_out
     )
@@ -503,7 +517,7 @@ def test_launch_config_rule():
 # driver names the target; warmup=True compiles without launching (no GPU needed).
 COMPILE_FOR_HOPPER = textwrap.dedent(
     r"""
-    import json, re
+    import json, re, sys
     import torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.runtime.jit import JITFunction
@@ -531,15 +545,13 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
                    triton_pad_scatter._pad_scatter_forward_kernel, triton_pad_scatter._pad_scatter_backward_kernel):
         compile_instead_of_launching(kernel)
 
-    # (label, dtype, clips, frames, grid, width, wide index): ViT-B/16 and ViT-L/14 (D=1024) shapes.
-    configs = [("vit-b16", torch.bfloat16, 2, 8, 14, 768, False), ("vit-b16", torch.float16, 2, 8, 14, 768, False),
-               ("vit-b16", torch.float32, 2, 8, 14, 768, False), ("vit-b16", torch.float64, 1, 8, 14, 768, False),
-               ("vit-b16-wide", torch.float32, 1, 8, 14, 768, True), ("vit-l14", torch.bfloat16, 1, 8, 16, 1024, False)]
-    for label, dtype, clips, frames, grid, width, wide in configs:
+    # [label, dtype, clips, frames, grid, width, wide index, settings]: from the command line.
+    for label, dtype, clips, frames, grid, width, wide, settings in json.loads(sys.argv[1]):
+        dtype = getattr(torch, dtype)
         triton_mix_gather.needs_wide_index = triton_pad_scatter.needs_wide_index = (lambda *t, w=wide: w)
         rows, tokens = clips * frames, 1 + grid * grid
         geometry = make_geometry(num_tokens=tokens, channels=width, rows=rows, num_frames=frames, window=(2, 2),
-                                 mask_ratio=0.5, scales=(1, 2), channel_fold=32, mixing="continual", tensor_name="x")
+                                 channel_fold=32, tensor_name="x", **settings)
         x = torch.zeros(rows, tokens, width, dtype=dtype)
         phase = stdd_kernels.mask_phase(clips, frames)
         start = len(compiled)
@@ -547,7 +559,7 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
         triton_mix_gather.mix_gather_backward(mixed, phase, geometry)
         triton_pad_scatter.pad_scatter_forward(x, mixed, phase, geometry, residual=x)
         triton_pad_scatter.pad_scatter_forward(x, mixed, phase, geometry)
-        triton_pad_scatter.pad_scatter_backward(x, phase, geometry, 2)
+        triton_pad_scatter.pad_scatter_backward(x, phase, geometry, len(geometry.scales))
         blocks = {"kept": triton_mix_gather.launch_config(width, geometry.num_kept)[:2],
                   "patches": triton_mix_gather.launch_config(width, grid * grid)[:2]}
         for kernel, result in compiled[start:]:
@@ -565,16 +577,34 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
-def test_kernels_compile_for_hopper_as_the_launchers_call_them():
-    """The interpreter is lenient; compile what really runs on an H100/H200 to sm_90 cubin."""
+def compile_for_hopper(configs) -> list[dict]:
+    """Run COMPILE_FOR_HOPPER on ``configs``; one record per compiled kernel."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_HOPPER], cwd=root, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", COMPILE_FOR_HOPPER, json.dumps(configs)], cwd=root, env=env, capture_output=True,
+        text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    records = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+
+
+PAPER_SETTINGS = dict(mask_ratio=0.5, scales=(1, 2), mixing="continual")
+# ViT-B/16 and ViT-L/14 (D=1024) shapes.
+HOPPER_CONFIGS = [
+    ("vit-b16", "bfloat16", 2, 8, 14, 768, False, PAPER_SETTINGS),
+    ("vit-b16", "float16", 2, 8, 14, 768, False, PAPER_SETTINGS),
+    ("vit-b16", "float32", 2, 8, 14, 768, False, PAPER_SETTINGS),
+    ("vit-b16", "float64", 1, 8, 14, 768, False, PAPER_SETTINGS),
+    ("vit-b16-wide", "float32", 1, 8, 14, 768, True, PAPER_SETTINGS),
+    ("vit-l14", "bfloat16", 1, 8, 16, 1024, False, PAPER_SETTINGS),
+]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
+def test_kernels_compile_for_hopper_as_the_launchers_call_them():
+    """The interpreter is lenient; compile what really runs on an H100/H200 to sm_90 cubin."""
+    records = compile_for_hopper(HOPPER_CONFIGS)
     assert len(records) == 6 * 5 and all(r["cubin"] for r in records)
     by = {(r["config"], r["dtype"], r["kernel"], r["constants"].get("HAS_RESIDUAL")): r for r in records}
     forward = by[("vit-b16", "torch.bfloat16", "_mix_gather_forward_kernel", None)]
@@ -594,19 +624,43 @@ def test_kernels_compile_for_hopper_as_the_launchers_call_them():
             ), (key, record["ops"])
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the other tests compile and run the kernels")
+def test_official_mixing_kernels_compile_for_hopper():
+    """The release's rule (MIXING=3: its clamped gather and the edge frames' extra readers in
+    the backward) and the floor rounding, compiled as the launchers call them."""
+    official = dict(mask_ratio=0.5, scales=(1, 2), mixing="official", mask_rounding="floor")
+    deep = dict(mask_ratio=0.4, scales=(1, 2, 3), mixing="official", mask_rounding="floor")  # m = 1
+    records = compile_for_hopper([
+        ("vit-b16-official", "bfloat16", 2, 8, 14, 768, False, official),
+        ("vit-b16-official", "float32", 2, 8, 14, 768, False, official),
+        ("vit-b16-official-s123-m1", "bfloat16", 1, 8, 14, 768, False, deep),
+        ("vit-b16-official-wide", "float16", 1, 8, 14, 768, True, official),
+    ])
+    assert len(records) == 4 * 5 and all(r["cubin"] for r in records)
+    mix = [r for r in records if r["kernel"].startswith("_mix_gather")]
+    assert len(mix) == 4 * 2 and all(r["constants"]["MIXING"] == 3 for r in mix)
+    assert {r["constants"]["MASKED"] for r in records} == {1, 2}  # floor(0.4 * 4) = 1, floor(0.5 * 4) = 2
+    forward = next(r for r in mix if r["config"] == "vit-b16-official" and r["dtype"] == "torch.bfloat16"
+                   and r["kernel"] == "_mix_gather_forward_kernel")
+    assert forward["launch_config"] == [8, 256] and "st.global.v4.b32" in forward["ops"]
+    for record in records:
+        assert [record["constants"]["BLOCK_TOKENS"], record["constants"]["BLOCK_CHANNELS"]] == record["launch_config"]
+
+
 # ---------------------------------------------------------------------------
 # GPU only (bench/gpu_check.sh)
 # ---------------------------------------------------------------------------
 
 VIT_B16 = Case("vit-b16-B4-T8", 4, 8, 14, 768, (2, 2), 0.5, (1, 2), 32, "continual", "shuffle")
+VIT_B16_OFFICIAL = Case("vit-b16-B4-T8-official", 4, 8, 14, 768, (2, 2), 0.5, (1, 2), 32, "official", "shuffle", "floor")
 
 
 @pytest.mark.cuda
 @cuda_only
+@pytest.mark.parametrize("case", [VIT_B16, VIT_B16_OFFICIAL], ids=str)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
-def test_cuda_vit_b16_shapes(dtype):
+def test_cuda_vit_b16_shapes(dtype, case):
     assert DEVICE == "cuda", "CUDA tests need the compiled kernels: unset TRITON_INTERPRET"
-    case = VIT_B16
     geometry = geometry_of(case)
     rows, tokens, D = case.clips * case.frames, 1 + case.grid**2, case.channels
     phase = phases_of(case, seed=71)

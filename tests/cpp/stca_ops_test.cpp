@@ -1,6 +1,7 @@
 // C++ test of the STCA library (CMakeLists.txt, run by ctest): the ops,
 // called through the C++ API, against values worked out by hand from
-// docs/stca.md; autograd from C++; argument errors; and the CUDA
+// docs/stca.md (its release-compatible rule too); the closed form of that
+// rule against its literal reading; autograd from C++; argument errors; and the CUDA
 // kernels' per-thread bodies (csrc/stca_kernel_bodies.h) run on the CPU,
 // item by item, against the CPU kernels (no GPU is needed for that).
 //
@@ -157,6 +158,88 @@ void test_mix_gather_by_hand() {
   }
 }
 
+// The release's rule (docs/stca.md), literally: table[t][ch] for ch < 2I, -1 = zero.
+std::vector<std::vector<int64_t>> literal_official_table(int64_t T, int64_t I, int64_t s) {
+  std::vector<std::vector<int64_t>> table(T, std::vector<int64_t>(2 * I, -1));
+  for (int64_t i = 0; i < s; ++i) {
+    const int64_t d = I >> i;
+    for (int64_t t = 0; t < T; ++t) {
+      if (t >= i + 1) {
+        for (int64_t ch = 0; ch < d; ++ch) table[t][ch] = t - (i + 1);
+      }
+      if (t <= T - 2 - i) {
+        for (int64_t ch = 2 * I - d; ch < 2 * I; ++ch) table[t][ch] = t + (i + 1);
+      }
+    }
+  }
+  return table;
+}
+
+// channel_run + source_frame (the forward) and reader_frames (the backward), the closed
+// form every kernel evaluates, against the literal rule: exhaustive over I <= 40, every
+// scale with a non-empty last block (2^(s-1) <= I), T <= 10, three own channels after 2I.
+void test_official_closed_form_equals_the_literal_rule() {
+  using stdd::Mixing;
+  int64_t mismatches = 0;
+  for (int64_t I = 1; I <= 40; ++I) {
+    for (int64_t s = 1; (I >> (s - 1)) >= 1; ++s) {
+      for (int64_t T = 1; T <= 10; ++T) {
+        const auto table = literal_official_table(T, I, s);
+        const int64_t D = 2 * I + 3;
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t ch = 0; ch < D;) {
+            const stdd::ChannelRun run = stdd::channel_run(ch, D, I, s, Mixing::kOfficial);
+            mismatches += run.stop <= ch || run.stop > D;
+            for (int64_t c = ch; c < run.stop && c < D; ++c) {
+              const int64_t want = c < 2 * I ? table[t][c] : t;
+              mismatches += stdd::source_frame(t, run.delta, T, Mixing::kOfficial) != want;
+              // Readers of frame t through channel c: exactly the frames whose table entry is t.
+              const auto readers = stdd::reader_frames(t, run.delta, T, Mixing::kOfficial);
+              for (int64_t r = 0; r < T; ++r) {
+                const bool reads = (c < 2 * I ? table[r][c] : r) == t;
+                mismatches += reads != (readers.first <= r && r <= readers.last);
+              }
+            }
+            ch = std::max(run.stop, ch + 1);
+          }
+        }
+      }
+    }
+  }
+  EXPECT_VALUE(mismatches, 0);
+}
+
+// T = 4 frames, one clip, 4x4 grid, D = 12, channel_fold 3 -> I = 4 (blocks 4, 2, 1); phases 0..3.
+// The release's table for scale 3 (left half | right half; '-': zero), worked out by hand:
+//   t=0: - - - - | 1 1 2 3    t=1: 0 0 0 0 | 2 2 3 3    t=2: 0 0 1 1 | 3 3 3 3    t=3: 0 1 2 2 | - - - -
+void test_official_mix_gather_by_hand() {
+  const auto x = encoded(4, 17, 12).requires_grad_(true);
+  const auto phase = at::arange(4, at::kLong).view({1, 4});
+  const auto mixed = stdd::mix_gather(x, phase, 4, {2, 2}, 2, {3}, 3, "official");
+  // Kept token 0 of phase 0, 1, 2, 3: token 5, 1, 1, 2.
+  EXPECT_VALUE(at4(mixed, 0, 0, 1, 0), 0.0);             // frame 0, left half: zero
+  EXPECT_VALUE(at4(mixed, 0, 0, 1, 6), code(2, 1, 6));  // frame 0, ch 6 <- frame 2
+  EXPECT_VALUE(at4(mixed, 0, 0, 1, 7), code(3, 2, 7));  // frame 0, ch 7 <- frame 3
+  EXPECT_VALUE(at4(mixed, 0, 1, 1, 3), code(0, 5, 3));  // frame 1, ch 3 <- frame 0 (continual: t-1 too)
+  EXPECT_VALUE(at4(mixed, 0, 1, 1, 0), code(0, 5, 0));  // frame 1, ch 0 <- frame 0 (clamped t-3)
+  EXPECT_VALUE(at4(mixed, 0, 2, 1, 1), code(0, 5, 1));  // frame 2, ch 1 <- frame 0
+  EXPECT_VALUE(at4(mixed, 0, 2, 1, 7), code(3, 2, 7));  // frame 2, ch 7 <- frame 3 (clamped t+3)
+  EXPECT_VALUE(at4(mixed, 0, 3, 1, 1), code(1, 1, 1));  // frame 3, ch 1 <- frame 1
+  EXPECT_VALUE(at4(mixed, 0, 3, 1, 2), code(2, 1, 2));  // frame 3, ch 2 <- frame 2
+  EXPECT_VALUE(at4(mixed, 0, 3, 1, 4), 0.0);             // frame 3, right half: zero
+  EXPECT_VALUE(at4(mixed, 0, 3, 1, 9), code(3, 2, 9));  // own channel
+  mixed.sum().backward();
+  // Frame 0's kept token 0 (token 5): ch 0 is read by frames 1, 2, 3; ch 1 by frames 1, 2; ch 2 by
+  // frame 1; ch 4 by nobody.
+  EXPECT_VALUE(at3(x.grad(), 0, 5, 0), 3.0);
+  EXPECT_VALUE(at3(x.grad(), 0, 5, 1), 2.0);
+  EXPECT_VALUE(at3(x.grad(), 0, 5, 2), 1.0);
+  EXPECT_VALUE(at3(x.grad(), 0, 5, 4), 0.0);
+  // Frame 3's kept token 0 (token 2): ch 7 is read by frames 0, 1, 2; ch 0 by nobody.
+  EXPECT_VALUE(at3(x.grad(), 3, 2, 7), 3.0);
+  EXPECT_VALUE(at3(x.grad(), 3, 2, 0), 0.0);
+}
+
 void test_pad_scatter_by_hand() {
   const auto full = encoded(4, 17, 8);
   const auto phase = at::arange(4, at::kLong).view({1, 4});
@@ -218,6 +301,21 @@ void test_errors_name_the_argument() {
   EXPECT_VALUE(stdd::masked_cells({2, 1}, 0.25), 0);  // round(0.5) = 0: half to even, as Python
   EXPECT_VALUE(stdd::masked_cells({2, 2}, 0.75), 3);
   expect_error([&] { stdd::masked_cells({2, 1}, 0.8); }, "at least one cell must be kept");
+  // The release's floor: the same where mask_ratio * K is whole or below one half past it.
+  EXPECT_VALUE(stdd::masked_cells({2, 2}, 0.5, "floor"), 2);
+  EXPECT_VALUE(stdd::masked_cells({2, 2}, 0.6, "floor"), 2);  // 2.4
+  EXPECT_VALUE(stdd::masked_cells({2, 2}, 0.4, "nearest"), 2);  // 1.6
+  EXPECT_VALUE(stdd::masked_cells({2, 2}, 0.4, "floor"), 1);
+  EXPECT_VALUE(stdd::masked_cells({3, 3}, 0.4), 4);  // 3.6
+  EXPECT_VALUE(stdd::masked_cells({3, 3}, 0.4, "floor"), 3);
+  EXPECT_VALUE(stdd::masked_cells({2, 1}, 0.8, "floor"), 1);  // 1.6: one cell kept
+  expect_error([&] { stdd::masked_cells({2, 2}, 0.5, "ceil"); }, "mask_rounding must be 'nearest' or 'floor'");
+  // The release's rule halves the blocks: I = 6 has blocks 6, 3, 1, so scales up to 3.
+  expect_error([&] { stdd::mix_gather(x, phase, 3, {2, 2}, 2, {1, 4}, 8, "official"); },
+               "scale 4 in scales=[1, 4] with I = D // channel_fold = 6 has empty blocks and would equal scale 3");
+  // I = 48 // 5 = 9 need not be divisible by the scales (continual mixing rejects 2).
+  EXPECT(stdd::mix_gather(x, phase, 3, {2, 2}, 2, {1, 2}, 5, "official").size(0) == 2);
+  expect_error([&] { stdd::mix_gather(x, phase, 3, {2, 2}, 2, {1, 2}, 5, "continual"); }, "scale 2");
 }
 
 // The CUDA kernels' per-thread bodies, run on the CPU over every (item, chunk)
@@ -331,6 +429,16 @@ void test_vector_width_rule() {
   EXPECT_VALUE(k::vector_width(2, 768, {memory + 8}), 4);
   EXPECT_VALUE(k::vector_width(4, 768, {memory + 8}), 2);
   EXPECT_VALUE(k::vector_width(2, 768, {aligned, nullptr}), 8);  // an absent residual does not count
+  // The release's rule: every block width I >> i, i < s, is a boundary.
+  auto official = [](std::vector<int64_t> scales, int64_t D) {
+    return k::mix_boundaries(k::make_mix_args(stdd::detail::plan_mix(8, 14, D, 8, {2, 2}, 2, scales, 32, "official")));
+  };
+  EXPECT_VALUE(official({1, 2}, 768), 12);     // I = 24: 24, 12 (as continual)
+  EXPECT_VALUE(official({1, 2, 3}, 768), 6);   // 24, 12, 6 (continual would reject 3)
+  EXPECT_VALUE(official({3}, 640), 5);         // I = 20: 20, 10, 5
+  EXPECT_VALUE(official({1}, 1024), 32);       // I = 32
+  EXPECT_VALUE(k::vector_width(2, official({1, 2, 3}, 768), {aligned}), 2);
+  EXPECT_VALUE(k::vector_width(2, official({3}, 640), {aligned}), 1);
   // The int32 index math of the CUDA kernels refuses sizes that do not fit.
   expect_error([] { k::make_mix_args(stdd::detail::plan_mix(2, 4, int64_t{1} << 31, 2, {2, 2}, 2, {1}, 4, "none")); },
                "D < 2**31");
@@ -358,6 +466,17 @@ void test_cuda_kernel_bodies_on_cpu() {
   check_kernel_bodies<c10::BFloat16, 2>(at::kBFloat16, 3, 2, 48, 4, {2, 2}, 2, {1, 2}, 4, "continual");    // I/2 = 6
   check_kernel_bodies<c10::BFloat16, 1>(at::kBFloat16, 1, 2, 40, 4, {2, 1}, 1, {2}, 4, "continual");       // I/2 = 5
   check_kernel_bodies<c10::BFloat16, 2>(at::kBFloat16, 3, 1, 64, 4, {2, 2}, 2, {1, 2}, 4, "continual", 2); // misaligned for 4
+  // The release's rule: T = 1, 2, 3, 4, 8; widths set by I >> i.
+  check_kernel_bodies<float, 4>(at::kFloat, 1, 3, 64, 4, {2, 2}, 2, {1, 2, 3}, 4, "official");      // I = 16: 16, 8, 4
+  check_kernel_bodies<float, 2>(at::kFloat, 4, 2, 48, 6, {2, 1}, 1, {1, 2}, 4, "official");         // I = 12: 12, 6
+  check_kernel_bodies<float, 1>(at::kFloat, 3, 1, 64, 4, {2, 2}, 2, {1, 2, 3}, 4, "official", 1);   // misaligned for 2
+  check_kernel_bodies<double, 1>(at::kDouble, 8, 1, 26, 4, {2, 2}, 1, {3}, 2, "official");          // I = 13
+  check_kernel_bodies<double, 2>(at::kDouble, 2, 2, 64, 4, {2, 2}, 2, {1, 2}, 8, "official");       // I = 8: 8, 4
+  check_kernel_bodies<c10::Half, 8>(at::kHalf, 8, 1, 128, 4, {2, 2}, 2, {1, 2, 3}, 4, "official");  // I = 32: 32, 16, 8
+  check_kernel_bodies<c10::Half, 4>(at::kHalf, 3, 2, 128, 4, {2, 2}, 2, {1, 3}, 4, "official", 4);  // misaligned for 8
+  check_kernel_bodies<c10::BFloat16, 4>(at::kBFloat16, 8, 1, 768, 4, {2, 2}, 2, {1, 2}, 32, "official");  // ViT-B
+  check_kernel_bodies<c10::BFloat16, 2>(at::kBFloat16, 2, 3, 768, 4, {2, 1}, 1, {1, 2, 3}, 32, "official");  // 24, 12, 6
+  check_kernel_bodies<c10::BFloat16, 1>(at::kBFloat16, 4, 1, 40, 4, {2, 2}, 2, {3}, 2, "official");  // I = 20: 20, 10, 5
 }
 
 }  // namespace
@@ -366,6 +485,8 @@ int main() {
   test_kept_tokens_by_hand();
   test_channel_runs_by_hand();
   test_mix_gather_by_hand();
+  test_official_closed_form_equals_the_literal_rule();
+  test_official_mix_gather_by_hand();
   test_pad_scatter_by_hand();
   test_autograd_by_hand();
   test_errors_name_the_argument();
