@@ -11,7 +11,6 @@ import subprocess
 import sys
 import textwrap
 import time
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ pytest.importorskip("open_clip")
 pytest.importorskip("av")
 
 from test_train_resume import REPO, _env, _train, tiny_overrides
+from torch_files import flip_byte_in_largest_tensor
 
 from stdd.engine import checkpoint as ckpt
 from stdd.engine.config import load_config
@@ -73,19 +73,6 @@ def _kill(process) -> str:
 
 def _steps(directory: Path) -> list[int]:
     return [ckpt.parse_checkpoint_name(p.name)[1] for p in ckpt.list_checkpoints(directory)]
-
-
-def _flip_byte_in_largest_tensor(path: Path) -> None:
-    """Change one byte in the middle of the biggest tensor's data inside a torch.save archive."""
-    with zipfile.ZipFile(path) as archive:
-        member = max(archive.infolist(), key=lambda info: info.file_size)
-    data = bytearray(path.read_bytes())
-    local_header = member.header_offset
-    name_length = int.from_bytes(data[local_header + 26: local_header + 28], "little")
-    extra_length = int.from_bytes(data[local_header + 28: local_header + 30], "little")
-    position = local_header + 30 + name_length + extra_length + member.file_size // 2
-    data[position] ^= 0x10
-    path.write_bytes(bytes(data))
 
 
 # ----------------------------------------------------------------------------- the run lock
@@ -190,7 +177,7 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_new_ones_survive_the_n
     _train_here(args + ["run.max_steps=14"])
     assert _steps(run / "checkpoints") == [8, 14]
     corrupt = run / "checkpoints" / ckpt.checkpoint_name(1, 14, True)
-    _flip_byte_in_largest_tensor(corrupt)  # a disk error: one byte of a weight changed
+    flip_byte_in_largest_tensor(corrupt)  # a disk error: one byte of a weight changed
 
     logged_before = len((run / "metrics.jsonl").read_text().splitlines())
     second = _start(args + ["--resume", "auto"])
