@@ -24,7 +24,7 @@ from test_train_resume import REPO, _env, _train, tiny_overrides
 from torch_files import flip_byte_in_largest_tensor
 
 from stdd.engine import checkpoint as ckpt
-from stdd.engine.config import load_config
+from stdd.engine.config import ConfigError, load_config
 from stdd.engine.resume import ResumeError, check_resume_config, compare_configs
 from stdd.engine.runlog import read_metrics
 from stdd.engine.trainer import run_training
@@ -164,6 +164,16 @@ def test_a_write_killed_midway_leaves_a_temporary_file_that_the_next_start_remov
     os.umask(umask)
     for path in (run / "final.pt", run / "config.yaml", ckpt.list_checkpoints(run / "checkpoints")[-1]):
         assert path.stat().st_mode & 0o777 == 0o666 & ~umask, path
+
+
+@pytest.mark.parametrize("setting", ["checkpoint.every_epochs=-1", "checkpoint.every_steps=-2",
+                                     "checkpoint.keep_mid_epoch=-1", "optim.on_nonfinite_loss=ignore"])
+def test_settings_the_trainer_cannot_act_on_are_refused_before_anything_is_written(tmp_path, setting):
+    run = tmp_path / "run"
+    key = setting.split("=")[0]
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        _train_here(tiny_overrides(tmp_path / "data", run, epochs=1) + [setting])
+    assert not run.exists() and not (tmp_path / "data").exists()
 
 
 # ----------------------------------------------------------------------------- corrupt checkpoints
