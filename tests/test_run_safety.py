@@ -299,6 +299,11 @@ def test_resume_refuses_a_changed_config_per_key_and_allows_safe_or_explicit_cha
     args = tiny_overrides(data_root, run, epochs=2) + ["checkpoint.every_steps=1"]
     _train_here(args + ["run.max_steps=2"])
 
+    # a bigger batch alone loads fine and would silently train another run: refused
+    batch_only = _train(args + ["data.batch_size=4", "run.max_steps=3", "--resume", "auto"])
+    assert batch_only.returncode == 2, batch_only.stderr[-3000:]
+    assert "global batch 2 -> 4" in _error_lines(batch_only.stderr)[0]
+
     changed = _train(args + ["model.stca.enabled=false", "optim.lr=0.5", "data.batch_size=4",
                              "data.num_workers=1", "--resume", "auto"])
     assert changed.returncode == 2, changed.stderr[-3000:]
