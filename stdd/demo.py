@@ -1,6 +1,6 @@
 """The embedded demo: STDD vs a frame-only model on synthetic motion videos, on the CPU.
 
-    python -m stdd.demo [--out summary.json] [--work-dir runs/demo] [key=value ...]
+    python -m stdd.demo [--out summary.json] [--work-dir runs/demo] [--resume] [key=value ...]
 
 (also what ``python -m stdd.train`` runs with no arguments). What it does:
 :mod:`stdd.engine.comparison`.
@@ -13,7 +13,13 @@ import sys
 from typing import Optional, Sequence
 
 from .engine import comparison
+from .engine.checkpoint import CheckpointError, NonFiniteError
 from .engine.config import ConfigError
+from .engine.resume import ResumeError
+from .engine.runlock import RunLockError
+
+# Known failures: one line on stderr, exit code 2 (no traceback).
+DEMO_ERRORS = (ConfigError, comparison.DemoDirectoryError, RunLockError, ResumeError, NonFiniteError, CheckpointError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -23,11 +29,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--out", help="write the summary as JSON here")
     parser.add_argument("--work-dir", default=comparison.WORK_DIR, help="videos and the two runs go here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the runs a killed demo left in --work-dir (default: start them over)")
     parser.add_argument("overrides", nargs="*", help="demo config overrides key=value (both runs)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
-        comparison.run_demo(args.work_dir, args.overrides, args.out, quiet=args.quiet)
-    except ConfigError as error:
+        comparison.run_demo(args.work_dir, args.overrides, args.out, quiet=args.quiet, resume=args.resume)
+    except DEMO_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -14,7 +14,9 @@ mean ± std), ``per_class.csv`` and ``confusion.png`` (summed over the splits) t
 
 Weights: ``--checkpoint`` takes ``final.pt`` / ``averaged.pt`` / ``ema.pt`` or a training
 checkpoint; the model settings come from the config stored in it (``--config`` and
-``key=value`` overrides change them). Without ``--checkpoint`` the configured CLIP weights are
+``key=value`` overrides change them). A CLIP weights *file* named by the stored config's
+``model.pretrained`` is not loaded unless ``--trust-checkpoint-pretrained`` is given (or
+``model.pretrained=<file>`` is set by hand); open_clip tags are used as stored. Without ``--checkpoint`` the configured CLIP weights are
 evaluated as they are (e.g. ``--config k400_vitb16 model.stca.enabled=false`` is plain CLIP).
 """
 
@@ -99,7 +101,8 @@ def run_evaluation(args) -> dict:
     from .engine.precision import autocast_dtype
     from .engine.task import build_prompts, build_video_dataset, text_features_for
 
-    cfg, state = config_for_weights(args.checkpoint, args.config, args.overrides)
+    cfg, state = config_for_weights(args.checkpoint, args.config, args.overrides,
+                                    trust_checkpoint_pretrained=args.trust_checkpoint_pretrained)
     context = init_distributed(cfg.run.device if args.device is None else args.device)
     class_names = resolve_class_names(args.classes, where="--classes") if args.classes else None
     records, class_names, per_file = _records_for(args, class_names)
@@ -172,6 +175,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--checkpoint", help="weights file (final.pt / averaged.pt / ema.pt) or training checkpoint")
     parser.add_argument("--config", help="preset or YAML (default: the config stored in --checkpoint)")
+    parser.add_argument("--trust-checkpoint-pretrained", action="store_true",
+                        help="load the CLIP weights file the checkpoint's stored config names in model.pretrained "
+                             "(a path there is refused by default; open_clip tags are always used)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="ep2")
     parser.add_argument("--annotations", nargs="+", required=True, help="annotation file(s) / HMDB51 split directory")
     parser.add_argument("--format", default="list", choices=["list", "csv", "ucf101", "hmdb51", "kinetics"])

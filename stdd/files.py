@@ -5,17 +5,27 @@ fsynced, then renamed over the final name (``os.replace`` is atomic on POSIX)
 and the directory is fsynced, so a crash mid-write leaves either the old file
 or nothing under the final name, and after a crash right after the rename the
 new name survives. On any error (or Ctrl-C) the temporary file is removed; only
-a process killed outright can leave one (``.<name>.<random>.tmp``), which no
-reader takes for the real file.
+a process killed outright can leave one (``.<name>.stdd-<8 hex>.tmp``), which
+no reader takes for the real file and :func:`remove_orphan_temporaries` removes
+(by that name pattern only) when the directory's owner starts again.
+
+The temporary file is created with mode ``0o666`` filtered by the process's
+umask (as ``open()`` creates files), so the written file gets the usual
+permissions (``0644`` under the common umask ``022``), not ``mkstemp``'s ``0600``:
+data one user generates stays readable to the others the umask allows.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import re
+import secrets
 from pathlib import Path
 from typing import Iterator, Union
+
+_TEMPORARY_TAG = "stdd-"  # .<name>.stdd-<8 hex digits><suffix>: what marks a temporary file as ours
+_ORPHAN_PATTERN = re.compile(r"^\..+\." + _TEMPORARY_TAG + r"[0-9a-f]{8}(\.[A-Za-z0-9]{1,16})?$")
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -39,6 +49,44 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
+def _create_temporary(path: Path, suffix: str) -> str:
+    """A new empty file ``.<name>.stdd-<random><suffix>`` next to ``path``, mode 0o666 minus the umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        candidate = str(path.parent / f".{path.name}.{_TEMPORARY_TAG}{secrets.token_hex(4)}{suffix}")
+        try:
+            fd = os.open(candidate, flags, 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return candidate
+    raise FileExistsError(f"could not create a temporary file next to {path}")
+
+
+def is_orphan_temporary(name: str) -> bool:
+    """Whether a file name is one of :func:`atomic_output`'s temporary files."""
+    return _ORPHAN_PATTERN.match(name) is not None
+
+
+def remove_orphan_temporaries(directory: Union[str, os.PathLike]) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``directory`` (not its subdirectories).
+
+    Only names of the form ``.<name>.stdd-<8 hex>[.<suffix>]`` are touched. The
+    caller must know that no writer is active in ``directory`` (a training run
+    holds its run directory's lock). Returns the removed paths.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in sorted(directory.iterdir()):
+        if is_orphan_temporary(entry.name) and entry.is_file() and not entry.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_output(path: Union[str, os.PathLike], *, suffix: str = ".tmp") -> Iterator[Path]:
     """A temporary path next to ``path`` for a writer that wants a file name (an encoder, a library).
@@ -50,8 +98,7 @@ def atomic_output(path: Union[str, os.PathLike], *, suffix: str = ".tmp") -> Ite
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    temporary = _create_temporary(path, suffix)
     try:
         yield Path(temporary)
         _fsync_file(temporary)

@@ -82,9 +82,13 @@ def predict(
     top_k: int = 5,
     device: Optional[str] = None,
     batch_size: int = 4,
+    trust_checkpoint_pretrained: bool = False,
 ) -> list[dict]:
     """Top-k actions per video: ``[{"video": path, "predictions": [{"class", "score"}, ...]}]``
-    (or ``{"video": path, "error": reason}`` for a video that cannot be decoded)."""
+    (or ``{"video": path, "error": reason}`` for a video that cannot be decoded).
+
+    ``trust_checkpoint_pretrained``: load the CLIP weights file that the checkpoint's stored
+    config names in ``model.pretrained`` (refused by default; open_clip tags are always used)."""
     from .data import VideoRecord
     from .engine.evaluation import score_dataset
     from .engine.metrics import aggregate_views
@@ -104,7 +108,8 @@ def predict(
         raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
     names = _class_list(classes, class_file)
     class_prompts = _prompts_for(names, prompts)
-    cfg, state = config_for_weights(None if checkpoint is None else str(checkpoint), config, list(overrides))
+    cfg, state = config_for_weights(None if checkpoint is None else str(checkpoint), config, list(overrides),
+                                    trust_checkpoint_pretrained=trust_checkpoint_pretrained)
     from .engine.distributed import resolve_device
 
     run_device = resolve_device(device or cfg.run.device)
@@ -142,6 +147,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--prompts", help="prompt JSON {class: [sentences]} or ASKG file (default: templates)")
     parser.add_argument("--checkpoint", help="weights (final.pt / averaged.pt) or training checkpoint")
     parser.add_argument("--config", help="preset or YAML (default: the checkpoint's config, else k400_vitb16)")
+    parser.add_argument("--trust-checkpoint-pretrained", action="store_true",
+                        help="load the CLIP weights file the checkpoint's stored config names in model.pretrained "
+                             "(a path there is refused by default; open_clip tags are always used)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
@@ -157,7 +165,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         results = predict(videos, args.classes, class_file=args.class_file, prompts=args.prompts,
                           checkpoint=args.checkpoint, config=args.config, overrides=overrides,
-                          top_k=args.top_k, device=args.device)
+                          top_k=args.top_k, device=args.device,
+                          trust_checkpoint_pretrained=args.trust_checkpoint_pretrained)
     except (ValueError, ConfigError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

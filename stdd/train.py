@@ -16,9 +16,15 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
+from .engine.checkpoint import CheckpointError, NonFiniteError
 from .engine.config import ConfigError, load_config
 from .engine.distributed import cleanup_distributed
+from .engine.resume import ResumeError, parse_allowed
+from .engine.runlock import RunLockError
 from .engine.trainer import run_training
+
+# Known failures of a run: one line on stderr, exit code 2 (no traceback).
+RUN_ERRORS = (RunLockError, ResumeError, NonFiniteError, CheckpointError, ConfigError)
 
 
 def build_argument_parser() -> argparse.ArgumentParser:
@@ -29,6 +35,9 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="shipped preset name (demo, k400_vitb16) or a YAML file")
     parser.add_argument("--resume", default=None,
                         help="'auto' = newest loadable checkpoint in the run directory, or a checkpoint path")
+    parser.add_argument("--allow-config-change", metavar="KEYS", default=None,
+                        help="on resume, accept these changed keys that change what is trained (comma-separated "
+                             "dotted keys, e.g. optim.epochs,data.num_frames, or 'all'); refused otherwise")
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value (e.g. optim.lr=1e-5)")
     return parser
@@ -51,7 +60,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(OmegaConf.to_yaml(cfg))
         return 0
     try:
-        result = run_training(cfg, resume=args.resume)
+        result = run_training(cfg, resume=args.resume, allow_config_change=parse_allowed(args.allow_config_change))
+    except RUN_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     finally:
         cleanup_distributed()
     printable = {k: v for k, v in result.items() if k != "history"}

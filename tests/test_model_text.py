@@ -107,6 +107,21 @@ def test_cache_reused_and_invalidated(tmp_path):
     assert encoder.class_features(prompts, cache_dir=cache).cache_hit
 
 
+def test_a_cache_file_with_a_changed_byte_is_recomputed_not_used(tmp_path, caplog):
+    from torch_files import flip_byte_in_largest_tensor
+
+    cache = tmp_path / "text_cache"
+    encoder = _encoder(seed=0)
+    prompts = template_prompts(["archery", "surfing"], ["a video of {}.", "{}"])
+    first = encoder.class_features(prompts, cache_dir=cache)
+    flip_byte_in_largest_tensor(first.cache_path)  # a disk error inside the stored features
+    with caplog.at_level("WARNING"):
+        again = encoder.class_features(prompts, cache_dir=cache)
+    assert not again.cache_hit and "CRC-32" in caplog.text and str(first.cache_path) in caplog.text
+    assert torch.equal(again.features, first.features)
+    assert encoder.class_features(prompts, cache_dir=cache).cache_hit  # rewritten whole
+
+
 def test_checkpoint_weights_key_the_cache(tmp_path):
     torch.manual_seed(0)
     clip, _ = load_clip(TINY, None, allow_random_init=True)

@@ -1,6 +1,5 @@
 """Training end to end on real (tiny) synthetic videos: kill -9 mid-run, resume, compare bitwise."""
 
-import json
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ pytest.importorskip("open_clip")
 pytest.importorskip("av")
 
 from stdd.engine import checkpoint as ckpt
+from stdd.engine.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -52,8 +52,12 @@ def _train(args, **kwargs):
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    return {r["step"]: r["loss"] for r in records if r["event"] == "train"}
+    """Each step's training loss, from the run's final timeline (``read_metrics``: a resumed run's
+    ``resume`` record supersedes what the killed attempt logged after its checkpoint)."""
+    records = read_metrics(run_dir, "train")
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)), "every step is logged once"
+    return {r["step"]: r["loss"] for r in records}
 
 
 def test_kill_and_resume_equals_uninterrupted(tmp_path):
@@ -85,6 +89,8 @@ def test_kill_and_resume_equals_uninterrupted(tmp_path):
     resumed = _train(tiny_overrides(data, killed) + extra + ["--resume", "auto"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
+    markers = read_metrics(killed, "resume")
+    assert len(markers) == 1 and f"resumed from {markers[0]['path']}" in resumed.stderr
 
     final_whole = torch.load(whole / "final.pt", weights_only=True)["model"]
     final_resumed = torch.load(killed / "final.pt", weights_only=True)["model"]

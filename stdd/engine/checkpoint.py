@@ -16,9 +16,17 @@ epochs they are (3, 0); inside the 0-based epoch 3 after 17 optimizer steps,
 
 Writes are atomic (:func:`stdd.files.atomic_write`: temporary file in the same
 directory, fsync, rename, fsync of the directory), so a crash mid-write leaves
-either the old file or nothing under the final name, never a half file. ``find_latest_checkpoint`` still *loads* each candidate, newest
-first, and skips any that fail (a file truncated by a disk error or copied
-partially), so ``--resume auto`` always lands on the newest loadable one.
+either the old file or nothing under the final name, never a half file.
+Loads verify the file (:func:`stdd.serialization.load_torch_file`: every zip
+member against its CRC-32, then ``torch.load(weights_only=True)``) and that the
+model weights are finite, so a flipped byte or a NaN weight is an error naming
+the file, never a silently different run. ``find_latest_checkpoint`` *loads*
+each candidate, newest first, and skips any that fail (a file truncated or
+changed by a disk error, copied partially); on ``--resume auto`` the skipped
+ones are renamed ``<name>.corrupt`` (kept for a person to look at, out of every
+later resume and of pruning) and reported, so ``--resume auto`` always lands on
+the newest usable one. Pruning only ever removes mid-epoch checkpoints older
+than the one just written.
 """
 
 from __future__ import annotations
@@ -35,15 +43,21 @@ import torch
 from omegaconf import OmegaConf
 
 from ..files import atomic_write
+from ..serialization import UnreadableFileError, load_torch_file
 
 CHECKPOINT_FORMAT = "stdd-checkpoint-v1"
 WEIGHTS_FORMAT = "stdd-weights-v1"
 REQUIRED_KEYS = ("format", "epoch", "step_in_epoch", "global_step", "model")
 _NAME_PATTERN = re.compile(r"^checkpoint-e(\d{4,})-s(\d{9,})(-mid)?\.pt$")
+CORRUPT_SUFFIX = ".corrupt"  # an unusable checkpoint found by --resume auto is renamed <name>.corrupt
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint file cannot be used; the message names the file and why."""
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/inf loss or weights; the message names the step and the last good checkpoint."""
 
 
 def checkpoint_name(epoch: int, global_step: int, mid_epoch: bool = False) -> str:
@@ -67,11 +81,26 @@ def atomic_torch_save(obj: Any, path: Union[str, Path]) -> Path:
 
 
 def _load_plain_data(path: Path, map_location, name: str):
-    """``torch.load(weights_only=True)``; any failure is a ``CheckpointError`` naming ``name`` and the file."""
+    """The file verified and loaded with ``weights_only=True``; any failure is a ``CheckpointError``
+    naming ``name`` and the file."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated zip, wrong format, unpickling refused ...
-        raise CheckpointError(f"{name} {path}: cannot be loaded ({type(error).__name__}: {error})") from error
+        return load_torch_file(path, name, map_location=map_location)
+    except UnreadableFileError as error:  # truncated, a byte changed, wrong format, unpickling refused ...
+        raise CheckpointError(str(error)) from error
+
+
+def first_non_finite(state_dict: Mapping[str, Any]) -> Optional[str]:
+    """The name of the first floating-point tensor of ``state_dict`` holding NaN or inf, or None."""
+    for name, value in state_dict.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            return str(name)
+    return None
+
+
+def _check_finite_model(state: Mapping[str, Any], path: Path, name: str) -> None:
+    bad = first_non_finite(state["model"]) if isinstance(state.get("model"), Mapping) else None
+    if bad is not None:
+        raise CheckpointError(f"{name} {path}: model weight {bad!r} holds NaN or inf values")
 
 
 def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.device] = "cpu") -> dict:
@@ -85,6 +114,7 @@ def load_checkpoint(path: Union[str, Path], map_location: Union[str, torch.devic
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"checkpoint {path}: missing keys {missing}")
+    _check_finite_model(state, path, "checkpoint")
     return state
 
 
@@ -106,6 +136,9 @@ def save_weights(path: Union[str, Path], state_dict: dict, config, **extra) -> P
     ``config``: the run's config (stored resolved, as plain data)."""
     if OmegaConf.is_config(config):
         config = OmegaConf.to_container(config, resolve=True)
+    bad = first_non_finite(state_dict)
+    if bad is not None:
+        raise NonFiniteError(f"{path}: not written: model weight {bad!r} holds NaN or inf values")
     payload = {"format": WEIGHTS_FORMAT, "model": state_dict, "config": config}
     payload.update(extra)
     return atomic_torch_save(payload, path)
@@ -122,14 +155,29 @@ def load_weights(path: Union[str, Path], map_location: Union[str, torch.device] 
             f"--checkpoint {path}: not an stdd weights file or training checkpoint "
             f"(expected format {WEIGHTS_FORMAT!r} or {CHECKPOINT_FORMAT!r})"
         )
+    _check_finite_model(payload, path, "--checkpoint")
     return {"model": payload["model"], "config": payload.get("config")}
 
 
-def prune_mid_epoch_checkpoints(directory: Union[str, Path], keep_last: int = 1) -> list[Path]:
+def prune_mid_epoch_checkpoints(directory: Union[str, Path], keep_last: int = 1,
+                                just_saved: Optional[Union[str, Path]] = None) -> list[Path]:
     """Delete all but the newest ``keep_last`` mid-epoch checkpoints (end-of-epoch ones are
-    kept: weight averaging reads them). Returns the deleted paths."""
-    mids = [p for p in list_checkpoints(directory) if parse_checkpoint_name(p.name)[2]]
+    kept: weight averaging reads them). Returns the deleted paths.
+
+    ``just_saved``: the checkpoint the run has just written; only checkpoints before it
+    (in step order) are candidates, so nothing at or after it is ever deleted, e.g. a
+    later checkpoint of an earlier attempt, which must not make the pruner delete the
+    new ones instead.
+    """
+    checkpoints = list_checkpoints(directory)
+    if just_saved is not None:
+        names = [p.name for p in checkpoints]
+        name = Path(just_saved).name
+        checkpoints = checkpoints[: names.index(name) + 1] if name in names else []
+    mids = [p for p in checkpoints if parse_checkpoint_name(p.name)[2]]
     doomed = mids[: max(len(mids) - keep_last, 0)]
+    if just_saved is not None:
+        doomed = [p for p in doomed if p.name != Path(just_saved).name]
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed
@@ -150,17 +198,35 @@ def list_checkpoints(directory: Union[str, Path]) -> list[Path]:
     return [entry for *_, entry in sorted(found)]
 
 
-def find_latest_checkpoint(directory: Union[str, Path]) -> Optional[tuple[Path, dict]]:
+def set_aside_corrupt(path: Union[str, Path]) -> Path:
+    """Rename an unusable checkpoint to ``<name>.corrupt`` (``<name>.<n>.corrupt`` if taken); the new path."""
+    path = Path(path)
+    target, number = path.with_name(path.name + CORRUPT_SUFFIX), 1
+    while target.exists():
+        target, number = path.with_name(f"{path.name}.{number}{CORRUPT_SUFFIX}"), number + 1
+    path.rename(target)
+    return target
+
+
+def find_latest_checkpoint(directory: Union[str, Path], *, set_aside: bool = False,
+                           skipped: Optional[list] = None) -> Optional[tuple[Path, dict]]:
     """Newest checkpoint in ``directory`` that loads, with its state; None if there is none.
 
-    Unloadable files are reported with a warning and skipped, not deleted (a
-    person may want to look at them).
+    Unloadable files are reported with a warning and skipped, never deleted (a
+    person may want to look at them). ``set_aside=True`` (``--resume auto``)
+    renames each to ``<name>.corrupt``: no later resume tries it again and the
+    pruner does not count it. ``skipped`` (a list) receives ``(path, reason,
+    new path or None)`` for each.
     """
     for path in reversed(list_checkpoints(directory)):
         try:
             return path, load_checkpoint(path)
         except CheckpointError as error:
-            warnings.warn(f"resume: skipping {error}", stacklevel=2)
+            moved = set_aside_corrupt(path) if set_aside else None
+            where = f"; renamed to {moved.name}" if moved is not None else ""
+            warnings.warn(f"resume: skipping {error}{where}", stacklevel=2)
+            if skipped is not None:
+                skipped.append((path, str(error), moved))
     return None
 
 
@@ -247,6 +313,13 @@ class CheckpointManager:
         self.context = context
         self.log = log
         self.keep_mid_epoch = int(keep_mid_epoch)
+        self.last_good: Optional[tuple[Path, int]] = None  # (path, global step) last written or resumed from
+
+    def last_good_text(self) -> str:
+        """``"The last good checkpoint is <path> (step N)"`` or that none was written yet."""
+        if self.last_good is None:
+            return "No checkpoint of this run was written before it"
+        return f"The last good checkpoint is {self.last_good[0]} (step {self.last_good[1]})"
 
     def exists(self) -> bool:
         return bool(list_checkpoints(self.directory))
@@ -260,9 +333,11 @@ class CheckpointManager:
         path = None
         if self.context.is_main:
             path = save_checkpoint(self.directory, state)
-            prune_mid_epoch_checkpoints(self.directory, keep_last=self.keep_mid_epoch)
+            prune_mid_epoch_checkpoints(self.directory, keep_last=self.keep_mid_epoch, just_saved=path)
             self.log.log("checkpoint", int(state["global_step"]), epoch=int(state["epoch"]), path=str(path))
         barrier(self.context)
+        self.last_good = (path or self.directory / checkpoint_name(
+            int(state["epoch"]), int(state["global_step"]), int(state["step_in_epoch"]) > 0), int(state["global_step"]))
         return path
 
     def load(self, resume: Optional[str]) -> Optional[tuple[Path, dict]]:
@@ -276,11 +351,32 @@ class CheckpointManager:
                 )
             return None
         if resume == "auto":
-            found = find_latest_checkpoint(self.directory)
+            found = self._find_latest_usable()
             if found is None:
                 self.log.info(f"--resume auto: no checkpoint in {self.directory}, starting fresh")
+        else:
+            found = Path(resume), load_checkpoint(resume)
+        self.last_good = (found[0], int(found[1]["global_step"])) if found is not None else None
+        return found
+
+    def _find_latest_usable(self) -> Optional[tuple[Path, dict]]:
+        """``--resume auto``: rank 0 finds the newest usable checkpoint, setting aside (``.corrupt``) and
+        reporting the unusable ones; the other ranks then load the one it chose."""
+        from .distributed import all_gather_objects
+
+        found = None
+        if self.context.is_main:
+            skipped: list = []
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # reported below, through the run's log
+                found = find_latest_checkpoint(self.directory, set_aside=True, skipped=skipped)
+            for path, reason, moved in skipped:
+                self.log.info(f"--resume auto: {reason}; renamed to {moved.name} and skipped")
+                self.log.log("corrupt_checkpoint", 0, path=str(path), renamed_to=str(moved), reason=reason)
+        chosen = all_gather_objects(str(found[0]) if found is not None else None, self.context)[0]
+        if self.context.is_main or chosen is None:
             return found
-        return Path(resume), load_checkpoint(resume)
+        return Path(chosen), load_checkpoint(chosen)
 
     def restore_random_streams(self, state: Mapping[str, Any]) -> None:
         """This rank's saved random streams, when the checkpoint was written by as many processes."""

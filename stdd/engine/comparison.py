@@ -15,7 +15,15 @@ The frame-only model sees every frame but never two frames together, so it canno
 left from right or clockwise from counter-clockwise; STCA mixes channels between
 neighbouring frames inside each block, which is what lets the model see motion.
 Overrides apply to both runs (e.g. ``optim.epochs=4``). The first run generates the videos
-under ``data.root`` (reused afterwards).
+under ``<work dir>/data`` (reused afterwards).
+
+The two runs go to ``<work dir>/stdd`` and ``<work dir>/frame_only``. The demo marks each
+run directory it creates with a ``.stdd-demo-run`` file before anything else is written
+there, and only ever deletes a directory carrying that mark (to start a run over); any
+other existing, non-empty directory there -- a training run of your own, say -- is left
+untouched and the demo stops with an error naming it. The demo preset writes a mid-run
+checkpoint every ``checkpoint.every_steps`` steps, so a demo that was killed continues
+where it was with ``--resume`` (without it, the interrupted runs are started over).
 """
 
 from __future__ import annotations
@@ -33,7 +41,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ..files import atomic_write
+from .checkpoint import list_checkpoints
 from .config import apply_overrides, load_config
+from .runlock import RunLockError, describe_holder, lock_holder
 
 WORK_DIR = "runs/demo"  # where the videos and the two runs go unless told otherwise
 
@@ -54,20 +64,62 @@ def _machine() -> dict:
     }
 
 
-def _clear_previous_run(directory: Path) -> None:
-    """Remove a previous demo run directory (only one this demo wrote: it holds config.yaml)."""
-    if directory.is_dir() and (directory / "config.yaml").is_file():
-        shutil.rmtree(directory)
+DEMO_MARKER = ".stdd-demo-run"  # in every run directory the demo created; only those are ever deleted
+
+
+class DemoDirectoryError(RuntimeError):
+    """A directory the demo would use is not the demo's own; the message names it."""
+
+
+def _mark(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_write(directory / DEMO_MARKER, "made by python -m stdd.demo, which may delete this directory to "
+                                          "start its run over\n")
+
+
+def prepare_run_directory(directory: Path, resume: bool, say=print) -> Optional[str]:
+    """Make ``directory`` ready for a demo run; returns the Trainer's ``resume`` argument.
+
+    A missing or empty directory is marked and used. A marked one (a previous demo run) is
+    continued with ``resume`` or else deleted and made anew. Anything else raises
+    :class:`DemoDirectoryError` and is not touched; a marked one in use by a live run
+    raises :class:`~stdd.engine.runlock.RunLockError`.
+    """
+    if directory.is_symlink() or (directory.exists() and not directory.is_dir()):
+        raise DemoDirectoryError(f"--work-dir: {directory} exists and is not a directory the demo made; it is left "
+                                 "untouched (choose another --work-dir)")
+    if not directory.exists() or not any(directory.iterdir()):
+        _mark(directory)
+        return None
+    if not (directory / DEMO_MARKER).is_file():
+        raise DemoDirectoryError(
+            f"--work-dir: {directory} exists and was not made by the demo (it has no {DEMO_MARKER} file): it is "
+            f"left untouched; choose another --work-dir or move it away"
+        )
+    holder = lock_holder(directory)
+    if holder is not None:
+        raise RunLockError(f"--work-dir: {directory} is in use by a running demo ({describe_holder(holder)})")
+    interrupted = bool(list_checkpoints(directory / "checkpoints")) and not (directory / "final.pt").is_file()
+    if resume:
+        return "auto"
+    if interrupted:
+        say(f"[demo] {directory} holds an interrupted run: starting it over (--resume continues it)")
+    shutil.rmtree(directory)
+    _mark(directory)
+    return None
 
 
 def run_demo(work_dir: str = WORK_DIR, overrides: Sequence[str] = (), out: Optional[str] = None,
-             quiet: bool = False) -> dict:
+             quiet: bool = False, resume: bool = False) -> dict:
+    """Train and evaluate both variants; ``resume``: continue the runs a killed demo left in ``work_dir``."""
     from .task import prepare_synthetic
     from .trainer import Trainer
 
     start = time.time()
     work = Path(os.path.expanduser(work_dir))
     base = load_config("demo", [f"data.root={work / 'data'}", *overrides])
+    for name in VARIANTS:  # before any work: a directory that is not the demo's stops it now, untouched
+        prepare_run_directory(work / name, resume=True)
     generation_start = time.time()
     dataset = prepare_synthetic(base)
     generation_seconds = time.time() - generation_start
@@ -75,12 +127,15 @@ def run_demo(work_dir: str = WORK_DIR, overrides: Sequence[str] = (), out: Optio
     for name, settings in VARIANTS.items():
         cfg = apply_overrides(base, [f"{key}={value}" for key, value in settings.items()]
                               + [f"run.output_dir={work / name}"])
-        _clear_previous_run(work / name)
+        def say(text: str) -> None:
+            print(text, file=sys.stderr, flush=True)
+
+        resume_from = prepare_run_directory(work / name, resume, say=say)
         if not quiet:
-            print(f"[demo] training {name} ({'STCA on' if settings['model.stca.enabled'] else 'STCA off'})",
-                  file=sys.stderr, flush=True)
+            say(f"[demo] training {name} ({'STCA on' if settings['model.stca.enabled'] else 'STCA off'})")
         variant_start = time.time()
-        trainer = Trainer(cfg, resume=None, quiet=quiet)
+        trainer = Trainer(cfg, resume=resume_from, quiet=quiet)
+        resumed = trainer.checkpoints.last_good
         try:
             trained = trainer.train()
             train_seconds = time.time() - variant_start
@@ -99,6 +154,7 @@ def run_demo(work_dir: str = WORK_DIR, overrides: Sequence[str] = (), out: Optio
             "train_seconds": round(train_seconds, 1),
             "seconds": round(time.time() - variant_start, 1),
             "run_directory": str(work / name),
+            "resumed_from": str(resumed[0]) if resumed else None,  # times then cover only the rest of the run
         }
     summary = {
         "task": "synthetic motion classes (8), held-out videos",

@@ -136,11 +136,12 @@ class OptimConfig:
     end_factor: float = 0.01  # the cosine ends at lr * this
     grad_clip_norm: Optional[float] = 1.0  # clip the gradient norm; null: no clipping
     accumulation_steps: int = 1  # micro-batches per optimizer step
+    on_nonfinite_loss: str = "stop"  # a step with a NaN/inf loss: stop (naming it) | skip (no update, counted)
 
 
 @dataclass
 class CheckpointConfig:
-    every_epochs: int = 1  # end-of-epoch checkpoint every N epochs (the last one and averaged ones always)
+    every_epochs: int = 1  # end-of-epoch checkpoint every N epochs; 0: none (the last and averaged ones always)
     every_steps: int = 0  # mid-epoch checkpoint every N optimizer steps; 0: none
     keep_mid_epoch: int = 1  # mid-epoch checkpoints kept (the newest)
 

@@ -10,20 +10,51 @@ from typing import Optional, Sequence
 from omegaconf import DictConfig
 
 from .checkpoint import load_weights
-from .config import apply_overrides, load_config, typed_config
+from .config import ConfigError, apply_overrides, load_config, typed_config
 from .task import build_model, load_student_state_dict
 
 
-def config_for_weights(checkpoint: Optional[str], config: Optional[str], overrides: Sequence[str]) -> tuple[DictConfig, Optional[dict]]:
+TRUST_FLAG = "--trust-checkpoint-pretrained"
+
+
+def _refuse_stored_weights_path(cfg: DictConfig, checkpoint: str, overrides: Sequence[str]) -> None:
+    """A weights file path in a checkpoint's stored ``model.pretrained`` is not followed by default:
+    a weights file one was given could point at any file on the machine. open_clip tags and
+    ``null`` are fine; ``model.pretrained=...`` given by the user is their own choice."""
+    from ..model.clip_loading import is_pretrained_tag
+
+    pretrained = cfg.model.pretrained
+    given = any(item.lstrip("+").split("=", 1)[0] == "model.pretrained" for item in overrides)
+    if given or pretrained is None or str(pretrained).strip().lower() in ("", "none", "null"):
+        return
+    if not is_pretrained_tag(str(cfg.model.clip_name), str(pretrained)):
+        raise ConfigError(
+            f"--checkpoint {checkpoint}: its stored config names the CLIP weights file model.pretrained="
+            f"{pretrained!r}; a path taken from a checkpoint is not loaded unless asked: give "
+            f"model.pretrained=<file> yourself, or pass {TRUST_FLAG} to use that one"
+        )
+
+
+def config_for_weights(checkpoint: Optional[str], config: Optional[str], overrides: Sequence[str], *,
+                       trust_checkpoint_pretrained: bool = False) -> tuple[DictConfig, Optional[dict]]:
     """The config to rebuild the model: stored in the checkpoint, else ``config`` (default
-    ``k400_vitb16``); then overrides. Returns ``(cfg, student state dict or None)``."""
+    ``k400_vitb16``); then overrides. Returns ``(cfg, student state dict or None)``.
+
+    The stored config's ``model.pretrained`` (the CLIP weights the frozen text tower is built
+    from) is used when it is an open_clip tag; a file path there is refused unless
+    ``trust_checkpoint_pretrained`` (the CLIs' ``--trust-checkpoint-pretrained``) or a
+    ``model.pretrained=`` override is given. The checkpoint's own weights are always loaded.
+    """
     state = None
     if checkpoint is not None:
         loaded = load_weights(checkpoint)
         state = loaded["model"]
         if config is None and loaded["config"] is not None:
-            cfg = typed_config(loaded["config"], f"--checkpoint {checkpoint} (its stored config)")
-            return apply_overrides(cfg, overrides), state
+            cfg = apply_overrides(typed_config(loaded["config"], f"--checkpoint {checkpoint} (its stored config)"),
+                                  overrides)
+            if not trust_checkpoint_pretrained:
+                _refuse_stored_weights_path(cfg, checkpoint, overrides)
+            return cfg, state
     return load_config(config or "k400_vitb16", overrides), state
 
 

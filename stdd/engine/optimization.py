@@ -74,6 +74,13 @@ class Optimization:
             self.ema.update(self.module.model)
         return grad_norm
 
+    def skip_step(self) -> float:
+        """An optimizer step that does not update (its loss was NaN/inf): the gradients are dropped, the
+        schedule still advances (the step's data was consumed), the EMA is not updated. Returns NaN."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return float("nan")
+
     def state_dict(self) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),

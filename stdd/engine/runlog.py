@@ -2,8 +2,12 @@
 
 ``metrics.jsonl`` gets one object per event (``{"event": "train", "step": 12,
 "epoch": 0, "loss": ..., "lr": ..., "time": unix seconds}``); each line is
-written and flushed whole, so a killed run leaves a readable file. A resumed
-run appends to the same file.
+written and flushed whole, so a killed run leaves a readable file (at most its
+last line cut short). A resumed run appends to the same file, after a
+``{"event": "resume", "step": S, "path": <checkpoint>}`` record: what the
+interrupted attempt logged for steps after S was redone by the resumed run and
+is superseded. The file is never rewritten; :func:`read_metrics` gives each
+step's records once, from the attempt that counts.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Union
+from typing import Optional, Union
 
 
 def _plain(value):
@@ -71,3 +75,29 @@ class RunLogger:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def read_metrics(run_directory: Union[str, Path], event: Optional[str] = None) -> list[dict]:
+    """The records of ``<run_directory>/metrics.jsonl`` as the run's final timeline.
+
+    At each ``resume`` record at step S, records written before it with a step
+    after S are dropped (the resumed run logged those steps again); the
+    ``resume`` records themselves are kept. A last line cut short by a kill is
+    ignored. ``event``: keep only records of that event.
+    """
+    path = Path(run_directory) / "metrics.jsonl"
+    records: list[dict] = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            if number == len(lines) - 1:
+                continue  # the partial last line of a killed run
+            raise ValueError(f"{path}:{number + 1}: not a JSON record") from None
+        if record.get("event") == "resume":
+            records = [r for r in records if int(r.get("step", 0)) <= int(record["step"])]
+        records.append(record)
+    return [r for r in records if event is None or r.get("event") == event]

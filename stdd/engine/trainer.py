@@ -4,8 +4,10 @@ Multi-GPU / multi-node: under ``torchrun`` every process trains on its shard of
 each epoch (``ResumableDistributedSampler``); DDP averages the gradients; rank 0
 alone logs, saves checkpoints and writes the run directory:
 
+    <run.output_dir>/run.lock            held while the run is alive (stdd.engine.runlock)
     <run.output_dir>/config.yaml         the resolved config of this run
-    <run.output_dir>/metrics.jsonl       one JSON object per logged event
+    <run.output_dir>/metrics.jsonl       one JSON object per logged event (a "resume" record
+                                         where a resumed run continues: stdd.engine.runlog)
     <run.output_dir>/tensorboard/        the same scalars for TensorBoard
     <run.output_dir>/checkpoints/        checkpoint-eEEEE-sSSSSSSSSS[-mid].pt
     <run.output_dir>/final.pt            the weights after the last epoch
@@ -20,6 +22,14 @@ CPU with ``data.num_workers=0`` the resumed run is bitwise equal to an
 uninterrupted one (tested). With worker processes the augmentation of a sample
 is still seeded per sample by the dataset, so the order-independent part stays
 reproducible.
+
+Safety: one run at a time holds the run directory (a second one fails at once
+naming the holder; the lock of a killed run is taken over); the temporary
+files a killed write left there are removed at start; a resume refuses a
+config that changes what is trained (``stdd.engine.resume``); a step whose
+loss is NaN or inf stops the run naming the step and the last good checkpoint
+(``optim.on_nonfinite_loss: skip`` skips such steps instead and counts them),
+and no checkpoint or weights file with NaN/inf weights is ever written.
 """
 
 from __future__ import annotations
@@ -31,7 +41,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -39,8 +49,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.dataset import video_dataloader
 from ..seeding import derive_seed, torch_generator
+from ..files import remove_orphan_temporaries
 from .averaging import average_epoch_checkpoints, parse_epoch_selection
-from .checkpoint import CheckpointManager, save_weights
+from .checkpoint import CheckpointManager, NonFiniteError, first_non_finite, save_weights
 from .config import ConfigError, save_config
 from .distributed import (
     DistributedContext,
@@ -52,7 +63,11 @@ from .distributed import (
 )
 from .optimization import build_optimization
 from .precision import autocast
+from .resume import check_resume_config
+from .runlock import RunLock, RunLockError, describe_holder
 from .runlog import RunLogger
+
+NONFINITE_POLICIES = ("stop", "skip")  # optim.on_nonfinite_loss
 
 
 def seed_everything(seed: int) -> None:
@@ -63,6 +78,34 @@ def seed_everything(seed: int) -> None:
 
 def _without_teacher(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith("teacher.")}
+
+
+def acquire_run_lock(directory: Path, context: DistributedContext) -> Optional[RunLock]:
+    """Rank 0 locks ``directory`` for the whole run (all ranks of a DDP run are one run); every rank
+    raises the same :class:`RunLockError` when another run holds it. Returns rank 0's lock."""
+    from .distributed import all_gather_objects
+
+    lock, refusal = None, None
+    if context.is_main:
+        try:
+            lock = RunLock(directory).acquire()
+        except RunLockError as error:
+            refusal = str(error)
+    refusal = all_gather_objects(refusal, context)[0]
+    if refusal is not None:
+        raise RunLockError(refusal)
+    return lock
+
+
+def _check_policies(cfg: DictConfig) -> None:
+    """Values of ``checkpoint.*`` / ``optim.on_nonfinite_loss`` the trainer cannot act on."""
+    for key in ("every_epochs", "every_steps", "keep_mid_epoch"):
+        value = cfg.checkpoint[key]
+        if value is None or int(value) < 0:
+            raise ConfigError(f"checkpoint.{key}={value!r}: expected an integer >= 0 (0: none)")
+    if cfg.optim.on_nonfinite_loss not in NONFINITE_POLICIES:
+        raise ConfigError(f"optim.on_nonfinite_loss={cfg.optim.on_nonfinite_loss!r}: expected one of "
+                          f"{', '.join(NONFINITE_POLICIES)}")
 
 
 @dataclass
@@ -90,18 +133,41 @@ class Trainer:
     """
 
     def __init__(self, cfg: DictConfig, *, resume: Optional[str] = None, context: Optional[DistributedContext] = None,
-                 quiet: bool = False):
-        from .task import build_training_task, prepare_synthetic  # model + data, imported lazily (heavy)
-
+                 quiet: bool = False, allow_config_change: Sequence[str] = ()):
         self.cfg = cfg
         self.context = context or init_distributed(cfg.run.device)
         self.device = self.context.device
         self.quiet = quiet
+        self.allow_config_change = tuple(allow_config_change)
+        _check_policies(cfg)
         self.run_directory = Path(os.path.expanduser(str(cfg.run.output_dir)))
         self.checkpoint_directory = self.run_directory / "checkpoints"
+        self.logger = None
+        # Before anything is written to the run directory: the lock, held until close().
+        self.lock = acquire_run_lock(self.run_directory, self.context)
+        try:
+            self._build(resume)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, resume: Optional[str]) -> None:
+        from .task import build_training_task, prepare_synthetic  # model + data, imported lazily (heavy)
+
+        cfg = self.cfg
         self.logger = RunLogger(self.run_directory, enabled=self.context.is_main, tensorboard=cfg.run.tensorboard)
+        if self.lock is not None:
+            if self.lock.stale_holder:
+                self.logger.info(f"took over the lock of {self.run_directory} from a run that is gone "
+                                 f"({describe_holder(self.lock.stale_holder)})")
+                self.logger.log("stale_lock_taken_over", 0, holder=describe_holder(self.lock.stale_holder))
+            # no other run writes here (we hold the lock): temporary files are a killed write's leftovers
+            for directory in (self.run_directory, self.checkpoint_directory):
+                for orphan in remove_orphan_temporaries(directory):
+                    self.logger.info(f"removed {orphan}, the temporary file of a write that was killed")
         self.checkpoints = CheckpointManager(self.checkpoint_directory, self.context, self.logger,
                                              keep_mid_epoch=cfg.checkpoint.keep_mid_epoch)
+        self.nonfinite_steps_skipped = 0
 
         # Seeds: model init is identical on every rank (DDP also broadcasts rank 0's weights);
         # then each process's global streams are its own ("process" stream, keyed by rank).
@@ -157,11 +223,19 @@ class Trainer:
     # -------------------------------------------------------------- state
     def save_checkpoint(self) -> Optional[Path]:
         sampler = self.task.phase_sampler
+        model = self.task.student_state_dict()
+        bad = first_non_finite(model)  # the same on every rank (DDP replicas are equal): all stop together
+        if bad is not None:
+            raise NonFiniteError(
+                f"step {self.global_step} (epoch {self.epoch}): model weight {bad!r} holds NaN or inf after the "
+                f"optimizer step; no checkpoint was written. {self.checkpoints.last_good_text()}"
+            )
         return self.checkpoints.save({
             "epoch": self.epoch, "step_in_epoch": self.step_in_epoch, "global_step": self.global_step,
-            "model": self.task.student_state_dict(), **self.optimization.state_dict(),
+            "model": model, **self.optimization.state_dict(),
             "phase_sampler": sampler.state_dict() if sampler is not None else None,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
         })
 
     def _resume(self, resume: Optional[str]) -> None:
@@ -169,6 +243,10 @@ class Trainer:
         if found is None:
             return
         path, state = found
+        for warning in check_resume_config(
+                state.get("config"), self.cfg, source=str(path), stored_world_size=state.get("world_size"),
+                world_size=self.context.world_size, allowed=self.allow_config_change):
+            self.logger.info(f"resume: config changed since the checkpoint: {warning}")
         self.task.load_student_state_dict(state["model"])
         self.optimization.load_state_dict(state)
         if self.task.phase_sampler is not None and state.get("phase_sampler"):
@@ -177,8 +255,13 @@ class Trainer:
         self.epoch, self.step_in_epoch, self.global_step = (
             int(state["epoch"]), int(state["step_in_epoch"]), int(state["global_step"])
         )
+        self.nonfinite_steps_skipped = int(state.get("nonfinite_steps_skipped", 0))
         if self.step_in_epoch >= self.steps_per_epoch:  # a mid-epoch checkpoint at the very end of an epoch
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        # metrics.jsonl: records after this one continue from global_step; earlier records with a
+        # larger step belong to the interrupted attempt (stdd.engine.runlog.read_metrics drops them)
+        self.logger.log("resume", self.global_step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+                        path=str(path))
         self.logger.info(f"resumed from {path} (epoch {self.epoch}, step {self.step_in_epoch} of the epoch)")
 
     # -------------------------------------------------------------- steps
@@ -212,15 +295,44 @@ class Trainer:
             self.optimization.backward(out["loss"] / self.accumulation)
         return {key: value.detach() for key, value in out.items()}
 
-    def _train_step(self, batches) -> dict:
-        """One optimizer step over ``accumulation`` micro-batches; logs it; returns its mean logs."""
+    def _loss_is_finite(self, loss: torch.Tensor) -> bool:
+        """Whether every process's loss of this step is finite (one scalar all-reduce under DDP)."""
+        bad = torch.tensor(0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0, device=loss.device)
+        return float(all_reduce_mean(bad, self.context)) == 0.0
+
+    def _non_finite_loss(self, loss: torch.Tensor) -> None:
+        """A step with a NaN/inf loss: stop naming the step and the last good checkpoint (or count it)."""
+        step = self.global_step + 1
+        if self.cfg.optim.on_nonfinite_loss == "skip":
+            self.nonfinite_steps_skipped += 1
+            self.logger.log("nonfinite_loss_skipped", step, epoch=self.epoch, loss=float(loss),
+                            skipped_so_far=self.nonfinite_steps_skipped)
+            return
+        bad = first_non_finite(self.task.student_state_dict())
+        cause = (f"the weights hold NaN/inf (model weight {bad!r})" if bad is not None
+                 else "the weights are finite: this step's data or forward pass produced it")
+        self.logger.log("nonfinite_loss", step, epoch=self.epoch, loss=float(loss))
+        raise NonFiniteError(
+            f"step {step} (epoch {self.epoch}): the training loss is {float(loss)} ({cause}); training stopped "
+            f"without updating the weights. {self.checkpoints.last_good_text()}; "
+            f"optim.on_nonfinite_loss=skip skips such steps instead"
+        )
+
+    def _train_step(self, batches) -> Optional[dict]:
+        """One optimizer step over ``accumulation`` micro-batches; logs it; returns its mean logs
+        (None when the step was skipped for a non-finite loss)."""
         logs: dict = {}
         for micro in range(self.accumulation):
             out = self._micro_step(next(batches), sync=micro == self.accumulation - 1)
             for key, value in out.items():
                 logs[key] = logs.get(key, 0) + value / self.accumulation
         lr = self.optimization.current_lr
-        grad_norm = self.optimization.step()
+        finite = self._loss_is_finite(logs["loss"])
+        if finite:
+            grad_norm = self.optimization.step()
+        else:
+            self._non_finite_loss(logs["loss"])  # raises unless such steps are skipped
+            grad_norm = self.optimization.skip_step()
         self.global_step += 1
         self.step_in_epoch += 1
         if self.global_step % int(self.cfg.run.log_every_steps) == 0 or self.step_in_epoch == self.steps_per_epoch:
@@ -229,14 +341,15 @@ class Trainer:
         if self.progress is not None:
             self.progress.update(1)
             self.progress.set_postfix(epoch=self.epoch, loss=f"{float(logs['loss']):.4f}", lr=f"{lr:.2e}")
-        return logs
+        return logs if finite else None
 
     def _checkpoint_due(self, at_epoch_end: bool, hit_max: bool) -> bool:
         """After the step just taken: end-of-epoch every ``checkpoint.every_epochs``, the last epoch and the
         epochs weight averaging reads; mid-epoch every ``checkpoint.every_steps``; when stopping at max_steps."""
         policy = self.cfg.checkpoint
         if at_epoch_end:
-            return (self.epoch % int(policy.every_epochs) == 0 or self.epoch == self.epochs or hit_max
+            every = int(policy.every_epochs)  # 0: no periodic end-of-epoch checkpoint
+            return ((every > 0 and self.epoch % every == 0) or self.epoch == self.epochs or hit_max
                     or self.epoch in self.averaged_epochs)
         return hit_max or bool(policy.every_steps and self.global_step % int(policy.every_steps) == 0)
 
@@ -263,16 +376,19 @@ class Trainer:
                                  desc="train", file=sys.stderr, mininterval=1.0)
 
     # -------------------------------------------------------------- the loop
-    def train(self) -> dict:
-        self._start()
+    def _run_epochs(self) -> tuple[list, bool]:
+        """The epoch loop from the current position; ``(epoch records, stopped early at max_steps)``."""
         max_steps, eval_every = self.cfg.run.max_steps, int(self.cfg.eval.every_epochs)
-        history, stopped_early, start_time = [], False, time.time()
+        history, stopped_early = [], False
         while self.epoch < self.epochs and not stopped_early:
             self.module.train()
             self.task.set_train_mode(self.module)
             batches, epoch_logs = self._batches(self.epoch, self.step_in_epoch), _EpochMeans()
+            skipped_before = self.nonfinite_steps_skipped
             while True:
-                epoch_logs.add(self._train_step(batches))
+                logs = self._train_step(batches)
+                if logs is not None:  # a skipped step (non-finite loss) does not enter the epoch's means
+                    epoch_logs.add(logs)
                 at_epoch_end = self.step_in_epoch == self.steps_per_epoch
                 if at_epoch_end:
                     self.epoch, self.step_in_epoch = self.epoch + 1, 0
@@ -284,15 +400,29 @@ class Trainer:
                     break
             if not stopped_early:
                 record = {"epoch": self.epoch, **{f"train_{k}": v for k, v in epoch_logs.means(self.context).items()}}
+                if self.nonfinite_steps_skipped > skipped_before:
+                    record["nonfinite_steps_skipped"] = self.nonfinite_steps_skipped - skipped_before
                 if eval_every and (self.epoch % eval_every == 0 or self.epoch == self.epochs):
                     record.update(self.evaluate())
                 history.append(record)
                 self.logger.log("epoch", self.global_step, **record)
-        if self.progress is not None:
-            self.progress.close()
+        return history, stopped_early
+
+    def train(self) -> dict:
+        self._start()
+        start_time = time.time()
+        try:
+            history, stopped_early = self._run_epochs()
+        finally:  # also on an error: the message then starts on a line of its own
+            if self.progress is not None:
+                self.progress.close()
         self._check_replicas()
         result = {"epochs_done": self.epoch, "global_step": self.global_step, "stopped_early": stopped_early,
-                  "seconds": time.time() - start_time, "history": history, "run_directory": str(self.run_directory)}
+                  "seconds": time.time() - start_time, "history": history, "run_directory": str(self.run_directory),
+                  "nonfinite_steps_skipped": self.nonfinite_steps_skipped}
+        if self.nonfinite_steps_skipped:
+            self.logger.info(f"{self.nonfinite_steps_skipped} step(s) had a NaN/inf loss and were skipped "
+                             "(optim.on_nonfinite_loss=skip)")
         if not stopped_early:
             result.update(self._finish())
         return result
@@ -341,12 +471,17 @@ class Trainer:
         return out
 
     def close(self) -> None:
-        self.logger.close()
+        """Close the logs and release the run directory's lock (idempotent)."""
+        if self.logger is not None:
+            self.logger.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
-def run_training(cfg: DictConfig, *, resume: Optional[str] = None, quiet: bool = False) -> dict:
+def run_training(cfg: DictConfig, *, resume: Optional[str] = None, quiet: bool = False,
+                 allow_config_change: Sequence[str] = ()) -> dict:
     context = init_distributed(cfg.run.device)
-    trainer = Trainer(cfg, resume=resume, context=context, quiet=quiet)
+    trainer = Trainer(cfg, resume=resume, context=context, quiet=quiet, allow_config_change=allow_config_change)
     try:
         return trainer.train()
     finally:

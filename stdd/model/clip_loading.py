@@ -3,9 +3,16 @@
 Weights come from an open_clip pretrained tag (``load_clip("ViT-B-16", "openai")``,
 downloaded by open_clip into its cache) or from a local checkpoint file
 (``load_clip("ViT-B-16", "/models/ViT-B-16.bin")``, an open_clip / OpenAI CLIP
-state dict, as ``open_clip.create_model(pretrained=<file>)`` accepts it). With
-neither, loading fails with a message saying how to provide them; a random
+state dict in a ``torch.save`` file or a ``.safetensors`` file). With neither,
+loading fails with a message saying how to provide them; a random
 initialisation needs the explicit ``allow_random_init=True`` (tests, demos).
+
+A local file is read by stdd itself (:func:`stdd.serialization.load_state_dict_file`:
+archive checksums verified, ``torch.load(weights_only=True)`` with no retry, or
+safetensors), and the state dict is handed to the model open_clip built without
+weights, with the conversions open_clip applies to its own loads. open_clip's
+file loader is not used: it retries ``torch.load`` without ``weights_only``
+after some errors, which runs whatever code a crafted file carries.
 
 The tiny configs in ``stdd/model/configs/`` (``STDD-Tiny-ViT``: 32 px, 8 px
 patches, a 4x4 grid; ``STDD-Tiny-ViT-64``: 64 px, an 8x8 grid) are registered
@@ -27,6 +34,8 @@ from typing import Optional, Union
 import open_clip
 import torch
 from torch import nn
+
+from ..serialization import load_state_dict_file
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 TINY_MODEL_NAMES = tuple(sorted(p.stem for p in CONFIG_DIR.glob("*.json")))
@@ -100,6 +109,11 @@ def _how_to_provide(model_name: str) -> str:
     )
 
 
+def is_pretrained_tag(model_name: str, pretrained) -> bool:
+    """Whether ``pretrained`` is one of open_clip's pretrained tags for ``model_name`` (not a file path)."""
+    return isinstance(pretrained, str) and bool(open_clip.get_pretrained_cfg(model_name, pretrained))
+
+
 def tag_needs_quick_gelu(model_name: str, tag: str) -> bool:
     """Whether weights ``tag`` were trained with QuickGELU but config ``model_name`` uses GELU.
 
@@ -152,7 +166,7 @@ def load_clip(
     if not isinstance(pretrained, (str, os.PathLike)):
         raise ValueError(f"pretrained must be a tag, a file path or None, got {pretrained!r}")
     pretrained = os.fspath(pretrained)
-    if open_clip.get_pretrained_cfg(model_name, pretrained):
+    if is_pretrained_tag(model_name, pretrained):
         try:
             model = open_clip.create_model(
                 model_name, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir,
@@ -169,16 +183,38 @@ def load_clip(
         what = "checkpoint file does not exist" if looks_like_path else "is neither a known tag nor a file"
         raise ValueError(f"pretrained={pretrained!r} {what}. {_how_to_provide(model_name)}")
     path = os.path.abspath(pretrained)
+    state_dict = load_state_dict_file(path, "pretrained weights file")  # UnreadableFileError is a ValueError
+    model = open_clip.create_model(model_name, pretrained=None, device=device, precision=precision)
     try:
-        model = open_clip.create_model(
-            model_name, pretrained=path, device=device, precision=precision, require_pretrained=True
-        )
+        _load_clip_state_dict(model, state_dict)
     except Exception as error:
         raise ValueError(
             f"checkpoint file {path} does not hold {model_name!r} CLIP weights "
             f"(expected an open_clip/OpenAI CLIP state dict for that architecture): {error}"
         ) from error
     return model.eval(), ClipSource(model_name, path, "sha256:" + file_sha256(path))
+
+
+def _load_clip_state_dict(model: nn.Module, state_dict: dict) -> None:
+    """Load a CLIP state dict into an open_clip model strictly, converting it as
+    ``open_clip.factory.load_checkpoint`` does after reading a file (third-party and old
+    layouts, scalar vs 1-d logit scale/bias, positional embeddings of another size)."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+
+    state_dict = convert_state_dict(model, dict(state_dict))
+    if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
+        state_dict = convert_to_custom_text_state_dict(state_dict)
+    for key in ("logit_scale", "logit_bias"):
+        current = getattr(model, key, None)
+        if key in state_dict and current is not None and current.ndim != state_dict[key].ndim:
+            state_dict[key] = state_dict[key].reshape(current.shape)
+    if "logit_bias" not in state_dict and getattr(model, "logit_bias", None) is not None:
+        state_dict["logit_bias"] = torch.zeros_like(state_dict["logit_scale"])
+    state_dict.pop("text.transformer.embeddings.position_ids", None)
+    resize_pos_embed(state_dict, model)
+    resize_text_pos_embed(state_dict, model)
+    model.load_state_dict(state_dict, strict=True)
 
 
 def vision_tower(clip_model: nn.Module) -> nn.Module:

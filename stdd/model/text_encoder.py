@@ -34,6 +34,7 @@ from torch import nn
 
 from ..askg.prompts import check_prompts
 from ..files import atomic_write
+from ..serialization import load_torch_file
 from .clip_loading import ClipSource, load_clip
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ class TextEncoder(nn.Module):
             path = Path(cache_dir) / f"text-{safe_model}-{key[:32]}.pt"
             if path.is_file():
                 try:
-                    stored = torch.load(path, map_location="cpu", weights_only=True)
+                    stored = load_torch_file(path, "text-feature cache")  # CRCs checked: a changed byte recomputes
                     if stored.get("key") == key:
                         return self._result(prompts, stored["features"], stored["mask"], path, cache_hit=True)
                     logger.warning("text-feature cache %s holds another key; recomputing", path)

@@ -1,0 +1,152 @@
+"""The run-directory lock: one training run at a time writes a ``run.output_dir``.
+
+A run takes ``<run.output_dir>/run.lock`` before it writes anything there and
+holds it until it ends; all processes of one DDP run count as one run (rank 0
+takes the lock for them). The lock is an exclusive ``flock`` on the open file,
+so the kernel drops it when the holder's process ends in any way, ``kill -9``
+included. The file's content says who holds it (pid, host, start time,
+command); a second run on the directory fails at once with
+:class:`RunLockError` naming that holder. A lock file whose holder is gone (a
+killed run) is taken over, and :attr:`RunLock.stale_holder` says whose it was.
+
+``flock`` is reliable on local filesystems; on network filesystems it depends
+on the server's lock support (Linux NFSv4 maps it to byte-range locks).
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import os
+import shlex
+import socket
+import sys
+from pathlib import Path
+from typing import Optional, Union
+
+LOCK_NAME = "run.lock"
+
+
+class RunLockError(RuntimeError):
+    """The run directory is in use by another run; the one-line message names the holder."""
+
+
+def describe_holder(info: Optional[dict]) -> str:
+    """``pid 1234 on host gpu7, started 2026-01-02T03:04:05, command: python -m stdd.train ...``."""
+    if not info:
+        return "an unknown process (the lock file names no holder)"
+    return (f"pid {info.get('pid', '?')} on host {info.get('host', '?')}, started {info.get('started', '?')}, "
+            f"command: {info.get('command', '?')}")
+
+
+def _read_holder(handle) -> Optional[dict]:
+    handle.seek(0)
+    text = handle.read()
+    try:
+        info = json.loads(text) if text.strip() else None
+    except ValueError:
+        return {"pid": "?", "host": "?", "started": "?", "command": f"(unreadable lock file content {text[:60]!r})"}
+    return info if isinstance(info, dict) else None
+
+
+class RunLock:
+    """The exclusive lock of one run directory (``with RunLock(directory): ...`` or acquire/release).
+
+    ``acquire()`` raises :class:`RunLockError` when another live process holds it.
+    """
+
+    def __init__(self, directory: Union[str, os.PathLike]):
+        self.directory = Path(directory)
+        self.path = self.directory / LOCK_NAME
+        self._handle = None
+        self.stale_holder: Optional[dict] = None  # the previous holder whose lock was taken over, if any
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+    def acquire(self) -> "RunLock":
+        if self._handle is not None:
+            return self
+        self.directory.mkdir(parents=True, exist_ok=True)
+        while True:
+            handle = open(self.path, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                holder = _read_holder(handle)
+                handle.close()
+                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise RunLockError(f"run directory {self.directory}: cannot lock {self.path} ({error})") from error
+                raise RunLockError(
+                    f"run directory {self.directory} is in use by another run ({describe_holder(holder)}); "
+                    f"wait for it to end or choose another run.output_dir"
+                ) from None
+            # The file may have been removed by a holder that released it between our open and
+            # our flock: then we locked an orphaned inode; try again with the file now there.
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            handle.close()
+        previous = _read_holder(handle)
+        self.stale_holder = previous  # whoever wrote it is gone: the kernel dropped their lock
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps(self.holder_info()) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+        self._handle = handle
+        return self
+
+    @staticmethod
+    def holder_info() -> dict:
+        module = _main_module()
+        program = ["-m", module] if module else sys.argv[:1]
+        return {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "command": shlex.join([os.path.basename(sys.executable), *program, *sys.argv[1:]]),
+        }
+
+    def release(self) -> None:
+        if self._handle is None:
+            return
+        handle, self._handle = self._handle, None
+        try:
+            self.path.unlink()  # while still locked, so nobody can lock the file we remove
+        except FileNotFoundError:
+            pass
+        handle.close()  # closing drops the lock
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _main_module() -> Optional[str]:
+    """``stdd.train`` when this process runs ``python -m stdd.train`` (the module's name, not its file)."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return getattr(spec, "name", None) or None
+
+
+def lock_holder(directory: Union[str, os.PathLike]) -> Optional[dict]:
+    """Who holds ``directory``'s run lock now (``{}`` if unnamed), or None when no live process does."""
+    path = Path(directory) / LOCK_NAME
+    try:
+        handle = open(path, "r", encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return _read_holder(handle) or {}
+        return None
