@@ -125,7 +125,7 @@ def run_evaluation(args) -> dict:
         model, dataset, features.features, features.mask, batch_size=int(args.batch_size or cfg.eval.batch_size),
         num_workers=int(args.num_workers if args.num_workers is not None else cfg.data.num_workers),
         device=context.device, context=context, progress=not args.quiet,
-        autocast_dtype=autocast_dtype(cfg.run.precision, context.device),
+        autocast_dtype=autocast_dtype(cfg.run.precision, context.device), seed=int(cfg.run.seed),
     )
     if len(needed) != len(class_names):  # back to full class positions; unused columns are never read
         full = torch.zeros(scored.view_scores.shape[0], scored.view_scores.shape[1], len(class_names))

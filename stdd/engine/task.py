@@ -316,7 +316,7 @@ class TrainingTask:
         result = score_dataset(
             module.model, self.val_dataset, module.text_features, module.text_mask,
             batch_size=evaluation.batch_size, num_workers=self.cfg.data.num_workers,
-            device=module.text_features.device, context=context,
+            device=module.text_features.device, context=context, seed=int(self.cfg.run.seed),
         )
         from .metrics import evaluate_split
         from .protocols import ZeroShotSplit
