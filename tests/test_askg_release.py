@@ -11,10 +11,10 @@ import pytest
 
 from stdd.askg.cli import main
 from stdd.askg.release import (
-    RELEASE_TEMPLATE_COUNT, ReleaseFormatError, import_release, match_key, parse_triple, release_prompts,
+    RELEASE_SETS, RELEASE_TEMPLATE_COUNT, ReleaseFormatError, import_release, match_key, parse_triple, release_prompts,
 )
 from stdd.askg.schema import validate_askg_document
-from stdd.resources import class_names
+from stdd.resources import class_names, display_name
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,6 +129,10 @@ def test_names_triples_and_the_release_prompt_rule():
     assert match_key("Apply Eye Makeup") == match_key("ApplyEyeMakeup")
     assert match_key("Brush Hair") == match_key("brush_hair")
     assert match_key("Massaging Person'S Head") == match_key("massaging person's head")
+    for dataset in RELEASE_SETS:  # every class of each set, spaced and title-cased, maps back to itself alone
+        names = class_names(dataset)
+        keys = {match_key(display_name(dataset, name).title()): name for name in names}
+        assert len(keys) == len(names) and all(keys[match_key(name)] == name for name in names)
     assert parse_triple("<beer, poured into,  glass>") == ["beer", "poured into", "glass"]
     assert parse_triple("beer, in, bottle") == ["beer", "in", "bottle"]
     for bad in ("<glass, held by>", "<a, b, c, d>", "<a, , c>", None, 3):
