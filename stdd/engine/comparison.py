@@ -60,10 +60,36 @@ def _clear_previous_run(directory: Path) -> None:
         shutil.rmtree(directory)
 
 
+def train_and_evaluate(cfg, *, quiet: bool = False) -> dict:
+    """Train ``cfg`` from scratch into ``cfg.run.output_dir``, evaluate on its validation set: one result row."""
+    from .trainer import Trainer
+
+    start = time.time()
+    trainer = Trainer(cfg, resume=None, quiet=quiet)
+    try:
+        trained = trainer.train()
+        train_seconds = time.time() - start
+        evaluation = trainer.evaluate()
+    finally:
+        trainer.close()
+    history = trained["history"]
+    return {
+        "top1": evaluation["val_top1"],
+        "top5": evaluation["val_top5"],
+        "val_videos": evaluation["val_videos"],
+        "train_accuracy_last_epoch": history[-1].get("train_accuracy") if history else None,
+        "train_loss_last_epoch": history[-1].get("train_loss") if history else None,
+        "epochs": trained["epochs_done"],
+        "steps": trained["global_step"],
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.time() - start, 1),
+        "run_directory": str(cfg.run.output_dir),
+    }
+
+
 def run_demo(work_dir: str = WORK_DIR, overrides: Sequence[str] = (), out: Optional[str] = None,
              quiet: bool = False) -> dict:
     from .task import prepare_synthetic
-    from .trainer import Trainer
 
     start = time.time()
     work = Path(os.path.expanduser(work_dir))
@@ -79,27 +105,7 @@ def run_demo(work_dir: str = WORK_DIR, overrides: Sequence[str] = (), out: Optio
         if not quiet:
             print(f"[demo] training {name} ({'STCA on' if settings['model.stca.enabled'] else 'STCA off'})",
                   file=sys.stderr, flush=True)
-        variant_start = time.time()
-        trainer = Trainer(cfg, resume=None, quiet=quiet)
-        try:
-            trained = trainer.train()
-            train_seconds = time.time() - variant_start
-            evaluation = trainer.evaluate()
-        finally:
-            trainer.close()
-        history = trained["history"]
-        rows[name] = {
-            "top1": evaluation["val_top1"],
-            "top5": evaluation["val_top5"],
-            "val_videos": evaluation["val_videos"],
-            "train_accuracy_last_epoch": history[-1].get("train_accuracy") if history else None,
-            "train_loss_last_epoch": history[-1].get("train_loss") if history else None,
-            "epochs": trained["epochs_done"],
-            "steps": trained["global_step"],
-            "train_seconds": round(train_seconds, 1),
-            "seconds": round(time.time() - variant_start, 1),
-            "run_directory": str(work / name),
-        }
+        rows[name] = train_and_evaluate(cfg, quiet=quiet)
     summary = {
         "task": "synthetic motion classes (8), held-out videos",
         "classes": list(dataset.class_names),
