@@ -5,7 +5,8 @@ Protocols (``stdd.engine.protocols``):
   ep2   all classes, all given videos
   ep3   the official test splits: UCF101 ``--format ucf101 --annotations testlist01.txt testlist02.txt
         testlist03.txt``; HMDB51 ``--format hmdb51 --annotations <split dir>`` (splits 1-3, test ids)
-  k600  the 220 Kinetics-600 classes new to K400, 3 seeded splits of 160, or ``--split-file``
+  k600  the 220 Kinetics-600 classes new to K400, 3 seeded splits of 160, or ``--split-file``;
+        ``--k600-classes k600_new_release``: the 232 of the authors' release (the 220 + 12 K400 renames)
 
 Every video is scored once (``eval.n_temporal_views`` x ``eval.n_spatial_crops`` views, 3 x 1 by
 default, aggregated by the mean of the per-view softmax over each split's classes), then each
@@ -36,7 +37,7 @@ from .engine import metrics, protocols
 from .engine.config import ConfigError
 from .engine.distributed import cleanup_distributed, init_distributed
 from .files import atomic_write
-from .resources import DATASETS
+from .resources import DATASETS, K600_NOVEL_LISTS
 
 PROTOCOLS = ("ep1", "ep2", "ep3", "k600")
 
@@ -89,6 +90,9 @@ def build_splits(args, class_names: list[str], per_file: list[list[int]]) -> lis
     if args.protocol == "k600":
         from .resources import K400_RENAMED_IN_K600, class_names as shipped
 
+        if args.k600_classes == "k600_new_release":
+            return protocols.k600_splits(class_names, novel_names=shipped(args.k600_classes), seed=args.seed,
+                                         num_splits=args.k600_splits)
         return protocols.k600_splits(class_names, shipped("k400"), renamed=K400_RENAMED_IN_K600, seed=args.seed,
                                      num_splits=args.k600_splits)
     raise ConfigError(f"--protocol {args.protocol!r}: expected one of {PROTOCOLS}")
@@ -128,7 +132,7 @@ def run_evaluation(args) -> dict:
         model, dataset, features.features, features.mask, batch_size=int(args.batch_size or cfg.eval.batch_size),
         num_workers=int(args.num_workers if args.num_workers is not None else cfg.data.num_workers),
         device=context.device, context=context, progress=not args.quiet,
-        autocast_dtype=autocast_dtype(cfg.run.precision, context.device),
+        autocast_dtype=autocast_dtype(cfg.run.precision, context.device), seed=int(cfg.run.seed),
     )
     if len(needed) != len(class_names):  # back to full class positions; unused columns are never read
         full = torch.zeros(scored.view_scores.shape[0], scored.view_scores.shape[1], len(class_names))
@@ -188,6 +192,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split-file", help="class splits to evaluate (JSON or text, see stdd.engine.protocols)")
     parser.add_argument("--draws", type=int, default=10, help="ep1 draws (default 10)")
     parser.add_argument("--k600-splits", type=int, default=3, help="k600 seeded splits of 160 classes (default 3)")
+    parser.add_argument("--k600-classes", choices=K600_NOVEL_LISTS, default=K600_NOVEL_LISTS[0],
+                        help="k600 candidate classes: k600_new (220, default) or k600_new_release (the authors' 232)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the ep1/k600 class draws")
     parser.add_argument("--prompts", help="templates | askg | dataset | prompts JSON (default: config text.prompts)")
     parser.add_argument("--with-templates", action="store_true", help="add template sentences to file/ASKG prompts")

@@ -120,7 +120,8 @@ def predict(
         n_temporal_views=cfg.eval.n_temporal_views, n_spatial_crops=cfg.eval.n_spatial_crops,
     )
     scored = score_dataset(model, dataset, features.features, features.mask, batch_size=batch_size,
-                           device=run_device, autocast_dtype=autocast_dtype(cfg.run.precision, run_device))
+                           device=run_device, autocast_dtype=autocast_dtype(cfg.run.precision, run_device),
+                           seed=int(cfg.run.seed))
     probabilities = aggregate_views(scored.view_scores, range(len(names)))  # (N, C)
     k = min(top_k, len(names))
     by_index = {int(i): row for i, row in zip(scored.indices, probabilities)}

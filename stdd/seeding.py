@@ -13,7 +13,8 @@ uninterrupted single-process run draws.
 Streams of a training run (see ``stdd.engine``): ``"process"`` (rank): the
 global Python/NumPy/torch generators of each process; ``"loader"`` (epoch): the
 DataLoader's worker base seed; ``"phases"`` (epoch, clip index[, block]): the
-STCA training phases (:class:`stdd.model.phases.PhaseSampler`).
+STCA training phases and ``"eval_phases"`` (video index, view[, block]): the
+shuffled evaluation phases (:class:`stdd.model.phases.PhaseSampler`).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def test_shuffled_phases_are_permutations_of_the_cycle():
 
 
 def test_independent_draws_per_block_feed_the_encoder_block_by_block():
-    sampler = PhaseSampler(STCASettings(channel_fold=8), seed=1, num_blocks=2, per_block=True)
+    sampler = PhaseSampler(STCASettings(channel_fold=8, per_block_phases=True), seed=1, num_blocks=2)
     phase = sampler([0, 1], epoch=0, num_frames=4)
     assert phase.shape == (2, 2, 4)
     assert not torch.equal(phase[0], phase[1])  # the blocks draw independently
@@ -75,7 +75,7 @@ def test_sampler_state_restores_the_seed_and_refuses_other_settings():
     with pytest.raises(ValueError, match="shuffle_phases"):
         PhaseSampler(STCASettings(shuffle_phases=True), seed=0, num_blocks=2).load_state_dict(sampler.state_dict())
     with pytest.raises(ValueError, match="per_block"):
-        PhaseSampler(STCASettings(), seed=0, num_blocks=2, per_block=True).load_state_dict(sampler.state_dict())
+        PhaseSampler(STCASettings(per_block_phases=True), seed=0, num_blocks=2).load_state_dict(sampler.state_dict())
     with pytest.raises(ValueError, match="num_blocks"):
         PhaseSampler(STCASettings(), seed=0, num_blocks=0)
     with pytest.raises(ValueError, match="run seed"):

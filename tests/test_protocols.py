@@ -108,3 +108,54 @@ def test_view_aggregation_softmax_is_over_the_split_classes():
     assert only_01.argmax().item() == 0
     # view 1: softmax(1, 0) = (.73, .27); view 2: softmax(0, 3) = (.05, .95); mean favours class 2
     assert metrics.aggregate_views(scores, (1, 2)).argmax().item() == 1
+
+
+def test_k600_splits_from_the_release_class_list():
+    k600 = class_names("k600")
+    release = class_names("k600_new_release")
+    splits = protocols.k600_splits(k600, novel_names=release, seed=0)
+    assert [len(s.class_indices) for s in splits] == [160] * 3
+    allowed = {k600.index(n) for n in release}
+    assert all(set(s.class_indices) <= allowed for s in splits)
+    renamed = {k600.index(n) for n in K400_RENAMED_IN_K600.values()}
+    assert any(set(s.class_indices) & renamed for s in splits)  # the 12 renames are candidates now
+    assert splits == protocols.k600_splits(k600, novel_names=release, seed=0)
+    # the release spells one name in lower case: matched like any class name
+    assert protocols.class_indices(k600, ["throwing ball (not baseball or american football)"], "x") == [
+        k600.index("throwing ball (not baseball or American football)")]
+    with pytest.raises(ValueError, match=r"my list: 1 of its 2 classes .*'no such class'"):
+        protocols.class_indices(k600, ["abseiling", "no such class"], "my list")
+    with pytest.raises(ValueError, match="k400_names"):
+        protocols.k600_splits(k600)
+
+
+def test_eval_cli_k600_classes_selects_the_candidate_list():
+    from stdd.eval import build_argument_parser, build_splits
+
+    k600 = class_names("k600")
+    base = ["--protocol", "k600", "--annotations", "unused.csv", "--out-dir", "unused"]
+    parser = build_argument_parser()
+    usual = build_splits(parser.parse_args(base), k600, [])
+    release = build_splits(parser.parse_args(base + ["--k600-classes", "k600_new_release"]), k600, [])
+    new, renamed = set(class_names("k600_new")), {k600.index(n) for n in K400_RENAMED_IN_K600.values()}
+    assert all({k600[i] for i in s.class_indices} <= new for s in usual)
+    assert release == protocols.k600_splits(k600, novel_names=class_names("k600_new_release"), seed=0)
+    assert any(set(s.class_indices) & renamed for s in release)
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--k600-classes", "k600"])
+
+
+def test_shipped_askg_prompts_cover_the_release_k600_list():
+    """The 12 K400 renames of the 232-class list read the K400 graph of their K400 name."""
+    pytest.importorskip("omegaconf")
+    from stdd.askg import load_prompts
+    from stdd.engine.task import build_prompts
+
+    release = class_names("k600_new_release")
+    prompts = build_prompts("askg", release, dataset="k600")
+    assert list(prompts) == release
+    k400 = load_prompts("k400")
+    for old, new in K400_RENAMED_IN_K600.items():
+        assert prompts[new] == k400[old]
+    k600_new = load_prompts("k600_new")
+    assert all(prompts[name] == k600_new[name] for name in class_names("k600_new"))

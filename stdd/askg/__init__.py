@@ -4,7 +4,9 @@
 - ``builder.py``: construction with an LLM (any OpenAI-compatible endpoint),
   two stages per class, cached and resumable (:class:`AskgBuilder`).
 - ``prompts.py``: reading graphs and the one prompt loader (:func:`load_prompts`).
-- ``cli.py`` / ``python -m stdd.askg``: ``build``, ``prompts``, ``inspect``, ``validate``.
+- ``release.py``: the authors' released knowledge files (YAML) read into these formats.
+- ``cli.py`` / ``python -m stdd.askg``: ``build``, ``prompts``, ``inspect``, ``validate``,
+  ``import-release``.
 
 Importing this package does not import the ``openai`` client (the builder does,
 when it is created without a client).

@@ -1,4 +1,4 @@
-"""`python -m stdd.askg`: build ASKG graphs with an LLM, export prompt lists, inspect, validate.
+"""`python -m stdd.askg`: build ASKG graphs with an LLM, export prompt lists, inspect, validate, import the release.
 
   build     --classes <file|ucf101|hmdb51|k400|k600|k600_new> --out DIR [--model M]
             [--base-url URL] [--concurrency N] [--retries N] [--api-key-env NAME]
@@ -11,6 +11,13 @@
             text side consumes).
   inspect   --graph ... --class NAME [--json]
   validate  FILE_OR_SET...   (schema check; the shipped sets by name)
+  import-release --askg classes_ASKG_<set>.yml --xprompt classes_xprompt_<set>.yml
+            [--labels classes_label_<set>.yml] --set ucf101|hmdb51|k400 --out DIR [--templates N]
+            The authors' released knowledge files (stdd.askg.release) -> DIR/askg.json
+            (graphs), DIR/prompts.json (their prompts: templates x (plain + oo/ao/aa
+            clauses), for --prompts), prompts_spatial.json, prompts_temporal.json and
+            report.json (unmatched classes, malformed triples). Exit status 0 when every
+            class of the set got prompts, 1 when some did not, 2 on a usage / file error.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from ..resources import ASKG_SETS, askg_path
 from . import builder as askg_lib
 from .builder import AskgBuilder, AskgConfig, AskgError
 from .prompts import format_graph, load_graphs, prompt_lists
+from .release import RELEASE_SETS, RELEASE_TEMPLATE_COUNT, import_release, write_release_import
 
 def _graph_source(spec: str) -> Path:
     return askg_path(spec) if spec.lower() in ASKG_SETS and not Path(spec).exists() else Path(spec)
@@ -112,6 +120,35 @@ def _cmd_validate(args) -> int:
     return status
 
 
+def _cmd_import_release(args) -> int:
+    result = import_release(args.askg, args.xprompt, dataset=args.set, labels=args.labels,
+                            num_templates=args.templates)
+    written = write_release_import(result, args.out)
+    report = result.report
+    prompts = result.prompts["prompts.json"]
+    print(f"{args.set}: {report['classes_with_prompts']}/{report['project_classes']} classes with prompts, "
+          f"{report['classes_with_graphs']} with graphs; {sum(len(v) for v in prompts.values())} prompts "
+          f"({len(report['templates'])} templates, {report['template_source']}) -> {written.get('prompts.json')}")
+    malformed = sum(report["malformed_triples"].values())
+    if malformed:
+        print(f"{malformed} malformed triples left out ({report['malformed_triples']}); examples in "
+              f"{written['report.json']}")
+    outside = report["classes_outside_the_graph_schema"]
+    if outside:
+        print(f"{len(outside)} graphs do not meet this project's ASKG schema (see report.json; "
+              f"python -m stdd.askg validate {written['askg.json']})")
+    for argument, names in report["release_classes_unmatched"].items():
+        if names:
+            print(f"{argument}: {len(names)} classes match no {args.set} class: {names[:10]}", file=sys.stderr)
+    if report["xprompt_entries_out_of_label_order"]:
+        print(f"{len(report['xprompt_entries_out_of_label_order'])} --xprompt entries are not at their --labels "
+              f"position (the release pairs them by position; here they are matched by name)", file=sys.stderr)
+    if result.missing:
+        print(f"{len(result.missing)} {args.set} classes have no prompts: {result.missing[:10]}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m stdd.askg", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--partial", action="store_true", help="do not require every class")
     validate.add_argument("--max-errors", type=int, default=50, help="errors listed per file (default 50)")
     validate.set_defaults(func=_cmd_validate)
+
+    release = sub.add_parser("import-release", help="read the authors' released knowledge files (YAML)")
+    release.add_argument("--askg", required=True, help="classes_ASKG_<set>.yml (objects, sub-actions, triples)")
+    release.add_argument("--xprompt", required=True, help="classes_xprompt_<set>.yml (xprompt_oo/ao/aa clauses)")
+    release.add_argument("--labels", help="classes_label_<set>.yml (templates; default: this project's templates)")
+    release.add_argument("--set", required=True, choices=RELEASE_SETS, help="the class list to map the names onto")
+    release.add_argument("--out", required=True, help="output directory")
+    release.add_argument("--templates", type=int, default=RELEASE_TEMPLATE_COUNT,
+                         help=f"use the first N templates (default {RELEASE_TEMPLATE_COUNT}, the release's runs)")
+    release.set_defaults(func=_cmd_import_release)
     return parser
 
 

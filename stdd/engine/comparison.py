@@ -109,11 +109,40 @@ def prepare_run_directory(directory: Path, resume: bool, say=print) -> Optional[
     return None
 
 
+def train_and_evaluate(cfg, *, quiet: bool = False, resume: Optional[str] = None) -> dict:
+    """Train ``cfg`` into ``cfg.run.output_dir`` (from scratch, or continued with ``resume="auto"``), evaluate
+    on its validation set: one result row."""
+    from .trainer import Trainer
+
+    start = time.time()
+    trainer = Trainer(cfg, resume=resume, quiet=quiet)
+    resumed = trainer.checkpoints.last_good
+    try:
+        trained = trainer.train()
+        train_seconds = time.time() - start
+        evaluation = trainer.evaluate()
+    finally:
+        trainer.close()
+    history = trained["history"]
+    return {
+        "top1": evaluation["val_top1"],
+        "top5": evaluation["val_top5"],
+        "val_videos": evaluation["val_videos"],
+        "train_accuracy_last_epoch": history[-1].get("train_accuracy") if history else None,
+        "train_loss_last_epoch": history[-1].get("train_loss") if history else None,
+        "epochs": trained["epochs_done"],
+        "steps": trained["global_step"],
+        "train_seconds": round(train_seconds, 1),
+        "seconds": round(time.time() - start, 1),
+        "run_directory": str(cfg.run.output_dir),
+        "resumed_from": str(resumed[0]) if resumed else None,  # times then cover only the rest of the run
+    }
+
+
 def run_demo(work_dir: str = WORK_DIR, overrides: Sequence[str] = (), out: Optional[str] = None,
              quiet: bool = False, resume: bool = False) -> dict:
     """Train and evaluate both variants; ``resume``: continue the runs a killed demo left in ``work_dir``."""
     from .task import prepare_synthetic
-    from .trainer import Trainer
 
     start = time.time()
     work = Path(os.path.expanduser(work_dir))
@@ -133,29 +162,7 @@ def run_demo(work_dir: str = WORK_DIR, overrides: Sequence[str] = (), out: Optio
         resume_from = prepare_run_directory(work / name, resume, say=say)
         if not quiet:
             say(f"[demo] training {name} ({'STCA on' if settings['model.stca.enabled'] else 'STCA off'})")
-        variant_start = time.time()
-        trainer = Trainer(cfg, resume=resume_from, quiet=quiet)
-        resumed = trainer.checkpoints.last_good
-        try:
-            trained = trainer.train()
-            train_seconds = time.time() - variant_start
-            evaluation = trainer.evaluate()
-        finally:
-            trainer.close()
-        history = trained["history"]
-        rows[name] = {
-            "top1": evaluation["val_top1"],
-            "top5": evaluation["val_top5"],
-            "val_videos": evaluation["val_videos"],
-            "train_accuracy_last_epoch": history[-1].get("train_accuracy") if history else None,
-            "train_loss_last_epoch": history[-1].get("train_loss") if history else None,
-            "epochs": trained["epochs_done"],
-            "steps": trained["global_step"],
-            "train_seconds": round(train_seconds, 1),
-            "seconds": round(time.time() - variant_start, 1),
-            "run_directory": str(work / name),
-            "resumed_from": str(resumed[0]) if resumed else None,  # times then cover only the rest of the run
-        }
+        rows[name] = train_and_evaluate(cfg, quiet=quiet, resume=resume_from)
     summary = {
         "task": "synthetic motion classes (8), held-out videos",
         "classes": list(dataset.class_names),

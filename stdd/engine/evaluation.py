@@ -4,7 +4,11 @@
 number of zero-shot splits (EP1's 10 draws, K600's 3 splits) can be scored from
 one pass of the model (see ``stdd.engine.metrics.evaluate_split``). Under
 torch.distributed each rank scores every world_size-th video and the results
-are gathered on every rank.
+are gathered on every rank. With STCA settings that shuffle the evaluation
+phases (``eval_shuffle_phases``, the authors' release) the phases of every view
+are drawn here by :meth:`stdd.model.phases.PhaseSampler.evaluation` from
+``seed`` (the run seed), keyed by the video's dataset index and the view, so
+the scores do not depend on the batch size or the number of processes.
 """
 
 from __future__ import annotations
@@ -39,19 +43,26 @@ def score_dataset(
     context: Optional[DistributedContext] = None,
     progress: bool = False,
     autocast_dtype: Optional[torch.dtype] = None,
+    seed: int = 0,
 ) -> ScoredVideos:
     """Alignment scores of every view: ``model.encode_video`` per view, ``model.scores`` vs all classes.
 
     ``dataset``: an evaluation ``stdd.data.VideoDataset`` (items ``(V, T, 3, S, S)``).
-    Videos that fail to decode are dropped and listed in ``failures``.
+    Videos that fail to decode are dropped and listed in ``failures``. ``seed``: the run
+    seed the shuffled evaluation phases derive from (used only with ``eval_shuffle_phases``).
     """
     from ..data.dataset import video_dataloader
+    from ..model.phases import PhaseSampler
 
     device = torch.device(device) if device is not None else text_features.device
     rank, world = (context.rank, context.world_size) if context is not None else (0, 1)
     subset = list(range(rank, len(dataset), world))
     loader = video_dataloader(dataset, batch_size=batch_size, sampler=subset, num_workers=num_workers,
                               pin_memory=device.type == "cuda")
+    encoder = getattr(model, "video_encoder", None)
+    settings = getattr(encoder, "stca", None)
+    phases = (PhaseSampler(settings, seed=seed, num_blocks=len(encoder.blocks))
+              if settings is not None and settings.eval_shuffle_phases else None)
     was_training = model.training
     model.eval()
     text_features = text_features.to(device)
@@ -71,7 +82,9 @@ def score_dataset(
         flat = video.reshape(b * v, *video.shape[2:]).to(device, non_blocking=True)  # views as extra clips
         with torch.autocast(device_type=device.type, dtype=autocast_dtype or torch.bfloat16,
                             enabled=autocast_dtype is not None):
-            frames = model.encode_video(flat)
+            phase = None if phases is None else phases.evaluation(
+                batch["index"], num_frames=flat.shape[1], views=v, device=device)
+            frames = model.encode_video(flat, phase)
             batch_scores = model.scores(frames, text_features, text_mask)  # (B*V, C)
         scores.append(batch_scores.float().reshape(b, v, -1).cpu())
         labels.append(batch["label"])

@@ -8,7 +8,9 @@
   HMDB51, all classes; mean ± std over the three.
 - Kinetics-600: the 220 classes of K600 that are not in K400, three seeded
   draws of 160 of them (ER-ZSAR's protocol), or the splits of a file the user
-  gives (``read_split_file``) to match published split lists exactly.
+  gives (``read_split_file``) to match published split lists exactly. The
+  authors' STDD release draws from 232 classes instead (the 220 plus the 12
+  K400 classes that K600 renamed): ``k600_splits(..., novel_names=...)``.
 
 "Seeded random" draws here are made by ranking each class by a SHA-256 hash
 of ``"<seed>/<round>/<class name>"``: the same seed gives the same classes on
@@ -139,18 +141,42 @@ def k600_novel_class_indices(
     return novel
 
 
+def class_indices(class_names: Sequence[str], wanted: Sequence[str], where: str) -> list[int]:
+    """Positions in ``class_names`` of the names ``wanted`` (matched with ``normalize_class_name``), sorted.
+
+    A name that is not in ``class_names`` is a ``ValueError`` naming ``where`` and the names.
+    """
+    lookup = {normalize_class_name(name): i for i, name in enumerate(class_names)}
+    missing = [name for name in wanted if normalize_class_name(name) not in lookup]
+    if missing:
+        raise ValueError(f"{where}: {len(missing)} of its {len(wanted)} classes are not in the evaluated "
+                         f"class list, e.g. {missing[:5]}")
+    return sorted({lookup[normalize_class_name(name)] for name in wanted})
+
+
 def k600_splits(
     k600_names: Sequence[str],
-    k400_names: Sequence[str],
+    k400_names: Optional[Sequence[str]] = None,
     *,
     num_splits: int = 3,
     split_size: int = K600_SPLIT_SIZE,
     seed: int = 0,
     renamed: Optional[Mapping[str, str]] = None,
     expected_novel: Optional[int] = K600_NOVEL_CLASS_COUNT,
+    novel_names: Optional[Sequence[str]] = None,
 ) -> list[ZeroShotSplit]:
-    """``num_splits`` seeded draws of ``split_size`` of the K600 classes new to K400."""
-    novel = k600_novel_class_indices(k600_names, k400_names, renamed=renamed, expected=expected_novel)
+    """``num_splits`` seeded draws of ``split_size`` of the K600 classes new to K400.
+
+    The candidates are ``k600_names`` minus ``k400_names`` and its ``renamed`` classes
+    (:func:`k600_novel_class_indices`, 220), or, given ``novel_names``, exactly those
+    classes (e.g. the authors' release's 232, ``stdd.resources.class_names("k600_new_release")``).
+    """
+    if novel_names is not None:
+        novel = class_indices(k600_names, novel_names, "the K600 novel class list")
+    elif k400_names is None:
+        raise ValueError("k600_splits: give the K400 class names (k400_names) or the novel classes (novel_names)")
+    else:
+        novel = k600_novel_class_indices(k600_names, k400_names, renamed=renamed, expected=expected_novel)
     if split_size > len(novel):
         raise ValueError(f"k600_splits: split_size {split_size} > {len(novel)} novel classes")
     novel_names = [k600_names[i] for i in novel]

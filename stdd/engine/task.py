@@ -85,6 +85,24 @@ def _prompts_from_file(path: Path, class_names: Sequence[str]) -> dict[str, list
         raise ConfigError(str(error)) from error
 
 
+def _k600_askg_prompts(class_names: Sequence[str]) -> dict[str, list[str]]:
+    """Shipped ASKG prompts of Kinetics-600 classes: the 220 new ones from ``k600_new``; the 12 K400
+    classes that K600 only renamed (in the authors' 232-class list, ``k600_new_release``) from the
+    K400 graph of their K400 name (``K400_RENAMED_IN_K600``: the same action, so the same knowledge)."""
+    from ..resources import K400_RENAMED_IN_K600, askg_path
+
+    k400_name = {new: old for old, new in K400_RENAMED_IN_K600.items()}
+    renamed = [name for name in class_names if name in k400_name]
+    prompts = {}
+    others = [name for name in class_names if name not in k400_name]
+    if others:
+        prompts.update(_prompts_from_file(askg_path("k600_new"), others))
+    if renamed:
+        from_k400 = _prompts_from_file(askg_path("k400"), [k400_name[name] for name in renamed])
+        prompts.update({name: from_k400[k400_name[name]] for name in renamed})
+    return {name: prompts[name] for name in class_names}
+
+
 def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] = None,
                   dataset_prompts: Optional[Path] = None, with_templates: bool = False) -> dict[str, list[str]]:
     """``{class: [sentences]}`` in class order.
@@ -107,13 +125,16 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
     if source == "askg":
         if not key:
             raise ConfigError(f"text.prompts=askg needs a known dataset ({', '.join(ASKG_SETS)}, k600)")
-        try:
-            path = askg_path("k600_new" if key == "k600" else key)
-        except ValueError as error:
-            raise ConfigError(f"text.prompts=askg: {error}") from error
-        if not path.is_file():
-            raise ConfigError(f"text.prompts=askg: no shipped ASKG prompts at {path}")
-        prompts = _prompts_from_file(path, class_names)
+        if key in ("k600", "k600_new_release"):
+            prompts = _k600_askg_prompts(class_names)
+        else:
+            try:
+                path = askg_path(key)
+            except ValueError as error:
+                raise ConfigError(f"text.prompts=askg: {error}") from error
+            if not path.is_file():
+                raise ConfigError(f"text.prompts=askg: no shipped ASKG prompts at {path}")
+            prompts = _prompts_from_file(path, class_names)
     elif source == "dataset":
         if dataset_prompts is None or not Path(dataset_prompts).is_file():
             raise ConfigError("text.prompts=dataset: this dataset has no prompts.json")
@@ -316,7 +337,7 @@ class TrainingTask:
         result = score_dataset(
             module.model, self.val_dataset, module.text_features, module.text_mask,
             batch_size=evaluation.batch_size, num_workers=self.cfg.data.num_workers,
-            device=module.text_features.device, context=context,
+            device=module.text_features.device, context=context, seed=int(self.cfg.run.seed),
         )
         from .metrics import evaluate_split
         from .protocols import ZeroShotSplit

@@ -1,8 +1,8 @@
 """The STDD model on open_clip.
 
 - :class:`STCASettings` (``stca_settings.py``): every STCA setting, one frozen dataclass.
-- :class:`PhaseSampler` (``phases.py``): the random training phases, per clip (shared by the
-  blocks) or per block, from the run seed.
+- :class:`PhaseSampler` (``phases.py``): the random window phases from the run seed: training
+  (per clip, shared by the blocks, or per block) and the optional shuffled evaluation phases.
 - :class:`STCABlock` (``stca_block.py``): an open_clip ViT block made space-time (Eq. 1-7).
 - :class:`VideoEncoder` / :class:`FrozenImageEncoder` (``video_encoder.py``): the STCA
   student ``(B, T, 3, H, W) -> (B, T, E)`` (``stca=None``: open_clip's own blocks, the

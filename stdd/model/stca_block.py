@@ -228,7 +228,8 @@ class STCABlock(nn.Module):
             phase = self.check_phase(phase, x.shape[0] // frames, x.device, frames)
         # The ops' keyword arguments, from the settings (the one place they are fed).
         s = self.settings
-        common = dict(window=s.window, mask_ratio=s.mask_ratio, phase=phase, backend=s.backend, validate=False)
+        common = dict(window=s.window, mask_ratio=s.mask_ratio, mask_rounding=s.mask_rounding, phase=phase,
+                      backend=s.backend, validate=False)
 
         # Steps 1-2: (S, B*T, 1+N_keep, D), every scale from the same input tokens.
         mixed = stdd_kernels.mix_gather(

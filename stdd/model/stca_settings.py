@@ -7,6 +7,12 @@ Modelled on open_clip's ``CLIPVisionCfg``: every builder (``STCABlock``,
 so a new setting is added here and nowhere else. The defaults are the paper's
 ViT-B/16 settings. The operator contract behind the names is ``docs/stca.md``.
 
+Five fields reproduce the authors' released code instead of the paper
+(``docs/stca.md`` section 5; the preset ``k400_vitb16_official`` sets them all):
+``mixing="official"``, ``mask_rounding="floor"``, ``shuffle_phases``,
+``per_block_phases`` and ``eval_shuffle_phases``. The phase fields are read by
+:class:`~stdd.model.phases.PhaseSampler`, the one place phases are drawn.
+
 A settings object checks itself when it is created (each field on its own) and,
 with :meth:`STCASettings.check_model`, against a model's patch grid and width
 with the operators' own rules, so a bad setting fails when the model is built,
@@ -36,25 +42,30 @@ class STCASettings:
     """How every block of the video encoder does Space-time Cross Attention (paper Eq. 1-7)."""
 
     window: tuple[int, int] = (2, 2)  # WSM window (w1, w2); must tile the patch grid; K = w1*w2 phases
-    mask_ratio: float = 0.5  # share of each window's K cells masked: m = round(mask_ratio * K), < K
+    mask_ratio: float = 0.5  # share of each window's K cells masked: m = mask_ratio * K rounded by mask_rounding, < K
+    mask_rounding: str = "nearest"  # m from mask_ratio * K: "nearest" (round) or "floor" (the authors' release)
     scales: tuple[int, ...] = (1, 2)  # MCM scales; each one is a mixed path through the block's attention
     channel_fold: int = 32  # F: I = width // F channels are read from the neighbour frames per direction
-    mixing: str = "continual"  # "continual" (Eq. 6), "separate" (Eq. 5) or "none" (no channel mixing)
-    shuffle_phases: bool = False  # training phases: also permute each clip's frame phases
+    mixing: str = "continual"  # "continual" (Eq. 6), "separate" (Eq. 5), "none", or "official" (the release's rule)
+    shuffle_phases: bool = False  # training phases: also permute each clip's frame phases (the release: on)
+    per_block_phases: bool = False  # draw phases independently for every block, not once per clip for all blocks
+    eval_shuffle_phases: bool = False  # evaluation phases: t mod K permuted per clip, seeded (the release); off: t mod K
     backend: Optional[str] = None  # STCA op backend (reference|triton|cpp|cuda); None: automatic / STDD_BACKEND
     attention: str = "sdpa"  # "sdpa" (torch SDPA, any device) or "xformers" (CUDA only)
 
     def __post_init__(self):
         # Lists (from YAML) become tuples, so settings compare and hash by value.
         object.__setattr__(self, "window", check_window(self.window))
-        masked_cells(self.window, self.mask_ratio)  # checks mask_ratio against the window
+        # checks mask_rounding, and mask_ratio against the window
+        masked_cells(self.window, self.mask_ratio, self.mask_rounding)
         object.__setattr__(self, "mask_ratio", float(self.mask_ratio))
         object.__setattr__(self, "scales", check_scales(self.scales))
         positive_int(self.channel_fold, "channel_fold")
         if self.mixing not in MIXING_MODES:
             raise ValueError(f"mixing must be one of {MIXING_MODES}, got {self.mixing!r}")
-        if not isinstance(self.shuffle_phases, bool):
-            raise ValueError(f"shuffle_phases must be a bool, got {self.shuffle_phases!r}")
+        for name in ("shuffle_phases", "per_block_phases", "eval_shuffle_phases"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.backend is not None and not isinstance(self.backend, str):
             raise ValueError(f"backend must be a backend name or None, got {self.backend!r}")
         if self.attention not in ATTENTION_KINDS:
@@ -79,7 +90,7 @@ class STCASettings:
                 make_geometry(
                     num_tokens=1 + grid * grid, channels=width, rows=1, num_frames=1, window=self.window,
                     mask_ratio=self.mask_ratio, scales=self.scales, channel_fold=self.channel_fold,
-                    mixing=self.mixing, tensor_name="tokens",
+                    mixing=self.mixing, mask_rounding=self.mask_rounding, tensor_name="tokens",
                 )
             except ValueError as error:
                 sides = [d for d in range(1, grid + 1) if grid % d == 0]

@@ -55,8 +55,9 @@ class VideoEncoder(nn.Module):
     preprocessing per frame). Output: ``(B, T, E)`` per-frame embeddings (not
     normalised). ``phase``: the window phases, ``(B, T)`` shared by all blocks or
     ``(n_blocks, B, T)`` one per block, ints in ``[0, K)``; ``None`` gives the
-    evaluation phases ``t mod K`` (training phases are drawn by
-    :class:`~stdd.model.phases.PhaseSampler` and passed in). Any ``T >= 1``
+    evaluation phases ``t mod K`` (random phases are drawn by
+    :class:`~stdd.model.phases.PhaseSampler` and passed in; with
+    ``eval_shuffle_phases`` an evaluation-mode forward needs them). Any ``T >= 1``
     works; the settings are checked against the model's patch grid and width at
     construction.
     """
@@ -196,6 +197,12 @@ class VideoEncoder(nn.Module):
             if isinstance(features, tuple):  # output_tokens=True towers
                 features = features[0]
             return features.reshape(batch, frames, -1)
+        if phase is None and not self.training and self.stca.eval_shuffle_phases:
+            raise ValueError(
+                "these STCA settings shuffle the evaluation phases (eval_shuffle_phases=True), and the encoder "
+                "draws nothing itself: pass phase=PhaseSampler(settings, seed=..., num_blocks=...).evaluation(...) "
+                "(stdd.engine.evaluation.score_dataset does), or set eval_shuffle_phases=False for t mod K"
+            )
         tokens = visual._embeds(frames_flat)  # (B*T, 1+N, D): conv1, CLS, positions, ln_pre
         if phase is not None:  # checked once here, not once per block
             phase = self.check_phase(phase, batch, frames, tokens.device)

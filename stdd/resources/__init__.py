@@ -10,6 +10,8 @@ ActionCLIP / X-CLIP style `kinetics_*_labels.csv` files and mmaction2's
 label maps). `k600_new` is the Kinetics-600 classes that are new relative to
 Kinetics-400 (the K600 zero-shot benchmark), i.e. K600 minus K400 minus the
 K400 classes that Kinetics-600 only renamed (`K400_RENAMED_IN_K600`).
+`k600_new_release` is the open-set list of the authors' STDD release: the 232
+K600 names not spelled as in K400, i.e. `k600_new` plus those 12 renames.
 """
 
 from __future__ import annotations
@@ -24,8 +26,11 @@ ASKG_DIR = RESOURCES_DIR / "askg"
 
 # Expected number of classes per shipped list; a list with another count is a
 # corrupted install or a bad edit and must fail loudly, not shift class indices.
-CLASS_COUNTS = {"ucf101": 101, "hmdb51": 51, "k400": 400, "k600": 600, "k600_new": 220}
+CLASS_COUNTS = {"ucf101": 101, "hmdb51": 51, "k400": 400, "k600": 600, "k600_new": 220,
+                "k600_new_release": 232}
 DATASETS = tuple(CLASS_COUNTS)
+# The candidate lists of the Kinetics-600 zero-shot protocol: the usual 220 (default) and the release's 232.
+K600_NOVEL_LISTS = ("k600_new", "k600_new_release")
 # The sets whose ASKG graphs and prompts ship in askg/ (Kinetics-600 as k400 + its 220 new classes).
 ASKG_SETS = ("ucf101", "hmdb51", "k400", "k600_new")
 
@@ -79,7 +84,7 @@ def _load_class_names(dataset: str) -> tuple[str, ...]:
 
 
 def class_names(dataset: str) -> list[str]:
-    """Official class names of `dataset` (ucf101|hmdb51|k400|k600|k600_new), in index order."""
+    """Official class names of `dataset` (ucf101|hmdb51|k400|k600|k600_new|k600_new_release), in index order."""
     return list(_load_class_names(_check_dataset(dataset)))
 
 
@@ -117,6 +122,6 @@ def askg_path(dataset: str) -> Path:
 
 
 __all__ = [
-    "ASKG_DIR", "ASKG_SETS", "CLASSES_DIR", "CLASS_COUNTS", "DATASETS", "K400_RENAMED_IN_K600",
+    "ASKG_DIR", "ASKG_SETS", "CLASSES_DIR", "CLASS_COUNTS", "DATASETS", "K400_RENAMED_IN_K600", "K600_NOVEL_LISTS",
     "askg_path", "class_names", "display_name",
 ]
