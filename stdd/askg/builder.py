@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
+from ..errors import UsageError
 from ..files import atomic_write
 from ..resources import CLASS_COUNTS, display_name
 from .schema import (
@@ -103,7 +104,7 @@ REPAIR_PROMPT = """Your answer was not valid:
 Answer again with the complete corrected JSON object only."""
 
 
-class AskgError(RuntimeError):
+class AskgError(UsageError, RuntimeError):
     """A class could not be built (after retries), or a run could not start."""
 
 

@@ -32,12 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 ANNOTATION_FORMATS = ("list", "csv", "ucf101", "hmdb51", "kinetics")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UsageError, ValueError):
     """A malformed annotation entry; the message starts with "file:line:"."""
 
     def __init__(self, file: str | os.PathLike, line_number: int | None, message: str):

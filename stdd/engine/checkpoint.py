@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from ..errors import UsageError
 from ..files import atomic_write
 
 CHECKPOINT_FORMAT = "stdd-checkpoint-v1"
@@ -42,7 +43,7 @@ REQUIRED_KEYS = ("format", "epoch", "step_in_epoch", "global_step", "model")
 _NAME_PATTERN = re.compile(r"^checkpoint-e(\d{4,})-s(\d{9,})(-mid)?\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint file cannot be used; the message names the file and why."""
 
 

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..errors import UsageError
 from ..files import atomic_write
 from ..model.alignment import SCORE_MODES
 from ..model.stca_settings import STCASettings
@@ -36,7 +37,7 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "demo"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config file or override is malformed; the message names it."""
 
 
