@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 from omegaconf import DictConfig
 
 from .checkpoint import load_weights
-from .config import apply_overrides, load_config, typed_config
+from .config import apply_overrides, check_value_ranges, load_config, typed_config
 from .task import build_model, load_student_state_dict
 
 
@@ -22,8 +22,9 @@ def config_for_weights(checkpoint: Optional[str], config: Optional[str], overrid
         loaded = load_weights(checkpoint)
         state = loaded["model"]
         if config is None and loaded["config"] is not None:
-            cfg = typed_config(loaded["config"], f"--checkpoint {checkpoint} (its stored config)")
-            return apply_overrides(cfg, overrides), state
+            cfg = typed_config(loaded["config"], f"--checkpoint {checkpoint} (its stored config)")  # keys, types
+            source = f"--checkpoint {checkpoint} (its stored config)"
+            return check_value_ranges(apply_overrides(cfg, overrides), source), state
     return load_config(config or "k400_vitb16", overrides), state
 
 
