@@ -26,10 +26,6 @@ class InputError(UsageError, ValueError):
     """A bad argument or value (a ``ValueError`` too, for callers that catch that)."""
 
 
-class MissingFileError(UsageError, FileNotFoundError):
-    """A file or directory the user named does not exist (a ``FileNotFoundError`` too)."""
-
-
 def one_line(message: object) -> str:
     """``message`` on one line: line breaks of a multi-line message become ``"; "``."""
     lines = [line.strip() for line in str(message).splitlines() if line.strip()]

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .engine.cli import EXIT_FAILURES, EXIT_OK, ArgumentParser, cli_main, split_overrides
-from .errors import InputError, MissingFileError
+from .errors import InputError
 
 
 def _class_list(classes, class_file) -> list[str]:
@@ -48,7 +48,7 @@ def _class_list(classes, class_file) -> list[str]:
 
         path = Path(os.path.expanduser(str(class_file)))
         if not path.is_file():
-            raise MissingFileError(f"class_file {path}: no such file")
+            raise InputError(f"class_file {path}: no such file")
         names = read_class_names(path)
     elif classes is None:
         raise InputError("no classes given: pass classes (a list or 'a,b,c') or class_file")
@@ -83,7 +83,7 @@ def video_paths(videos) -> list[Path]:
         elif path.is_file():
             paths.append(path)
         else:
-            raise MissingFileError(f"video {path}: no such file or folder")
+            raise InputError(f"video {path}: no such file or folder")
     if not paths:
         raise InputError("videos: give at least one video file or folder")
     return paths

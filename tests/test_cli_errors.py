@@ -139,6 +139,43 @@ def test_predict_errors_are_one_line(videos, weights, tmp_path):
                                 missing)
 
 
+def test_predict_takes_folders_and_overrides_anywhere(videos, weights, tmp_path):
+    import json
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    clips = sorted((videos.root / "videos" / "test").rglob("*.mp4"))[:2]
+    names = [f"clip{i}{clip.suffix}" for i, clip in enumerate(clips)]
+    for name, clip in zip(names, clips):
+        (folder / name).write_bytes(clip.read_bytes())
+    (folder / "notes.txt").write_text("not a video\n")
+    result = run_cli("stdd.predict", folder, "--classes", ",".join(CLASSES), "--checkpoint", weights, "--json",
+                     "eval.n_temporal_views=1", "--top-k", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [Path(r["video"]).name for r in json.loads(result.stdout)] == names
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_usage_error(run_cli("stdd.predict", empty, "--classes", "a,b", "--checkpoint", weights),
+                                empty, "holds no video file")
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "unreachable hub"])
+def test_predict_without_weights_fails_at_once_naming_the_three_ways(videos, tmp_path, offline):
+    import socket
+
+    clip = sorted((videos.root / "videos" / "test").rglob("*.mp4"))[0]
+    env = {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "cache")}  # an empty cache
+    if offline == "HF_HUB_OFFLINE":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        with socket.socket() as probe:  # a loopback port nobody listens on: connections are refused
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    result = run_cli("stdd.predict", clip, "--classes", "a,b", "run.device=cpu", env_extra=env)
+    assert_one_line_usage_error(result, "no usable weights", "--checkpoint", "model.pretrained=", "local cache")
+
+
 def test_cli_main_statuses_in_process(capsys, monkeypatch):
     """The wrapper itself: usage errors 2 (one line), other exceptions 3 with the traceback, ^C 130."""
     from stdd.errors import UsageError
