@@ -46,6 +46,7 @@ def _cmd_build(args) -> int:
     # A log file next to the results (the key is never formatted into any message).
     file_handler = logging.FileHandler(out_dir / "build.log", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(message)s"))
+    askg_lib.install_log_redaction(file_handler)
     logging.getLogger("stdd").addHandler(file_handler)
     try:
         report = builder.build(names, out_dir, dataset=dataset)
@@ -164,8 +165,11 @@ def run(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "build" else logging.WARNING,
                         format="%(levelname)s %(message)s")
-    # httpx logs every request URL at INFO; keep the console about the ASKG run.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # The HTTP client logs every request URL at INFO: keep the console about the ASKG run, and
+    # redact whatever any logger prints (secrets, URL credentials and query strings).
+    for name in askg_lib.HTTP_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    askg_lib.install_log_redaction(*logging.getLogger().handlers)
     return args.func(args)
 
 
