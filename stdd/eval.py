@@ -112,8 +112,6 @@ def require_scored_videos(scored, records, sources) -> None:
     if scored.view_scores.shape[1] > 0:
         return
     listed = " ".join(str(s) for s in sources)
-    if not records:
-        raise InputError(f"--annotations {listed}: lists no video")
     first = scored.failures[0] if scored.failures else None
     detail = f"; first: {first.path}: {first.reason}" if first is not None else ""
     raise InputError(f"--annotations {listed}: none of the {len(records)} listed videos could be decoded{detail}")
@@ -131,6 +129,8 @@ def run_evaluation(args) -> dict:
     context = init_distributed(cfg.run.device if args.device is None else args.device)
     class_names = resolve_class_names(args.classes, where="--classes") if args.classes else None
     records, class_names, per_file = _records_for(args, class_names)
+    if not records:
+        raise InputError(f"--annotations {' '.join(map(str, args.annotations))}: lists no video")
     splits = build_splits(args, class_names, per_file)
     dataset_key = (args.dataset or (args.classes if isinstance(args.classes, str) else "") or "").lower()
     if dataset_key not in DATASETS:

@@ -130,6 +130,20 @@ def test_eval_over_zero_decodable_videos_is_one_clear_error(weights, tmp_path):
     assert "a.mp4" in line and not (out / "results.json").exists()
 
 
+def test_an_empty_annotation_list_names_its_file(weights, tmp_path):
+    empty = tmp_path / "train.txt"
+    empty.write_text("# nothing yet\n")
+    assert_one_line_usage_error(
+        run_cli("stdd.train", "--config", "demo", "data.dataset=list", f"data.root={tmp_path}",
+                f"data.train_annotations={empty}", "data.class_names=[a,b]", "text.prompts=templates",
+                f"run.output_dir={tmp_path / 'run'}"),
+        empty, "lists no video")
+    assert_one_line_usage_error(
+        run_cli("stdd.eval", "--checkpoint", weights, "--annotations", empty, "--root", tmp_path, "--classes",
+                "ucf101", "--out-dir", tmp_path / "out"),
+        empty, "lists no video")
+
+
 def test_predict_errors_are_one_line(videos, weights, tmp_path):
     clip = sorted((videos.root / "videos" / "test").rglob("*.mp4"))[0]
     assert_one_line_usage_error(run_cli("stdd.predict", clip, "--classes", "only one", "--checkpoint", weights),
