@@ -8,24 +8,17 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional, Sequence
 
 from .engine import comparison
-from .engine.checkpoint import CheckpointError, NonFiniteError
-from .engine.config import ConfigError
-from .engine.resume import ResumeError
-from .engine.runlock import RunLockError
-
-# Known failures: one line on stderr, exit code 2 (no traceback).
-DEMO_ERRORS = (ConfigError, comparison.DemoDirectoryError, RunLockError, ResumeError, NonFiniteError, CheckpointError)
+from .engine.cli import ArgumentParser, cli_main
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m stdd.demo", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=comparison.__doc__)
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line's work; errors are raised (:func:`main` reports them)."""
+    parser = ArgumentParser(prog="python -m stdd.demo", description=__doc__.split("\n")[0],
+                            epilog=comparison.__doc__)
     parser.add_argument("--out", help="write the summary as JSON here")
     parser.add_argument("--work-dir", default=comparison.WORK_DIR, help="videos and the two runs go here")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -33,12 +26,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="continue the runs a killed demo left in --work-dir (default: start them over)")
     parser.add_argument("overrides", nargs="*", help="demo config overrides key=value (both runs)")
     args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        comparison.run_demo(args.work_dir, args.overrides, args.out, quiet=args.quiet, resume=args.resume)
-    except DEMO_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    comparison.run_demo(args.work_dir, args.overrides, args.out, quiet=args.quiet, resume=args.resume)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m stdd.demo``; exit status 0 done, 2 bad input (one line), 3 unexpected (traceback)."""
+    return cli_main(run, argv)
 
 
 if __name__ == "__main__":

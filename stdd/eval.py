@@ -23,9 +23,10 @@ evaluated as they are (e.g. ``--config k400_vitb16 model.stca.enabled=false`` is
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -34,8 +35,10 @@ import numpy as np
 import torch
 
 from .engine import metrics, protocols
+from .engine.cli import ArgumentParser, cli_main
 from .engine.config import ConfigError
 from .engine.distributed import cleanup_distributed, init_distributed
+from .errors import InputError
 from .files import atomic_write
 from .resources import DATASETS, K600_NOVEL_LISTS
 
@@ -98,6 +101,28 @@ def build_splits(args, class_names: list[str], per_file: list[list[int]]) -> lis
     raise ConfigError(f"--protocol {args.protocol!r}: expected one of {PROTOCOLS}")
 
 
+def prepare_out_dir(path) -> Path:
+    """``--out-dir``, created and checked writable before any scoring (a bad path must not lose results)."""
+    out = Path(os.path.expanduser(str(path)))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise InputError(f"--out-dir {out}: cannot write results there ({error.strerror or error})") from error
+    return out
+
+
+def require_scored_videos(scored, records, sources) -> None:
+    """An evaluation over zero decodable videos has no accuracy: one clear error instead of empty tensors."""
+    if scored.view_scores.shape[1] > 0:
+        return
+    listed = " ".join(str(s) for s in sources)
+    first = scored.failures[0] if scored.failures else None
+    detail = f"; first: {first.path}: {first.reason}" if first is not None else ""
+    raise InputError(f"--annotations {listed}: none of the {len(records)} listed videos could be decoded{detail}")
+
+
 def run_evaluation(args) -> dict:
     from .data.annotations import resolve_class_names
     from .engine.evaluation import score_dataset
@@ -107,9 +132,12 @@ def run_evaluation(args) -> dict:
 
     cfg, state = config_for_weights(args.checkpoint, args.config, args.overrides,
                                     trust_checkpoint_pretrained=args.trust_checkpoint_pretrained)
+    out = prepare_out_dir(args.out_dir)
     context = init_distributed(cfg.run.device if args.device is None else args.device)
     class_names = resolve_class_names(args.classes, where="--classes") if args.classes else None
     records, class_names, per_file = _records_for(args, class_names)
+    if not records:
+        raise InputError(f"--annotations {' '.join(map(str, args.annotations))}: lists no video")
     splits = build_splits(args, class_names, per_file)
     dataset_key = (args.dataset or (args.classes if isinstance(args.classes, str) else "") or "").lower()
     if dataset_key not in DATASETS:
@@ -134,6 +162,7 @@ def run_evaluation(args) -> dict:
         device=context.device, context=context, progress=not args.quiet,
         autocast_dtype=autocast_dtype(cfg.run.precision, context.device), seed=int(cfg.run.seed),
     )
+    require_scored_videos(scored, records, args.annotations)
     if len(needed) != len(class_names):  # back to full class positions; unused columns are never read
         full = torch.zeros(scored.view_scores.shape[0], scored.view_scores.shape[1], len(class_names))
         full[:, :, needed] = scored.view_scores
@@ -160,8 +189,6 @@ def run_evaluation(args) -> dict:
         "split_classes": [split.to_json(class_names) for split in splits],
     }
     if context.is_main:
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         atomic_write(out / "results.json", json.dumps(report, indent=2) + "\n")
         metrics.write_per_class_csv(out / "per_class.csv", class_names, total)
         metrics.plot_confusion_matrix(out / "confusion.png", total, class_names,
@@ -174,9 +201,8 @@ def run_evaluation(args) -> dict:
     return report
 
 
-def build_argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stdd.eval", description=__doc__.split("\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def build_argument_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m stdd.eval", description=__doc__.split("\n")[0], epilog=__doc__)
     parser.add_argument("--checkpoint", help="weights file (final.pt / averaged.pt / ema.pt) or training checkpoint")
     parser.add_argument("--config", help="preset or YAML (default: the config stored in --checkpoint)")
     parser.add_argument("--trust-checkpoint-pretrained", action="store_true",
@@ -209,16 +235,19 @@ def build_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line's work; errors are raised (:func:`main` reports them)."""
     args = build_argument_parser().parse_args(argv)
     try:
         run_evaluation(args)
-    except (ConfigError, ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     finally:
         cleanup_distributed()
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m stdd.eval``; exit status 0 done, 2 bad input (one line), 3 unexpected (traceback)."""
+    return cli_main(run, argv)
 
 
 if __name__ == "__main__":

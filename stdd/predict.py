@@ -1,7 +1,13 @@
 """Classify your own videos with your own action names.
 
-    python -m stdd.predict video.mp4 [more.mp4 ...] --classes "juggling,cooking,dancing" \
-        [--class-file names.txt] [--prompts askg.json] [--checkpoint averaged.pt] [--top-k 5] [--json]
+    python -m stdd.predict video.mp4 [more.mp4 | folder/ ...] --classes "juggling,cooking,dancing" \
+        [--class-file names.txt] [--prompts askg.json] [--checkpoint averaged.pt] [--top-k 5] [--json] \
+        [key=value ...]
+
+A folder stands for every video file directly in it (by suffix, sorted). ``key=value`` config
+overrides may stand anywhere on the line. Exit status: 0 every video classified; 1 some video
+could not be decoded (the others are classified and reported); 2 bad input -- arguments, config,
+files, or no usable weights -- as one line on stderr.
 
 From Python::
 
@@ -15,46 +21,72 @@ config) of the softmax over the given classes of the STDD alignment score (paper
 prompts`` writes) or a shipped ASKG file; classes it does not cover fall back to the
 video templates. Without ``--checkpoint`` the weights of the configured CLIP model are used
 (``--config``, default ``k400_vitb16``: ViT-B/16 ``openai``, which must be available locally).
+Weights come from one of three places: ``--checkpoint`` (an STDD weights file), a local CLIP
+file (``model.pretrained=/path/clip.bin``), or an open_clip tag already in the local cache (or
+downloadable). When the hub cannot be reached (or ``HF_HUB_OFFLINE=1``), only the cache is
+looked at, and missing weights fail at once with one line naming the three ways.
 A video that cannot be decoded is reported (``"error"``) and the others are still classified.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-
-from .engine.config import ConfigError
+from .engine.cli import EXIT_FAILURES, EXIT_OK, ArgumentParser, cli_main, split_overrides
+from .errors import InputError
 
 
 def _class_list(classes, class_file) -> list[str]:
     if classes is not None and class_file is not None:
-        raise ValueError("give either classes or class_file, not both")
+        raise InputError("give either classes or class_file, not both")
     if class_file is not None:
         from .data import read_class_names
 
         path = Path(os.path.expanduser(str(class_file)))
         if not path.is_file():
-            raise ValueError(f"class_file {path}: no such file")
+            raise InputError(f"class_file {path}: no such file")
         names = read_class_names(path)
     elif classes is None:
-        raise ValueError("no classes given: pass classes (a list or 'a,b,c') or class_file")
+        raise InputError("no classes given: pass classes (a list or 'a,b,c') or class_file")
     elif isinstance(classes, str):
         names = [name.strip() for name in classes.split(",")]
     else:
         names = [str(name).strip() for name in classes]
     if not names or any(not name for name in names):
-        raise ValueError(f"classes: expected non-empty, comma-separated names, got {classes!r}")
+        raise InputError(f"classes: expected non-empty, comma-separated names, got {classes!r}")
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"classes: duplicated names {duplicates}")
+        raise InputError(f"classes: duplicated names {duplicates}")
     if len(names) < 2:
-        raise ValueError("classes: give at least two action names (scores are a softmax over them)")
+        raise InputError("classes: give at least two action names (scores are a softmax over them)")
     return names
+
+
+def video_paths(videos) -> list[Path]:
+    """The video files of ``videos`` (files, or folders standing for the videos directly in them)."""
+    from .data.decoders import VIDEO_SUFFIXES
+
+    if isinstance(videos, (str, os.PathLike)):
+        videos = [videos]
+    paths = []
+    for video in videos:
+        path = Path(os.path.expanduser(str(video)))
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in VIDEO_SUFFIXES)
+            if not found:
+                raise InputError(f"video folder {path}: holds no video file (suffixes {', '.join(VIDEO_SUFFIXES)})")
+            paths.extend(found)
+        elif path.is_file():
+            paths.append(path)
+        else:
+            raise InputError(f"video {path}: no such file or folder")
+    if not paths:
+        raise InputError("videos: give at least one video file or folder")
+    return paths
 
 
 def _prompts_for(names: list[str], prompts_file) -> dict[str, list[str]]:
@@ -66,7 +98,7 @@ def _prompts_for(names: list[str], prompts_file) -> dict[str, list[str]]:
         return templates
     covered = load_prompts(prompts_file, names, partial=True)  # classes missing from the file: templates
     if not covered:
-        raise ValueError(f"prompts {prompts_file}: covers none of the classes {names[:5]}")
+        raise InputError(f"prompts {prompts_file}: covers none of the classes {names[:5]}")
     return {name: covered.get(name, templates[name]) for name in names}
 
 
@@ -95,17 +127,11 @@ def predict(
     from .engine.inference import config_for_weights, load_model_for_inference
     from .engine.precision import autocast_dtype
     from .engine.task import build_video_dataset, text_features_for
+    from .model.clip_loading import WeightsUnavailableError
 
-    if isinstance(videos, (str, os.PathLike)):
-        videos = [videos]
-    paths = [Path(os.path.expanduser(str(v))) for v in videos]
-    if not paths:
-        raise ValueError("videos: give at least one video file")
-    for path in paths:
-        if not path.is_file():
-            raise ValueError(f"video {path}: no such file")
+    paths = video_paths(videos)
     if not isinstance(top_k, int) or top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {top_k!r}")
+        raise InputError(f"top_k must be a positive integer, got {top_k!r}")
     names = _class_list(classes, class_file)
     class_prompts = _prompts_for(names, prompts)
     cfg, state = config_for_weights(None if checkpoint is None else str(checkpoint), config, list(overrides),
@@ -113,7 +139,15 @@ def predict(
     from .engine.distributed import resolve_device
 
     run_device = resolve_device(device or cfg.run.device)
-    model, text = load_model_for_inference(cfg, state, run_device)
+    try:
+        model, text = load_model_for_inference(cfg, state, run_device)
+    except WeightsUnavailableError as error:
+        reason = str(error).split(". Provide weights")[0]
+        raise WeightsUnavailableError(
+            f"no usable weights ({reason}); give them one of three ways: --checkpoint <STDD weights .pt>, "
+            f"model.pretrained=<a local CLIP checkpoint file>, or the open_clip weights of tag "
+            f"{cfg.model.pretrained!r} in the local cache (downloaded once where the hub is reachable)"
+        ) from error
     features = text_features_for(text, class_prompts, cfg.text.cache_dir)
     dataset = build_video_dataset(
         cfg, None, training=False, records=[VideoRecord(path, -1) for path in paths],
@@ -138,10 +172,11 @@ def predict(
     return results
 
 
-def build_argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stdd.predict", description="Top-k actions of videos "
-                                     "for action names you give (zero-shot, STDD).")
-    parser.add_argument("videos", nargs="+", help="video files")
+def build_argument_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="python -m stdd.predict", description="Top-k actions of videos "
+                            "for action names you give (zero-shot, STDD).")
+    parser.add_argument("videos", nargs="+", help="video files or folders of videos; key=value words "
+                        "anywhere on the line are config overrides")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--classes", help='comma-separated action names, e.g. "juggling,cooking,dancing"')
     group.add_argument("--class-file", help="file with one action name per line")
@@ -154,23 +189,19 @@ def build_argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    parser.add_argument("overrides", nargs="*", default=[], help="config overrides key=value")
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line's work; errors are raised (:func:`main` reports them)."""
     args = build_argument_parser().parse_args(argv)
-    # argparse puts "key=value" words after the videos into `videos`; split them back out
-    videos = [v for v in args.videos if not ("=" in v and not Path(v).exists())]
-    overrides = [v for v in args.videos if v not in videos] + list(args.overrides)
-    try:
-        results = predict(videos, args.classes, class_file=args.class_file, prompts=args.prompts,
-                          checkpoint=args.checkpoint, config=args.config, overrides=overrides,
-                          top_k=args.top_k, device=args.device,
-                          trust_checkpoint_pretrained=args.trust_checkpoint_pretrained)
-    except (ValueError, ConfigError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    videos, overrides = split_overrides(args.videos)  # key=value words may stand anywhere
+    if not videos:
+        raise InputError("videos: give at least one video file or folder (only key=value overrides were given)")
+    results = predict(videos, args.classes, class_file=args.class_file, prompts=args.prompts,
+                      checkpoint=args.checkpoint, config=args.config, overrides=overrides,
+                      top_k=args.top_k, device=args.device,
+                      trust_checkpoint_pretrained=args.trust_checkpoint_pretrained)
     if args.json:
         print(json.dumps(results, indent=2))
     else:
@@ -181,7 +212,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 continue
             for rank, prediction in enumerate(result["predictions"], start=1):
                 print(f"  {rank}. {prediction['class']:<40s} {prediction['score']:.4f}")
-    return 1 if any("error" in r for r in results) else 0
+    return EXIT_FAILURES if any("error" in r for r in results) else EXIT_OK
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m stdd.predict``; exit status 0 / 1 (some video failed) / 2 (bad input), see above."""
+    return cli_main(run, argv)
 
 
 if __name__ == "__main__":

@@ -10,25 +10,20 @@ k400_vitb16 data.root=...``. What a run writes and how it resumes:
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from .engine.checkpoint import CheckpointError, NonFiniteError
-from .engine.config import ConfigError, load_config
+from .engine.cli import ArgumentParser, cli_main
+from .engine.config import load_config
 from .engine.distributed import cleanup_distributed
-from .engine.resume import ResumeError, parse_allowed
-from .engine.runlock import RunLockError
+from .engine.resume import parse_allowed
 from .engine.trainer import run_training
 
-# Known failures of a run: one line on stderr, exit code 2 (no traceback).
-RUN_ERRORS = (RunLockError, ResumeError, NonFiniteError, CheckpointError, ConfigError)
 
-
-def build_argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+def build_argument_parser() -> ArgumentParser:
+    parser = ArgumentParser(
         prog="python -m stdd.train",
         description="Train STDD. With no arguments: run the CPU demo (python -m stdd.demo).",
     )
@@ -43,7 +38,8 @@ def build_argument_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def run(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line's work; errors are raised (:func:`main` reports them)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
         from .engine.comparison import run_demo
@@ -51,24 +47,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_demo()
         return 0
     args = build_argument_parser().parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config, args.overrides)
     if args.print_config:
         print(OmegaConf.to_yaml(cfg))
         return 0
     try:
         result = run_training(cfg, resume=args.resume, allow_config_change=parse_allowed(args.allow_config_change))
-    except RUN_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     finally:
         cleanup_distributed()
     printable = {k: v for k, v in result.items() if k != "history"}
     print(printable)
     return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m stdd.train``; exit status 0 done, 2 bad input (one line), 3 unexpected (traceback)."""
+    return cli_main(run, argv)
 
 
 if __name__ == "__main__":

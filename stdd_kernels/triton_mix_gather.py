@@ -17,7 +17,9 @@ Kernel design (why it is one pass and needs no atomics):
   the same for every scale, so they are loaded once and stored ``S`` times;
   only the ``2I`` mixed channels are loaded per scale. Kept positions and
   source frames come from the phase tensor inside the kernel: no index
-  tensors are built or read.
+  tensors are built or read. Every phase read is reduced mod ``K`` first (as
+  in the C++/CUDA kernels), so an unchecked phase (``validate=False``) outside
+  ``[0, K)`` selects the cells of its residue and never reads out of bounds.
 - backward: one program per (row r', block of patch tokens, block of channels)
   of ``dx``. A patch ``n`` of frame ``t'`` is kept (under ``phase[r']``, the
   frame's *own* phase) as kept token ``j`` or not at all; for scale ``s`` it was
@@ -170,25 +172,40 @@ def _divide(total, COUNT: tl.constexpr):
 
 
 @triton.jit
+def _load_phase(pointers, CELLS: tl.constexpr):
+    """Phase values at ``pointers``, reduced into ``[0, K)`` as int32 (as the C++/CUDA kernels do).
+
+    The public ops check the range unless ``validate=False``; an unchecked value
+    outside ``[0, K)`` must still never index outside the tensors. The remainder
+    is taken in the tensor's own integer type (an int64 phase is not truncated
+    first); ``%`` on negative integers keeps the dividend's sign (C semantics
+    on the GPU), so a negative remainder gets ``K`` added.
+    """
+    remainder = tl.load(pointers) % CELLS
+    return tl.where(remainder < 0, remainder + CELLS, remainder).to(tl.int32)
+
+
+@triton.jit
 def _program_frame(
     phase_ptr,
     num_frames,
     num_channels,
     stride_phase_clip,
     stride_phase_frame,
+    CELLS: tl.constexpr,
     BLOCK_CHANNELS: tl.constexpr,
 ):
     """Prologue of every kernel: grid axis 0 is the row ``r = clip*T + frame``, axis 2 the channel block.
 
     Returns ``(row64, clip, frame, phase, channels, channel_ok)``: the row as
-    int64 (row offsets can pass 2**31), the frame's own phase (int32 scalar),
+    int64 (row offsets can pass 2**31), the frame's own phase (int32 scalar in ``[0, K)``),
     the block's channel indices ``(BC,)`` and which are ``< D``. Axis 1 (the
     token block) is the caller's.
     """
     row = tl.program_id(0)
     clip = row // num_frames
     frame = row % num_frames
-    phase = tl.load(phase_ptr + clip * stride_phase_clip + frame * stride_phase_frame).to(tl.int32)
+    phase = _load_phase(phase_ptr + clip * stride_phase_clip + frame * stride_phase_frame, CELLS)
     channels = tl.program_id(2) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)  # (BC,)
     return row.to(tl.int64), clip, frame, phase, channels, channels < num_channels
 
@@ -218,8 +235,9 @@ def _patch_tile(
     ``kept_tokens = 1 + j`` their token in ``(S, B*T, 1+N_keep, D)`` tensors
     (garbage where not kept), both int64 when ``WIDE_INDEX``.
     """
+    CELLS: tl.constexpr = WINDOW_ROWS * WINDOW_COLS
     row64, clip, frame, phase, channels, channel_ok = _program_frame(
-        phase_ptr, num_frames, num_channels, stride_phase_clip, stride_phase_frame, BLOCK_CHANNELS
+        phase_ptr, num_frames, num_channels, stride_phase_clip, stride_phase_frame, CELLS, BLOCK_CHANNELS
     )
     patches = tl.program_id(1) * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)  # (BT,) patch index n - 1
     patch_ok = patches < GRID * GRID
@@ -273,7 +291,7 @@ def _mix_gather_forward_kernel(
     WINDOWS_PER_ROW: tl.constexpr = GRID // WINDOW_COLS
     NUM_KEPT: tl.constexpr = (GRID // WINDOW_ROWS) * WINDOWS_PER_ROW * KEEP
     row64, clip, frame, own_phase, channels, channel_ok = _program_frame(
-        phase_ptr, num_frames, num_channels, stride_phase_clip, stride_phase_frame, BLOCK_CHANNELS
+        phase_ptr, num_frames, num_channels, stride_phase_clip, stride_phase_frame, CELLS, BLOCK_CHANNELS
     )
     token_block = tl.program_id(1)
     kept = token_block * BLOCK_TOKENS + tl.arange(0, BLOCK_TOKENS)  # (BT,) kept-token index j
@@ -319,9 +337,9 @@ def _mix_gather_forward_kernel(
         else:
             # (BC,): 0 on own channels and where the value is a zero
             delta, neighbour = _source_delta(channels, channel_ok, frame, num_frames, SCALES[i], MIX_CHANNELS, MIXING)
-            source_phase = tl.load(
-                phase_ptr + clip * stride_phase_clip + (frame + delta) * stride_phase_frame
-            ).to(tl.int32)  # (BC,): the phase of the frame each channel reads
+            source_phase = _load_phase(
+                phase_ptr + clip * stride_phase_clip + (frame + delta) * stride_phase_frame, CELLS
+            )  # (BC,): the phase of the frame each channel reads
             # Cell offset of the rank-th kept cell under each channel's source phase: (BT, BC).
             cell = _kept_cell(0, source_phase, CELLS, MASKED)
             cell_offset = tl.broadcast_to(

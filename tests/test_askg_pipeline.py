@@ -8,6 +8,7 @@ so the tests can tell what a resumed run asked again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -63,6 +64,15 @@ def prompts_for(name: str) -> dict:
     }
 
 
+@dataclasses.dataclass
+class RawAnswer:
+    """A response body sent as it is, with its content type and extra headers."""
+
+    body: bytes
+    content_type: str = "application/json"
+    headers: dict = dataclasses.field(default_factory=dict)
+
+
 def bad_answer(kind: str, name: str):
     """(http status, message content or error payload) for a scripted failure."""
     k = knowledge_for(name)
@@ -78,6 +88,16 @@ def bad_answer(kind: str, name: str):
     if kind == "few_prompts":
         p = prompts_for(name)
         return 200, json.dumps({"spatial": p["spatial"][:1], "temporal": p["temporal"]})
+    if kind.startswith("429-after-"):  # 429 with Retry-After: N seconds
+        error = {"error": {"message": "slow down", "type": "rate_limit", "code": "429"}}
+        return 429, RawAnswer(json.dumps(error).encode(), headers={"Retry-After": kind.rsplit("-", 1)[1]})
+    if kind == "no_choices":
+        return 200, RawAnswer(json.dumps({"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+                                          "choices": []}).encode())
+    if kind == "not_json":
+        return 200, RawAnswer(b"<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+    if kind == "echo_key":  # a server that puts the caller's key into its answer
+        return 200, json.dumps(knowledge_for(name)).replace("floor mat", f"floor mat {API_KEY}")
     if kind in ("429", "500", "401", "400"):
         return int(kind), {"error": {"message": f"scripted {kind}", "type": "scripted", "code": kind}}
     raise ValueError(kind)
@@ -103,10 +123,13 @@ class ScriptedServer:
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 status, payload = server.answer(self.path, {"Authorization": self.headers.get("Authorization")}, body)
-                data = json.dumps(payload).encode()
+                raw = payload if isinstance(payload, RawAnswer) else RawAnswer(json.dumps(payload).encode())
+                data = raw.body
                 self.send_response(status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", raw.content_type)
                 self.send_header("Content-Length", str(len(data)))
+                for header, value in raw.headers.items():
+                    self.send_header(header, value)
                 self.end_headers()
                 try:
                     self.wfile.write(data)
@@ -148,7 +171,7 @@ class ScriptedServer:
             status = 200
         else:
             status, content = bad_answer(action, name)
-        if status != 200:
+        if status != 200 or isinstance(content, RawAnswer):
             return status, content
         return 200, {"id": "chatcmpl-test", "object": "chat.completion", "created": int(time.time()),
                      "model": body["model"],
@@ -445,3 +468,83 @@ def test_credentials_in_the_base_url_are_not_recorded(server_factory, tmp_path):
         text = path.read_text()
         assert "url-secret-77" not in text and "alice" not in text, path
     assert json.loads((out / "askg.json").read_text())["provenance"]["base_url"] == server.base_url
+
+
+class RecordingStop(threading.Event):
+    """The builder's stop event, recording each backoff wait it is asked for."""
+
+    def __init__(self):
+        super().__init__()
+        self.waits: list[float] = []
+
+    def wait(self, timeout=None):
+        self.waits.append(timeout)
+        return super().wait(0)  # the wait itself is not what is tested
+
+
+def test_retry_after_is_honoured(server_factory, tmp_path):
+    server = server_factory(script={("archery", "stage1"): ["429-after-3"]})
+    builder = make_builder(server, concurrency=1)
+    builder._stop = RecordingStop()
+    report = builder.build(["archery"], tmp_path / "out", dataset="custom")
+    assert report.ok and server.count("archery", "stage1") == 2
+    assert len(builder._stop.waits) == 1 and builder._stop.waits[0] >= 3.0  # not the 0.01 s backoff
+    capped = make_builder(server_factory(script={("archery", "stage1"): ["429-after-3600"]}), concurrency=1,
+                          retry_after_max_s=5.0)
+    capped._stop = RecordingStop()
+    assert capped.build(["archery"], tmp_path / "out2", dataset="custom").ok
+    assert capped._stop.waits == [5.0]
+
+
+def test_empty_choices_and_non_json_bodies_are_retried(server_factory, tmp_path):
+    server = server_factory(script={("archery", "stage1"): ["no_choices", "not_json"]})
+    report = make_builder(server, concurrency=1).build(["archery"], tmp_path / "out", dataset="custom")
+    assert report.ok and server.count("archery", "stage1") == 3
+
+
+def test_a_key_echoed_in_an_answer_is_never_written(server_factory, tmp_path):
+    server = server_factory(script={("archery", "stage1"): ["echo_key"]})
+    out = tmp_path / "out"
+    report = make_builder(server, concurrency=1).build(["archery"], out, dataset="custom")
+    assert report.ok
+    assert "floor mat ***" in (out / "askg.json").read_text()
+    assert_key_absent(out)
+
+
+def test_cli_log_lines_carry_no_url_credentials_or_tokens(server_factory, tmp_path):
+    """A real process with -v: the HTTP client's request lines and ours are redacted everywhere."""
+    server = server_factory()
+    base_url = server.base_url.replace("http://", "http://alice:url-secret-77@") + "?token=query-secret-88"
+    classes_file = tmp_path / "cls.txt"
+    classes_file.write_text("archery\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, MY_LLM_KEY=API_KEY)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    code = ("import logging, sys; from stdd.askg import cli; logging.basicConfig(level=logging.DEBUG); "
+            "sys.exit(cli.main(sys.argv[1:]))")
+    result = subprocess.run(
+        [sys.executable, "-c", code, "-v", "build", "--classes", str(classes_file), "--out", str(out),
+         "--model", "m", "--base-url", base_url, "--api-key-env", "MY_LLM_KEY", "--backoff", "0.001"],
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = result.stderr + (out / "build.log").read_text()
+    for secret in ("url-secret-77", "query-secret-88", API_KEY):
+        assert secret not in logged
+        for path in out.rglob("*"):
+            assert path.is_dir() or secret not in path.read_text(errors="replace"), path
+
+
+def test_http_client_request_lines_are_redacted(server_factory, tmp_path, caplog):
+    """The library path (no CLI): the client's own request lines reach the log, without credentials."""
+    server = server_factory()
+    base_url = server.base_url.replace("http://", "http://alice:url-secret-77@") + "?token=query-secret-88"
+    for name in askg_lib.HTTP_CLIENT_LOGGERS:  # the CLI of an earlier test may have quietened them
+        caplog.set_level(logging.DEBUG, logger=name)
+    with caplog.at_level(logging.DEBUG):
+        report = make_builder(server, base_url=base_url, concurrency=1).build(["archery"], tmp_path / "out",
+                                                                              dataset="custom")
+    assert report.ok
+    requests = [r.getMessage() for r in caplog.records if "HTTP Request" in r.getMessage() and "127.0.0.1" in r.getMessage()]
+    assert requests, caplog.text[-2000:]
+    for secret in ("url-secret-77", "query-secret-88", API_KEY):
+        assert secret not in caplog.text

@@ -366,6 +366,49 @@ def test_wide_index_path_matches_reference(monkeypatch):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[8]], ids=str)  # K = 2, 4; continual, official
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32], ids=str)
+def test_out_of_range_phase_is_reduced_mod_K_in_the_kernels(case, dtype):
+    """validate=False skips the phase range check: a phase outside [0, K), negative ones too,
+    selects the cells of its residue mod K (as the C++/CUDA kernels do), never memory outside."""
+    geometry = geometry_of(case)
+    scatter_geometry = geometry_of(case, scales=False)
+    K = case.window[0] * case.window[1]
+    rows, tokens = case.clips * case.frames, 1 + case.grid**2
+    phase = phases_of(case, seed=44)
+    shifts = torch.randint(-40, 40, phase.shape, generator=torch.Generator().manual_seed(45)).to(DEVICE)
+    shifts.view(-1)[:2] = torch.tensor([-1, 3], device=DEVICE)[: shifts.numel()]  # at least one negative
+    wild = (phase + K * shifts).to(dtype)
+    assert int(wild.min()) < 0 and torch.equal(wild.to(torch.int64) % K, phase)
+    x = randn(rows, tokens, case.channels, seed=46)
+
+    expected = reference.mix_gather(x, phase, geometry)
+    mixed = mix_gather_module.mix_gather_forward(x, wild, geometry, out=nan_like(expected.shape))
+    torch.testing.assert_close(mixed, expected, rtol=0, atol=0)
+    upstream = randn(*expected.shape, seed=47)
+    _, (expected_dx,) = reference_grads(lambda t: reference.mix_gather(t, phase, geometry), [x], upstream)
+    dx = mix_gather_module.mix_gather_backward(upstream, wild, geometry, out=nan_like(x.shape))
+    torch.testing.assert_close(dx, expected_dx)
+
+    full, residual = randn(rows, tokens, case.channels, seed=48), randn(rows, tokens, case.channels, seed=49)
+    out = pad_scatter_module.pad_scatter_forward(full, expected, wild, scatter_geometry, residual,
+                                                 out=nan_like(full.shape))
+    torch.testing.assert_close(out, reference.pad_scatter(full, expected, phase, scatter_geometry, residual))
+    _, expected_grads = reference_grads(
+        lambda f, m: reference.pad_scatter(f, m, phase, scatter_geometry), [full, expected], upstream.new_ones(full.shape)
+    )
+    grads = pad_scatter_module.pad_scatter_backward(full.new_ones(full.shape), wild, scatter_geometry,
+                                                    len(case.scales))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+    # The public op with validate=False reaches the kernels with the raw values.
+    with pytest.raises(ValueError, match=r"phase values must be in \[0, K\)"):
+        stdd_kernels.mix_gather(x, case.frames, backend="triton", **op_kwargs(case, wild))
+    unchecked = stdd_kernels.mix_gather(x, case.frames, backend="triton", validate=False, **op_kwargs(case, wild))
+    torch.testing.assert_close(unchecked, expected, rtol=0, atol=0)
+
+
 def test_double_backward_matches_reference():
     """Gradients of gradients (the ops are linear: each backward op's backward is the forward op)."""
     case = CASES[1]

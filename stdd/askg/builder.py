@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import email.utils
 import hashlib
 import json
 import logging
@@ -41,8 +42,9 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+from ..errors import UsageError
 from ..files import atomic_write
 from ..resources import CLASS_COUNTS, display_name
 from .schema import (
@@ -103,7 +105,7 @@ REPAIR_PROMPT = """Your answer was not valid:
 Answer again with the complete corrected JSON object only."""
 
 
-class AskgError(RuntimeError):
+class AskgError(UsageError, RuntimeError):
     """A class could not be built (after retries), or a run could not start."""
 
 
@@ -121,6 +123,7 @@ class AskgConfig:
     retries: int = 3                      # retries after the first attempt, per stage
     backoff_base_s: float = 1.0           # wait before retry r: base * 2**r (capped), +-25% jitter
     backoff_max_s: float = 60.0
+    retry_after_max_s: float = 300.0      # a server's Retry-After is honoured up to this many seconds
     timeout_s: float = 120.0
     json_mode: bool = True                # send response_format={"type": "json_object"}
     max_tokens: int = 1500
@@ -132,7 +135,7 @@ class AskgConfig:
             raise ValueError(f"retries={self.retries}: expected >= 0")
         if not 0.0 <= self.temperature <= 2.0:
             raise ValueError(f"temperature={self.temperature}: expected 0..2")
-        if self.backoff_base_s < 0 or self.backoff_max_s < 0:
+        if self.backoff_base_s < 0 or self.backoff_max_s < 0 or self.retry_after_max_s < 0:
             raise ValueError("backoff times must be >= 0")
 
 
@@ -168,16 +171,85 @@ def redact_url(url: str | None) -> str | None:
     return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
-class _Redactor:
-    """Replaces every occurrence of secret strings (the API key) in a text."""
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]+@")
+_URL_QUERY = re.compile(r"(?P<url>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s?#\"'<>]+)[?#][^\s\"'<>]*")
 
-    def __init__(self, secrets: Iterable[str]):
-        self.secrets = [s for s in secrets if s]
+
+def url_secrets(url: str | None) -> list[str]:
+    """The parts of ``url`` that may be credentials: user, password and query values."""
+    if not url:
+        return []
+    parts = urlsplit(url)
+    return [s for s in (parts.username, parts.password, *(v for _, v in parse_qsl(parts.query))) if s and len(s) >= 4]
+
+
+class _Redactor:
+    """Replaces the secrets it holds (the API key, credentials of the base URL) with ``***`` in a text,
+    and the ``user:password@`` and query string of every URL in it."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        self.secrets: set[str] = set()
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        self.secrets.update(s for s in secrets if s)
 
     def __call__(self, text: str) -> str:
-        for secret in self.secrets:
+        for secret in sorted(self.secrets, key=len, reverse=True):
             text = text.replace(secret, "***")
-        return text
+        text = _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
+        return _URL_QUERY.sub(r"\g<url>?***", text)
+
+
+class RedactingLogFilter(logging.Filter):
+    """Rewrites each record's message through the builders' redactor (secrets, URL credentials)."""
+
+    def __init__(self, redactor: _Redactor):
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = self.redactor(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
+
+
+# One redactor for every log line: each builder adds its secrets. The HTTP client logs request URLs
+# (under these names, which differ between client versions); the CLI also filters its handlers.
+LOG_REDACTOR = _Redactor()
+LOG_FILTER = RedactingLogFilter(LOG_REDACTOR)
+HTTP_CLIENT_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai", "openai._base_client")
+
+
+def install_log_redaction(*handlers: logging.Handler) -> None:
+    """Put :data:`LOG_FILTER` on stdd's and the HTTP client's loggers and on ``handlers`` (idempotent)."""
+    targets = [logging.getLogger(name) for name in ("stdd", *HTTP_CLIENT_LOGGERS)] + list(handlers)
+    for target in targets:
+        if LOG_FILTER not in target.filters:
+            target.addFilter(LOG_FILTER)
+
+
+def retry_after_seconds(exc: Exception) -> float | None:
+    """The wait a ``429``/``5xx`` answer asks for (``Retry-After``: seconds or an HTTP date; ``retry-after-ms``)."""
+    headers = getattr(getattr(exc, "response", None), "headers", None)
+    if not headers:
+        return None
+    try:
+        milliseconds = headers.get("retry-after-ms")
+        if milliseconds:
+            return max(0.0, float(milliseconds) / 1000)
+        value = headers.get("retry-after")
+        if not value:
+            return None
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            when = email.utils.parsedate_to_datetime(value)
+            return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+    except (TypeError, ValueError, OverflowError):
+        return None
 
 
 def class_slug(name: str) -> str:
@@ -279,6 +351,10 @@ class _Stopped(Exception):
     pass
 
 
+class _UnusableAnswer(Exception):
+    """A 200 answer without a usable completion (no choices, a body that is not a completion): retried."""
+
+
 class AskgBuilder:
     """Runs the two-stage pipeline over classes with a thread pool and a disk cache."""
 
@@ -296,9 +372,11 @@ class AskgBuilder:
             client = openai.OpenAI(api_key=api_key, base_url=config.base_url,
                                    max_retries=0, timeout=config.timeout_s)
         self.client = client
-        # Scrub the key, and a password embedded in the base URL, from every error text.
-        url_password = urlsplit(config.base_url).password if config.base_url else None
-        self.redact = _Redactor([api_key or "", url_password or ""])
+        # Scrub the key and the credentials of the base URL from every error text, answer and log line.
+        secrets = [api_key or "", *url_secrets(config.base_url)]
+        self.redact = _Redactor(secrets)
+        LOG_REDACTOR.add(secrets)
+        install_log_redaction()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.requests = 0
@@ -312,13 +390,18 @@ class AskgBuilder:
         with self._lock:
             self.requests += 1
         response = self.client.chat.completions.create(**kwargs)
+        if isinstance(response, (str, bytes)):  # the client hands back a body it could not parse as JSON
+            raise _UnusableAnswer(f"answer is not a chat completion (body starts {str(response)[:60]!r})")
         if not getattr(response, "choices", None):
-            raise ValueError("answer has no choices")
-        return response.choices[0].message.content
+            raise _UnusableAnswer("answer has no choices")
+        # The answer goes into caches and askg.json: a secret echoed by the server never does.
+        return self.redact(response.choices[0].message.content or "")
 
-    def _sleep_backoff(self, retry_index: int) -> None:
+    def _sleep_backoff(self, retry_index: int, at_least: float | None = None) -> None:
         delay = min(self.config.backoff_max_s, self.config.backoff_base_s * (2 ** retry_index))
         delay *= random.uniform(0.75, 1.25)
+        if at_least is not None:  # the server's Retry-After, up to retry_after_max_s
+            delay = max(delay, min(at_least, self.config.retry_after_max_s))
         if self._stop.wait(delay):
             raise _Stopped()
 
@@ -327,6 +410,8 @@ class AskgBuilder:
         """'retry' (transient / invalid answer) or 'fatal' (the endpoint will refuse every class)."""
         import openai
 
+        if isinstance(exc, (_UnusableAnswer, json.JSONDecodeError, openai.APIResponseValidationError)):
+            return "retry"
         if isinstance(exc, (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)):
             return "fatal"
         if isinstance(exc, openai.APIStatusError):
@@ -342,15 +427,17 @@ class AskgBuilder:
                     {"role": "user", "content": user_prompt}]
         last_error = "no attempt made"
         attempts = self.config.retries + 1
+        wait_at_least = None  # the last answer's Retry-After
         for attempt in range(attempts):
             if self._stop.is_set():
                 raise _Stopped()
             if attempt:
-                self._sleep_backoff(attempt - 1)
+                self._sleep_backoff(attempt - 1, wait_at_least)
             try:
                 content = self._chat(messages)
             except Exception as exc:  # noqa: BLE001 - classified below
                 kind = self._classify(exc)
+                wait_at_least = retry_after_seconds(exc)
                 last_error = self.redact(f"{type(exc).__name__}: {exc}")
                 if kind == "fatal":
                     # Stop the other workers now: every further request would be refused too.

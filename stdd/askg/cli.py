@@ -28,6 +28,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..engine.cli import ArgumentParser, cli_main
 from ..resources import ASKG_SETS, askg_path
 from . import builder as askg_lib
 from .builder import AskgBuilder, AskgConfig, AskgError
@@ -53,6 +54,7 @@ def _cmd_build(args) -> int:
     # A log file next to the results (the key is never formatted into any message).
     file_handler = logging.FileHandler(out_dir / "build.log", encoding="utf-8")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(threadName)s %(message)s"))
+    askg_lib.install_log_redaction(file_handler)
     logging.getLogger("stdd").addHandler(file_handler)
     try:
         report = builder.build(names, out_dir, dataset=dataset)
@@ -150,8 +152,7 @@ def _cmd_import_release(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m stdd.askg", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="python -m stdd.askg", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every retry")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -206,17 +207,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
+    """The command line's work; errors are raised (:func:`main` reports them)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose or args.command == "build" else logging.WARNING,
                         format="%(levelname)s %(message)s")
-    # httpx logs every request URL at INFO; keep the console about the ASKG run.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    try:
-        return args.func(args)
-    except (AskgError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    # The HTTP client logs every request URL at INFO: keep the console about the ASKG run, and
+    # redact whatever any logger prints (secrets, URL credentials and query strings).
+    for name in askg_lib.HTTP_CLIENT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    askg_lib.install_log_redaction(*logging.getLogger().handlers)
+    return args.func(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m stdd.askg``: exit status as in the module docstring (:func:`stdd.engine.cli.cli_main`)."""
+    return cli_main(run, argv)

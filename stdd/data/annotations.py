@@ -32,12 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from ..errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 ANNOTATION_FORMATS = ("list", "csv", "ucf101", "hmdb51", "kinetics")
 
 
-class AnnotationError(ValueError):
+class AnnotationError(UsageError, ValueError):
     """A malformed annotation entry; the message starts with "file:line:"."""
 
     def __init__(self, file: str | os.PathLike, line_number: int | None, message: str):
@@ -355,6 +357,20 @@ class MissingVideoReport:
         return text
 
 
+def relabel_by_name(
+    records: Sequence[VideoRecord], file_names: Sequence[str], class_names: Sequence[str], *, source
+) -> list[VideoRecord]:
+    """``records`` labelled by position in ``file_names`` (a file's own class order, e.g. classInd.txt),
+    relabelled by position in ``class_names`` (the list the text side uses): the same class by name,
+    whatever the two orders. A class of the file missing from ``class_names`` is an `AnnotationError`."""
+    position = {name: index for index, name in enumerate(class_names)}
+    missing = [name for name in file_names if name not in position]
+    if missing:
+        raise AnnotationError(source, None, f"{len(missing)} of its classes are not in the given class list "
+                                            f"({len(class_names)} names), e.g. {missing[:5]}")
+    return [VideoRecord(record.path, position[file_names[record.label]]) for record in records]
+
+
 def resolve_videos(
     records: Sequence[VideoRecord], *, on_missing: str = "fail", source: str = "annotations"
 ) -> tuple[list[VideoRecord], MissingVideoReport]:
@@ -399,7 +415,10 @@ def load_annotations(
         class_index_file = options.pop("class_index_file", Path(path).parent / "classInd.txt")
         if options:
             raise TypeError(f"load_annotations(format='ucf101'): unexpected options {sorted(options)}")
-        return read_ucf101_split(path, class_index_file, root if root is not None else Path(path).parent)
+        records, index_names = read_ucf101_split(path, class_index_file, root if root is not None else Path(path).parent)
+        if class_names is None:
+            return records, index_names
+        return relabel_by_name(records, index_names, class_names, source=class_index_file), list(class_names)
     if format == "hmdb51":
         if root is None:
             raise ValueError("root: HMDB51 needs the video root (<root>/<class>/<video>.avi)")

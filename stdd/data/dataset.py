@@ -42,6 +42,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+from ..errors import InputError
 from .annotations import VideoRecord, load_annotations, resolve_videos
 from .decoders import PyAVDecoder, VideoDecodeError
 from .sampling import ClipSampling, sample_clip_indices
@@ -321,4 +322,7 @@ def build_dataset(
         source = str(annotation_file)
     records, report = resolve_videos(records, on_missing=on_missing, source=source)
     logger.info("%s", report.summary(source))
+    if not records:
+        raise InputError(f"{source}: " + (f"none of its {report.total} listed videos exists" if report.total
+                                          else "lists no video"))
     return VideoDataset(records, **dataset_options)

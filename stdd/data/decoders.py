@@ -48,6 +48,11 @@ from typing import Callable
 import numpy as np
 
 
+# File suffixes taken as videos where a folder is given (``stdd.predict``); compared in lower case.
+VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg",
+                  ".gif", ".flv", ".wmv", ".3gp", ".ogv")
+
+
 class VideoDecodeError(RuntimeError):
     """A video that cannot be decoded (corrupt, truncated, empty, no video stream)."""
 

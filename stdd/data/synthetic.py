@@ -41,10 +41,10 @@ Command line: `python -m stdd.data.synthetic OUT_DIR [--videos-per-class 16] [--
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -429,7 +429,9 @@ def generate_synthetic_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from ..engine.cli import ArgumentParser  # the command lines' parser (errors: one line, exit 2)
+
+    parser = ArgumentParser(prog="python -m stdd.data.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("root", help="output directory")
     parser.add_argument("--videos-per-class", type=int, default=16, help="training videos per class")
     parser.add_argument("--val-videos-per-class", type=int, default=4)
@@ -455,4 +457,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from ..engine.cli import cli_main
+
+    sys.exit(cli_main(main))

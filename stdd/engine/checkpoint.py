@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from ..errors import UsageError
 from ..files import atomic_write
 from ..serialization import UnreadableFileError, load_torch_file
 
@@ -52,11 +53,11 @@ _NAME_PATTERN = re.compile(r"^checkpoint-e(\d{4,})-s(\d{9,})(-mid)?\.pt$")
 CORRUPT_SUFFIX = ".corrupt"  # an unusable checkpoint found by --resume auto is renamed <name>.corrupt
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint file cannot be used; the message names the file and why."""
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(UsageError, RuntimeError):
     """Training produced a NaN/inf loss or weights; the message names the step and the last good checkpoint."""
 
 

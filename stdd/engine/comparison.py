@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
+from ..errors import UsageError
 from ..files import atomic_write
 from .checkpoint import list_checkpoints
 from .config import apply_overrides, load_config
@@ -67,7 +68,7 @@ def _machine() -> dict:
 DEMO_MARKER = ".stdd-demo-run"  # in every run directory the demo created; only those are ever deleted
 
 
-class DemoDirectoryError(RuntimeError):
+class DemoDirectoryError(UsageError, RuntimeError):
     """A directory the demo would use is not the demo's own; the message names it."""
 
 

@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..errors import UsageError
 from ..files import atomic_write
 from ..model.alignment import SCORE_MODES
 from ..model.stca_settings import STCASettings
@@ -36,7 +37,7 @@ PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "demo"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A config file or override is malformed; the message names it."""
 
 
@@ -179,6 +180,55 @@ class STDDConfig:
 
 SECTIONS = tuple(f.name for f in fields(STDDConfig))
 
+# ----------------------------------------------------------------------------- value ranges
+
+# dotted key -> (what it must be, check); a null value of an Optional key is never checked.
+# Types are the schema's (omegaconf converts and refuses); these are the ranges it cannot express.
+_POSITIVE_INT = ("an integer >= 1", lambda v: v >= 1)
+_NON_NEGATIVE = ("a number >= 0", lambda v: v >= 0)
+_POSITIVE = ("a number > 0", lambda v: v > 0)
+VALUE_RANGES: dict[str, tuple[str, Any]] = {
+    "run.max_steps": _POSITIVE_INT,
+    "run.log_every_steps": _POSITIVE_INT,
+    "data.num_frames": _POSITIVE_INT,
+    "data.stride": _POSITIVE_INT,
+    "data.input_size": _POSITIVE_INT,
+    "data.short_side": _POSITIVE_INT,
+    "data.batch_size": _POSITIVE_INT,
+    "data.num_workers": ("an integer >= 0", lambda v: v >= 0),
+    "optim.lr": _POSITIVE,
+    "optim.reference_batch": _POSITIVE_INT,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.betas": ("two numbers in [0, 1)", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)),
+    "optim.eps": _POSITIVE,
+    "optim.epochs": _POSITIVE_INT,
+    "optim.warmup_epochs": _NON_NEGATIVE,
+    "optim.warmup_start_factor": ("a number in (0, 1]", lambda v: 0 < v <= 1),
+    "optim.end_factor": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "optim.grad_clip_norm": _POSITIVE,
+    "optim.accumulation_steps": _POSITIVE_INT,
+    "checkpoint.every_steps": ("an integer >= 0 (0: none)", lambda v: v >= 0),
+    "checkpoint.keep_mid_epoch": ("an integer >= 0", lambda v: v >= 0),
+    "averaging.ema_decay": ("a number in (0, 1)", lambda v: 0 < v < 1),
+    "eval.every_epochs": ("an integer >= 0 (0: off)", lambda v: v >= 0),
+    "eval.n_temporal_views": _POSITIVE_INT,
+    "eval.n_spatial_crops": ("1 or 3", lambda v: v in (1, 3)),
+    "eval.batch_size": _POSITIVE_INT,
+    "loss.distillation_weight": _NON_NEGATIVE,
+}
+
+
+def check_value_ranges(cfg: DictConfig, source: Optional[str] = None) -> DictConfig:
+    """Raise :class:`ConfigError` ``"[<source>: ]<dotted.key>=<value>: expected ..."`` for a value out of range."""
+    for key, (expected, within) in VALUE_RANGES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        plain = list(value) if OmegaConf.is_list(value) else value
+        if not within(plain):
+            raise ConfigError(f"{source + ': ' if source else ''}{key}={plain!r}: expected {expected}")
+    return cfg
+
 
 def _error_text(error: OmegaConfBaseException) -> str:
     """omegaconf's message with the dotted path of the key first (``model.stca.window: ...``)."""
@@ -242,6 +292,9 @@ def _load_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         raise ConfigError(f"config file {path}: cannot be read as YAML ({error})") from error
     if not isinstance(cfg, DictConfig):
         raise ConfigError(f"config file {path}: expected a mapping at the top level, got a list")
+    if len(cfg) == 0:
+        raise ConfigError(f"config file {path}: is empty (expected 'base: <preset or file>' and/or sections "
+                          f"such as data: or optim:)")
     base = cfg.pop("base", None)
     if base is None:
         return typed_config(cfg, f"config file {path}")
@@ -300,6 +353,7 @@ def load_config(config: Optional[Union[str, Path]] = None, overrides: Sequence[s
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as error:
         raise ConfigError(f"config interpolation failed: {error}") from error
+    check_value_ranges(cfg)
     stca_settings_of(cfg)  # the STCA values are checked now, not when the model is built
     return cfg
 

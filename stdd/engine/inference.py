@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 from omegaconf import DictConfig
 
 from .checkpoint import load_weights
-from .config import ConfigError, apply_overrides, load_config, typed_config
+from .config import ConfigError, apply_overrides, check_value_ranges, load_config, typed_config
 from .task import build_model, load_student_state_dict
 
 
@@ -50,8 +50,8 @@ def config_for_weights(checkpoint: Optional[str], config: Optional[str], overrid
         loaded = load_weights(checkpoint)
         state = loaded["model"]
         if config is None and loaded["config"] is not None:
-            cfg = apply_overrides(typed_config(loaded["config"], f"--checkpoint {checkpoint} (its stored config)"),
-                                  overrides)
+            source = f"--checkpoint {checkpoint} (its stored config)"
+            cfg = check_value_ranges(apply_overrides(typed_config(loaded["config"], source), overrides), source)
             if not trust_checkpoint_pretrained:
                 _refuse_stored_weights_path(cfg, checkpoint, overrides)
             return cfg, state

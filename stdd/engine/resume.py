@@ -26,6 +26,8 @@ from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..errors import UsageError
+
 from .config import SECTIONS
 
 # Keys (or key prefixes ending in ".") whose change does not change what is trained.
@@ -55,7 +57,7 @@ GLOBAL_BATCH_KEYS = ("data.batch_size", "optim.accumulation_steps")
 ALLOW_ALL = "all"
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UsageError, RuntimeError):
     """The resuming run's config differs from the checkpoint's in keys that change what is trained."""
 
 

@@ -26,10 +26,12 @@ import sys
 from pathlib import Path
 from typing import Optional, Union
 
+from ..errors import UsageError
+
 LOCK_NAME = "run.lock"
 
 
-class RunLockError(RuntimeError):
+class RunLockError(UsageError, RuntimeError):
     """The run directory is in use by another run; the one-line message names the holder."""
 
 

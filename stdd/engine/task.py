@@ -228,8 +228,9 @@ def _clip_options(cfg: DictConfig, *, training: bool, n_temporal_views: int = 1,
 
 
 def _annotation_options(spec: DataSpec) -> dict:
-    return dict(format=spec.format, root=str(spec.root) if spec.root else None,
-                class_names=spec.class_names if spec.format in ("csv", "kinetics", "hmdb51") else None)
+    # Every format gets the class list: list labels are range-checked against it, csv / kinetics /
+    # hmdb51 names looked up in it, and UCF101's classInd.txt order is mapped onto it by name.
+    return dict(format=spec.format, root=str(spec.root) if spec.root else None, class_names=spec.class_names)
 
 
 def build_video_dataset(cfg: DictConfig, spec: Optional[DataSpec], *, training: bool, n_temporal_views: int = 1,

@@ -30,6 +30,11 @@ config that changes what is trained (``stdd.engine.resume``); a step whose
 loss is NaN or inf stops the run naming the step and the last good checkpoint
 (``optim.on_nonfinite_loss: skip`` skips such steps instead and counts them),
 and no checkpoint or weights file with NaN/inf weights is ever written.
+
+Videos that fail to decode are replaced by others (``data.on_error: skip``), each
+file logged once; every ``epoch`` record of ``metrics.jsonl`` counts them over all
+processes (``decode_failures``: failed decodes, ``videos_failed``: distinct
+videos), and the run's summary holds both over the epochs of this invocation.
 """
 
 from __future__ import annotations
@@ -47,7 +52,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.dataset import video_dataloader
+from ..data.dataset import log_new_failures, video_dataloader
 from ..seeding import derive_seed, torch_generator
 from ..files import remove_orphan_temporaries
 from .averaging import average_epoch_checkpoints, parse_epoch_selection
@@ -56,6 +61,7 @@ from .config import ConfigError, save_config
 from .distributed import (
     DistributedContext,
     ResumableDistributedSampler,
+    all_gather_objects,
     all_reduce_mean,
     barrier,
     init_distributed,
@@ -286,7 +292,23 @@ class Trainer:
             generator=torch_generator(self.cfg.run.seed, "loader", epoch),
         ))
 
+    def _note_failures(self, batch) -> None:
+        """Decode failures of a batch (the videos were replaced): logged once per file, counted per epoch."""
+        failures = batch.get("failures") or ()
+        self._epoch_failures.extend(failures)
+        log_new_failures(failures, self._reported_paths)
+
+    def _failure_counts(self) -> dict:
+        """``decode_failures`` / ``videos_failed`` of the epoch so far, over all processes (collective)."""
+        local = [failure.index for failure in self._epoch_failures]
+        gathered = all_gather_objects(local, self.context)
+        indices = [index for part in gathered for index in part]
+        self._epoch_failures = []
+        self._failed_videos.update(indices)
+        return {"decode_failures": len(indices), "videos_failed": len(set(indices))}
+
     def _micro_step(self, batch, sync: bool) -> dict:
+        self._note_failures(batch)
         video, labels, phase = self.task.to_device(batch, self.device)
         no_sync = self.ddp.no_sync if (self.context.is_distributed and not sync) else contextlib.nullcontext
         with no_sync():
@@ -380,6 +402,8 @@ class Trainer:
         """The epoch loop from the current position; ``(epoch records, stopped early at max_steps)``."""
         max_steps, eval_every = self.cfg.run.max_steps, int(self.cfg.eval.every_epochs)
         history, stopped_early = [], False
+        self._epoch_failures, self._reported_paths, self._failed_videos = [], set(), set()
+        self._decode_failures = 0
         while self.epoch < self.epochs and not stopped_early:
             self.module.train()
             self.task.set_train_mode(self.module)
@@ -398,8 +422,11 @@ class Trainer:
                 stopped_early = hit_max and self.epoch < self.epochs
                 if stopped_early or at_epoch_end:
                     break
+            failed = self._failure_counts()
+            self._decode_failures += failed["decode_failures"]
             if not stopped_early:
-                record = {"epoch": self.epoch, **{f"train_{k}": v for k, v in epoch_logs.means(self.context).items()}}
+                record = {"epoch": self.epoch, **{f"train_{k}": v for k, v in epoch_logs.means(self.context).items()},
+                          **failed}
                 if self.nonfinite_steps_skipped > skipped_before:
                     record["nonfinite_steps_skipped"] = self.nonfinite_steps_skipped - skipped_before
                 if eval_every and (self.epoch % eval_every == 0 or self.epoch == self.epochs):
@@ -419,7 +446,8 @@ class Trainer:
         self._check_replicas()
         result = {"epochs_done": self.epoch, "global_step": self.global_step, "stopped_early": stopped_early,
                   "seconds": time.time() - start_time, "history": history, "run_directory": str(self.run_directory),
-                  "nonfinite_steps_skipped": self.nonfinite_steps_skipped}
+                  "nonfinite_steps_skipped": self.nonfinite_steps_skipped,
+                  "decode_failures": self._decode_failures, "videos_failed": len(self._failed_videos)}
         if self.nonfinite_steps_skipped:
             self.logger.info(f"{self.nonfinite_steps_skipped} step(s) had a NaN/inf loss and were skipped "
                              "(optim.on_nonfinite_loss=skip)")

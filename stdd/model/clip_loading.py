@@ -25,9 +25,13 @@ text-feature cache is keyed by it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
+import socket
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 from pathlib import Path
 from typing import Optional, Union
 
@@ -35,6 +39,7 @@ import open_clip
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..serialization import load_state_dict_file
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -114,6 +119,58 @@ def is_pretrained_tag(model_name: str, pretrained) -> bool:
     return isinstance(pretrained, str) and bool(open_clip.get_pretrained_cfg(model_name, pretrained))
 
 
+class WeightsUnavailableError(UsageError, RuntimeError):
+    """The weights of a pretrained tag are neither in the local cache nor downloadable (the message says why)."""
+
+
+HUB_PROBE_TIMEOUT_S = 3.0  # one TCP connect to the hub before a download; unreachable: cache only
+
+
+def hub_offline() -> bool:
+    """Whether tag weights can only come from the local cache: ``HF_HUB_OFFLINE`` set, or the hub unreachable.
+
+    One TCP connect (``HF_ENDPOINT``'s host, default huggingface.co) instead of the
+    download's own minute of retries when there is no network.
+    """
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    endpoint = urlsplit(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443),
+                                 timeout=HUB_PROBE_TIMEOUT_S).close()
+    except OSError:
+        return True
+    return False
+
+
+def _drop_record(record: logging.LogRecord) -> bool:
+    return False
+
+
+@contextlib.contextmanager
+def _cache_only(offline: bool):
+    """While active, huggingface_hub reads its cache only (it reads ``HF_HUB_OFFLINE`` at import), and
+    open_clip's own "Failed to download" line on the root logger is dropped (the raised error says it)."""
+    if not offline:
+        yield
+        return
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # no hub client: open_clip downloads by URL, which fails at once offline
+        constants = None
+    saved = getattr(constants, "HF_HUB_OFFLINE", None)
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    root = logging.getLogger()
+    root.addFilter(_drop_record)
+    try:
+        yield
+    finally:
+        root.removeFilter(_drop_record)
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = saved
+
+
 def tag_needs_quick_gelu(model_name: str, tag: str) -> bool:
     """Whether weights ``tag`` were trained with QuickGELU but config ``model_name`` uses GELU.
 
@@ -167,16 +224,20 @@ def load_clip(
         raise ValueError(f"pretrained must be a tag, a file path or None, got {pretrained!r}")
     pretrained = os.fspath(pretrained)
     if is_pretrained_tag(model_name, pretrained):
+        offline = hub_offline()
         try:
-            model = open_clip.create_model(
-                model_name, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir,
-                require_pretrained=True, force_quick_gelu=tag_needs_quick_gelu(model_name, pretrained),
-            )
+            with _cache_only(offline):
+                model = open_clip.create_model(
+                    model_name, pretrained=pretrained, device=device, precision=precision, cache_dir=cache_dir,
+                    require_pretrained=True, force_quick_gelu=tag_needs_quick_gelu(model_name, pretrained),
+                )
         except Exception as error:  # download / hub errors come in many types
-            raise RuntimeError(
-                f"could not load the {model_name!r} weights for pretrained tag {pretrained!r}: {error}. "
+            where = ("not in the local cache, and the hub is unreachable or HF_HUB_OFFLINE is set" if offline
+                     else f"{str(error).splitlines()[0] if str(error) else type(error).__name__}")
+            raise WeightsUnavailableError(
+                f"could not load the {model_name!r} weights for pretrained tag {pretrained!r}: {where}. "
                 f"{_how_to_provide(model_name)}"
-            ) from error
+            ) from None if offline else error
         return model.eval(), ClipSource(model_name, pretrained, f"tag:{pretrained}")
     looks_like_path = os.sep in pretrained or Path(pretrained).suffix != ""
     if not os.path.isfile(pretrained):

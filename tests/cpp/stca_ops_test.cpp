@@ -340,7 +340,11 @@ void check_kernel_bodies(at::ScalarType dtype, int64_t T, int64_t B, int64_t D, 
     return view;
   };
   const at::Tensor x = shifted(at::randn({R, 1 + P * P, D}, generator, at::TensorOptions().dtype(at::kDouble)).to(dtype));
-  const auto phase = at::randint(0, window[0] * window[1] * 3, {B, T}, generator, at::kLong);  // also out of [0, K)
+  // Also out of [0, K), negative too: every kernel reduces a phase mod K (Python's validate=False
+  // skips the range check), so they must give what the phases' residues give.
+  const int64_t K = window[0] * window[1];
+  const auto phase = at::randint(-3 * K, 3 * K, {B, T}, generator, at::kLong);
+  const auto residue = at::remainder(phase, K);
   const auto plan = stdd::detail::plan_mix(R, P, D, T, window, masked, scales, fold, mixing);
   const auto args = k::make_mix_args(plan);
   const int64_t S = static_cast<int64_t>(scales.size());
@@ -349,6 +353,7 @@ void check_kernel_bodies(at::ScalarType dtype, int64_t T, int64_t B, int64_t D, 
   const int64_t size = static_cast<int64_t>(sizeof(scalar_t));
 
   const auto mixed = stdd::mix_gather(x, phase, T, window, masked, scales, fold, mixing);
+  EXPECT(at::equal(mixed, stdd::mix_gather(x, residue, T, window, masked, scales, fold, mixing)));
   at::Tensor mixed_body = shifted(at::full_like(mixed, NAN));
   EXPECT_VALUE(k::vector_width(size, k::mix_boundaries(args), {x.const_data_ptr(), mixed_body.const_data_ptr()}), V);
   for (int64_t item = 0; item < S * R * tokens_out; ++item) {
@@ -361,6 +366,7 @@ void check_kernel_bodies(at::ScalarType dtype, int64_t T, int64_t B, int64_t D, 
 
   const at::Tensor grad_mixed = shifted(at::randn_like(mixed));
   const auto grad_x = stdd::mix_gather_backward(grad_mixed, phase, T, P, window, masked, scales, fold, mixing);
+  EXPECT(at::equal(grad_x, stdd::mix_gather_backward(grad_mixed, residue, T, P, window, masked, scales, fold, mixing)));
   at::Tensor grad_x_body = shifted(at::full_like(x, NAN));
   for (int64_t item = 0; item < R * tokens_in; ++item) {
     const auto it = k::token_item(args.mask, p, args.num_frames, item);
@@ -379,6 +385,8 @@ void check_kernel_bodies(at::ScalarType dtype, int64_t T, int64_t B, int64_t D, 
   for (bool with_residual : {false, true}) {
     const auto pad = stdd::pad_scatter(full, mixed, phase, T, window, masked,
                                        with_residual ? std::optional<at::Tensor>(residual) : std::nullopt);
+    EXPECT(at::equal(pad, stdd::pad_scatter(full, mixed, residue, T, window, masked,
+                                            with_residual ? std::optional<at::Tensor>(residual) : std::nullopt)));
     at::Tensor pad_body = shifted(at::full_like(x, NAN));
     for (int64_t item = 0; item < R * tokens_in; ++item) {
       const auto it = k::token_item(pad_args.mask, p, 1, item);
@@ -391,6 +399,8 @@ void check_kernel_bodies(at::ScalarType dtype, int64_t T, int64_t B, int64_t D, 
   }
 
   const auto [grad_full, grad_mixed_pad] = stdd::pad_scatter_backward(full, phase, T, window, masked, S);
+  const auto [grad_full_residue, grad_mixed_residue] = stdd::pad_scatter_backward(full, residue, T, window, masked, S);
+  EXPECT(at::equal(grad_full, grad_full_residue) && at::equal(grad_mixed_pad, grad_mixed_residue));
   at::Tensor grad_full_body = shifted(at::full_like(x, NAN));
   at::Tensor grad_mixed_body = shifted(at::full_like(mixed, NAN));
   for (int64_t item = 0; item < R * tokens_in; ++item) {

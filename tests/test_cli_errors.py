@@ -1,0 +1,215 @@
+"""Every command line reports bad input as ONE line naming the culprit, exit status 2, no traceback.
+
+Real subprocesses of ``python -m stdd.<cli>``, real files (generated videos, YAML, weights).
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("omegaconf")
+pytest.importorskip("open_clip")
+pytest.importorskip("av")
+
+from stdd.engine import cli
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["moving left", "moving right", "growing"]
+
+
+def run_cli(module, *args, env_extra=None, timeout=300):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop(cli.DEBUG_ENV, None)
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_usage_error(result, *culprits):
+    """Exit 2, stderr ends in exactly one ``error: ...`` line naming every culprit, no traceback.
+
+    (Lines before it may be warnings of the run, e.g. open_clip's about a random init.)"""
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == cli.EXIT_USAGE, result.stderr[-3000:]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    for culprit in culprits:
+        assert str(culprit) in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    from stdd.data import generate_synthetic_dataset
+
+    return generate_synthetic_dataset(tmp_path_factory.mktemp("videos"), videos_per_class={"test": 1},
+                                      classes=CLASSES, num_frames=16, height=32, width=32, seed=5)
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    import torch
+
+    from stdd.engine.checkpoint import save_weights
+    from stdd.engine.config import load_config
+    from stdd.engine.task import build_model, student_state_dict
+
+    cfg = load_config("demo", ["data.num_frames=4", "data.stride=3", "eval.n_temporal_views=1",
+                               "run.tensorboard=false"])
+    torch.manual_seed(0)
+    model, _ = build_model(cfg, "cpu", with_teacher=False)
+    return save_weights(tmp_path_factory.mktemp("weights") / "final.pt", student_state_dict(model), cfg)
+
+
+def test_train_config_errors_are_one_line_and_overrides_go_anywhere(tmp_path):
+    # an unknown key in a user YAML with base: names the file and the dotted key
+    user = tmp_path / "user.yaml"
+    user.write_text("base: demo\noptim: {lrr: 1.0}\n")
+    assert_one_line_usage_error(run_cli("stdd.train", "--config", user), user, "optim.lrr")
+    # overrides before and after an option: all parsed (the second one is the culprit here)
+    assert_one_line_usage_error(
+        run_cli("stdd.train", "--config", "demo", "run.seed=3", "--resume", "auto", "data.batch_size=2.7"),
+        "data.batch_size")
+    shown = run_cli("stdd.train", "--config", "demo", "run.seed=3", "--print-config", "run.max_steps=5")
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert "seed: 3" in shown.stdout and "max_steps: 5" in shown.stdout
+    # argparse's own errors are one line too
+    assert_one_line_usage_error(run_cli("stdd.train", "--config"), "--config")
+    # STDD_DEBUG=1 shows the traceback, the status stays 2
+    debug = run_cli("stdd.train", "--config", user, env_extra={cli.DEBUG_ENV: "1"})
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and debug.stderr.rstrip().splitlines()[-1] \
+        .startswith("error: ")
+
+
+def test_demo_and_askg_errors_are_one_line(tmp_path):
+    assert_one_line_usage_error(run_cli("stdd.demo", "--work-dir", tmp_path / "demo", "optim.nosuch=1"),
+                                "optim.nosuch")
+    assert_one_line_usage_error(run_cli("stdd.askg", "build", "--out", tmp_path / "askg"), "--classes")
+    missing = tmp_path / "absent.json"
+    assert_one_line_usage_error(run_cli("stdd.askg", "prompts", "--graph", missing, "--out", tmp_path / "p.json"),
+                                missing)
+
+
+def test_eval_errors_are_one_line_and_out_dir_is_checked_before_scoring(videos, weights, tmp_path):
+    annotations = videos.annotation_files["test"]
+    common = ["--annotations", annotations, "--root", videos.root, "--classes", videos.classes_file,
+              "--quiet"]
+    missing = tmp_path / "missing.pt"
+    assert_one_line_usage_error(run_cli("stdd.eval", "--checkpoint", missing, *common, "--out-dir", tmp_path),
+                                missing)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    assert_one_line_usage_error(run_cli("stdd.eval", "--checkpoint", corrupt, *common, "--out-dir", tmp_path),
+                                corrupt)
+    blocked = tmp_path / "a_file"
+    blocked.write_text("in the way\n")
+    assert_one_line_usage_error(
+        run_cli("stdd.eval", "--checkpoint", weights, *common, "--out-dir", blocked / "results"), "--out-dir",
+        blocked)
+
+
+def test_eval_over_zero_decodable_videos_is_one_clear_error(weights, tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    for name in ("a.mp4", "b.mp4"):
+        (root / name).write_bytes(b"\x00" * 64)  # exists, but no video
+    listing = tmp_path / "broken.txt"
+    listing.write_text("a.mp4 0\nb.mp4 1\n")
+    classes = tmp_path / "classes.txt"
+    classes.write_text("\n".join(CLASSES) + "\n")
+    out = tmp_path / "out"
+    line = assert_one_line_usage_error(
+        run_cli("stdd.eval", "--checkpoint", weights, "--annotations", listing, "--root", root, "--classes",
+                classes, "--prompts", "templates", "--out-dir", out, "--quiet"),
+        listing, "none of the 2 listed videos could be decoded")
+    assert "a.mp4" in line and not (out / "results.json").exists()
+
+
+def test_an_empty_annotation_list_names_its_file(weights, tmp_path):
+    empty = tmp_path / "train.txt"
+    empty.write_text("# nothing yet\n")
+    assert_one_line_usage_error(
+        run_cli("stdd.train", "--config", "demo", "data.dataset=list", f"data.root={tmp_path}",
+                f"data.train_annotations={empty}", "data.class_names=[a,b]", "text.prompts=templates",
+                f"run.output_dir={tmp_path / 'run'}"),
+        empty, "lists no video")
+    assert_one_line_usage_error(
+        run_cli("stdd.eval", "--checkpoint", weights, "--annotations", empty, "--root", tmp_path, "--classes",
+                "ucf101", "--out-dir", tmp_path / "out"),
+        empty, "lists no video")
+
+
+def test_predict_errors_are_one_line(videos, weights, tmp_path):
+    clip = sorted((videos.root / "videos" / "test").rglob("*.mp4"))[0]
+    assert_one_line_usage_error(run_cli("stdd.predict", clip, "--classes", "only one", "--checkpoint", weights),
+                                "at least two")
+    missing = tmp_path / "nothing.mp4"
+    assert_one_line_usage_error(run_cli("stdd.predict", missing, "--classes", "a,b", "--checkpoint", weights),
+                                missing)
+
+
+def test_predict_takes_folders_and_overrides_anywhere(videos, weights, tmp_path):
+    import json
+
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    clips = sorted((videos.root / "videos" / "test").rglob("*.mp4"))[:2]
+    names = [f"clip{i}{clip.suffix}" for i, clip in enumerate(clips)]
+    for name, clip in zip(names, clips):
+        (folder / name).write_bytes(clip.read_bytes())
+    (folder / "notes.txt").write_text("not a video\n")
+    result = run_cli("stdd.predict", folder, "--classes", ",".join(CLASSES), "--checkpoint", weights, "--json",
+                     "eval.n_temporal_views=1", "--top-k", "1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [Path(r["video"]).name for r in json.loads(result.stdout)] == names
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_usage_error(run_cli("stdd.predict", empty, "--classes", "a,b", "--checkpoint", weights),
+                                empty, "holds no video file")
+
+
+@pytest.mark.parametrize("offline", ["HF_HUB_OFFLINE", "unreachable hub"])
+def test_predict_without_weights_fails_at_once_naming_the_three_ways(videos, tmp_path, offline):
+    import socket
+
+    clip = sorted((videos.root / "videos" / "test").rglob("*.mp4"))[0]
+    env = {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "cache")}  # an empty cache
+    if offline == "HF_HUB_OFFLINE":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:
+        with socket.socket() as probe:  # a loopback port nobody listens on: connections are refused
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        env.update(HF_HUB_OFFLINE="0", HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    result = run_cli("stdd.predict", clip, "--classes", "a,b", "run.device=cpu", env_extra=env)
+    assert_one_line_usage_error(result, "no usable weights", "--checkpoint", "model.pretrained=", "local cache")
+
+
+def test_cli_main_statuses_in_process(capsys, monkeypatch):
+    """The wrapper itself: usage errors 2 (one line), other exceptions 3 with the traceback, ^C 130."""
+    from stdd.errors import UsageError
+
+    monkeypatch.delenv(cli.DEBUG_ENV, raising=False)
+
+    def usage(argv):
+        raise UsageError("--thing x:\n  expected y")
+
+    def bug(argv):
+        raise KeyError("unexpected")
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert cli.cli_main(usage, []) == 2
+    assert capsys.readouterr().err == "error: --thing x:; expected y\n"
+    assert cli.cli_main(bug, []) == cli.EXIT_INTERNAL
+    assert "Traceback" in capsys.readouterr().err
+    assert cli.cli_main(interrupted, []) == cli.EXIT_INTERRUPTED
+    assert cli.cli_main(lambda argv: 1, []) == 1 and cli.cli_main(lambda argv: None, []) == 0
+    assert cli.split_overrides(["a.mp4", "model.pretrained=null", "+x.y=1"]) == (
+        ["a.mp4"], ["model.pretrained=null", "+x.y=1"])
