@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from stdd.engine import metrics, protocols
+from stdd.errors import UsageError
 from stdd.resources import K400_RENAMED_IN_K600, class_names
 
 
@@ -141,7 +142,7 @@ def test_eval_cli_k600_classes_selects_the_candidate_list():
     assert all({k600[i] for i in s.class_indices} <= new for s in usual)
     assert release == protocols.k600_splits(k600, novel_names=class_names("k600_new_release"), seed=0)
     assert any(set(s.class_indices) & renamed for s in release)
-    with pytest.raises(SystemExit):
+    with pytest.raises(UsageError, match="--k600-classes"):
         parser.parse_args(base + ["--k600-classes", "k600"])
 
 
