@@ -101,6 +101,19 @@ def check_prompt(sentence: str, display: str) -> str | None:
     return None
 
 
+def _kinds_section(graph: dict, key: str, kinds, where: str, errors: list) -> dict:
+    """``graph[key]``, an object keyed by the kinds in ``kinds``; a non-object (reported) reads as empty,
+    keys outside ``kinds`` are reported."""
+    section = graph.get(key, {})
+    if not isinstance(section, dict):
+        errors.append(f"{where}.{key}: expected an object, got {type(section).__name__}")
+        section = {}
+    unknown = sorted(set(section) - set(kinds))
+    if unknown:
+        errors.append(f"{where}.{key}: unknown kinds {unknown}")
+    return section
+
+
 def _validate_knowledge(graph: dict, where: str, errors: list[str]) -> tuple[set[str], set[str]]:
     """Check objects, sub_actions and relations; return the normalized object / sub-action sets."""
     objects = _string_list(graph.get("objects", []), f"{where}.objects", errors)
@@ -115,13 +128,7 @@ def _validate_knowledge(graph: dict, where: str, errors: list[str]) -> tuple[set
         "action_action": (action_keys, action_keys, "sub_actions", "sub_actions"),
     }
 
-    relations = graph.get("relations", {})
-    if not isinstance(relations, dict):
-        errors.append(f"{where}.relations: expected an object, got {type(relations).__name__}")
-        relations = {}
-    unknown = sorted(set(relations) - set(RELATION_MINIMUMS))
-    if unknown:
-        errors.append(f"{where}.relations: unknown kinds {unknown}")
+    relations = _kinds_section(graph, "relations", RELATION_MINIMUMS, where, errors)
     for kind, minimum in RELATION_MINIMUMS.items():
         triples = relations.get(kind)
         rwhere = f"{where}.relations.{kind}"
@@ -182,13 +189,7 @@ def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
 
     object_keys, action_keys = _validate_knowledge(graph, where, errors)
 
-    prompts = graph.get("prompts", {})
-    if not isinstance(prompts, dict):
-        errors.append(f"{where}.prompts: expected an object, got {type(prompts).__name__}")
-        prompts = {}
-    unknown = sorted(set(prompts) - set(PROMPT_MINIMUMS))
-    if unknown:
-        errors.append(f"{where}.prompts: unknown kinds {unknown}")
+    prompts = _kinds_section(graph, "prompts", PROMPT_MINIMUMS, where, errors)
     for kind, minimum in PROMPT_MINIMUMS.items():
         pwhere = f"{where}.prompts.{kind}"
         sentences = _string_list(prompts.get(kind, []), pwhere, errors)
