@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("av")
 
 from stdd.data import PyAVDecoder, VideoDecodeError  # noqa: E402
-from stdd.data.decoders import FrameIndexCache, build_frame_index  # noqa: E402
+from stdd.data.decoders import DecodedFrameCache, FrameIndexCache, build_frame_index, shared_frame_cache  # noqa: E402
 
 from coded_video import decode_all, index_coded_frames, read_codes, write_video  # noqa: E402
 
@@ -63,13 +63,15 @@ def clip_requests(count):
 
 
 @pytest.mark.parametrize("name", ["mp4", "vfr.mp4", "start.mkv", "start_vfr.webm", "ts", "gif", "avi"])
-# uncached: each decode indexes the file in the container it then seeks in; cached: a fresh open
-@pytest.mark.parametrize("seek_gap_frames,index_cache_size", [(4, 0), (48, 1024)])
-def test_any_start_gives_the_sequential_decode_frames(variants, name, seek_gap_frames, index_cache_size):
+# uncached: each decode indexes the file in the container it then seeks in; cached: a fresh open;
+# with the frame cache: every clip cut from one decode of the whole file
+@pytest.mark.parametrize("seek_gap_frames,index_cache_size,frame_cache_mb", [(4, 0, 0), (48, 1024, 0), (48, 0, 64)])
+def test_any_start_gives_the_sequential_decode_frames(variants, name, seek_gap_frames, index_cache_size, frame_cache_mb):
     path, expected_codes = variants[name]
     reference = decode_all(path)
     assert np.array_equal(read_codes(reference), expected_codes)  # the reference is what was encoded
-    decoder = PyAVDecoder(seek_gap_frames=seek_gap_frames, index_cache_size=index_cache_size)
+    decoder = PyAVDecoder(seek_gap_frames=seek_gap_frames, index_cache_size=index_cache_size,
+                          frame_cache_mb=frame_cache_mb)
     info = decoder.probe(path)
     assert info.num_frames == len(reference) == len(expected_codes)
     for indices in clip_requests(info.num_frames):
@@ -198,6 +200,70 @@ def test_the_index_is_cached_until_the_file_changes(tmp_path, monkeypatch):
     assert isinstance(decoder.index_cache, FrameIndexCache)
     # the cached index is the one a fresh pass builds
     assert decoder.index(paths[2]).info == build_frame_index(paths[2]).info
+
+
+def test_the_frame_cache_decodes_a_file_once_and_stays_within_its_budget(tmp_path, monkeypatch):
+    decoded = []  # the files a decoding pass ran on
+    real = PyAVDecoder._decode
+    monkeypatch.setattr(PyAVDecoder, "_decode", lambda self, path, wanted: decoded.append(path) or real(self, path, wanted))
+    paths = [tmp_path / f"{count}.mp4" for count in (20, 30, 40)]
+    for path, count in zip(paths, (20, 30, 40)):
+        write_video(path, index_coded_frames(count, width=48))
+    one_video = 30 * 32 * 48 * 3  # bytes of the 30-frame file's frames
+    decoder = PyAVDecoder(frame_cache=DecodedFrameCache(int(2.5 * one_video)))  # room for two of the three
+    reference = decode_all(paths[1])
+    for indices in (np.array([0, 5, 29]), np.array([[3, 3], [1, 0]]), np.array([29])):
+        clip = decoder.decode(paths[1], indices)
+        assert np.array_equal(clip.frames, reference[indices]) and clip.indices.shape == indices.shape
+        clip.frames[...] = 0  # the caller's copy: the cached frames are not touched
+    assert decoded == [paths[1]]  # three clips, one decoding pass
+    assert np.array_equal(decoder.decode(paths[1], np.arange(30)).frames, reference)
+    decoder.decode(paths[0], np.array([0]))
+    decoder.decode(paths[2], np.array([0]))  # over budget: the least recently used video goes
+    assert len(decoder.frame_cache) == 2 and decoder.frame_cache.bytes <= decoder.frame_cache.max_bytes
+    decoder.decode(paths[1], np.array([0]))
+    assert decoded == [paths[1], paths[0], paths[2], paths[1]]
+    write_video(paths[1], index_coded_frames(25, width=48))  # a changed file is decoded again
+    os.utime(paths[1], ns=(os.stat(paths[1]).st_atime_ns, os.stat(paths[1]).st_mtime_ns + 10**9))
+    assert decoder.decode(paths[1], np.array([24])).info.num_frames == 25 and len(decoded) == 5
+    with pytest.raises(ValueError, match=r"frame index 25 out of range"):
+        decoder.decode(paths[1], np.array([25]))
+    with pytest.raises(ValueError, match=r"frame_cache_mb: expected a size in MiB >= 0"):
+        PyAVDecoder(frame_cache_mb=-1)
+    # frame_cache_mb: one cache for the whole process, keyed by output size too
+    first, second, smaller = (PyAVDecoder(frame_cache_mb=1), PyAVDecoder(frame_cache_mb=2),
+                              PyAVDecoder(frame_cache_mb=1, short_side=16))
+    assert first.frame_cache is second.frame_cache is smaller.frame_cache is shared_frame_cache(0)
+    assert first.frame_cache.max_bytes >= 2 * 2**20
+    decoded.clear()
+    first.decode(paths[0], np.array([3]))
+    assert np.array_equal(second.decode(paths[0], np.array([3])).frames, first.decode(paths[0], np.array([3])).frames)
+    assert smaller.decode(paths[0], np.array([3])).frames.shape == (1, 16, 24, 3)
+    assert decoded == [paths[0], paths[0]]  # once per output size
+
+
+def test_with_the_frame_cache_broken_files_fail_as_without_it(tmp_path):
+    plain, cached = PyAVDecoder(), PyAVDecoder(frame_cache=DecodedFrameCache(64 * 2**20))
+    frames = index_coded_frames(200, width=48, offset=1)
+    full_mp4, full_ts = tmp_path / "full.mp4", tmp_path / "full.ts"
+    write_video(full_mp4, frames, container_options={"movflags": "+faststart"})
+    write_video(full_ts, frames)
+    cut_mp4, cut_ts = tmp_path / "cut.mp4", tmp_path / "cut.ts"
+    for full, cut in ((full_mp4, cut_mp4), (full_ts, cut_ts)):
+        cut.write_bytes(full.read_bytes()[: int(full.stat().st_size * 0.6)])
+    (tmp_path / "garbage.mp4").write_bytes(b"not a video" * 100)
+    for name in ("cut.mp4", "garbage.mp4", "missing.mp4"):
+        reasons = []
+        for decoder in (plain, cached):
+            with pytest.raises(VideoDecodeError, match=name) as caught:
+                decoder.decode(tmp_path / name, np.array([0]))
+            reasons.append(caught.value.reason)
+        assert reasons[0] == reasons[1], name
+    assert len(cached.frame_cache) == 0
+    count = plain.probe(cut_ts).num_frames  # a cut transport stream is a shorter video: it is cached
+    indices = np.array([0, count // 2, count - 1])
+    assert np.array_equal(cached.decode(cut_ts, indices).frames, plain.decode(cut_ts, indices).frames)
+    assert len(cached.frame_cache) == 1
 
 
 def test_a_longer_audio_track_is_not_truncation(tmp_path):

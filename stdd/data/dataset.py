@@ -95,6 +95,8 @@ class VideoDataset(Dataset):
     one view; otherwise evenly spaced temporal views and centre (or 3) crops. short_side: frames are
     decoded with their shorter side resized to this (default crop_size); training then takes a
     random-resized crop of it, evaluation centre/three crops. scale: area range of the random crop.
+    frame_cache_mb: keep whole decoded videos in memory, at most this many MiB per process (0: off; see
+    `stdd.data.decoders`); the clips are the same with and without it.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class VideoDataset(Dataset):
         max_replacements: int = 10,
         seed: int = 0,
         decoder: PyAVDecoder | None = None,
+        frame_cache_mb: float = 0,
     ):
         if on_error not in ON_ERROR_POLICIES:
             raise ValueError(f"on_error: expected one of {ON_ERROR_POLICIES}, got {on_error!r}")
@@ -133,7 +136,10 @@ class VideoDataset(Dataset):
         self.max_replacements = max_replacements
         self.seed = seed
         self.epoch = 0
-        self.decoder = decoder if decoder is not None else PyAVDecoder(short_side=self.short_side)
+        if decoder is not None and frame_cache_mb:
+            raise ValueError("frame_cache_mb: give it to the decoder you pass (PyAVDecoder(frame_cache_mb=...))")
+        self.decoder = decoder if decoder is not None else PyAVDecoder(short_side=self.short_side,
+                                                                       frame_cache_mb=frame_cache_mb)
 
     def __len__(self) -> int:
         return len(self.records)

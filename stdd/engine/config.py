@@ -32,6 +32,7 @@ from ..files import atomic_write
 from ..model.alignment import SCORE_MODES
 from ..model.stca_settings import STCASettings
 from ..model.stdd_model import DISTILL_WEIGHT
+from ..model.text_encoder import TEXT_FEATURE_SOURCES
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "demo"
@@ -81,6 +82,9 @@ class TextConfig:
     prompts: str = "templates"  # templates | askg (shipped ASKG prompts) | dataset (its prompts.json) | a file
     cache_dir: Optional[str] = None  # text-feature cache directory; null: no cache
     with_templates: bool = False  # add the template sentences to file / ASKG prompts
+    # encoder: the frozen text tower reads the prompts (the paper) | orthogonal: a fixed orthonormal vector per
+    # class, prompts unread (stand-in for a pretrained tower when training from random weights: the demo)
+    features: str = "encoder"
 
 
 @dataclass
@@ -118,6 +122,7 @@ class DataConfig:
     horizontal_flip: bool = True  # random horizontal flips in training
     batch_size: int = 4  # clips per process and step
     num_workers: int = 2  # decoding worker processes (0: in the main process)
+    frame_cache_mb: float = 0  # PyAV: keep whole decoded videos in memory, MiB per process; 0: off
     on_missing: str = "skip"  # listed videos that do not exist: skip (counted) | fail
     on_error: str = "skip"  # videos that do not decode: skip (counted, replaced in training) | fail
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
@@ -196,6 +201,7 @@ VALUE_RANGES: dict[str, tuple[str, Any]] = {
     "data.short_side": _POSITIVE_INT,
     "data.batch_size": _POSITIVE_INT,
     "data.num_workers": ("an integer >= 0", lambda v: v >= 0),
+    "data.frame_cache_mb": _NON_NEGATIVE,
     "optim.lr": _POSITIVE,
     "optim.reference_batch": _POSITIVE_INT,
     "optim.weight_decay": _NON_NEGATIVE,
@@ -215,6 +221,7 @@ VALUE_RANGES: dict[str, tuple[str, Any]] = {
     "eval.n_spatial_crops": ("1 or 3", lambda v: v in (1, 3)),
     "eval.batch_size": _POSITIVE_INT,
     "loss.distillation_weight": _NON_NEGATIVE,
+    "text.features": (" or ".join(TEXT_FEATURE_SOURCES), lambda v: v in TEXT_FEATURE_SOURCES),
 }
 
 
