@@ -148,7 +148,7 @@ def predict(
             f"model.pretrained=<a local CLIP checkpoint file>, or the open_clip weights of tag "
             f"{cfg.model.pretrained!r} in the local cache (downloaded once where the hub is reachable)"
         ) from error
-    features = text_features_for(text, class_prompts, cfg.text.cache_dir)
+    features = text_features_for(text, class_prompts, cfg.text)
     dataset = build_video_dataset(
         cfg, None, training=False, records=[VideoRecord(path, -1) for path in paths],
         n_temporal_views=cfg.eval.n_temporal_views, n_spatial_crops=cfg.eval.n_spatial_crops,

@@ -132,3 +132,40 @@ def test_checkpoint_weights_key_the_cache(tmp_path):
     prompts = {"archery": ["archery."]}
     assert not encoder.class_features(prompts, cache_dir=tmp_path / "c").cache_hit
     assert TextEncoder.from_pretrained(TINY, str(path)).class_features(prompts, cache_dir=tmp_path / "c").cache_hit
+
+
+def test_orthogonal_class_features_are_a_fixed_orthonormal_set_per_class_list():
+    from stdd.model import orthogonal_class_features
+
+    prompts = {"moving left": ["a", "b"], "moving right": ["c"], "growing": ["d", "e", "f"]}
+    features = orthogonal_class_features(prompts, 8)
+    assert features.features.shape == (3, 1, 8) and features.mask.all() and features.cache_path is None
+    assert features.class_names == tuple(prompts) and features.prompts == (("a", "b"), ("c",), ("d", "e", "f"))
+    flat = features.features[:, 0].double()
+    assert torch.allclose(flat @ flat.T, torch.eye(3, dtype=torch.float64), atol=1e-6)
+    # a function of the class list only: the same in any process, whatever the prompts or the global seed
+    torch.manual_seed(123)
+    again = orthogonal_class_features({name: ["other"] for name in prompts}, 8)
+    assert torch.equal(again.features, features.features)
+    # the first class's vector is its own draw, normalised (the later ones are orthogonalised against it)
+    expected = torch.randn(8, generator=torch.Generator().manual_seed(int.from_bytes(
+        __import__("hashlib").sha256(b"moving left").digest()[:8], "little")), dtype=torch.float64)
+    assert torch.allclose(flat[0], expected / expected.norm(), atol=1e-6)
+    assert not torch.allclose(orthogonal_class_features({"growing": ["x"]}, 8).features[0], features.features[0])
+    with pytest.raises(ValueError, match="3 classes need a feature width >= 3, the model's is 2"):
+        orthogonal_class_features(prompts, 2)
+
+
+def test_text_features_config_picks_the_source_for_training_and_evaluation():
+    pytest.importorskip("omegaconf")
+    from stdd.engine.config import load_config
+    from stdd.engine.task import text_features_for
+    from stdd.model import orthogonal_class_features
+
+    encoder = _encoder()
+    prompts = {"moving left": ["an object slides leftwards."], "moving right": ["an object slides rightwards."]}
+    from_tower = text_features_for(encoder, prompts, load_config("demo", ["text.features=encoder"]).text)
+    assert torch.allclose(from_tower.features[:, 0], encoder.encode([p[0] for p in prompts.values()]))
+    orthogonal = text_features_for(encoder, prompts, load_config("demo", ["text.features=orthogonal"]).text)
+    assert torch.equal(orthogonal.features, orthogonal_class_features(prompts, encoder.output_dim).features)
+    assert encoder.output_dim == from_tower.features.shape[-1] == 32

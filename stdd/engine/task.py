@@ -149,7 +149,16 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
     return prompts
 
 
-def text_features_for(text_encoder, prompts: dict, cache_dir) -> "object":
+def text_features_for(text_encoder, prompts: dict, text_cfg) -> "object":
+    """The class features of ``prompts`` as the ``text`` config section says (``features``, ``cache_dir``):
+    what training, evaluation and prediction all use."""
+    from ..model import TEXT_FEATURE_SOURCES, orthogonal_class_features
+
+    if text_cfg.features not in TEXT_FEATURE_SOURCES:
+        raise ConfigError(f"text.features={text_cfg.features!r}: expected one of {', '.join(TEXT_FEATURE_SOURCES)}")
+    if text_cfg.features == "orthogonal":
+        return orthogonal_class_features(prompts, text_encoder.output_dim)
+    cache_dir = text_cfg.cache_dir
     cache = None if cache_dir in (None, "", "null") else os.path.expanduser(str(cache_dir))
     return text_encoder.class_features(prompts, cache_dir=cache)
 
@@ -240,6 +249,7 @@ def build_video_dataset(cfg: DictConfig, spec: Optional[DataSpec], *, training: 
 
     options = _clip_options(cfg, training=training, n_temporal_views=n_temporal_views,
                             n_spatial_crops=n_spatial_crops)
+    options["frame_cache_mb"] = cfg.data.frame_cache_mb  # PyAV only (DALI decodes on the GPU)
     if records is not None:
         return build_dataset(records=records, **options)
     return build_dataset(str(spec.annotation_file), **_annotation_options(spec), **options)
@@ -280,7 +290,7 @@ class TrainingTask:
         self.class_names = self.train_spec.class_names
         prompts = build_prompts(cfg.text.prompts, self.class_names, dataset=self.train_spec.dataset_key,
                                 dataset_prompts=self.train_spec.prompts_file, with_templates=cfg.text.with_templates)
-        features = text_features_for(text_encoder, prompts, cfg.text.cache_dir)
+        features = text_features_for(text_encoder, prompts, cfg.text)
         del text_encoder  # frozen and no longer needed: training reads the cached features
         self.module = TrainingModule(model, features.features, features.mask)
         # The one source of training phases (None for the frame-only baseline, which has no phases).
@@ -326,8 +336,9 @@ class TrainingTask:
     def load_student_state_dict(self, state: dict) -> None:
         load_student_state_dict(self.module.model, state)
 
-    def evaluate(self, module: nn.Module, context) -> dict:
-        """Top-1/top-5 (%) on the validation split with the training classes (single process view)."""
+    def evaluate(self, module: nn.Module, context, *, details: bool = False) -> dict:
+        """Top-1/top-5 (%) on the validation split with the training classes (single process view);
+        ``details``: also ``labels`` and ``predictions`` (class index per evaluated video, as lists)."""
         from .evaluation import score_dataset
 
         evaluation = self.cfg.eval
@@ -345,7 +356,10 @@ class TrainingTask:
 
         split = ZeroShotSplit("val", tuple(range(len(self.class_names))))
         metrics = evaluate_split(result.view_scores, result.labels, split, aggregation=evaluation.aggregation)
-        return {"top1": metrics["top1"], "top5": metrics["top5"], "videos": metrics["num_videos"]}
+        out = {"top1": metrics["top1"], "top5": metrics["top5"], "videos": metrics["num_videos"]}
+        if details:
+            out.update(labels=metrics["labels"].tolist(), predictions=metrics["predictions"].tolist())
+        return out
 
 
 def build_training_task(cfg: DictConfig, device) -> TrainingTask:

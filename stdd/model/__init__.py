@@ -47,8 +47,10 @@ from .stca_settings import STCASettings
 from .stdd_model import STDDModel, STDDOutput, build_stdd
 from .text_encoder import (
     DEFAULT_TEMPLATES,
+    TEXT_FEATURE_SOURCES,
     ClassTextFeatures,
     TextEncoder,
+    orthogonal_class_features,
     template_prompts,
 )
 from .video_encoder import FrozenImageEncoder, VideoEncoder
@@ -56,6 +58,7 @@ from .video_encoder import FrozenImageEncoder, VideoEncoder
 __all__ = [
     "DEFAULT_TEMPLATES",
     "SCORE_MODES",
+    "TEXT_FEATURE_SOURCES",
     "TINY_MODEL_NAMES",
     "ClassTextFeatures",
     "ClipSource",
@@ -68,6 +71,7 @@ __all__ = [
     "STDDOutput",
     "TextEncoder",
     "VideoEncoder",
+    "orthogonal_class_features",
     "alignment_scores",
     "build_stdd",
     "classification_loss",

@@ -111,6 +111,34 @@ class ClassTextFeatures:
         return replace(self, features=self.features.to(device), mask=self.mask.to(device))
 
 
+TEXT_FEATURE_SOURCES = ("encoder", "orthogonal")  # what gives the class features (config: text.features)
+
+
+def orthogonal_class_features(prompts: Mapping[str, Sequence[str]], dim: int) -> ClassTextFeatures:
+    """One fixed unit vector per class, orthogonal to the other classes' (``dim >= K``); the prompts are not read.
+
+    A stand-in for the features of a pretrained text tower, for models trained from random weights (the
+    demo): a frozen *random* text tower maps every prompt to nearly the same direction, so the class features
+    it gives are hard to tell apart. The vectors are a function of the class list only: each class name seeds
+    a Gaussian vector (SHA-256 of the name), then they are orthonormalised in class order (QR), so a class
+    list gives the same features in training, evaluation and prediction. ``features (K, 1, E)``, all real.
+    """
+    names = list(prompts)
+    if not names:
+        raise ValueError("orthogonal class features: expected at least one class")
+    if len(names) > dim:
+        raise ValueError(f"orthogonal class features: {len(names)} classes need a feature width >= {len(names)}, "
+                         f"the model's is {dim}")
+    columns = []
+    for name in names:
+        seed = int.from_bytes(hashlib.sha256(name.encode("utf-8")).digest()[:8], "little")
+        columns.append(torch.randn(dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    basis, triangle = torch.linalg.qr(torch.stack(columns, dim=1))  # (E, K): orthonormal columns
+    basis = basis * torch.sign(torch.diagonal(triangle))  # the sign QR leaves open, fixed: each stays near its draw
+    features = basis.T.to(torch.float32).unsqueeze(1).contiguous()
+    return TextEncoder._result(prompts, features, torch.ones(len(names), 1, dtype=torch.bool), None, cache_hit=False)
+
+
 class TextEncoder(nn.Module):
     """The frozen open_clip text tower (eval mode, no grad) with a prompt-feature cache.
 
@@ -161,6 +189,11 @@ class TextEncoder(nn.Module):
     @property
     def device(self) -> torch.device:
         return next(self.clip.parameters()).device
+
+    @property
+    def output_dim(self) -> int:
+        """``E``, the width of the features (read off one encoded sentence: any tower, any projection)."""
+        return int(self.encode(["a"]).shape[1])
 
     @torch.no_grad()
     def encode(self, sentences: Sequence[str]) -> torch.Tensor:
