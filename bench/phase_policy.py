@@ -3,10 +3,12 @@
     python bench/phase_policy.py --out bench/results/phase_policy_<machine>.json [--work-dir DIR]
         [--policies paper,shuffle,release] [key=value ...]
 
-Trains the ``demo`` preset's STDD model (tiny open_clip ViT, synthetic motion classes) once per
-policy, with window-shift masking on (``mask_ratio=0.5``, ``channel_fold=4``: the demo preset
-itself uses ``mask_ratio=0``, where phases change nothing), same seed, data and budget, and
-evaluates each with the deterministic evaluation phases ``t mod K``. Policies:
+Trains an STDD model of the demo task (tiny open_clip ViT, synthetic motion classes) once per
+policy, with window-shift masking on, same seed, data and budget, and evaluates each with the
+deterministic evaluation phases ``t mod K``. The model is pinned to the one the recorded run used
+(``MASKING``: the ``demo`` preset of that time with masking switched on: the 4x4-grid
+``STDD-Tiny-ViT``, ``mask_ratio=0.5``, ``channel_fold=4``, text features from the frozen tower).
+Policies:
 
 - ``paper``: a random per-clip offset shared by every block (``shuffle_phases=false``,
   ``per_block_phases=false``; the ``k400_vitb16`` preset);
@@ -25,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,13 +35,17 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from provenance import git_commit  # noqa: E402
 
 POLICIES = {
     "paper": {"model.stca.shuffle_phases": "false", "model.stca.per_block_phases": "false"},
     "shuffle": {"model.stca.shuffle_phases": "true", "model.stca.per_block_phases": "false"},
     "release": {"model.stca.shuffle_phases": "true", "model.stca.per_block_phases": "true"},
 }
-MASKING = ["model.stca.mask_ratio=0.5", "model.stca.channel_fold=4"]
+MASKING = ["model.clip_name=STDD-Tiny-ViT", "model.stca.mask_ratio=0.5", "model.stca.channel_fold=4",
+           "text.features=encoder", "optim.epochs=28"]
 
 
 def sampler_seconds(policy: str, repeats: int = 50) -> float:
@@ -92,8 +97,7 @@ def main() -> int:
         "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__},
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
-        "git_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                                     text=True).stdout.strip() or None,
+        "git_commit": git_commit(("stdd", "stdd_kernels", "bench"))["commit"],
     }
     Path(args.out).write_text(json.dumps(record, indent=1) + "\n")
     return 0

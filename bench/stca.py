@@ -80,7 +80,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -89,14 +88,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(ROOT / "bench"))  # its helper modules, also when loaded from a file by the tests
 
 import torch  # noqa: E402
 
+from provenance import COMMIT_ENV_VAR, git_commit  # noqa: E402,F401  (COMMIT_ENV_VAR: in the record docs)
 import stdd_kernels  # noqa: E402
 from stdd_kernels.geometry import MIXING_MODES, make_geometry  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-COMMIT_ENV_VAR = "STDD_GIT_COMMIT"  # the commit of a checkout without .git, given by whoever copied it
 
 # ---------------------------------------------------------------------------
 # Timing
@@ -646,22 +646,6 @@ def _add_ratios(row: dict, results: list[dict]) -> None:
 # ---------------------------------------------------------------------------
 
 
-def git_commit() -> dict:
-    """The checkout's commit from git, or from ``STDD_GIT_COMMIT`` where there is no git checkout."""
-
-    def git(*args):
-        try:
-            result = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return result.stdout.strip() if result.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if commit:
-        dirty = git("status", "--porcelain", "--", "stdd_kernels", "bench", "stdd/model", "csrc")
-        return {"commit": commit, "dirty": bool(dirty), "source": "git"}
-    given = os.environ.get(COMMIT_ENV_VAR) or None
-    return {"commit": given, "dirty": None, "source": COMMIT_ENV_VAR if given else None}
 
 
 def environment(device: torch.device) -> dict:

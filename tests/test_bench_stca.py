@@ -108,7 +108,7 @@ def test_commit_comes_from_the_environment_without_git(bench, monkeypatch):
     def no_git(*args, **kwargs):
         raise FileNotFoundError("git")
 
-    monkeypatch.setattr(bench.subprocess, "run", no_git)
+    monkeypatch.setattr(subprocess, "run", no_git)  # what bench/provenance.py runs git with
     monkeypatch.setenv(bench.COMMIT_ENV_VAR, "0123abc")
     assert bench.git_commit() == {"commit": "0123abc", "dirty": None, "source": bench.COMMIT_ENV_VAR}
     monkeypatch.delenv(bench.COMMIT_ENV_VAR)
