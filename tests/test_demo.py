@@ -17,6 +17,7 @@ from test_train_resume import REPO, _env, tiny_overrides
 
 from stdd.engine import checkpoint as ckpt
 from stdd.engine import comparison
+from stdd.errors import UsageError
 
 TINY_DEMO = [
     "data.synthetic.videos_per_class=2", "data.synthetic.val_videos_per_class=1",
@@ -43,6 +44,19 @@ def test_demo_smoke_trains_both_variants_and_writes_the_table(tmp_path):
     frame_only_config = (tmp_path / "work" / "frame_only" / "config.yaml").read_text()
     assert "enabled: false" in frame_only_config
     assert summary["table"][0].split()[:3] == ["model", "top-1", "top-5"]
+    # the report: what the numbers mean, per class, and where every file is
+    report = "\n".join(summary["table"])
+    assert "chance is 50.0%" in report and "never its direction" in report
+    assert "window-shift masking 0.5 of each 2x2 window, continual mixing at scales (1, 2)" in report
+    for name, row in written["results"].items():
+        run = tmp_path / "work" / name
+        assert row["confusion_png"] == str(run / "confusion.png") and (run / "confusion.png").read_bytes()[:4] == b"\x89PNG"
+        per_class = (run / "per_class.csv").read_text().splitlines()
+        assert per_class[0] == "class,videos,correct,top1_accuracy" and len(per_class) == 3
+        assert set(row["per_class_top1"]) == {"moving left", "moving right"}
+        assert sum(row["per_class_top1"].values()) / 2 == pytest.approx(row["top1"], abs=0.01)  # one video each
+        assert f"{name}: {run} (config.yaml, metrics.jsonl, final.pt); confusion matrix {run / 'confusion.png'}" in report
+    assert "TensorBoard" not in report  # run.tensorboard=false: no logs to point at
 
     # a second demo in the same directory starts its own (marked) runs over
     for name in comparison.VARIANTS:
@@ -50,6 +64,26 @@ def test_demo_smoke_trains_both_variants_and_writes_the_table(tmp_path):
     (tmp_path / "work" / "stdd" / "left-over").write_text("from the first demo")
     again = comparison.run_demo(str(tmp_path / "work"), TINY_DEMO, quiet=True)
     assert again["results"]["stdd"]["steps"] == 2 and not (tmp_path / "work" / "stdd" / "left-over").exists()
+
+
+def test_the_demo_preset_is_the_papers_stca_and_no_masking_is_a_variant(tmp_path):
+    from stdd.engine.config import load_config
+    from stdd.model import STCASettings
+
+    paper, defaults = load_config("demo").model.stca, STCASettings()
+    assert (tuple(paper.window), paper.mask_ratio, tuple(paper.scales), paper.mixing, paper.mask_rounding) == (
+        defaults.window, defaults.mask_ratio, defaults.scales, defaults.mixing, defaults.mask_rounding)
+    assert (tuple(paper.window), paper.mask_ratio, tuple(paper.scales), paper.mixing) == ((2, 2), 0.5, (1, 2), "continual")
+    assert load_config("demo_no_masking").model.stca.mask_ratio == 0.0
+
+    summary = comparison.run_demo(str(tmp_path / "work"), TINY_DEMO, quiet=True, variant="no-masking")
+    assert summary["variant"] == "no-masking" and summary["config"]["model"]["stca"]["mask_ratio"] == 0.0
+    assert "no window-shift masking" in "\n".join(summary["table"])
+    with pytest.raises(UsageError, match="--variant 'papr': expected one of paper, no-masking"):
+        comparison.run_demo(str(tmp_path / "other"), TINY_DEMO, quiet=True, variant="papr")
+    assert not (tmp_path / "other").exists()
+    result = _demo(["--variant", "papr", "--work-dir", str(tmp_path / "other")])
+    assert result.returncode == 2 and "papr" in result.stderr and not (tmp_path / "other").exists()
 
 
 def _demo(args, **kwargs):

@@ -53,6 +53,11 @@ VARIANTS = {
     "frame_only": {"model.stca.enabled": False},
 }
 
+# --variant -> the preset both runs start from. "paper": the paper's STCA (window-shift masking 0.5 of every
+# 2x2 window, continual mixing at scales (1, 2)); "no-masking": the earlier demo, masking off.
+DEMO_VARIANTS = {"paper": "demo", "no-masking": "demo_no_masking"}
+DEFAULT_VARIANT = "paper"
+
 
 def _machine() -> dict:
     return {
@@ -112,7 +117,8 @@ def prepare_run_directory(directory: Path, resume: bool, say=print) -> Optional[
 
 def train_and_evaluate(cfg, *, quiet: bool = False, resume: Optional[str] = None) -> dict:
     """Train ``cfg`` into ``cfg.run.output_dir`` (from scratch, or continued with ``resume="auto"``), evaluate
-    on its validation set: one result row."""
+    on its validation set, write ``per_class.csv`` and ``confusion.png`` there: one result row."""
+    from .metrics import confusion_matrix, per_class_accuracy, plot_confusion_matrix, write_per_class_csv
     from .trainer import Trainer
 
     start = time.time()
@@ -121,51 +127,111 @@ def train_and_evaluate(cfg, *, quiet: bool = False, resume: Optional[str] = None
     try:
         trained = trainer.train()
         train_seconds = time.time() - start
-        evaluation = trainer.evaluate()
+        evaluation = trainer.evaluate(details=True)
+        class_names = list(trainer.task.class_names)
     finally:
         trainer.close()
     history = trained["history"]
+    run_directory = Path(cfg.run.output_dir)
+    matrix = confusion_matrix(torch.tensor(evaluation["val_labels"]), torch.tensor(evaluation["val_predictions"]),
+                              len(class_names))
+    accuracy, _ = per_class_accuracy(matrix)
+    write_per_class_csv(run_directory / "per_class.csv", class_names, matrix)
+    plot_confusion_matrix(run_directory / "confusion.png", matrix, class_names,
+                          title=f"{run_directory.name}: top-1 {evaluation['val_top1']:.1f}%")
     return {
         "top1": evaluation["val_top1"],
         "top5": evaluation["val_top5"],
         "val_videos": evaluation["val_videos"],
+        "per_class_top1": {name: round(float(value), 2) for name, value in zip(class_names, accuracy)},
         "train_accuracy_last_epoch": history[-1].get("train_accuracy") if history else None,
         "train_loss_last_epoch": history[-1].get("train_loss") if history else None,
         "epochs": trained["epochs_done"],
         "steps": trained["global_step"],
         "train_seconds": round(train_seconds, 1),
         "seconds": round(time.time() - start, 1),
-        "run_directory": str(cfg.run.output_dir),
+        "run_directory": str(run_directory),
+        "per_class_csv": str(run_directory / "per_class.csv"),
+        "confusion_png": str(run_directory / "confusion.png"),
+        "tensorboard": str(run_directory / "tensorboard") if cfg.run.tensorboard else None,
         "resumed_from": str(resumed[0]) if resumed else None,  # times then cover only the rest of the run
     }
 
 
+def _stca_setting(cfg) -> str:
+    stca = cfg.model.stca
+    if float(stca.mask_ratio) == 0.0:
+        masking = "no window-shift masking"
+    else:
+        masking = f"window-shift masking {float(stca.mask_ratio):g} of each {stca.window[0]}x{stca.window[1]} window"
+    return (f"{masking}, {stca.mixing} mixing at scales {tuple(stca.scales)}, channel fold {stca.channel_fold}")
+
+
+def report_lines(summary: dict) -> list[str]:
+    """The end-of-demo report: the table, what the numbers mean, where the files are."""
+    rows = summary["results"]
+    lines = [
+        f"{'model':<12} {'top-1':>7} {'top-5':>7} {'train acc':>10} {'steps':>6} {'seconds':>8}",
+        *[
+            f"{name:<12} {row['top1']:>7.2f} {row['top5']:>7.2f} "
+            f"{(row['train_accuracy_last_epoch'] or float('nan')):>10.2f} {row['steps']:>6d} {row['seconds']:>8.1f}"
+            for name, row in rows.items()
+        ],
+        f"STDD - frame-only top-1: {summary['stca_minus_frame_only_top1']:+.2f} points; total "
+        f"{summary['total_seconds']:.0f} s on {summary['machine']['cpu_count']} CPU core(s)",
+        "",
+        f"What it means: top-1 on {rows['stdd']['val_videos']} held-out videos of {len(summary['classes'])} classes "
+        f"defined only by motion; chance is {summary['chance_top1']:.1f}%. The frame-only model encodes every frame "
+        "on its own, so it can at best tell the kind of motion (a translation, a rotation, a change of size) from "
+        "how the frames differ as a set, never its direction (left from right, clockwise from counterclockwise, "
+        "growing from shrinking). STDD's blocks mix channels between neighbouring frames "
+        f"({summary['stca']}), which is what lets it see the direction.",
+        "",
+        f"{'per class top-1':<28}" + "".join(f"{name:>12}" for name in rows),
+        *[f"{cls:<28}" + "".join(f"{rows[name]['per_class_top1'][cls]:>12.1f}" for name in rows)
+          for cls in summary["classes"]],
+        "",
+    ]
+    for name, row in rows.items():
+        lines.append(f"{name}: {row['run_directory']} (config.yaml, metrics.jsonl, final.pt); confusion matrix "
+                     f"{row['confusion_png']}, per class {row['per_class_csv']}")
+    if any(row["tensorboard"] for row in rows.values()):
+        lines.append(f"TensorBoard: tensorboard --logdir {summary['work_dir']}")
+    return lines
+
+
 def run_demo(work_dir: str = WORK_DIR, overrides: Sequence[str] = (), out: Optional[str] = None,
-             quiet: bool = False, resume: bool = False) -> dict:
-    """Train and evaluate both variants; ``resume``: continue the runs a killed demo left in ``work_dir``."""
+             quiet: bool = False, resume: bool = False, variant: str = DEFAULT_VARIANT) -> dict:
+    """Train and evaluate STDD and frame-only with the ``variant``'s preset (:data:`DEMO_VARIANTS`);
+    ``resume``: continue the runs a killed demo left in ``work_dir``."""
     from .task import prepare_synthetic
 
+    if variant not in DEMO_VARIANTS:
+        raise UsageError(f"--variant {variant!r}: expected one of {', '.join(DEMO_VARIANTS)}")
     start = time.time()
     work = Path(os.path.expanduser(work_dir))
-    base = load_config("demo", [f"data.root={work / 'data'}", *overrides])
+    base = load_config(DEMO_VARIANTS[variant], [f"data.root={work / 'data'}", *overrides])
     for name in VARIANTS:  # before any work: a directory that is not the demo's stops it now, untouched
         prepare_run_directory(work / name, resume=True)
     generation_start = time.time()
     dataset = prepare_synthetic(base)
     generation_seconds = time.time() - generation_start
+
+    def say(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
     rows = {}
     for name, settings in VARIANTS.items():
         cfg = apply_overrides(base, [f"{key}={value}" for key, value in settings.items()]
                               + [f"run.output_dir={work / name}"])
-        def say(text: str) -> None:
-            print(text, file=sys.stderr, flush=True)
-
         resume_from = prepare_run_directory(work / name, resume, say=say)
         if not quiet:
             say(f"[demo] training {name} ({'STCA on' if settings['model.stca.enabled'] else 'STCA off'})")
         rows[name] = train_and_evaluate(cfg, quiet=quiet, resume=resume_from)
     summary = {
-        "task": "synthetic motion classes (8), held-out videos",
+        "task": "synthetic motion classes, held-out videos",
+        "variant": variant,
+        "stca": _stca_setting(base),
         "classes": list(dataset.class_names),
         "model": str(base.model.clip_name),
         "frames": int(base.data.num_frames),
@@ -176,22 +242,12 @@ def run_demo(work_dir: str = WORK_DIR, overrides: Sequence[str] = (), out: Optio
         "chance_top1": round(100.0 / len(dataset.class_names), 2),
         "data_generation_seconds": round(generation_seconds, 1),
         "total_seconds": round(time.time() - start, 1),
+        "work_dir": str(work),
         "machine": _machine(),
         "config": OmegaConf.to_container(base, resolve=True),
     }
-    table = [
-        f"{'model':<12} {'top-1':>7} {'top-5':>7} {'train acc':>10} {'steps':>6} {'seconds':>8}",
-        *[
-            f"{name:<12} {row['top1']:>7.2f} {row['top5']:>7.2f} "
-            f"{(row['train_accuracy_last_epoch'] or float('nan')):>10.2f} {row['steps']:>6d} {row['seconds']:>8.1f}"
-            for name, row in rows.items()
-        ],
-        f"STCA - frame-only top-1: {summary['stca_minus_frame_only_top1']:+.2f} points "
-        f"(chance {summary['chance_top1']:.1f}); total {summary['total_seconds']:.0f} s on "
-        f"{summary['machine']['cpu_count']} CPU core(s)",
-    ]
-    summary["table"] = table
-    print("\n".join(table))
+    summary["table"] = report_lines(summary)
+    print("\n".join(summary["table"]))
     if out:
         atomic_write(out, json.dumps(summary, indent=2) + "\n")
         print(f"summary written to {out}")

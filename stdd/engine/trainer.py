@@ -463,11 +463,12 @@ class Trainer:
             if not in_sync:
                 raise RuntimeError("DDP replicas hold different parameters after training")
 
-    def evaluate(self) -> dict:
-        """Top-1 of the current weights on the validation set (if the task has one)."""
+    def evaluate(self, *, details: bool = False) -> dict:
+        """Top-1 of the current weights on the validation set (if the task has one); ``details``: also
+        the label and prediction of every video (``val_labels``, ``val_predictions``)."""
         if getattr(self.task, "val_dataset", None) is None:
             return {}
-        metrics = self.task.evaluate(self.module, self.context)
+        metrics = self.task.evaluate(self.module, self.context, details=details)
         self.module.train()
         self.task.set_train_mode(self.module)
         return {f"val_{k}": v for k, v in metrics.items()}
