@@ -46,7 +46,7 @@ def test_demo_smoke_trains_both_variants_and_writes_the_table(tmp_path):
     assert summary["table"][0].split()[:3] == ["model", "top-1", "top-5"]
     # the report: what the numbers mean, per class, and where every file is
     report = "\n".join(summary["table"])
-    assert "chance is 50.0%" in report and "never its direction" in report
+    assert "chance is 50.0%" in report and "never its direction (moving left from moving right)" in report
     assert "window-shift masking 0.5 of each 2x2 window, continual mixing at scales (1, 2)" in report
     for name, row in written["results"].items():
         run = tmp_path / "work" / name

@@ -2,18 +2,20 @@
 
 :func:`run_demo`:
 
-1. generates the synthetic motion set (``stdd.data.synthetic``: 8 classes defined only by
-   motion -- moving left/right/up/down, rotating clockwise/counter-clockwise, growing/
-   shrinking -- with random shape, colour, position and speed; a single frame does not
-   reveal the class);
-2. trains STDD (tiny open_clip ViT from random weights, STCA on) with the ``demo`` preset;
+1. generates the synthetic motion set (``stdd.data.synthetic``: classes defined only by motion,
+   with random shape, colour, position and speed; a single frame does not reveal the class). The
+   ``paper`` variant (preset ``demo``) uses six of the eight: moving left/right/up/down, growing,
+   shrinking; ``no-masking`` (preset ``demo_no_masking``) all eight, with the two rotations;
+2. trains STDD (tiny open_clip ViT from random weights, every block an STCA block) with the preset;
 3. trains the frame-only baseline: the same model and budget with STCA off
    (``model.stca.enabled=false``: open_clip's own blocks on every frame);
-4. evaluates both on the held-out videos and prints / writes a small table.
+4. evaluates both on the held-out videos, writes ``per_class.csv`` and ``confusion.png`` into each
+   run directory and prints the report: a table, per-class top-1, what the numbers mean, where
+   the files are.
 
 The frame-only model sees every frame but never two frames together, so it cannot tell
-left from right or clockwise from counter-clockwise; STCA mixes channels between
-neighbouring frames inside each block, which is what lets the model see motion.
+left from right or growing from shrinking; STCA mixes channels between neighbouring frames
+inside each block, which is what lets the model see the direction of a motion.
 Overrides apply to both runs (e.g. ``optim.epochs=4``). The first run generates the videos
 under ``<work dir>/data`` (reused afterwards).
 
@@ -167,6 +169,18 @@ def _stca_setting(cfg) -> str:
     return (f"{masking}, {stca.mixing} mixing at scales {tuple(stca.scales)}, channel fold {stca.channel_fold}")
 
 
+def _opposites(classes: Sequence[str]) -> str:
+    """The pairs of the demo's classes that differ only in their direction, as the report names them."""
+    from ..data.synthetic import MOTION_CLASSES
+
+    pairs = []
+    for index, first in enumerate(classes):
+        for second in classes[index + 1:]:
+            if MOTION_CLASSES[first][0] == MOTION_CLASSES[second][0]:
+                pairs.append(f"{first} from {second}")
+    return ", ".join(pairs) or "none of these classes differ in direction only"
+
+
 def report_lines(summary: dict) -> list[str]:
     """The end-of-demo report: the table, what the numbers mean, where the files are."""
     rows = summary["results"]
@@ -182,10 +196,10 @@ def report_lines(summary: dict) -> list[str]:
         "",
         f"What it means: top-1 on {rows['stdd']['val_videos']} held-out videos of {len(summary['classes'])} classes "
         f"defined only by motion; chance is {summary['chance_top1']:.1f}%. The frame-only model encodes every frame "
-        "on its own, so it can at best tell the kind of motion (a translation, a rotation, a change of size) from "
-        "how the frames differ as a set, never its direction (left from right, clockwise from counterclockwise, "
-        "growing from shrinking). STDD's blocks mix channels between neighbouring frames "
-        f"({summary['stca']}), which is what lets it see the direction.",
+        "on its own, so it can at best tell the kind of motion (along which axis, a rotation, a change of size) "
+        f"from how the frames differ as a set, never its direction ({_opposites(summary['classes'])}). STDD's "
+        f"blocks mix channels between neighbouring frames ({summary['stca']}), which is what lets it see the "
+        "direction.",
         "",
         f"{'per class top-1':<28}" + "".join(f"{name:>12}" for name in rows),
         *[f"{cls:<28}" + "".join(f"{rows[name]['per_class_top1'][cls]:>12.1f}" for name in rows)
