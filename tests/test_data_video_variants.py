@@ -202,7 +202,7 @@ def test_the_index_is_cached_until_the_file_changes(tmp_path, monkeypatch):
     assert decoder.index(paths[2]).info == build_frame_index(paths[2]).info
 
 
-def test_the_frame_cache_decodes_a_file_once_and_stays_within_its_budget(tmp_path, monkeypatch):
+def test_the_frame_cache_decodes_a_file_once_and_stays_within_its_budget(tmp_path, monkeypatch, caplog):
     decoded = []  # the files a decoding pass ran on
     real = PyAVDecoder._decode
     monkeypatch.setattr(PyAVDecoder, "_decode", lambda self, path, wanted: decoded.append(path) or real(self, path, wanted))
@@ -221,6 +221,7 @@ def test_the_frame_cache_decodes_a_file_once_and_stays_within_its_budget(tmp_pat
     decoder.decode(paths[0], np.array([0]))
     decoder.decode(paths[2], np.array([0]))  # over budget: the least recently used video goes
     assert len(decoder.frame_cache) == 2 and decoder.frame_cache.bytes <= decoder.frame_cache.max_bytes
+    assert decoder.frame_cache.evicted == 1 and "decoded-frame cache full" in caplog.text
     decoder.decode(paths[1], np.array([0]))
     assert decoded == [paths[1], paths[0], paths[2], paths[1]]
     write_video(paths[1], index_coded_frames(25, width=48))  # a changed file is decoded again

@@ -36,7 +36,8 @@ Decoded frames can be cached too (`PyAVDecoder(frame_cache_mb=N)`, `data.frame_c
 clip asked of a file decodes ALL its frames once and keeps them (uint8, LRU, at most N MiB per process,
 one cache shared by every decoder of the process, keyed by file and output size); later clips of that
 file are cut from memory. Only for sets that fit in memory and are read many times
-(the synthetic demo set: 1,200 videos of 16 frames at 32 px are 59 MB), and only in a process that lives
+(the demo's 1,296 synthetic videos of 16 frames at 32 px are about 60 MB; a cache smaller than the set
+makes clips decode whole videos again and again, and says so once), and only in a process that lives
 long enough (num_workers=0, or one epoch of a worker). A file whose frames do not all decode is not
 cached: its clips are decoded as without the cache, so the errors are the same.
 
@@ -46,6 +47,7 @@ naming the file, so a dataset can skip it and count it. The DALI decoders live i
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections import OrderedDict
@@ -55,6 +57,8 @@ from typing import Callable
 
 import numpy as np
 
+
+logger = logging.getLogger(__name__)
 
 # File suffixes taken as videos where a folder is given (``stdd.predict``); compared in lower case.
 VIDEO_SUFFIXES = (".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mts", ".m2ts", ".mpg", ".mpeg",
@@ -111,6 +115,7 @@ class DecodedFrameCache:
             raise ValueError(f"max_bytes: expected >= 0, got {max_bytes}")
         self.max_bytes = int(max_bytes)
         self.bytes = 0
+        self.evicted = 0  # videos dropped to stay within max_bytes
         self._entries: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
@@ -138,6 +143,11 @@ class DecodedFrameCache:
             while self.bytes > self.max_bytes:
                 _, dropped = self._entries.popitem(last=False)
                 self.bytes -= dropped.nbytes
+                self.evicted += 1
+                if self.evicted == 1:  # from now on clips may decode whole videos again and again: say so once
+                    logger.warning("decoded-frame cache full (%.0f MiB): videos are dropped and decoded whole again "
+                                   "when asked for; give data.frame_cache_mb more than the set's frames or 0",
+                                   self.max_bytes / 2**20)
 
     def __getstate__(self):  # a worker process starts with an empty cache (frames are not shipped to it)
         return {"max_bytes": self.max_bytes}
