@@ -154,7 +154,7 @@ def run_evaluation(args) -> dict:
     needed_names = [class_names[i] for i in needed]
     prompts = build_prompts(args.prompts or cfg.text.prompts, needed_names, dataset=dataset_key,
                             with_templates=args.with_templates)
-    features = text_features_for(text, prompts, cfg.text)
+    features = text_features_for(text, prompts, cfg.text, class_list=class_names)
     start = time.time()
     scored = score_dataset(
         model, dataset, features.features, features.mask, batch_size=int(args.batch_size or cfg.eval.batch_size),

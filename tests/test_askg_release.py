@@ -213,7 +213,8 @@ def test_cli_writes_prompts_that_stdd_eval_loads(release_files, tmp_path):
         [sys.executable, "-m", "stdd.eval", "--config", "demo", "--protocol", "ep2", "--annotations",
          str(tmp_path / "test.txt"), "--format", "list", "--root", str(videos.root), "--classes",
          str(tmp_path / "classes.txt"), "--prompts", str(out / "prompts.json"), "--out-dir", str(tmp_path / "eval"),
-         "--quiet", "data.num_frames=2", "data.stride=4", "eval.n_temporal_views=1", "run.tensorboard=false"],
+         "--quiet", "data.num_frames=2", "data.stride=4", "eval.n_temporal_views=1", "run.tensorboard=false",
+         "text.features=encoder"],  # the demo preset's orthogonal features would not read the prompts
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "results.json").read_text())

@@ -20,7 +20,9 @@ from stdd.predict import predict
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["moving left", "moving right", "growing"]
-TINY = ["data.num_frames=4", "data.stride=3", "eval.n_temporal_views=2", "run.tensorboard=false"]
+# text.features=encoder: the prompts go through the text tower (the demo preset's orthogonal features skip them)
+TINY = ["data.num_frames=4", "data.stride=3", "eval.n_temporal_views=2", "run.tensorboard=false",
+        "text.features=encoder"]
 
 
 @pytest.fixture(scope="module")

@@ -169,3 +169,9 @@ def test_text_features_config_picks_the_source_for_training_and_evaluation():
     orthogonal = text_features_for(encoder, prompts, load_config("demo", ["text.features=orthogonal"]).text)
     assert torch.equal(orthogonal.features, orthogonal_class_features(prompts, encoder.output_dim).features)
     assert encoder.output_dim == from_tower.features.shape[-1] == 32
+    # a subset of a class list (stdd.eval scores only the classes its splits use) gets the whole list's rows
+    names = ["moving up", "moving left", "moving right"]
+    subset = text_features_for(encoder, prompts, load_config("demo").text, class_list=names)
+    whole = orthogonal_class_features({name: ["x"] for name in names}, 32)
+    assert torch.equal(subset.features, whole.features[[1, 2]]) and subset.class_names == tuple(prompts)
+    assert not torch.equal(subset.features, orthogonal.features)  # without the list: a different basis

@@ -284,7 +284,7 @@ def test_shuffled_evaluation_is_seeded_and_independent_of_the_batch_size(tmp_pat
     for label, extra in {"release": release, "paper": []}.items():
         cfg = load_config("demo", ["data.num_frames=4", "data.stride=3", "model.stca.backend=reference", *extra])
         model, text = build_model(cfg, "cpu", with_teacher=False)
-        features = text_features_for(text, build_prompts("templates", names), None)
+        features = text_features_for(text, build_prompts("templates", names), cfg.text)
         dataset = build_video_dataset(cfg, None, training=False, n_temporal_views=2, records=records)
         for batch_size, seed in ((1, 0), (3, 0), (3, 1)):
             scores[label, batch_size, seed] = score_dataset(

@@ -149,15 +149,22 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
     return prompts
 
 
-def text_features_for(text_encoder, prompts: dict, text_cfg) -> "object":
+def text_features_for(text_encoder, prompts: dict, text_cfg, class_list: Optional[Sequence[str]] = None) -> "object":
     """The class features of ``prompts`` as the ``text`` config section says (``features``, ``cache_dir``):
-    what training, evaluation and prediction all use."""
+    what training, evaluation and prediction all use. ``class_list``: the whole ordered class list when
+    ``prompts`` holds only some of its classes (orthogonal features are a function of the whole list)."""
+    from dataclasses import replace
+
     from ..model import TEXT_FEATURE_SOURCES, orthogonal_class_features
 
     if text_cfg.features not in TEXT_FEATURE_SOURCES:
         raise ConfigError(f"text.features={text_cfg.features!r}: expected one of {', '.join(TEXT_FEATURE_SOURCES)}")
     if text_cfg.features == "orthogonal":
-        return orthogonal_class_features(prompts, text_encoder.output_dim)
+        names = list(class_list) if class_list is not None else list(prompts)
+        whole = orthogonal_class_features({name: prompts.get(name, []) for name in names}, text_encoder.output_dim)
+        rows = [names.index(name) for name in prompts]
+        return replace(whole, class_names=tuple(prompts), prompts=tuple(tuple(p) for p in prompts.values()),
+                       features=whole.features[rows], mask=whole.mask[rows])
     cache_dir = text_cfg.cache_dir
     cache = None if cache_dir in (None, "", "null") else os.path.expanduser(str(cache_dir))
     return text_encoder.class_features(prompts, cache_dir=cache)
