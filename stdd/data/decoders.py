@@ -106,30 +106,38 @@ class FrameIndex:
         return int(self.keyframes[position]) if position >= 0 else 0
 
 
-class DecodedFrameCache:
-    """Bounded LRU of a video's decoded frames ``(num_frames, H, W, 3)`` uint8, keyed like `FrameIndexCache`;
-    at most ``max_bytes`` in all (a video larger than that is not kept)."""
+class _LockedLRU:
+    """What both caches below share: an ordered dict (least recently used first) behind a lock; ``get``
+    of a key (None: not cacheable) marks it used. Each cache bounds it in its own ``put``."""
 
-    def __init__(self, max_bytes: int = 0):
-        if max_bytes < 0:
-            raise ValueError(f"max_bytes: expected >= 0, got {max_bytes}")
-        self.max_bytes = int(max_bytes)
-        self.bytes = 0
-        self.evicted = 0  # videos dropped to stay within max_bytes
+    def __init__(self):
         self._entries: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: tuple | None) -> np.ndarray | None:
+    def get(self, key: tuple | None):
         if key is None:
             return None
         with self._lock:
-            frames = self._entries.get(key)
-            if frames is not None:
+            value = self._entries.get(key)
+            if value is not None:
                 self._entries.move_to_end(key)
-            return frames
+            return value
+
+
+class DecodedFrameCache(_LockedLRU):
+    """Bounded LRU of a video's decoded frames ``(num_frames, H, W, 3)`` uint8, keyed like `FrameIndexCache`;
+    at most ``max_bytes`` in all (a video larger than that is not kept)."""
+
+    def __init__(self, max_bytes: int = 0):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes: expected >= 0, got {max_bytes}")
+        super().__init__()
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self.evicted = 0  # videos dropped to stay within max_bytes
 
     def put(self, key: tuple | None, frames: np.ndarray) -> None:
         if key is None or frames.nbytes > self.max_bytes:
@@ -173,18 +181,14 @@ def shared_frame_cache(max_bytes: int) -> DecodedFrameCache:
         return _SHARED_FRAME_CACHE
 
 
-class FrameIndexCache:
+class FrameIndexCache(_LockedLRU):
     """Bounded LRU of `FrameIndex` keyed by (real path, size, mtime_ns): a changed file is indexed again."""
 
     def __init__(self, max_entries: int = 1024):
         if max_entries < 0:
             raise ValueError(f"max_entries: expected >= 0, got {max_entries}")
+        super().__init__()
         self.max_entries = max_entries
-        self._entries: OrderedDict = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._entries)
 
     @staticmethod
     def key(path: str | os.PathLike) -> tuple | None:
@@ -194,15 +198,6 @@ class FrameIndexCache:
         except OSError:
             return None
         return os.path.realpath(path), status.st_size, status.st_mtime_ns
-
-    def get(self, key: tuple | None) -> FrameIndex | None:
-        if key is None:
-            return None
-        with self._lock:
-            index = self._entries.get(key)
-            if index is not None:
-                self._entries.move_to_end(key)
-            return index
 
     def put(self, key: tuple | None, index: FrameIndex) -> None:
         if key is None or self.max_entries == 0:
