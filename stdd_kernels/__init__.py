@@ -1,5 +1,6 @@
 """STCA operators: window-shift masking + multi-scale channel mixing
-(:func:`mix_gather`), padding + short-cut (:func:`pad_scatter`) and the
+(:func:`mix_gather`), padding + short-cut (:func:`pad_scatter`), the mixed
+paths' projections from the full path's (:func:`mix_project`) and the
 window phases (:func:`mask_phase`). Semantics: ``docs/stca.md``;
 ground truth: :mod:`stdd_kernels.reference`.
 
@@ -20,7 +21,7 @@ from .dispatch import (
     unavailable_backends,
 )
 from .geometry import STCAGeometry
-from .ops import mask_phase, mix_gather, pad_scatter  # also registers the reference backend
+from .ops import mask_phase, mix_gather, mix_project, pad_scatter  # also registers the reference backend
 
 load_optional_backends()
 
@@ -29,6 +30,7 @@ __all__ = [
     "STCAGeometry",
     "mask_phase",
     "mix_gather",
+    "mix_project",
     "pad_scatter",
     "registered_backends",
     "resolve_backend",

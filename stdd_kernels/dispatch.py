@@ -2,8 +2,9 @@
 
 A backend is a pair of functions with the signatures of
 :func:`stdd_kernels.reference.mix_gather` / :func:`stdd_kernels.reference.pad_scatter`
-(validated tensors + :class:`~stdd_kernels.geometry.STCAGeometry`), plus a
-``supports(device, dtype)`` check. The reference backend is always present;
+(validated tensors + :class:`~stdd_kernels.geometry.STCAGeometry`), the pair of the
+shared projections (:func:`stdd_kernels.reference.mix_factors` / ``project_mixed``),
+plus a ``supports(device, dtype)`` check. The reference backend is always present;
 optional backends (Triton kernels, the C++/CUDA extension) live in modules
 that call :func:`register_backend` when they import, and are listed in
 ``OPTIONAL_BACKEND_MODULES``. A module that fails to import is recorded with
@@ -47,6 +48,11 @@ class Backend:
     # device type -> priority for automatic choice; absent = never chosen automatically.
     auto_priority: dict = field(default_factory=dict)
     description: str = ""
+    # The shared-projection pair (docs/stca.md section 6), signatures of
+    # stdd_kernels.reference.mix_factors / project_mixed; None: this backend lacks them
+    # (stdd_kernels.mix_project then names it).
+    mix_factors: Optional[Callable] = None
+    project_mixed: Optional[Callable] = None
 
 
 _REGISTRY: dict[str, Backend] = {}

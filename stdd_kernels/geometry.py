@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 import torch
 
 MIXING_MODES = ("continual", "separate", "none", "official")
@@ -61,6 +62,10 @@ class STCAGeometry:
     @property
     def mix_channels(self) -> int:  # I = D // F
         return self.channels // self.channel_fold
+
+    @property
+    def borrowed_channels(self) -> int:  # 2I: channels a mixed token may take from other frames (0 without mixing)
+        return 0 if self.mixing == "none" else 2 * self.mix_channels
 
 
 def positive_int(value, name: str) -> int:
@@ -200,7 +205,60 @@ def make_geometry(
 
     ``mask_rounding`` decides ``masked`` (:func:`masked_cells`); the geometry
     carries only the resulting count, which is all a backend needs.
+
+    Every op call validates its arguments, so the result is remembered per
+    argument set (a model calls the ops with the same few sets in every block
+    and forward pass). Lists are accepted wherever tuples are and are remembered
+    as tuples; arguments that cannot be hashed are validated anew (and refused).
     """
+    arguments = dict(num_tokens=num_tokens, channels=channels, rows=rows, num_frames=num_frames, window=window,
+                     mask_ratio=mask_ratio, scales=scales, channel_fold=channel_fold, mixing=mixing,
+                     tensor_name=tensor_name, mask_rounding=mask_rounding)
+    if torch.compiler.is_compiling():  # dynamo traces through caches; validate as written
+        return _validate_geometry(**arguments)
+    try:
+        key = tuple((name, _typed(value)) for name, value in arguments.items())
+    except TypeError:  # an unhashable argument (e.g. a tensor): validated (and refused) without the memory
+        return _validate_geometry(**arguments)
+    try:
+        return _remembered_geometry(key)
+    except ValueError:  # raise it again from the arguments as given (a list is named as the list it was)
+        return _validate_geometry(**arguments)
+
+
+def _typed(value):
+    """A hashable key for an argument that tells apart what validates differently: 2, 2.0 and True
+    hash alike; tuples and lists (accepted alike) become tuples of typed items."""
+    if isinstance(value, (tuple, list)):
+        return (tuple, tuple(_typed(item) for item in value))
+    hash(value)  # TypeError for the unhashable
+    return (type(value), value)
+
+
+def _untyped(key):
+    kind, value = key
+    return tuple(_untyped(item) for item in value) if kind is tuple else value
+
+
+@lru_cache(maxsize=256)
+def _remembered_geometry(key: tuple) -> STCAGeometry:
+    return _validate_geometry(**{name: _untyped(value) for name, value in key})
+
+
+def _validate_geometry(
+    *,
+    num_tokens,
+    channels,
+    rows,
+    num_frames,
+    window,
+    mask_ratio,
+    scales,
+    channel_fold,
+    mixing,
+    tensor_name,
+    mask_rounding,
+) -> STCAGeometry:
     num_frames = positive_int(num_frames, "num_frames")
     if rows % num_frames != 0:
         raise ValueError(

@@ -31,6 +31,8 @@ register_backend(
         supports=lambda device, dtype: None if dtype in FLOAT_DTYPES else f"dtype {dtype}",
         auto_priority={"cpu": 0, "cuda": 0},
         description="plain PyTorch indexing (stdd_kernels/reference.py), any device",
+        mix_factors=reference.mix_factors,
+        project_mixed=reference.project_mixed,
     )
 )
 
@@ -151,6 +153,98 @@ def pad_scatter(
     return resolve_backend(backend, full.device, full.dtype).pad_scatter(
         full, mixed, phase, geometry, residual
     )
+
+
+def _check_vector(value, name: str, length: int, like: torch.Tensor, optional: bool = True) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a float tensor of shape ({length},){' or None' if optional else ''}, "
+                         f"got {type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype}")
+    if tuple(value.shape) != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {tuple(value.shape)}")
+    if value.device != like.device:
+        raise ValueError(f"{name} is on {value.device} but x is on {like.device}")
+
+
+def mix_project(
+    x: torch.Tensor,
+    qkv: torch.Tensor,
+    num_frames: int,
+    *,
+    ln_weight: Optional[torch.Tensor],
+    ln_bias: Optional[torch.Tensor],
+    ln_eps: float,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: Optional[torch.Tensor],
+    scales: Sequence[int] = (1, 2),
+    channel_fold: int = 32,
+    window: Sequence[int] = (2, 2),
+    mask_ratio: float = 0.5,
+    mask_rounding: str = "nearest",
+    phase: Optional[torch.Tensor] = None,
+    mixing: str = "continual",
+    backend: Optional[str] = None,
+    validate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mixed paths' projections from the full path's (docs/stca.md, section 6).
+
+    ``x``: ``(B*T, 1 + P*P, D)`` the block's input tokens; ``qkv``: ``(B*T, 1 + P*P, 3D)``
+    their projections ``F.linear(layer_norm(x), in_proj_weight, in_proj_bias)`` (the full
+    path's, in any float dtype, e.g. bf16 under autocast). ``ln_*`` are that LayerNorm's
+    weight ``g``, bias ``b`` (``None``: 1 and 0) and ``eps``. Returns
+    ``(qkv_mixed, mixed_mean)``:
+
+    - ``qkv_mixed`` ``(S, B*T, 1 + N_keep, 3D)`` in ``qkv``'s dtype: what
+      ``F.linear(layer_norm(mix_gather(x, ...)), in_proj_weight, in_proj_bias)`` would give,
+      computed from ``qkv``'s rows at the kept positions, a per-token rescale and a
+      rank-``2I`` correction, without projecting the mixed tokens;
+    - ``mixed_mean`` ``(B*T, 1 + N_keep, D)`` in ``x``'s dtype: ``mix_gather(x, ...).mean(0)``.
+
+    The other keyword arguments are :func:`mix_gather`'s. The result equals the
+    projection of the mixed tokens when ``qkv`` is the projection of ``x``; it is
+    differentiable in ``x``, ``qkv`` and every weight. Runs with autocast off (the
+    statistics and factors in float32, float64 for float64 tokens).
+    """
+    check_float_tensor(x, "x", 3)
+    check_float_tensor(qkv, "qkv", 3)
+    geometry = make_geometry(
+        num_tokens=x.shape[1], channels=x.shape[2], rows=x.shape[0], num_frames=num_frames, window=window,
+        mask_ratio=mask_ratio, scales=scales, channel_fold=channel_fold, mixing=mixing, tensor_name="x",
+        mask_rounding=mask_rounding,
+    )
+    rows, tokens, width = x.shape
+    if tuple(qkv.shape) != (rows, tokens, 3 * width):
+        raise ValueError(f"qkv must have shape (B*T, 1 + N, 3D) = {(rows, tokens, 3 * width)}, got {tuple(qkv.shape)}")
+    if qkv.device != x.device:
+        raise ValueError(f"qkv is on {qkv.device} but x is on {x.device}")
+    check_float_tensor(in_proj_weight, "in_proj_weight", 2)
+    if tuple(in_proj_weight.shape) != (3 * width, width):
+        raise ValueError(f"in_proj_weight must have shape (3D, D) = {(3 * width, width)}, "
+                         f"got {tuple(in_proj_weight.shape)}")
+    if in_proj_weight.device != x.device:
+        raise ValueError(f"in_proj_weight is on {in_proj_weight.device} but x is on {x.device}")
+    _check_vector(in_proj_bias, "in_proj_bias", 3 * width, x)
+    _check_vector(ln_weight, "ln_weight", width, x)
+    _check_vector(ln_bias, "ln_bias", width, x)
+    if isinstance(ln_eps, bool) or not isinstance(ln_eps, (int, float)) or not ln_eps >= 0:
+        raise ValueError(f"ln_eps must be a number >= 0, got {ln_eps!r}")
+    chosen = resolve_backend(backend, x.device, x.dtype)
+    if chosen.mix_factors is None or chosen.project_mixed is None:
+        raise ValueError(f"backend {chosen.name!r} has no shared-projection ops (mix_factors, project_mixed); "
+                         "use another backend or projection='per_path'")
+    phase = _phase_for(phase, rows // geometry.num_frames, geometry, x.device, validate)
+    dtype = reference.factor_dtype(x.dtype)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        ln_weight = x.new_ones(width, dtype=dtype) if ln_weight is None else ln_weight.to(dtype)
+        ln_bias = x.new_zeros(width, dtype=dtype) if ln_bias is None else ln_bias.to(dtype)
+        basis = reference.projection_basis(
+            ln_weight, ln_bias, in_proj_weight.to(dtype), None if in_proj_bias is None else in_proj_bias.to(dtype),
+            geometry.borrowed_channels,
+        )
+        gain, coefficients, mixed_mean = chosen.mix_factors(x, ln_weight, phase, geometry, float(ln_eps))
+        qkv_mixed = chosen.project_mixed(qkv, gain, coefficients, basis, phase, geometry)
+    return qkv_mixed, mixed_mean
 
 
 def mask_phase(

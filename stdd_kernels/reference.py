@@ -9,6 +9,8 @@ is named after the step of the contract it implements:
 3. Attention on both paths -> lives in the model block (``stdd.model``); these
    ops are the data movement before and after it.
 4. Padding and short-cut -> :func:`pad_scatter`
+6. Shared projections (step 3 from the full path's projections) -> :func:`mix_factors`,
+   :func:`projection_basis`, :func:`project_mixed`
 
 Slow and obvious on purpose. Everything here is differentiable by autograd;
 every fast path (Triton, C++/CUDA) is tested against these functions.
@@ -51,13 +53,26 @@ def kept_token_index(phase: torch.Tensor, geometry: STCAGeometry) -> torch.Tenso
     kept cell ``c`` of the frame's phase; its patch is at grid row
     ``(w // (P/w2)) * w1 + c // w2`` and column ``(w mod (P/w2)) * w2 + c mod w2``.
     """
-    table = _kept_token_table(geometry.grid, geometry.window, geometry.masked)
-    return table.to(phase.device)[phase.reshape(-1).long()]
+    table = _kept_token_table(geometry.grid, geometry.window, geometry.masked, phase.device)
+    # Any integer phase is reduced mod K (negative ones too), as every backend does: an
+    # unchecked out-of-range phase (validate=False) gives the result of its residue.
+    return table[phase.reshape(-1).long().remainder(geometry.cells)]
+
+
+def base_token_index(phase: torch.Tensor, geometry: STCAGeometry) -> torch.Tensor:
+    """Token index of the *base token* of every mixed token: int64 ``(B*T, 1 + N_keep)``.
+
+    Mixed token 0 of a frame is its CLS (token 0), mixed token ``1 + j`` stands for
+    kept token ``j`` (:func:`kept_token_index`): the frame's own token that a mixed
+    token equals on every channel it does not borrow (section 6 of the contract).
+    """
+    kept = kept_token_index(phase, geometry)
+    return torch.cat([kept.new_zeros(kept.shape[0], 1), kept], dim=1)
 
 
 @lru_cache(maxsize=64)
-def _kept_token_table(grid: int, window: tuple[int, int], masked: int) -> torch.Tensor:
-    """``table[o, j]``: token index of kept token ``j`` for phase ``o`` (CPU, int64)."""
+def _kept_token_table(grid: int, window: tuple[int, int], masked: int, device: torch.device) -> torch.Tensor:
+    """``table[o, j]``: token index of kept token ``j`` for phase ``o`` (int64, on ``device``)."""
     w1, w2 = window
     cells = w1 * w2
     per_window = cells - masked
@@ -72,7 +87,7 @@ def _kept_token_table(grid: int, window: tuple[int, int], masked: int) -> torch.
             row = (w // windows_per_row) * w1 + c // w2
             col = (w % windows_per_row) * w2 + c % w2
             table[o, j] = 1 + row * grid + col
-    return table
+    return table.to(device)
 
 
 # --------------------------------------------------------------------------
@@ -214,6 +229,93 @@ def pad_scatter(
     if residual is not None:
         pad = pad + residual
     return pad
+
+
+# --------------------------------------------------------------------------
+# Section 6: shared projections (step 3 computed from the full path's work)
+# --------------------------------------------------------------------------
+
+
+def factor_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the per-token factors of section 6: float64 for float64 tokens, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def mix_factors(
+    x: torch.Tensor, ln_weight: torch.Tensor, phase: torch.Tensor, geometry: STCAGeometry, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What every mixed token's projection needs beyond its base token's.
+
+    ``x (B*T, 1+N, D)``, ``ln_weight (D,)`` (the LayerNorm's ``g``) -> ``(gain, coefficients, mixed_mean)``:
+
+    - ``gain (S, B*T, 1+N_keep)``: ``a = sd_x / sd_m``;
+    - ``coefficients (S, B*T, 1+N_keep, 2I + 2)``: ``[(m - x)[:2I] * g[:2I] / sd_m, 1 - a, k]`` with
+      ``k = (mu_x - mu_m) / sd_m``;
+    - ``mixed_mean (B*T, 1+N_keep, D)``: the mean over scales of the mixed tokens, ``x``'s dtype;
+
+    ``m`` a mixed token (:func:`mix_gather`), ``x`` its base token (:func:`base_token_index`),
+    ``mu``, ``sd`` their LayerNorm statistics (``sd`` with ``eps``); ``2I`` is
+    ``geometry.borrowed_channels`` (0 without mixing). ``gain`` and ``coefficients`` are in
+    :func:`factor_dtype`. Then ``qkv(m) = gain * qkv(x) + coefficients @ basis.T`` for the
+    :func:`projection_basis` of the same LayerNorm and projection (:func:`project_mixed`).
+    Written the obvious way: the mixed tokens are gathered and their statistics taken.
+    """
+    dtype = factor_dtype(x.dtype)
+    borrowed = geometry.borrowed_channels
+    mixed = mix_gather(x, phase, geometry)  # (S, B*T, 1+N_keep, D)
+    rows = torch.arange(x.shape[0], device=x.device).unsqueeze(1)
+    base = x[rows, base_token_index(phase, geometry)].to(dtype)  # (B*T, 1+N_keep, D)
+    mixed_wide = mixed.to(dtype)
+    var_x, mu_x = torch.var_mean(base, dim=-1, unbiased=False, keepdim=True)
+    var_m, mu_m = torch.var_mean(mixed_wide, dim=-1, unbiased=False, keepdim=True)
+    sd_x, sd_m = (var_x + eps).sqrt(), (var_m + eps).sqrt()
+    gain = sd_x / sd_m
+    shift = (mu_x - mu_m) / sd_m
+    borrowed_part = (mixed_wide[..., :borrowed] - base[..., :borrowed]) * ln_weight[:borrowed].to(dtype) / sd_m
+    coefficients = torch.cat([borrowed_part, 1 - gain, shift], dim=-1)
+    return gain.squeeze(-1), coefficients, mixed.mean(dim=0)
+
+
+def projection_basis(
+    ln_weight: torch.Tensor,
+    ln_bias: torch.Tensor,
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: torch.Tensor | None,
+    borrowed_channels: int,
+) -> torch.Tensor:
+    """``(3D, 2I + 2)``: ``[W[:, :2I], W b + c, W g]`` for ``qkv(v) = W LN(v) + c``, ``LN(v) = (v - mu) / sd * g + b``.
+
+    In the dtype of ``in_proj_weight``; the caller picks it (:func:`factor_dtype`).
+    """
+    weight = in_proj_weight
+    offset = weight @ ln_bias.to(weight.dtype)
+    if in_proj_bias is not None:
+        offset = offset + in_proj_bias.to(weight.dtype)
+    scale = weight @ ln_weight.to(weight.dtype)
+    return torch.cat([weight[:, :borrowed_channels], offset.unsqueeze(1), scale.unsqueeze(1)], dim=1)
+
+
+def project_mixed(
+    qkv: torch.Tensor,
+    gain: torch.Tensor,
+    coefficients: torch.Tensor,
+    basis: torch.Tensor,
+    phase: torch.Tensor,
+    geometry: STCAGeometry,
+) -> torch.Tensor:
+    """The mixed tokens' projections from the full path's: ``(S, B*T, 1+N_keep, 3D)`` in ``qkv``'s dtype.
+
+    ``qkv (B*T, 1+N, 3D)`` the full path's projections, ``gain``, ``coefficients`` of
+    :func:`mix_factors`, ``basis (3D, 2I + 2)`` of :func:`projection_basis`:
+    ``out[s, r, i] = gain[s, r, i] * qkv[r, base(r, i)] + coefficients[s, r, i] @ basis.T``
+    (computed in the factors' dtype, rounded once to ``qkv``'s).
+    """
+    rows = torch.arange(qkv.shape[0], device=qkv.device).unsqueeze(1)
+    # Widened before the gather, so that the gradient of a row read by several scales is
+    # summed in the factors' dtype and rounded once to qkv's (as the fused kernels do).
+    base = qkv.to(gain.dtype)[rows, base_token_index(phase, geometry)]  # (B*T, 1+N_keep, 3D)
+    out = gain.unsqueeze(-1) * base + coefficients @ basis.to(gain.dtype).T
+    return out.to(qkv.dtype)
 
 
 # --------------------------------------------------------------------------

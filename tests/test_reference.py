@@ -667,3 +667,25 @@ def test_all_cases_cover_the_required_grid():
     assert {1, 2, 3, 4, 8} <= {c[1] for c in official}
     assert {(1,), (2,), (3,), (1, 2), (1, 2, 3)} <= {c[6] for c in official}
     assert 0.0 in {c[5] for c in CASES} and "train" in {c[9] for c in CASES}
+
+
+def test_out_of_range_phase_is_reduced_mod_K_like_every_backend():
+    """docs/stca.md: with validate=False an unchecked phase value, negative ones too, gives the
+    result of its residue mod K in every backend, the reference included (it indexed out of
+    range before)."""
+    batch, frames, grid, width = 2, 3, 4, 16
+    x = encoded(batch * frames, 1 + grid * grid, width)
+    phase = torch.tensor([[0, 1, 2], [3, 1, 0]])
+    wild = phase + 4 * torch.tensor([[5, -1, -7], [2, 9, -3]])
+    settings = dict(scales=(1, 2), channel_fold=4, backend="reference")
+    expected = stdd_kernels.mix_gather(x, frames, phase=phase, **settings)
+    assert torch.equal(stdd_kernels.mix_gather(x, frames, phase=wild, validate=False, **settings), expected)
+    full, residual = encoded(batch * frames, 1 + grid * grid, width, 2.0), encoded(batch * frames, 17, width, 3.0)
+    padded = stdd_kernels.pad_scatter(full, expected, frames, phase=phase, residual=residual, backend="reference")
+    assert torch.equal(
+        stdd_kernels.pad_scatter(full, expected, frames, phase=wild, residual=residual, backend="reference",
+                                 validate=False),
+        padded,
+    )
+    with pytest.raises(ValueError, match="phase values"):  # validated by default
+        stdd_kernels.mix_gather(x, frames, phase=wild, **settings)

@@ -28,7 +28,12 @@ def classification_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Ten
             f"labels must be an int64 class-index tensor of shape ({scores.shape[0]},), "
             f"got {labels.dtype} {tuple(labels.shape)}"
         )
-    return F.cross_entropy(scores.float(), labels.long())
+    return F.cross_entropy(at_least_float32(scores), labels.long())
+
+
+def at_least_float32(tensor: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors in float32 for the losses; float64 ones stay float64 (a float64 model trains in it)."""
+    return tensor.to(torch.promote_types(tensor.dtype, torch.float32))
 
 
 class ResidualProjector(nn.Module):
@@ -64,6 +69,6 @@ def feature_distillation_loss(
             f"student_features {tuple(student_features.shape)} and teacher_features "
             f"{tuple(teacher_features.shape)} must have the same shape (B, T, E)"
         )
-    student = projector(F.normalize(student_features.float(), dim=-1))
-    teacher = teacher_features.detach().float()
+    student = projector(F.normalize(at_least_float32(student_features), dim=-1))
+    teacher = at_least_float32(teacher_features.detach())
     return (1.0 - F.cosine_similarity(student, teacher, dim=-1)).mean()

@@ -9,8 +9,21 @@ parameters as they are (no new parameters), following the operator contract
     mixed = mixed + ls_1(attn(ln_1(mixed)))             # Eq. 7, every scale in ONE attention call
     y     = pad_scatter(full, mixed, residual=ls_2(mlp(ln_2(full))))   # Eq. 2, padding + short-cut
 
-The gather/scatter always go through the dispatching ops
-(``stdd_kernels.mix_gather`` / ``stdd_kernels.pad_scatter``), so the same block
+With ``projection="shared"`` (the default; docs/stca.md section 6) the mixed
+paths' q, k, v come from the full path's instead of their own LN1 + projection,
+and the scales share one ``out_proj``::
+
+    qkv         = in_proj(ln_1(x))                                # the full path's, all 1+N tokens
+    qkv_m, m    = mix_project(x, qkv)                             # (S, B*T, 1+N_keep, 3D), mean_s(mixed_s)
+    full        = x + ls_1(out_proj(attn(qkv)))
+    mixed       = m + ls_1(out_proj(mean_s attn(qkv_m_s)))        # every scale in ONE attention call
+    y           = pad_scatter(full, mixed, residual=ls_2(mlp(ln_2(full))))
+
+the same numbers up to float rounding, at about 1.08x a plain block's work instead
+of 1.34x (ViT-B/16); ``projection="per_path"`` computes the steps as written above.
+
+The STCA ops always go through the dispatching ops
+(``stdd_kernels.mix_gather`` / ``mix_project`` / ``pad_scatter``), so the same block
 runs on the reference, Triton or C++/CUDA backend; their keyword arguments come
 from the block's :class:`~stdd.model.stca_settings.STCASettings` in one place
 (:meth:`STCABlock.forward`).
@@ -118,6 +131,34 @@ def attention_dropout(attn: nn.Module) -> float:
     return float(getattr(getattr(attn, "attn_drop", None), "p", 0.0))
 
 
+def attention_heads(
+    attn: nn.Module, qkv: torch.Tensor, *, kind: str = STCASettings.attention, training: bool = False
+) -> torch.Tensor:
+    """Multi-head attention of packed projections, before ``out_proj``: ``(R, L, 3D)`` -> ``(R, L, D)``.
+
+    ``qkv`` holds q, k, v side by side (the layout of ``F.linear(x, attn.in_proj_weight,
+    attn.in_proj_bias)``); heads from ``attn.num_heads``, attention dropout from ``attn``
+    when ``training``. ``kind="xformers"`` uses ``xformers.ops.memory_efficient_attention``
+    (CUDA only; xformers has no CPU kernel), else torch SDPA.
+    """
+    rows, length, packed = qkv.shape
+    channels = packed // 3
+    heads = attn.num_heads
+    head_dim = channels // heads
+    dropout = attention_dropout(attn) if training else 0.0
+    if kind == "xformers":
+        import xformers.ops as xops  # optional package, checked at construction
+
+        # xformers layout: (R, L, H, head_dim)
+        q, k, v = qkv.view(rows, length, 3, heads, head_dim).unbind(2)
+        out = xops.memory_efficient_attention(q, k, v, p=dropout)
+        return out.reshape(rows, length, channels)
+    # SDPA layout: (R, H, L, head_dim)
+    q, k, v = qkv.view(rows, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    return out.transpose(1, 2).reshape(rows, length, channels)
+
+
 def multi_head_self_attention(
     attn: nn.Module, x: torch.Tensor, *, kind: str = STCASettings.attention, training: bool = False
 ) -> torch.Tensor:
@@ -127,27 +168,42 @@ def multi_head_self_attention(
     (``in_proj_weight``, ``in_proj_bias``, ``out_proj``, ``num_heads``; see
     :func:`check_block_supported`), so for an ``nn.MultiheadAttention`` the result
     equals ``attn(x, x, x, need_weights=False)[0]`` up to float rounding.
-    ``kind="xformers"`` uses ``xformers.ops.memory_efficient_attention``
-    (CUDA only; xformers has no CPU kernel).
+    ``kind``: see :func:`attention_heads`.
     """
-    rows, length, channels = x.shape
-    heads = attn.num_heads
-    head_dim = channels // heads
     qkv = F.linear(x, attn.in_proj_weight, attn.in_proj_bias)  # (R, L, 3D)
-    dropout = attention_dropout(attn) if training else 0.0
-    if kind == "xformers":
-        import xformers.ops as xops  # checked at construction
+    return output_projection(attn, attention_heads(attn, qkv, kind=kind, training=training))
 
-        # xformers layout: (R, L, H, head_dim)
-        q, k, v = qkv.view(rows, length, 3, heads, head_dim).unbind(2)
-        out = xops.memory_efficient_attention(q, k, v, p=dropout)
-        out = out.reshape(rows, length, channels)
-    else:
-        # SDPA layout: (R, H, L, head_dim)
-        q, k, v = qkv.view(rows, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        out = out.transpose(1, 2).reshape(rows, length, channels)
-    return F.linear(out, attn.out_proj.weight, attn.out_proj.bias)
+
+def output_projection(attn: nn.Module, heads: torch.Tensor) -> torch.Tensor:
+    """``attn``'s ``out_proj`` applied to the heads' output ``(R, L, D)`` (its weight and bias, as checked)."""
+    return F.linear(heads, attn.out_proj.weight, attn.out_proj.bias)
+
+
+# LayerNorm classes whose forward is F.layer_norm over the last dimension (open_clip's casts the
+# result back to the input dtype, LayerNormFp32 computes in float32): the norm the shared
+# projections' identity is written for. A subclass with its own forward could compute anything.
+_LAYER_NORM_MODULES = ("torch.nn.modules.normalization", "open_clip.transformer", "open_clip.model")
+
+
+def check_shared_projection_norm(block: nn.Module, width: int, name: str = "block") -> None:
+    """Raise ``ValueError`` unless ``block.ln_1`` is a LayerNorm the shared projections can use.
+
+    ``projection="shared"`` (docs/stca.md section 6) rewrites ``W LN1(m) + c`` through the
+    statistics of ``LN1``: it must be a LayerNorm over the last ``width`` channels (torch's or
+    open_clip's, optional affine). Other norms work with ``projection="per_path"``.
+    """
+    norm = block.ln_1
+    if (
+        not isinstance(norm, nn.LayerNorm)
+        or type(norm).__module__ not in _LAYER_NORM_MODULES
+        or tuple(norm.normalized_shape) != (width,)
+    ):
+        raise ValueError(
+            f"{name}.ln_1 is {type(norm).__module__}.{type(norm).__name__}"
+            f"{'' if not isinstance(norm, nn.LayerNorm) else f' over {tuple(norm.normalized_shape)}'}; "
+            f"projection='shared' needs a torch or open_clip LayerNorm over the last {width} channels: "
+            "use projection='per_path' for this block"
+        )
 
 
 class STCABlock(nn.Module):
@@ -175,6 +231,8 @@ class STCABlock(nn.Module):
             raise ValueError(f"settings must be an STCASettings, got {type(settings).__name__}")
         width = check_block_supported(block)
         settings.check_model(width)
+        if settings.projection == "shared":
+            check_shared_projection_norm(block, width)
         self.block = block
         self.settings = settings
         self.num_frames = positive_int(num_frames, "num_frames")
@@ -230,17 +288,11 @@ class STCABlock(nn.Module):
         s = self.settings
         common = dict(window=s.window, mask_ratio=s.mask_ratio, mask_rounding=s.mask_rounding, phase=phase,
                       backend=s.backend, validate=False)
-
-        # Steps 1-2: (S, B*T, 1+N_keep, D), every scale from the same input tokens.
-        mixed = stdd_kernels.mix_gather(
-            x, frames, scales=s.scales, channel_fold=s.channel_fold, mixing=s.mixing, **common
-        )
-        # Step 3: full path on all 1+N tokens; all scales' mixed tokens as one
-        # (S*B*T, 1+N_keep, D) batch through the same ln_1/attention weights.
-        full = x + self._attend(x)
-        n_scales, rows, kept, width = mixed.shape
-        flat = mixed.reshape(n_scales * rows, kept, width)
-        mixed = (flat + self._attend(flat)).reshape(n_scales, rows, kept, width)
+        mixing = dict(scales=s.scales, channel_fold=s.channel_fold, mixing=s.mixing)
+        if s.projection == "shared":
+            full, mixed = self._paths_shared(x, frames, common, mixing)
+        else:
+            full, mixed = self._paths_per_path(x, frames, common, mixing)
         # Step 4: padding + short-cut; the MLP reads the full path (Eq. 2).
         block = self.block
         residual = block.ls_2(block.mlp(block.ln_2(full)))
@@ -249,6 +301,39 @@ class STCABlock(nn.Module):
         mixed = mixed.to(full.dtype)
         residual = residual.to(full.dtype)
         return stdd_kernels.pad_scatter(full, mixed, frames, residual=residual, **common)
+
+    def _paths_per_path(self, x, frames, common, mixing) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-3 as written: ``(full (B*T, 1+N, D), mixed (S, B*T, 1+N_keep, D))``."""
+        # Steps 1-2: (S, B*T, 1+N_keep, D), every scale from the same input tokens.
+        mixed = stdd_kernels.mix_gather(x, frames, **mixing, **common)
+        # Step 3: full path on all 1+N tokens; all scales' mixed tokens as one
+        # (S*B*T, 1+N_keep, D) batch through the same ln_1/attention weights.
+        full = x + self._attend(x)
+        n_scales, rows, kept, width = mixed.shape
+        flat = mixed.reshape(n_scales * rows, kept, width)
+        return full, (flat + self._attend(flat)).reshape(n_scales, rows, kept, width)
+
+    def _paths_shared(self, x, frames, common, mixing) -> tuple[torch.Tensor, torch.Tensor]:
+        """Steps 1-3 with shared projections (docs/stca.md section 6): ``(full, mixed (1, B*T, 1+N_keep, D))``.
+
+        The mixed paths' q, k, v come from the full path's (``stdd_kernels.mix_project``);
+        the scales' attention outputs are averaged before one ``out_proj``, which is what
+        ``pad_scatter`` would average after it (``out_proj`` and ``ls_1`` are affine).
+        """
+        block = self.block
+        attn, norm = block.attn, block.ln_1
+        attend = dict(kind=self.settings.attention, training=self.training)
+        qkv = F.linear(norm(x), attn.in_proj_weight, attn.in_proj_bias)  # (B*T, 1+N, 3D): the full path's
+        qkv_mixed, mixed_mean = stdd_kernels.mix_project(
+            x, qkv, frames, ln_weight=norm.weight, ln_bias=norm.bias, ln_eps=norm.eps,
+            in_proj_weight=attn.in_proj_weight, in_proj_bias=attn.in_proj_bias, **mixing, **common,
+        )  # (S, B*T, 1+N_keep, 3D), (B*T, 1+N_keep, D)
+        full = x + block.ls_1(output_projection(attn, attention_heads(attn, qkv, **attend)))
+        n_scales, rows, kept, _ = qkv_mixed.shape
+        heads = attention_heads(attn, qkv_mixed.reshape(n_scales * rows, kept, -1), **attend)
+        heads = heads.reshape(n_scales, rows, kept, -1).mean(dim=0)  # (B*T, 1+N_keep, D)
+        mixed = mixed_mean + block.ls_1(output_projection(attn, heads))
+        return full, mixed.unsqueeze(0)
 
     def extra_repr(self) -> str:
         return f"num_frames={self.num_frames}, settings={self.settings}"

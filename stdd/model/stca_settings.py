@@ -35,6 +35,10 @@ from stdd_kernels.geometry import (
 )
 
 ATTENTION_KINDS = ("sdpa", "xformers")
+# How the mixed paths get their q, k, v (docs/stca.md section 6): "shared" derives them from the full
+# path's projections (exactly, at ~1.08x a plain block's multiply-adds for ViT-B/16); "per_path" runs
+# LN1 + the in-projection on every mixed path, as the paper writes step 3 (~1.34x).
+PROJECTIONS = ("shared", "per_path")
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,7 @@ class STCASettings:
     eval_shuffle_phases: bool = False  # evaluation phases: t mod K permuted per clip, seeded (the release); off: t mod K
     backend: Optional[str] = None  # STCA op backend (reference|triton|cpp|cuda); None: automatic / STDD_BACKEND
     attention: str = "sdpa"  # "sdpa" (torch SDPA, any device) or "xformers" (CUDA only)
+    projection: str = "per_path"  # mixed paths' q, k, v: "shared" (from the full path's, exact) or "per_path"
 
     def __post_init__(self):
         # Lists (from YAML) become tuples, so settings compare and hash by value.
@@ -70,6 +75,8 @@ class STCASettings:
             raise ValueError(f"backend must be a backend name or None, got {self.backend!r}")
         if self.attention not in ATTENTION_KINDS:
             raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
 
     @property
     def cells(self) -> int:

@@ -23,6 +23,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .clip_loading import ClipSource, load_clip, vision_tower
+from .losses import at_least_float32
 from .stca_block import STCABlock, check_block_supported
 from .stca_settings import STCASettings
 
@@ -226,7 +227,8 @@ class FrozenImageEncoder(nn.Module):
     ``visual``: an open_clip image tower (copied; the original is not touched).
     Always in eval mode, parameters without grad, forward under ``no_grad``;
     on CUDA inputs the forward runs under ``autocast(gpu_dtype)`` (bf16 by
-    default). ``forward(video (B, T, 3, H, W)) -> (B, T, E)`` float32.
+    default). ``forward(video (B, T, 3, H, W)) -> (B, T, E)`` float32 (float64 for a float64 tower,
+    so that a float64 model distils in float64).
     """
 
     def __init__(self, visual: nn.Module, *, gpu_dtype: Optional[torch.dtype] = torch.bfloat16):
@@ -255,4 +257,4 @@ class FrozenImageEncoder(nn.Module):
             features = self.visual(flat.to(self.visual.conv1.weight.dtype))
         if isinstance(features, tuple):  # output_tokens=True towers
             features = features[0]
-        return features.float().reshape(batch, frames, -1)
+        return at_least_float32(features).reshape(batch, frames, -1)
