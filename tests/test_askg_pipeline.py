@@ -96,6 +96,12 @@ def bad_answer(kind: str, name: str):
                                           "choices": []}).encode())
     if kind == "not_json":
         return 200, RawAnswer(b"<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+    if kind == "paper_shape":  # the paper's graph: the class a node; one relation to an entity in neither list
+        relations = k["relations"]
+        relations["action_object"].append([name, "requires", k["objects"][0]])
+        relations["action_action"].insert(0, [name.upper(), "starts with", k["sub_actions"][0]])
+        relations["object_object"].append([k["objects"][2], "worn for", "safety"])
+        return 200, json.dumps(k)
     if kind == "echo_key":  # a server that puts the caller's key into its answer
         return 200, json.dumps(knowledge_for(name)).replace("floor mat", f"floor mat {API_KEY}")
     if kind in ("429", "500", "401", "400"):
@@ -500,6 +506,24 @@ def test_empty_choices_and_non_json_bodies_are_retried(server_factory, tmp_path)
     server = server_factory(script={("archery", "stage1"): ["no_choices", "not_json"]})
     report = make_builder(server, concurrency=1).build(["archery"], tmp_path / "out", dataset="custom")
     assert report.ok and server.count("archery", "stage1") == 3
+
+
+def test_the_class_as_a_node_is_accepted_and_unlisted_entities_are_reported(server_factory, tmp_path):
+    """Stage 1 answers in the paper's shape are valid at once (not retried); relations naming an entity in
+    neither list are listed in report.json. The prompt asks for that shape."""
+    server = server_factory(script={("archery", "stage1"): ["paper_shape"]})
+    out = tmp_path / "out"
+    report = make_builder(server, concurrency=1).build(["archery", "rowing"], out, dataset="custom")
+    assert report.ok and server.count("archery", "stage1") == 1
+    graph = json.loads((out / "askg.json").read_text())["classes"]["archery"]
+    assert graph["relations"]["action_action"][0] == ["ARCHERY", "starts with", "gripping the archery handle"]
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["relations_to_unlisted_entities"] == {"archery": [
+        "class 'archery'.relations.object_object[3]: object 'safety' is in neither objects nor sub_actions "
+        "(nor the class)"]}
+    assert validate_askg_file(out / "askg.json") == []
+    asked = server.requests[0]["body"]["messages"][1]["content"]
+    assert '["archery", "starts with", "<the first sub-action>"]' in asked and 'or be the action "archery"' in asked
 
 
 def test_a_key_echoed_in_an_answer_is_never_written(server_factory, tmp_path):

@@ -251,3 +251,56 @@ def test_bad_release_files_are_named(release_files, tmp_path, capsys):
     assert report["repeated_keys"]["--xprompt"] == ["Apply Eye Makeup", "Yo Yo"]
     # without --labels: this project's templates, said so
     assert report["template_source"].startswith("no --labels")
+
+
+# The release's graphs as its files write them: the class itself the subject of its action-object relations and
+# the first of its action-action relations, and a relation to an entity in neither list.
+PAPER_SHAPE_ASKG = """\
+archery:
+  label: archery
+  obj_en_li: [bow, arrow, target, quiver, arm guard]
+  obj_rel_triples:
+    - <arrow, placed on, bow>
+    - <quiver, holds, arrow>
+    - <arm guard, worn for, safety>
+    - <bow, used in, archery>
+  act_obj_triples:
+    - <archery, requires, bow>
+    - <archery, aims at, target>
+  sub_act_en_li: [nocking the arrow, drawing the string, releasing the arrow]
+  act_rel_triples:
+    - <archery, starts with, nocking the arrow>
+    - <nocking the arrow, precedes, drawing the string>
+    - <drawing the string, precedes, releasing the arrow>
+"""
+PAPER_SHAPE_XPROMPT = """\
+archery:
+  label: archery
+  xprompt_oo:
+    - where an arrow is placed on the bow
+    - where a quiver holds the arrow
+    - where an arm guard is worn for safety
+  xprompt_ao:
+    - which requires a bow
+  xprompt_aa:
+    - starting with nocking the arrow
+    - where nocking the arrow precedes drawing the string
+"""
+
+
+def test_the_release_graph_shape_meets_the_schema_and_unlisted_entities_are_reported(tmp_path):
+    askg, xprompt = tmp_path / "classes_ASKG_ucf101.yml", tmp_path / "classes_xprompt_ucf101.yml"
+    askg.write_text(PAPER_SHAPE_ASKG)
+    xprompt.write_text(PAPER_SHAPE_XPROMPT)
+    out = tmp_path / "out"
+    assert main(["import-release", "--askg", str(askg), "--xprompt", str(xprompt), "--set", "ucf101",
+                 "--out", str(out)]) == 1  # the other 100 classes have no knowledge here
+    report = json.loads((out / "report.json").read_text())
+    assert report["classes_outside_the_graph_schema"] == {}
+    assert report["relations_to_unlisted_entities"] == {"Archery": [
+        "class 'Archery'.relations.object_object[2]: object 'safety' is in neither objects nor sub_actions "
+        "(nor the class)"]}
+    graph = json.loads((out / "askg.json").read_text())["classes"]["Archery"]
+    assert graph["relations"]["action_object"][0] == ["archery", "requires", "bow"]
+    assert validate_askg_document(json.loads((out / "askg.json").read_text()), "askg.json",
+                                  require_complete=False) == []

@@ -4,9 +4,11 @@ Two stages per class, against any OpenAI-compatible chat-completions endpoint
 (the `openai` client; hosted or a local server via --base-url):
 
   stage 1  "knowledge": objects (5-10), ordered sub-actions (3-10) and the
-           relation triples object-object / action-object / action-action
-           (the paper's "Return the object entity list ..." and "Find the proper
-           predicate names ..." prompts, asked for JSON);
+           relation triples object-object / action-object / action-action,
+           the action class itself a node with edges to its objects and
+           sub-actions, as in the paper's ASKG (the paper's "Return the object
+           entity list ..." and "Find the proper predicate names ..." prompts,
+           asked for JSON);
   stage 2  "prompts": one sentence per triple, "This is a video of <class>, ...":
            spatial prompts from object-object triples, temporal prompts from the
            action triples ("Try to complete the whole sentence according to each
@@ -16,7 +18,8 @@ Every answer is parsed as JSON and validated (`stdd.askg.schema`); an invalid
 answer, HTTP 429/5xx, a timeout or a dropped connection is retried with
 exponential backoff (the retry of an invalid answer shows the model its errors),
 up to `retries` times, after which the class is reported as failed and the run
-goes on. Only validated results are written: `<out>/stage1/<slug>.json` after
+goes on. Relations naming an entity in neither list are valid (not retried) and
+listed in ``report.json``. Only validated results are written: `<out>/stage1/<slug>.json` after
 stage 1 and `<out>/classes/<slug>.json` after stage 2, each atomically (temp
 file + rename), so a crashed or interrupted run resumes where it stopped and
 never reads a half-written or invalid file. Provenance (model, prompt version,
@@ -57,7 +60,7 @@ log = logging.getLogger("stdd.askg")
 # Bump PROMPT_VERSION whenever a prompt text or the temperature changes: it is
 # recorded with every cached result, and a cache built with another version is
 # not reused (see `_cached`).
-PROMPT_VERSION = "askg-v1"
+PROMPT_VERSION = "askg-v2"  # v2: the action class is a node of its graph
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_MODEL = "gpt-3.5-turbo"  # the paper used GPT-3.5; any chat model works
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
@@ -75,11 +78,11 @@ Action (plain words): {display}
 
 1. Return the object entity list containing Top K ({objects_min} <= K <= {objects_max}) most relevant objects involved in action: "{display}". Objects are concrete things visible in a video of it (equipment, body parts in use, clothing, places).
 2. Return the sub-action entity list containing Top K ({actions_min} <= K <= {actions_max}) most relevant sub-actions involved in action: "{display}", in the temporal order in which they happen. Write each sub-action as a short gerund phrase (e.g. "drawing the bowstring").
-3. Find the proper predicate names that concisely describe the relationship between each object / sub-action pair chosen from the entity lists, as [subject, predicate, object] triples:
+3. Find the proper predicate names that concisely describe the relationship between each object / sub-action pair chosen from the entity lists, as [subject, predicate, object] triples. The action itself, written "{display}", is a node of the graph too, linked to its objects and sub-actions:
    - "object_object": at least 3 triples [object, predicate, object] (static spatial relations, e.g. ["arrow", "rests on", "bow"]);
-   - "action_object": at least 1 triple [sub-action, predicate, object] (e.g. ["drawing the bowstring", "pulls back", "bowstring"]);
-   - "action_action": at least 2 triples [sub-action, predicate, sub-action] (temporal order, e.g. ["aiming at the target", "comes before", "releasing the arrow"]).
-   Subjects and objects of the triples must be copied exactly from the entity lists.
+   - "action_object": at least 1 triple [the action or a sub-action, predicate, object] (e.g. ["{display}", "requires", "<an object>"], ["drawing the bowstring", "pulls back", "bowstring"]);
+   - "action_action": at least 2 triples [the action or a sub-action, predicate, sub-action] (temporal order, e.g. ["{display}", "starts with", "<the first sub-action>"], ["aiming at the target", "comes before", "releasing the arrow"]).
+   Subjects and objects of the triples must be copied exactly from the entity lists, or be the action "{display}".
 
 Return JSON of exactly this form:
 {{"objects": ["..."], "sub_actions": ["..."], "relations": {{"object_object": [["...", "...", "..."]], "action_object": [["...", "...", "..."]], "action_action": [["...", "...", "..."]]}}}}"""
@@ -502,13 +505,13 @@ class AskgBuilder:
         if graph is not None:
             return graph, False
 
-        knowledge = self._cached(stage1_path, class_name, lambda k: validate_stage1(k, class_name))
+        knowledge = self._cached(stage1_path, class_name, lambda k: validate_stage1(k, class_name, dataset))
         if knowledge is None:
             def check_stage1(parsed):
                 if not isinstance(parsed, dict):
                     return None, [f"expected a JSON object, got {type(parsed).__name__}"]
                 answer = canonicalize_stage1(parsed)
-                return answer, validate_stage1(answer, class_name)
+                return answer, validate_stage1(answer, class_name, dataset)
 
             knowledge, attempts = self._ask(class_name, "stage 1 (knowledge graph)",
                                             render_stage1(class_name, display), check_stage1)
@@ -608,7 +611,8 @@ class AskgBuilder:
                 "regenerate": regenerate}
 
     def _finish(self, report: BuildReport, names: list[str], dataset: str) -> None:
-        """Write report.json and askg.json (the finished classes, in class order)."""
+        """Write report.json (with the relations of finished classes that name an entity in neither
+        list) and askg.json (the finished classes, in class order)."""
         classes = {}
         for name in names:
             path = report.out_dir / "classes" / f"{class_slug(name)}.json"
@@ -621,8 +625,18 @@ class AskgBuilder:
                     "provenance": self._run_provenance(dataset), "classes": classes}
         atomic_write_json(report.out_dir / "askg.json", document)
         missing = [n for n in names if n not in classes]
+        unlisted = {}
+        for name, graph in classes.items():
+            notes: list[str] = []
+            validate_graph(graph, dataset, name, notes=notes)
+            if notes:
+                unlisted[name] = notes
         atomic_write_json(report.out_dir / "report.json", {
-            **report.to_json(), "complete": not missing, "missing": missing})
+            **report.to_json(), "complete": not missing, "missing": missing,
+            "relations_to_unlisted_entities": unlisted})
         log.info("ASKG %s: %d built, %d from cache, %d failed, %d missing, %d requests -> %s",
                  dataset, len(report.built), len(report.cached), len(report.failed), len(missing),
                  report.requests, report.out_dir / "askg.json")
+        if unlisted:
+            log.info("%d classes have relations naming an entity in neither of their lists (valid; listed in %s)",
+                     len(unlisted), report.out_dir / "report.json")

@@ -109,7 +109,8 @@ def _cmd_validate(args) -> int:
     status = 0
     for spec in args.files:
         path = _graph_source(spec)
-        errors = validate_askg_file(path, require_complete=not args.partial)
+        notes: list[str] = []
+        errors = validate_askg_file(path, require_complete=not args.partial, notes=notes)
         if errors:
             status = 1
             print(f"{path}: {len(errors)} error(s)")
@@ -119,6 +120,12 @@ def _cmd_validate(args) -> int:
                 print(f"  ... {len(errors) - args.max_errors} more")
         else:
             print(f"{path}: OK")
+        if notes:  # valid: relations naming an entity in neither list of their graph
+            print(f"{path}: {len(notes)} relation(s) name an entity in neither list (valid)")
+            for note in notes[: args.max_errors]:
+                print(f"  note: {note}")
+            if len(notes) > args.max_errors:
+                print(f"  ... {len(notes) - args.max_errors} more")
     return status
 
 
@@ -139,6 +146,10 @@ def _cmd_import_release(args) -> int:
     if outside:
         print(f"{len(outside)} graphs do not meet this project's ASKG schema (see report.json; "
               f"python -m stdd.askg validate {written['askg.json']})")
+    unlisted = report["relations_to_unlisted_entities"]
+    if unlisted:
+        print(f"{sum(len(v) for v in unlisted.values())} relations of {len(unlisted)} graphs name an entity in "
+              f"neither of their lists (valid; listed in report.json)")
     for argument, names in report["release_classes_unmatched"].items():
         if names:
             print(f"{argument}: {len(names)} classes match no {args.set} class: {names[:10]}", file=sys.stderr)

@@ -283,7 +283,7 @@ def import_release(
         clause_lists[name] = {key: _strings(entry, key, where, problems) for key in CLAUSE_FIELDS}
     prompts = {file_name: {} for file_name in PROMPT_FILES}
     malformed = {kind: [] for kind in TRIPLE_FIELDS.values()}
-    graphs, schema_deviations = {}, {}
+    graphs, schema_deviations, unlisted_entities = {}, {}, {}
     for name in project:
         lists = clause_lists.get(name, {key: [] for key in CLAUSE_FIELDS})
         if name in matched_clauses:
@@ -320,9 +320,12 @@ def import_release(
             for kind, keys in (("spatial", SPATIAL_FIELDS), ("temporal", TEMPORAL_FIELDS))
         }
         graphs[name] = graph
-        deviations = validate_graph(graph, dataset, name)
+        notes: list[str] = []
+        deviations = validate_graph(graph, dataset, name, notes=notes)
         if deviations:
             schema_deviations[name] = deviations[:5]
+        if notes:
+            unlisted_entities[name] = notes
 
     missing = [name for name in project if name not in prompts["prompts.json"]]
     document = {
@@ -355,6 +358,7 @@ def import_release(
         "template_source": template_source,
         "prompt_files": {file_name: list(keys) for file_name, keys in PROMPT_FILES.items()},
         "classes_outside_the_graph_schema": schema_deviations,
+        "relations_to_unlisted_entities": unlisted_entities,
         "notes": problems,
     }
     return ReleaseImport(dataset, document, prompts, report)

@@ -7,10 +7,19 @@ and stage 2 (prompt sentences) of the ASKG pipeline produce for one class:
      "objects": [5..10 distinct objects],
      "sub_actions": [3..10 distinct sub-actions, in temporal order],
      "relations": {"object_object": [[obj, predicate, obj], ...]    (>= 3),
-                   "action_object": [[sub_action, predicate, obj], ...]  (>= 1),
-                   "action_action": [[sub_action, predicate, sub_action], ...]  (>= 2)},
+                   "action_object": [[action, predicate, obj], ...]  (>= 1),
+                   "action_action": [[action, predicate, sub_action], ...]  (>= 2)},
      "prompts": {"spatial": [>= 3 sentences from object_object triples],
                  "temporal": [>= 3 sentences from action_* triples]}}
+
+As in the paper's ASKG, the action class is itself a node of its graph, with
+edges to its objects and sub-actions: an ``action`` above is a sub-action or the
+class (its name or display name, e.g. ``["archery", "requires", "bow"]``,
+``["archery", "starts with", "nocking the arrow"]``), and any triple may name
+the class. A triple naming an entity of the wrong list for its kind (an object
+as the subject of an action_object triple) is an error; one naming an entity in
+neither list (``["helmet", "worn for", "safety"]``) is valid, and reported as a
+note (validators take a ``notes`` list to collect them).
 
 Every prompt is one sentence "This is a video of <display name>, ...". The
 shipped files (`stdd/resources/askg/<set>.json`) hold
@@ -114,8 +123,22 @@ def _kinds_section(graph: dict, key: str, kinds, where: str, errors: list) -> di
     return section
 
 
-def _validate_knowledge(graph: dict, where: str, errors: list[str]) -> tuple[set[str], set[str]]:
-    """Check objects, sub_actions and relations; return the normalized object / sub-action sets."""
+def class_node_keys(dataset: str, class_name: str) -> set[str]:
+    """The comparison keys (:func:`normalize_entity`) under which a graph's triples name its class,
+    the graph's action node: the class name and its display name."""
+    keys = {normalize_entity(class_name)} if isinstance(class_name, str) else set()
+    try:
+        keys.add(normalize_entity(display_name(dataset, class_name)))
+    except ValueError:
+        pass
+    return keys
+
+
+def _validate_knowledge(graph: dict, where: str, errors: list[str], class_keys: set[str],
+                        notes: list[str] | None) -> tuple[set[str], set[str]]:
+    """Check objects, sub_actions and relations; return the normalized object / sub-action sets.
+
+    A triple may name the class (``class_keys``) anywhere; an entity in neither list is noted."""
     objects = _string_list(graph.get("objects", []), f"{where}.objects", errors)
     sub_actions = _string_list(graph.get("sub_actions", []), f"{where}.sub_actions", errors)
     _check_entities(objects, f"{where}.objects", OBJECTS_MIN, OBJECTS_MAX, errors)
@@ -127,6 +150,7 @@ def _validate_knowledge(graph: dict, where: str, errors: list[str]) -> tuple[set
         "action_object": (action_keys, object_keys, "sub_actions", "objects"),
         "action_action": (action_keys, action_keys, "sub_actions", "sub_actions"),
     }
+    listed = {"objects": object_keys, "sub_actions": action_keys}
 
     relations = _kinds_section(graph, "relations", RELATION_MINIMUMS, where, errors)
     for kind, minimum in RELATION_MINIMUMS.items():
@@ -145,10 +169,16 @@ def _validate_knowledge(graph: dict, where: str, errors: list[str]) -> tuple[set
                 errors.append(f"{rwhere}[{i}]: expected [subject, predicate, object] non-empty strings, got {triple!r}")
                 continue
             subject, _, obj = (normalize_entity(t) for t in triple)
-            if subject not in subjects:
-                errors.append(f"{rwhere}[{i}]: subject {triple[0]!r} is not in {subject_field}")
-            if obj not in objects_:
-                errors.append(f"{rwhere}[{i}]: object {triple[2]!r} is not in {object_field}")
+            for role, text, key, allowed, field in (("subject", triple[0], subject, subjects, subject_field),
+                                                    ("object", triple[2], obj, objects_, object_field)):
+                if key in allowed or key in class_keys:
+                    continue
+                other = "objects" if field == "sub_actions" else "sub_actions"
+                if key in listed[other]:  # a listed entity in the wrong place: the triple is of another kind
+                    errors.append(f"{rwhere}[{i}]: {role} {text!r} is not in {field} (it is in {other})")
+                elif notes is not None:
+                    notes.append(f"{rwhere}[{i}]: {role} {text!r} is in neither objects nor sub_actions "
+                                 f"(nor the class)")
             if subject == obj:
                 errors.append(f"{rwhere}[{i}]: subject and object are the same ({triple[0]!r})")
             key = tuple(normalize_entity(t) for t in triple)
@@ -170,11 +200,13 @@ def _field_errors(obj: dict, keys, where: str) -> list[str]:
     return errors
 
 
-def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
+def validate_graph(graph: Any, dataset: str, class_name: str, *, notes: list[str] | None = None) -> list[str]:
     """Errors of one class's graph (empty list: valid).
 
     `dataset` picks the display-name rule (see `stdd.resources.display_name`);
     any name outside the known sets (a user's class file) keeps names as written.
+    `notes`, if given, receives what is valid but worth reporting: relations naming
+    an entity in neither list.
     """
     where = f"class {class_name!r}"
     if not isinstance(graph, dict):
@@ -187,7 +219,7 @@ def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
     except ValueError as exc:
         return errors + [f"{where}: {exc}"]
 
-    object_keys, action_keys = _validate_knowledge(graph, where, errors)
+    object_keys, action_keys = _validate_knowledge(graph, where, errors, class_node_keys(dataset, class_name), notes)
 
     prompts = _kinds_section(graph, "prompts", PROMPT_MINIMUMS, where, errors)
     for kind, minimum in PROMPT_MINIMUMS.items():
@@ -222,19 +254,22 @@ def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
 STAGE1_KEYS = ("objects", "sub_actions", "relations")
 
 
-def validate_stage1(answer: Any, class_name: str) -> list[str]:
-    """Errors of a stage-1 answer (objects, sub_actions, relations; no prompts yet)."""
+def validate_stage1(answer: Any, class_name: str, dataset: str = "custom", *,
+                    notes: list[str] | None = None) -> list[str]:
+    """Errors of a stage-1 answer (objects, sub_actions, relations; no prompts yet); ``dataset`` and
+    ``notes`` as in :func:`validate_graph`."""
     where = f"class {class_name!r}"
     if not isinstance(answer, dict):
         return [f"{where}: expected a JSON object, got {type(answer).__name__}"]
     errors = _field_errors(answer, STAGE1_KEYS, where)
-    _validate_knowledge(answer, where, errors)
+    _validate_knowledge(answer, where, errors, class_node_keys(dataset, class_name), notes)
     return errors
 
 
 def validate_askg_document(document: Any, source: str = "<document>", *,
-                           require_complete: bool = True) -> list[str]:
-    """Errors of a whole ASKG file already parsed from JSON (see `validate_askg_file`)."""
+                           require_complete: bool = True, notes: list[str] | None = None) -> list[str]:
+    """Errors of a whole ASKG file already parsed from JSON (see `validate_askg_file`); `notes` as in
+    :func:`validate_graph`."""
     if not isinstance(document, dict):
         return [f"{source}: expected a JSON object, got {type(document).__name__}"]
     errors: list[str] = []
@@ -270,11 +305,15 @@ def validate_askg_document(document: Any, source: str = "<document>", *,
         if not missing_classes and not extra and list(classes) != expected:
             errors.append(f"{source}: classes are not in {dataset} class-list order")
     for name, graph in classes.items():
-        errors.extend(f"{source}: {e}" for e in validate_graph(graph, dataset, name))
+        graph_notes: list[str] = []
+        errors.extend(f"{source}: {e}" for e in validate_graph(graph, dataset, name, notes=graph_notes))
+        if notes is not None:
+            notes.extend(f"{source}: {n}" for n in graph_notes)
     return errors
 
 
-def validate_askg_file(path: str | Path, *, require_complete: bool = True) -> list[str]:
+def validate_askg_file(path: str | Path, *, require_complete: bool = True,
+                       notes: list[str] | None = None) -> list[str]:
     """Errors of an ASKG JSON file (empty list: valid).
 
     For a known dataset (ucf101, hmdb51, k400, k600, k600_new) every class of
@@ -287,4 +326,4 @@ def validate_askg_file(path: str | Path, *, require_complete: bool = True) -> li
         return [f"{path}: file not found"]
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return [f"{path}: not valid JSON ({exc})"]
-    return validate_askg_document(document, str(path), require_complete=require_complete)
+    return validate_askg_document(document, str(path), require_complete=require_complete, notes=notes)
