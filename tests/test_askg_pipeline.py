@@ -446,6 +446,40 @@ def test_cache_from_another_prompt_version_or_invalid_is_rebuilt(server_factory,
     assert server.count() - before == 2
 
 
+def test_damaged_cache_files_are_set_aside_and_rebuilt(server_factory, tmp_path):
+    """A cache entry that is not an entry in JSON (cut short, replaced) is renamed <name>.corrupt, reported, and
+    its stage asked again; the stages that are intact are not."""
+    out = tmp_path / "out"
+    server = server_factory()
+    names = ["archery", "rowing", "knitting"]
+    assert make_builder(server).build(names, out, dataset="custom").ok
+    final = {name: out / "classes" / f"{class_slug(name)}.json" for name in names}
+    stage1 = {name: out / "stage1" / f"{class_slug(name)}.json" for name in names}
+    cut = final["archery"].read_text()[:200]
+    final["archery"].write_text(cut)  # a copy that stopped: stage 1 intact
+    final["rowing"].unlink()
+    stage1["rowing"].write_bytes(b"\xff\xfe not text")  # and its stage 1 damaged
+    final["knitting"].write_text(json.dumps(["knitting", "not an entry"]))
+    before = {(name, stage): server.count(name, stage) for name in names for stage in ("stage1", "stage2")}
+
+    report = make_builder(server).build(names, out, dataset="custom")
+    assert report.ok and sorted(report.built) == sorted(names)
+    asked = {key: server.count(*key) - count for key, count in before.items()}
+    assert asked == {("archery", "stage1"): 0, ("archery", "stage2"): 1, ("rowing", "stage1"): 1,
+                     ("rowing", "stage2"): 1, ("knitting", "stage1"): 0, ("knitting", "stage2"): 1}
+    assert final["archery"].with_name(final["archery"].name + ".corrupt").read_text() == cut
+    assert stage1["rowing"].with_name(stage1["rowing"].name + ".corrupt").read_bytes().startswith(b"\xff")
+    saved = json.loads((out / "report.json").read_text())["cache_files_set_aside"]
+    assert sorted(saved) == sorted(report.set_aside) and len(saved) == 3
+    for path, problem in ((final["archery"], "not valid JSON"), (stage1["rowing"], "not UTF-8"),
+                          (final["knitting"], "expected an object")):
+        assert any(str(path) in line and problem in line and "set aside as" in line for line in saved), saved
+    assert validate_askg_file(out / "askg.json") == []
+    # the rebuilt entries are used as they are; nothing is set aside again
+    report = make_builder(server).build(names, out, dataset="custom")
+    assert sorted(report.cached) == sorted(names) and report.set_aside == [] and report.requests == 0
+
+
 def test_helpers_redact_and_parse():
     assert askg_lib.redact_url("https://user:pw@example.com:8443/v1?key=abc#x") == "https://example.com:8443/v1"
     assert askg_lib.parse_json_answer('Sure!\n```json\n{"a": 1}\n```') == {"a": 1}

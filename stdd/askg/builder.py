@@ -22,8 +22,12 @@ goes on. Relations naming an entity in neither list are valid (not retried) and
 listed in ``report.json``. Only validated results are written: `<out>/stage1/<slug>.json` after
 stage 1 and `<out>/classes/<slug>.json` after stage 2, each atomically (temp
 file + rename), so a crashed or interrupted run resumes where it stopped and
-never reads a half-written or invalid file. Provenance (model, prompt version,
-temperature, base URL without credentials, time) is stored with every result.
+never reads a half-written or invalid file. A cache file damaged some other way
+(cut short by a copy, changed on disk: not an entry in JSON) is set aside as
+``<name>.corrupt``, said in a warning naming it and what is wrong, listed in
+``report.json`` (``cache_files_set_aside``), and its stage asked again. Provenance
+(model, prompt version, temperature, base URL without credentials, time) is
+stored with every result.
 
 The API key is read from an environment variable (OPENAI_API_KEY unless
 --api-key-env names another) and is never logged or written; error texts are
@@ -47,12 +51,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
-from ..errors import UsageError
 from ..files import atomic_write
 from ..resources import CLASS_COUNTS, display_name
 from .schema import (
-    OBJECTS_MAX, OBJECTS_MIN, SCHEMA_VERSION, SUB_ACTIONS_MAX, SUB_ACTIONS_MIN,
-    normalize_entity, validate_graph, validate_stage1,
+    OBJECTS_MAX, OBJECTS_MIN, SCHEMA_VERSION, SUB_ACTIONS_MAX, SUB_ACTIONS_MIN, AskgError, AskgFileError,
+    normalize_entity, read_json_file, validate_graph, validate_stage1,
 )
 
 log = logging.getLogger("stdd.askg")
@@ -108,10 +111,6 @@ REPAIR_PROMPT = """Your answer was not valid:
 Answer again with the complete corrected JSON object only."""
 
 
-class AskgError(UsageError, RuntimeError):
-    """A class could not be built (after retries), or a run could not start."""
-
-
 class FatalEndpointError(AskgError):
     """The endpoint refuses every request (bad key, unknown model): stop the run."""
 
@@ -151,6 +150,7 @@ class BuildReport:
     failed: dict[str, str]                # class -> error
     requests: int                         # chat-completion requests sent by this run
     interrupted: bool = False
+    set_aside: list[str] = dataclasses.field(default_factory=list)  # unreadable cache entries renamed .corrupt
 
     @property
     def ok(self) -> bool:
@@ -158,7 +158,8 @@ class BuildReport:
 
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "built": self.built, "cached": self.cached,
-                "failed": self.failed, "requests": self.requests, "interrupted": self.interrupted}
+                "failed": self.failed, "requests": self.requests, "interrupted": self.interrupted,
+                "cache_files_set_aside": self.set_aside}
 
 
 # ---------------------------------------------------------------- helpers
@@ -382,6 +383,7 @@ class AskgBuilder:
         install_log_redaction()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._set_aside_files: list[str] = []
         self.requests = 0
 
     # -- one request -------------------------------------------------------
@@ -475,24 +477,47 @@ class AskgBuilder:
                 "base_url": redact_url(self.config.base_url) or "https://api.openai.com/v1",
                 "attempts": attempts, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-    @staticmethod
-    def _cached(path: Path, class_name: str, check: Callable[[Any], list[str]]) -> Any | None:
-        """A cache entry if it exists, is this class's, of this prompt version and valid."""
+    def _cached(self, path: Path, class_name: str, check: Callable[[Any], list[str]]) -> Any | None:
+        """A cache entry if it exists, is this class's, of this prompt version and valid.
+
+        An entry that cannot be read as one (not UTF-8 JSON, e.g. a copy cut short or a damaged disk;
+        not an entry object) is set aside as ``<name>.corrupt``, for inspection, with a warning naming
+        it and what is wrong, and the stage is asked again; a readable entry of another class or prompt
+        version, or one that fails the schema, is asked again and overwritten.
+        """
         if not path.exists():
             return None
         try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            log.warning("%s: ignoring unreadable cache file %s (%s)", class_name, path, exc)
+            entry = read_json_file(path, "cache file")
+            if not isinstance(entry, dict) or "class" not in entry or "result" not in entry:
+                raise AskgFileError(f"cache file {path}: expected an object {{\"class\", \"result\", "
+                                    f"\"provenance\"}}, got {type(entry).__name__}"
+                                    + (f" with fields {sorted(entry)}" if isinstance(entry, dict) else ""))
+        except AskgFileError as error:
+            self._set_aside(path, str(error), class_name)
             return None
-        if (not isinstance(entry, dict) or entry.get("class") != class_name
-                or entry.get("provenance", {}).get("prompt_version") != PROMPT_VERSION):
+        provenance = entry.get("provenance")
+        version = provenance.get("prompt_version") if isinstance(provenance, dict) else None
+        if entry["class"] != class_name or version != PROMPT_VERSION:
             log.info("%s: cache file %s is from another class or prompt version; rebuilding", class_name, path)
             return None
-        if check(entry.get("result")):
+        if check(entry["result"]):
             log.warning("%s: cache file %s does not validate; rebuilding", class_name, path)
             return None
         return entry["result"]
+
+    def _set_aside(self, path: Path, problem: str, class_name: str) -> None:
+        """Rename an unreadable cache entry ``<name>.corrupt`` (replacing an older one) and record it."""
+        aside = path.with_name(path.name + ".corrupt")
+        try:
+            os.replace(path, aside)
+        except OSError as error:  # the rebuilt entry will be written over it
+            message = f"{problem}; could not be set aside ({error.strerror or error}), rebuilding"
+        else:
+            message = f"{problem}; set aside as {aside.name}, rebuilding"
+        log.warning("%s: %s", class_name, message)
+        with self._lock:
+            self._set_aside_files.append(message)
 
     def build_class(self, out_dir: Path, dataset: str, class_name: str) -> tuple[dict, bool]:
         """(graph, built_now) for one class: from the cache, or by asking the endpoint."""
@@ -553,6 +578,7 @@ class AskgBuilder:
             "provenance": self._run_provenance(dataset)})
         report = BuildReport(out_dir, dataset, built=[], cached=[], failed={}, requests=0)
         self._stop.clear()
+        self._set_aside_files = []
         start_requests = self.requests
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.config.concurrency,
                                                      thread_name_prefix="askg")
@@ -591,6 +617,7 @@ class AskgBuilder:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             report.requests = self.requests - start_requests
+            report.set_aside = list(self._set_aside_files)
             self._finish(report, names, dataset)
         if fatal is not None:
             raise fatal
@@ -618,9 +645,9 @@ class AskgBuilder:
             path = report.out_dir / "classes" / f"{class_slug(name)}.json"
             if path.exists() and name not in report.failed:
                 try:
-                    classes[name] = json.loads(path.read_text(encoding="utf-8"))["result"]
-                except (OSError, json.JSONDecodeError, KeyError):
-                    continue
+                    classes[name] = read_json_file(path)["result"]
+                except (AskgFileError, KeyError, TypeError):  # written by this run or validated by it: not expected
+                    log.warning("%s: cache file %s cannot be read back; left out of askg.json", name, path)
         document = {"schema_version": SCHEMA_VERSION, "dataset": dataset,
                     "provenance": self._run_provenance(dataset), "classes": classes}
         atomic_write_json(report.out_dir / "askg.json", document)

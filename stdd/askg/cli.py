@@ -11,6 +11,9 @@
             text side consumes).
   inspect   --graph ... --class NAME [--json]
   validate  FILE_OR_SET...   (schema check; the shipped sets by name)
+            Exit status 0 when every file is valid (notes about relations to unlisted
+            entities are printed, not errors), 1 when some are not, 2 when a file cannot
+            be read or is not JSON.
   import-release --askg classes_ASKG_<set>.yml --xprompt classes_xprompt_<set>.yml
             [--labels classes_label_<set>.yml] --set ucf101|hmdb51|k400 --out DIR [--templates N]
             The authors' released knowledge files (stdd.askg.release) -> DIR/askg.json
@@ -61,6 +64,9 @@ def _cmd_build(args) -> int:
     finally:
         logging.getLogger("stdd").removeHandler(file_handler)
         file_handler.close()
+    if report.set_aside:
+        print(f"{len(report.set_aside)} unreadable cache files set aside as <name>.corrupt and their stage asked "
+              f"again (listed in {out_dir / 'report.json'})", file=sys.stderr)
     if report.interrupted:
         print(f"interrupted; {len(report.built) + len(report.cached)}/{len(names)} classes done; "
               f"rerun the same command to resume", file=sys.stderr)
@@ -104,13 +110,14 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from .schema import validate_askg_file
+    from .schema import read_json_file, validate_askg_document
 
+    # Every file is read first: one that cannot be read or is not JSON is bad input (exit 2, one line).
+    documents = [(path, read_json_file(path)) for path in map(_graph_source, args.files)]
     status = 0
-    for spec in args.files:
-        path = _graph_source(spec)
+    for path, document in documents:
         notes: list[str] = []
-        errors = validate_askg_file(path, require_complete=not args.partial, notes=notes)
+        errors = validate_askg_document(document, str(path), require_complete=not args.partial, notes=notes)
         if errors:
             status = 1
             print(f"{path}: {len(errors)} error(s)")

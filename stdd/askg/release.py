@@ -38,7 +38,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Hashable, Mapping, Optional, Sequence
 
 from ..resources import class_names, display_name
 from .builder import AskgError, atomic_write_json
@@ -114,6 +114,8 @@ def _load_yaml(path: Path, argument: str) -> tuple[Any, list[str]]:
             seen = set()
             for key_node, _ in node.value:
                 key = loader.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # SafeLoader refuses it below, naming the line
                 if key in seen:
                     repeated.append(str(key))
                 seen.add(key)
@@ -135,9 +137,23 @@ def _load_yaml(path: Path, argument: str) -> tuple[Any, list[str]]:
     except (OSError, UnicodeDecodeError) as error:
         raise ReleaseFormatError(f"{argument} {path}: cannot be read as UTF-8 text ({error})") from None
     try:
-        return yaml.load(text, Loader=_Loader), repeated
+        document = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as error:
-        raise ReleaseFormatError(f"{argument} {path}: not valid YAML ({error})") from None
+        raise ReleaseFormatError(f"{argument} {path}: not valid YAML: {_yaml_problem(error, text)}") from None
+    if document is None:
+        raise ReleaseFormatError(f"{argument} {path}: empty file, expected YAML (truncated?)")
+    return document, repeated
+
+
+def _yaml_problem(error: Exception, text: str) -> str:
+    """What a YAML parser error says, on one line: the problem and where (line, column), and whether the
+    file ends there (cut short)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = ": ".join(filter(None, (getattr(error, "context", None), getattr(error, "problem", None))))
+    if mark is None:
+        return " ".join(str(error).split())
+    ends = "; the file ends there: truncated?" if mark.index >= len(text.rstrip()) else ""
+    return f"{problem or type(error).__name__} (line {mark.line + 1}, column {mark.column + 1}){ends}"
 
 
 def _class_entries(document: Any, path: Path, argument: str, expected: str) -> dict[str, dict]:

@@ -29,6 +29,9 @@ every class of the set's class list, in class-list order.
 Validators return lists of error strings (empty = valid) so a file with many
 problems is reported in one pass; each error names the class and the field.
 `python -m stdd.askg validate FILE...` validates files from the shell.
+:func:`read_json_file` is how the ASKG tooling reads every JSON file: a file
+that is missing, unreadable or not JSON is one :class:`AskgFileError` line
+naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from ..resources import ASKG_SETS, CLASS_COUNTS, class_names, display_name
 
 SCHEMA_VERSION = 1
@@ -56,6 +60,41 @@ SHIPPED_PROVENANCE_KEYS = ("generator", "how", "date", "regenerate")
 
 # Two sentences glued together: a sentence end followed by a capitalised word.
 _SENTENCE_BREAK = re.compile(r"[.!?;]\s+[A-Z]")
+
+
+class AskgError(UsageError, RuntimeError):
+    """A class could not be built (after retries), a run could not start, or an ASKG input is unusable."""
+
+
+class AskgFileError(AskgError, ValueError):
+    """A file the ASKG tooling reads is missing, unreadable or not JSON; the message names it."""
+
+
+def read_json_file(path: str | Path, label: str = "") -> Any:
+    """The JSON document in ``path``; :class:`AskgFileError` naming ``label`` (the argument it came
+    from, e.g. ``--graph``) and the file, and saying what is wrong, if it cannot be read or parsed."""
+    path = Path(path)
+    where = f"{label} {path}" if label else str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AskgFileError(f"{where}: no such file") from None
+    except OSError as error:
+        raise AskgFileError(f"{where}: cannot be read ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise AskgFileError(f"{where}: not UTF-8 text (byte {error.start} of {len(data)})") from None
+    if not text.strip():
+        raise AskgFileError(f"{where}: empty file, expected JSON (truncated?)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        # Python's parser reports an unterminated string where the string starts; it runs to the end.
+        cut = error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string")
+        ends = "; the file ends before the JSON does: truncated?" if cut else ""
+        raise AskgFileError(f"{where}: not valid JSON: {error.msg} (line {error.lineno}, "
+                            f"column {error.colno}){ends}") from None
 
 
 def normalize_entity(text: str) -> str:
@@ -314,16 +353,14 @@ def validate_askg_document(document: Any, source: str = "<document>", *,
 
 def validate_askg_file(path: str | Path, *, require_complete: bool = True,
                        notes: list[str] | None = None) -> list[str]:
-    """Errors of an ASKG JSON file (empty list: valid).
+    """Errors of an ASKG JSON file (empty list: valid); a file that cannot be read or parsed is one
+    error (:func:`read_json_file`'s message).
 
     For a known dataset (ucf101, hmdb51, k400, k600, k600_new) every class of
     its list must be present, in list order, unless `require_complete=False`.
     """
-    path = Path(path)
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return [f"{path}: file not found"]
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return [f"{path}: not valid JSON ({exc})"]
+        document = read_json_file(path)
+    except AskgFileError as error:
+        return [str(error)]
     return validate_askg_document(document, str(path), require_complete=require_complete, notes=notes)
