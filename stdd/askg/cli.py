@@ -19,8 +19,9 @@
             The authors' released knowledge files (stdd.askg.release) -> DIR/askg.json
             (graphs), DIR/prompts.json (their prompts: templates x (plain + oo/ao/aa
             clauses), for --prompts), prompts_spatial.json, prompts_temporal.json and
-            report.json (unmatched classes, malformed triples). Exit status 0 when every
-            class of the set got prompts, 1 when some did not, 2 on a usage / file error.
+            report.json (entries matched by label, normalised name or position, unmatched
+            classes, malformed triples). Exit status 0 when every class of the set got
+            prompts, 1 when some did not, 2 on a usage / file error.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from ..resources import ASKG_SETS, askg_path
 from . import builder as askg_lib
 from .builder import AskgBuilder, AskgConfig, AskgError
 from .prompts import format_graph, load_graphs, prompt_lists
-from .release import RELEASE_SETS, RELEASE_TEMPLATE_COUNT, import_release, write_release_import
+from .release import RELEASE_SETS, RELEASE_TEMPLATE_COUNT, describe_match, import_release, write_release_import
 
 def _graph_source(spec: str) -> Path:
     return askg_path(spec) if spec.lower() in ASKG_SETS and not Path(spec).exists() else Path(spec)
@@ -157,12 +158,23 @@ def _cmd_import_release(args) -> int:
     if unlisted:
         print(f"{sum(len(v) for v in unlisted.values())} relations of {len(unlisted)} graphs name an entity in "
               f"neither of their lists (valid; listed in report.json)")
+    for argument, items in report["release_entries_matched_inexactly"].items():
+        if items:
+            print(f"{argument}: {len(items)} entries matched other than by their exact name "
+                  f"(release_entries_matched_inexactly in report.json):", file=sys.stderr)
+            for item in items:
+                print(f"  {describe_match(item)}", file=sys.stderr)
     for argument, names in report["release_classes_unmatched"].items():
         if names:
-            print(f"{argument}: {len(names)} classes match no {args.set} class: {names[:10]}", file=sys.stderr)
+            hint = "" if args.labels else " (with --labels they are also matched by position, as the release pairs them)"
+            print(f"{argument}: {len(names)} classes match no {args.set} class: {names[:10]}{hint}", file=sys.stderr)
+    if report["label_classes_unmatched"]:
+        print(f"--labels: {len(report['label_classes_unmatched'])} classes match no {args.set} class: "
+              f"{report['label_classes_unmatched'][:10]}", file=sys.stderr)
     if report["xprompt_entries_out_of_label_order"]:
         print(f"{len(report['xprompt_entries_out_of_label_order'])} --xprompt entries are not at their --labels "
-              f"position (the release pairs them by position; here they are matched by name)", file=sys.stderr)
+              f"position (the release pairs them by position; here each is matched to its class by name first)",
+              file=sys.stderr)
     if result.missing:
         print(f"{len(result.missing)} {args.set} classes have no prompts: {result.missing[:10]}", file=sys.stderr)
         return 1
