@@ -8,6 +8,7 @@ so the tests can tell what a resumed run asked again.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -128,7 +130,7 @@ class ScriptedServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, payload = server.answer(self.path, {"Authorization": self.headers.get("Authorization")}, body)
+                status, payload = server.answer(self.path, self.headers, body)
                 raw = payload if isinstance(payload, RawAnswer) else RawAnswer(json.dumps(payload).encode())
                 data = raw.body
                 self.send_response(status)
@@ -163,7 +165,7 @@ class ScriptedServer:
         return sum(1 for r in self.requests
                    if (name is None or r["class"] == name) and (stage is None or r["stage"] == stage))
 
-    def answer(self, path: str, headers: dict, body: dict):
+    def answer(self, path: str, headers, body: dict):  # headers: the request's (case-insensitive)
         name, stage = self.parse(body)
         with self.lock:  # recorded on arrival, so a request whose client died still counts
             self.requests.append({"class": name, "stage": stage, "path": path, "body": body,
@@ -172,6 +174,9 @@ class ScriptedServer:
             action = actions.pop(0) if actions else self.default
         if self.delay_s:
             time.sleep(self.delay_s)
+        if action == "echo_headers":  # an error that shows the request's path and headers (as some proxies do)
+            return 500, {"error": {"message": f"upstream refused {path}; request headers: {json.dumps(dict(headers))}",
+                                   "type": "scripted", "code": "500"}}
         if action == "valid":
             content = json.dumps(knowledge_for(name) if stage == "stage1" else prompts_for(name))
             status = 200
@@ -590,6 +595,52 @@ def test_cli_log_lines_carry_no_url_credentials_or_tokens(server_factory, tmp_pa
         assert secret not in logged
         for path in out.rglob("*"):
             assert path.is_dir() or secret not in path.read_text(errors="replace"), path
+
+
+@pytest.mark.parametrize("password, written", [("hunter2pw", "hunter2pw"), ("p@ss/w:rd!", "p%40ss%2Fw%3Ard%21")])
+def test_credentials_a_server_echoes_are_never_written(server_factory, tmp_path, password, written):
+    """A real build process against a server whose errors echo the request's headers: the Basic credentials
+    the client made of the URL's user:password reach neither stderr, build.log, report.json nor any file,
+    plain, percent-encoded or base64-encoded."""
+    server = server_factory(script={("archery", "stage1"): ["echo_headers"] * 5})
+    base_url = server.base_url.replace("http://", f"http://user:{written}@")
+    classes_file = tmp_path / "cls.txt"
+    classes_file.write_text("archery\nrowing\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, MY_LLM_KEY=API_KEY)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, "-m", "stdd.askg", "build", "--classes", str(classes_file), "--out", str(out), "--model",
+         "m", "--base-url", base_url, "--api-key-env", "MY_LLM_KEY", "--retries", "1", "--backoff", "0.001",
+         "--concurrency", "1"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]  # archery failed, rowing was built
+    credentials = f"user:{password}"
+    basic = base64.b64encode(credentials.encode()).decode()
+    # the server did receive them, and did echo them: what is tested is that they go no further
+    assert {r["authorization"] for r in server.requests if r["class"] == "archery"} == {f"Basic {basic}"}
+    report = (out / "report.json").read_text()
+    assert "request headers" in json.loads(report)["failed"]["archery"] and "Basic ***" in report
+    assert "Basic ***" in result.stderr and "Basic ***" in (out / "build.log").read_text()
+    forms = {password, written, credentials, quote(password, safe=""), quote(credentials, safe=""), basic,
+             basic.rstrip("="), base64.urlsafe_b64encode(credentials.encode()).decode(), API_KEY}
+    texts = {"stdout": result.stdout, "stderr": result.stderr}
+    texts.update({str(path): path.read_text(errors="replace") for path in out.rglob("*") if path.is_file()})
+    for where, text in texts.items():
+        for form in forms:
+            assert form not in text, (where, form)
+
+
+def test_authorization_values_and_encoded_secrets_are_redacted():
+    redact = askg_lib._Redactor(askg_lib.url_secrets("http://user:p%40ss@host/v1?token=qs+secret%2B1") + [API_KEY])
+    text = redact('{"Authorization": "Basic dXNlcjpwQHNz", "headers": {"authorization": "bearer other-token.1"}} '
+                  "Proxy-Authorization: Token zz9 / key " + base64.b64encode(API_KEY.encode()).decode() +
+                  " / url user%3Ap%40ss / form token=qs+secret%2B1, path /qs%20secret%2B1/ "
+                  "/ basic sword techniques, the flag bearer")
+    for secret in ("dXNlcjpwQHNz", "other-token.1", "zz9", "p@ss", "p%40ss", "qs+secret%2B1", "qs%20secret%2B1",
+                   base64.b64encode(API_KEY.encode()).decode()):
+        assert secret not in text, (secret, text)
+    assert '"Authorization": "Basic ***"' in text and '"authorization": "bearer ***"' in text
+    assert "basic sword techniques, the flag bearer" in text  # ordinary words are left alone
 
 
 def test_http_client_request_lines_are_redacted(server_factory, tmp_path, caplog):

@@ -19,10 +19,10 @@ answer, HTTP 429/5xx, a timeout or a dropped connection is retried with
 exponential backoff (the retry of an invalid answer shows the model its errors),
 up to `retries` times, after which the class is reported as failed and the run
 goes on. Relations naming an entity in neither list are valid (not retried) and
-listed in ``report.json``. Only validated results are written: `<out>/stage1/<slug>.json` after
-stage 1 and `<out>/classes/<slug>.json` after stage 2, each atomically (temp
-file + rename), so a crashed or interrupted run resumes where it stopped and
-never reads a half-written or invalid file. A cache file damaged some other way
+listed in ``report.json``. Only validated results are written:
+`<out>/stage1/<slug>.json` after stage 1 and `<out>/classes/<slug>.json` after
+stage 2, each atomically (temp file + rename), so a crashed or interrupted run
+resumes where it stopped and never reads a half-written or invalid file. A cache file damaged some other way
 (cut short by a copy, changed on disk: not an entry in JSON) is set aside as
 ``<name>.corrupt``, said in a warning naming it and what is wrong, listed in
 ``report.json`` (``cache_files_set_aside``), and its stage asked again. Provenance
@@ -30,12 +30,17 @@ never reads a half-written or invalid file. A cache file damaged some other way
 stored with every result.
 
 The API key is read from an environment variable (OPENAI_API_KEY unless
---api-key-env names another) and is never logged or written; error texts are
-scrubbed of it before they reach a log or the report.
+--api-key-env names another) and is never logged or written; error texts,
+answers and log lines are scrubbed of it and of the base URL's credentials
+(plain, percent-encoded and base64-encoded, as a Basic Authorization header
+carries them), of every Authorization header value (Basic, Bearer, any case)
+and of the ``user:password@`` and query string of every URL, before they reach
+a log, a cache or the report.
 """
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import dataclasses
 import email.utils
@@ -49,7 +54,7 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit, urlunsplit
 
 from ..files import atomic_write
 from ..resources import CLASS_COUNTS, display_name
@@ -177,30 +182,54 @@ def redact_url(url: str | None) -> str | None:
 
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]+@")
 _URL_QUERY = re.compile(r"(?P<url>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s?#\"'<>]+)[?#][^\s\"'<>]*")
+# The value of an Authorization header however a server echoes it ("Authorization: Basic ...",
+# '"authorization": "Bearer ..."', "Proxy-Authorization=..."): its scheme is kept, its credentials are not.
+_AUTHORIZATION = re.compile(
+    r"(?P<name>\b(?:proxy-)?authorization\b[\"']?\s*[:=]\s*[\"']?\s*)"
+    r"(?P<scheme>(?:basic|bearer|digest|token|apikey)\s+)?[^\s\"',;}\]]+", re.IGNORECASE)
 
 
 def url_secrets(url: str | None) -> list[str]:
-    """The parts of ``url`` that may be credentials: user, password and query values."""
+    """The parts of ``url`` that may be credentials: user, password and query values, as written and
+    percent-decoded, and ``user:password`` (what HTTP clients send base64-encoded as Basic credentials)."""
     if not url:
         return []
     parts = urlsplit(url)
-    return [s for s in (parts.username, parts.password, *(v for _, v in parse_qsl(parts.query))) if s and len(s) >= 4]
+    user, password = parts.username, parts.password
+    found = [user, password, *(v for _, v in parse_qsl(parts.query))]
+    if user is not None or password is not None:
+        for u, p in ((user or "", password or ""), (unquote(user or ""), unquote(password or ""))):
+            found += [u, p, f"{u}:{p}"]
+    return list(dict.fromkeys(s for s in found if s and len(s) >= 4))
+
+
+def secret_forms(secret: str) -> set[str]:
+    """The forms in which ``secret`` may appear in a text: as it is, percent-encoded (as in a URL or a
+    form) and base64-encoded (as in a Basic Authorization header; standard and URL-safe alphabets,
+    with and without padding)."""
+    forms = {secret, quote(secret, safe=""), quote(secret), quote_plus(secret)}
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        token = encode(secret.encode("utf-8")).decode("ascii")
+        forms.update((token, token.rstrip("=")))
+    return {form for form in forms if form}
 
 
 class _Redactor:
-    """Replaces the secrets it holds (the API key, credentials of the base URL) with ``***`` in a text,
-    and the ``user:password@`` and query string of every URL in it."""
+    """Replaces the secrets it holds (the API key, credentials of the base URL), in every form
+    :func:`secret_forms` gives, with ``***`` in a text, and the value of every Authorization header,
+    the ``user:password@`` and the query string of every URL in it."""
 
     def __init__(self, secrets: Iterable[str] = ()):
         self.secrets: set[str] = set()
         self.add(secrets)
 
     def add(self, secrets: Iterable[str]) -> None:
-        self.secrets.update(s for s in secrets if s)
+        self.secrets.update(form for s in secrets if s for form in secret_forms(s))
 
     def __call__(self, text: str) -> str:
         for secret in sorted(self.secrets, key=len, reverse=True):
             text = text.replace(secret, "***")
+        text = _AUTHORIZATION.sub(r"\g<name>\g<scheme>***", text)
         text = _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
         return _URL_QUERY.sub(r"\g<url>?***", text)
 
