@@ -361,7 +361,7 @@ def test_hmdb51_entries_named_otherwise_are_matched_and_reported(tmp_path):
         {"entry": "wave", "label": "waving", "class": "wave", "matched_by": "key", "position": 50}]}
     assert report["xprompt_entries_out_of_label_order"] == []
     for line in ("--xprompt: 4 entries matched other than by their exact name",
-                 "'chew' (label 'chewing') -> chew: by its key; its label names no class",
+                 "'chew' (label 'chewing') -> chew: by its key; its label differs",
                  "'falling to the floor' -> fall_floor: by its position 12, as the release pairs it "
                  "(--labels class 'fall floor')",
                  "'shoot gun' (label 'shooting gun') -> shoot_gun:", "'wave' (label 'waving') -> wave:",

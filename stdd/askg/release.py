@@ -17,7 +17,8 @@ Class names there are spaced words ("Apply Eye Makeup" in the label file,
 entries name their class otherwise (HMDB51's clause file has ``chew`` with
 ``label: chewing``, and ``falling to the floor`` for ``fall floor``):
 :func:`import_release` matches entries by key, label, normalised name
-(:func:`match_key`) and position, and reports every inexact match. The release's prompts of class ``c`` under a template are the plain
+(:func:`match_key`) and position, and reports every inexact match. The
+release's prompts of class ``c`` under a template are the plain
 ``template.format(c)`` followed by ``template.format(f"{c}, {clause}")`` for each
 clause (:func:`release_prompts`); its reported runs used the first
 :data:`RELEASE_TEMPLATE_COUNT` templates and the union of the three clause
@@ -483,7 +484,7 @@ def describe_match(item: Mapping[str, Any]) -> str:
     if way == "position":
         how = f"by its position {item['position']}, as the release pairs it (--labels class {item['label_file_class']!r})"
     elif way == "key":
-        how = "by its key; its label names no class"
+        how = "by its key; its label differs"
     else:
         how = f"by its {way}"
     return f"{entry} -> {item['class']}: {how}"
