@@ -8,6 +8,7 @@ so the tests can tell what a resumed run asked again.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import logging
@@ -19,6 +20,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -96,6 +98,12 @@ def bad_answer(kind: str, name: str):
                                           "choices": []}).encode())
     if kind == "not_json":
         return 200, RawAnswer(b"<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+    if kind == "paper_shape":  # the paper's graph: the class a node; one relation to an entity in neither list
+        relations = k["relations"]
+        relations["action_object"].append([name, "requires", k["objects"][0]])
+        relations["action_action"].insert(0, [name.upper(), "starts with", k["sub_actions"][0]])
+        relations["object_object"].append([k["objects"][2], "worn for", "safety"])
+        return 200, json.dumps(k)
     if kind == "echo_key":  # a server that puts the caller's key into its answer
         return 200, json.dumps(knowledge_for(name)).replace("floor mat", f"floor mat {API_KEY}")
     if kind in ("429", "500", "401", "400"):
@@ -122,7 +130,7 @@ class ScriptedServer:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                status, payload = server.answer(self.path, {"Authorization": self.headers.get("Authorization")}, body)
+                status, payload = server.answer(self.path, self.headers, body)
                 raw = payload if isinstance(payload, RawAnswer) else RawAnswer(json.dumps(payload).encode())
                 data = raw.body
                 self.send_response(status)
@@ -157,7 +165,7 @@ class ScriptedServer:
         return sum(1 for r in self.requests
                    if (name is None or r["class"] == name) and (stage is None or r["stage"] == stage))
 
-    def answer(self, path: str, headers: dict, body: dict):
+    def answer(self, path: str, headers, body: dict):  # headers: the request's (case-insensitive)
         name, stage = self.parse(body)
         with self.lock:  # recorded on arrival, so a request whose client died still counts
             self.requests.append({"class": name, "stage": stage, "path": path, "body": body,
@@ -166,6 +174,9 @@ class ScriptedServer:
             action = actions.pop(0) if actions else self.default
         if self.delay_s:
             time.sleep(self.delay_s)
+        if action == "echo_headers":  # an error that shows the request's path and headers (as some proxies do)
+            return 500, {"error": {"message": f"upstream refused {path}; request headers: {json.dumps(dict(headers))}",
+                                   "type": "scripted", "code": "500"}}
         if action == "valid":
             content = json.dumps(knowledge_for(name) if stage == "stage1" else prompts_for(name))
             status = 200
@@ -440,6 +451,40 @@ def test_cache_from_another_prompt_version_or_invalid_is_rebuilt(server_factory,
     assert server.count() - before == 2
 
 
+def test_damaged_cache_files_are_set_aside_and_rebuilt(server_factory, tmp_path):
+    """A cache entry that is not an entry in JSON (cut short, replaced) is renamed <name>.corrupt, reported, and
+    its stage asked again; the stages that are intact are not."""
+    out = tmp_path / "out"
+    server = server_factory()
+    names = ["archery", "rowing", "knitting"]
+    assert make_builder(server).build(names, out, dataset="custom").ok
+    final = {name: out / "classes" / f"{class_slug(name)}.json" for name in names}
+    stage1 = {name: out / "stage1" / f"{class_slug(name)}.json" for name in names}
+    cut = final["archery"].read_text()[:200]
+    final["archery"].write_text(cut)  # a copy that stopped: stage 1 intact
+    final["rowing"].unlink()
+    stage1["rowing"].write_bytes(b"\xff\xfe not text")  # and its stage 1 damaged
+    final["knitting"].write_text(json.dumps(["knitting", "not an entry"]))
+    before = {(name, stage): server.count(name, stage) for name in names for stage in ("stage1", "stage2")}
+
+    report = make_builder(server).build(names, out, dataset="custom")
+    assert report.ok and sorted(report.built) == sorted(names)
+    asked = {key: server.count(*key) - count for key, count in before.items()}
+    assert asked == {("archery", "stage1"): 0, ("archery", "stage2"): 1, ("rowing", "stage1"): 1,
+                     ("rowing", "stage2"): 1, ("knitting", "stage1"): 0, ("knitting", "stage2"): 1}
+    assert final["archery"].with_name(final["archery"].name + ".corrupt").read_text() == cut
+    assert stage1["rowing"].with_name(stage1["rowing"].name + ".corrupt").read_bytes().startswith(b"\xff")
+    saved = json.loads((out / "report.json").read_text())["cache_files_set_aside"]
+    assert sorted(saved) == sorted(report.set_aside) and len(saved) == 3
+    for path, problem in ((final["archery"], "not valid JSON"), (stage1["rowing"], "not UTF-8"),
+                          (final["knitting"], "expected an object")):
+        assert any(str(path) in line and problem in line and "set aside as" in line for line in saved), saved
+    assert validate_askg_file(out / "askg.json") == []
+    # the rebuilt entries are used as they are; nothing is set aside again
+    report = make_builder(server).build(names, out, dataset="custom")
+    assert sorted(report.cached) == sorted(names) and report.set_aside == [] and report.requests == 0
+
+
 def test_helpers_redact_and_parse():
     assert askg_lib.redact_url("https://user:pw@example.com:8443/v1?key=abc#x") == "https://example.com:8443/v1"
     assert askg_lib.parse_json_answer('Sure!\n```json\n{"a": 1}\n```') == {"a": 1}
@@ -502,6 +547,24 @@ def test_empty_choices_and_non_json_bodies_are_retried(server_factory, tmp_path)
     assert report.ok and server.count("archery", "stage1") == 3
 
 
+def test_the_class_as_a_node_is_accepted_and_unlisted_entities_are_reported(server_factory, tmp_path):
+    """Stage 1 answers in the paper's shape are valid at once (not retried); relations naming an entity in
+    neither list are listed in report.json. The prompt asks for that shape."""
+    server = server_factory(script={("archery", "stage1"): ["paper_shape"]})
+    out = tmp_path / "out"
+    report = make_builder(server, concurrency=1).build(["archery", "rowing"], out, dataset="custom")
+    assert report.ok and server.count("archery", "stage1") == 1
+    graph = json.loads((out / "askg.json").read_text())["classes"]["archery"]
+    assert graph["relations"]["action_action"][0] == ["ARCHERY", "starts with", "gripping the archery handle"]
+    saved = json.loads((out / "report.json").read_text())
+    assert saved["relations_to_unlisted_entities"] == {"archery": [
+        "class 'archery'.relations.object_object[3]: object 'safety' is in neither objects nor sub_actions "
+        "(nor the class)"]}
+    assert validate_askg_file(out / "askg.json") == []
+    asked = server.requests[0]["body"]["messages"][1]["content"]
+    assert '["archery", "starts with", "<the first sub-action>"]' in asked and 'or be the action "archery"' in asked
+
+
 def test_a_key_echoed_in_an_answer_is_never_written(server_factory, tmp_path):
     server = server_factory(script={("archery", "stage1"): ["echo_key"]})
     out = tmp_path / "out"
@@ -532,6 +595,52 @@ def test_cli_log_lines_carry_no_url_credentials_or_tokens(server_factory, tmp_pa
         assert secret not in logged
         for path in out.rglob("*"):
             assert path.is_dir() or secret not in path.read_text(errors="replace"), path
+
+
+@pytest.mark.parametrize("password, written", [("hunter2pw", "hunter2pw"), ("p@ss/w:rd!", "p%40ss%2Fw%3Ard%21")])
+def test_credentials_a_server_echoes_are_never_written(server_factory, tmp_path, password, written):
+    """A real build process against a server whose errors echo the request's headers: the Basic credentials
+    the client made of the URL's user:password reach neither stderr, build.log, report.json nor any file,
+    plain, percent-encoded or base64-encoded."""
+    server = server_factory(script={("archery", "stage1"): ["echo_headers"] * 5})
+    base_url = server.base_url.replace("http://", f"http://user:{written}@")
+    classes_file = tmp_path / "cls.txt"
+    classes_file.write_text("archery\nrowing\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, MY_LLM_KEY=API_KEY)
+    env["PYTHONPATH"] = str(REPO_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run(
+        [sys.executable, "-m", "stdd.askg", "build", "--classes", str(classes_file), "--out", str(out), "--model",
+         "m", "--base-url", base_url, "--api-key-env", "MY_LLM_KEY", "--retries", "1", "--backoff", "0.001",
+         "--concurrency", "1"], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1, result.stderr[-3000:]  # archery failed, rowing was built
+    credentials = f"user:{password}"
+    basic = base64.b64encode(credentials.encode()).decode()
+    # the server did receive them, and did echo them: what is tested is that they go no further
+    assert {r["authorization"] for r in server.requests if r["class"] == "archery"} == {f"Basic {basic}"}
+    report = (out / "report.json").read_text()
+    assert "request headers" in json.loads(report)["failed"]["archery"] and "Basic ***" in report
+    assert "Basic ***" in result.stderr and "Basic ***" in (out / "build.log").read_text()
+    forms = {password, written, credentials, quote(password, safe=""), quote(credentials, safe=""), basic,
+             basic.rstrip("="), base64.urlsafe_b64encode(credentials.encode()).decode(), API_KEY}
+    texts = {"stdout": result.stdout, "stderr": result.stderr}
+    texts.update({str(path): path.read_text(errors="replace") for path in out.rglob("*") if path.is_file()})
+    for where, text in texts.items():
+        for form in forms:
+            assert form not in text, (where, form)
+
+
+def test_authorization_values_and_encoded_secrets_are_redacted():
+    redact = askg_lib._Redactor(askg_lib.url_secrets("http://user:p%40ss@host/v1?token=qs+secret%2B1") + [API_KEY])
+    text = redact('{"Authorization": "Basic dXNlcjpwQHNz", "headers": {"authorization": "bearer other-token.1"}} '
+                  "Proxy-Authorization: Token zz9 / key " + base64.b64encode(API_KEY.encode()).decode() +
+                  " / url user%3Ap%40ss / form token=qs+secret%2B1, path /qs%20secret%2B1/ "
+                  "/ basic sword techniques, the flag bearer")
+    for secret in ("dXNlcjpwQHNz", "other-token.1", "zz9", "p@ss", "p%40ss", "qs+secret%2B1", "qs%20secret%2B1",
+                   base64.b64encode(API_KEY.encode()).decode()):
+        assert secret not in text, (secret, text)
+    assert '"Authorization": "Basic ***"' in text and '"authorization": "bearer ***"' in text
+    assert "basic sword techniques, the flag bearer" in text  # ordinary words are left alone
 
 
 def test_http_client_request_lines_are_redacted(server_factory, tmp_path, caplog):

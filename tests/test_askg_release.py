@@ -251,3 +251,144 @@ def test_bad_release_files_are_named(release_files, tmp_path, capsys):
     assert report["repeated_keys"]["--xprompt"] == ["Apply Eye Makeup", "Yo Yo"]
     # without --labels: this project's templates, said so
     assert report["template_source"].startswith("no --labels")
+
+
+# The release's graphs as its files write them: the class itself the subject of its action-object relations and
+# the first of its action-action relations, and a relation to an entity in neither list.
+PAPER_SHAPE_ASKG = """\
+archery:
+  label: archery
+  obj_en_li: [bow, arrow, target, quiver, arm guard]
+  obj_rel_triples:
+    - <arrow, placed on, bow>
+    - <quiver, holds, arrow>
+    - <arm guard, worn for, safety>
+    - <bow, used in, archery>
+  act_obj_triples:
+    - <archery, requires, bow>
+    - <archery, aims at, target>
+  sub_act_en_li: [nocking the arrow, drawing the string, releasing the arrow]
+  act_rel_triples:
+    - <archery, starts with, nocking the arrow>
+    - <nocking the arrow, precedes, drawing the string>
+    - <drawing the string, precedes, releasing the arrow>
+"""
+PAPER_SHAPE_XPROMPT = """\
+archery:
+  label: archery
+  xprompt_oo:
+    - where an arrow is placed on the bow
+    - where a quiver holds the arrow
+    - where an arm guard is worn for safety
+  xprompt_ao:
+    - which requires a bow
+  xprompt_aa:
+    - starting with nocking the arrow
+    - where nocking the arrow precedes drawing the string
+"""
+
+
+def test_the_release_graph_shape_meets_the_schema_and_unlisted_entities_are_reported(tmp_path):
+    askg, xprompt = tmp_path / "classes_ASKG_ucf101.yml", tmp_path / "classes_xprompt_ucf101.yml"
+    askg.write_text(PAPER_SHAPE_ASKG)
+    xprompt.write_text(PAPER_SHAPE_XPROMPT)
+    out = tmp_path / "out"
+    assert main(["import-release", "--askg", str(askg), "--xprompt", str(xprompt), "--set", "ucf101",
+                 "--out", str(out)]) == 1  # the other 100 classes have no knowledge here
+    report = json.loads((out / "report.json").read_text())
+    assert report["classes_outside_the_graph_schema"] == {}
+    assert report["relations_to_unlisted_entities"] == {"Archery": [
+        "class 'Archery'.relations.object_object[2]: object 'safety' is in neither objects nor sub_actions "
+        "(nor the class)"]}
+    graph = json.loads((out / "askg.json").read_text())["classes"]["Archery"]
+    assert graph["relations"]["action_object"][0] == ["archery", "requires", "bow"]
+    assert validate_askg_document(json.loads((out / "askg.json").read_text()), "askg.json",
+                                  require_complete=False) == []
+
+
+def hmdb51_release_files(tmp_path, drop=None):
+    """The release's three HMDB51 files, in its format and order, with the four classes its clause and graph files
+    write otherwise than its label file: ``chew`` labelled ``chewing``, ``falling to the floor`` for ``fall floor``,
+    ``shooting gun`` and ``waving``; ``drop`` leaves one class's entries out of both files."""
+    written = [display_name("hmdb51", name) for name in class_names("hmdb51")]  # "brush hair", ..., "fall floor"
+    keys = {"fall floor": "falling to the floor"}
+    labels = {"chew": "chewing", "fall floor": "falling to the floor", "shoot gun": "shooting gun", "wave": "waving"}
+    askg, xprompt = [], []
+    for c in written:
+        if c == drop:
+            continue
+        key, node = keys.get(c, c), keys.get(c, c)
+        word = c.split()[-1]
+        askg.append(f"{key}:\n  label: {key}\n  obj_en_li: [{word} thing, hand, arm, floor, person]\n"
+                    f"  obj_rel_triples:\n  - <hand, holds, {word} thing>\n  - <arm, moves, hand>\n"
+                    f"  - <person, stands on, floor>\n"
+                    f"  act_obj_triples:\n  - <{node}, involves, {word} thing>\n  - <{node}, needs, hand>\n"
+                    f"  sub_act_en_li: [reaching out, holding on, letting go]\n"
+                    f"  act_rel_triples:\n  - <{node}, starts with, reaching out>\n"
+                    f"  - <reaching out, precedes, holding on>\n  - <holding on, precedes, letting go>\n")
+        xprompt.append(f"# This is an example of {labels.get(c, c)}...\n{key}:\n  label: {labels.get(c, c)}\n"
+                       f"  xprompt_oo:\n    - where a hand holds the {word} thing\n    - where an arm moves the hand\n"
+                       f"    - where a person stands on the floor\n"
+                       f"  xprompt_ao:\n    - which involves the {word} thing\n"
+                       f"  xprompt_aa:\n    - starting with reaching out\n    - where reaching out precedes holding on\n")
+    files = {"askg": "\n".join(askg), "xprompt": "\n".join(xprompt),
+             "labels": "classes:\n" + "".join(f"- {c}\n" for c in written) + "templates:\n- a video of {}.\n"}
+    paths = {}
+    tmp_path.mkdir(exist_ok=True)
+    for kind, text in files.items():
+        paths[kind] = tmp_path / f"classes_{kind}_hmdb51.yml"
+        paths[kind].write_text(text)
+    return paths
+
+
+def test_hmdb51_entries_named_otherwise_are_matched_and_reported(tmp_path):
+    files = hmdb51_release_files(tmp_path)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    result = subprocess.run(
+        [sys.executable, "-m", "stdd.askg", "import-release", "--askg", str(files["askg"]), "--xprompt",
+         str(files["xprompt"]), "--labels", str(files["labels"]), "--set", "hmdb51", "--out", str(out)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr  # all 51 classes have prompts
+    report = json.loads((out / "report.json").read_text())
+    assert report["classes_with_prompts"] == report["classes_with_graphs"] == 51
+    assert report["release_classes_unmatched"] == {"--askg": [], "--xprompt": []}
+    fall = {"entry": "falling to the floor", "label": "falling to the floor", "class": "fall_floor",
+            "matched_by": "position", "position": 12, "label_file_class": "fall floor"}
+    assert report["release_entries_matched_inexactly"] == {"--askg": [fall], "--xprompt": [
+        {"entry": "chew", "label": "chewing", "class": "chew", "matched_by": "key", "position": 3}, fall,
+        {"entry": "shoot gun", "label": "shooting gun", "class": "shoot_gun", "matched_by": "key", "position": 36},
+        {"entry": "wave", "label": "waving", "class": "wave", "matched_by": "key", "position": 50}]}
+    assert report["xprompt_entries_out_of_label_order"] == []
+    for line in ("--xprompt: 4 entries matched other than by their exact name",
+                 "'chew' (label 'chewing') -> chew: by its key; its label differs",
+                 "'falling to the floor' -> fall_floor: by its position 12, as the release pairs it "
+                 "(--labels class 'fall floor')",
+                 "'shoot gun' (label 'shooting gun') -> shoot_gun:", "'wave' (label 'waving') -> wave:",
+                 "--askg: 1 entries matched other than by their exact name"):
+        assert line in result.stderr, result.stderr
+    # the release's prompts name the class as its label file does; the graph's class node is the class
+    prompts = json.loads((out / "prompts.json").read_text())
+    assert list(prompts) == class_names("hmdb51")
+    assert prompts["fall_floor"][:2] == ["a video of fall floor.", "a video of fall floor, where a hand holds the floor thing."]
+    assert prompts["chew"][0] == "a video of chew."
+    graph = json.loads((out / "askg.json").read_text())["classes"]["fall_floor"]
+    assert graph["relations"]["action_object"][0] == ["fall floor", "involves", "floor thing"]
+    assert graph["relations"]["action_action"][0] == ["fall floor", "starts with", "reaching out"]
+    assert report["classes_outside_the_graph_schema"] == {} and report["relations_to_unlisted_entities"] == {}
+
+    # by position only as the release pairs them: when the label file has as many classes as the file entries
+    short = hmdb51_release_files(tmp_path / "short", drop="kiss")
+    result = import_release(short["askg"], short["xprompt"], dataset="hmdb51", labels=short["labels"])
+    assert result.report["release_classes_unmatched"] == {"--askg": ["falling to the floor"],
+                                                          "--xprompt": ["falling to the floor"]}
+    assert result.missing == ["fall_floor", "kiss"]
+    # without --labels: key, label and normalised name only
+    result = import_release(files["askg"], files["xprompt"], dataset="hmdb51")
+    assert result.missing == ["fall_floor"] and len(result.report["release_entries_matched_inexactly"]["--xprompt"]) == 3
+    # two entries for one class: the one matched the earlier way keeps it, the other is reported
+    files["xprompt"].write_text(files["xprompt"].read_text() + "\nchewing:\n  label: chew\n  xprompt_oo: []\n")
+    result = import_release(files["askg"], files["xprompt"], dataset="hmdb51", labels=files["labels"])
+    assert result.report["release_classes_unmatched"]["--xprompt"] == ["falling to the floor", "chewing (label 'chew')"]
+    assert [note for note in result.report["notes"] if "'chew'" in note] == [
+        "--xprompt: entry 'chewing' is 'chew' by its label, but entry 'chew' is, by its key; 'chew' is kept for it"]

@@ -57,10 +57,14 @@ def test_valid_graph_has_no_errors():
     (lambda g: g["relations"]["object_object"].pop(), "2 triples, expected at least 3"),
     (lambda g: g["relations"]["action_action"].pop(), "1 triples, expected at least 2"),
     (lambda g: g["relations"].__setitem__("action_object", []), "0 triples, expected at least 1"),
-    (lambda g: g["relations"]["object_object"].append(["arrow", "hits", "moon"]), "object 'moon' is not in objects"),
-    (lambda g: g["relations"]["action_object"].append(["bow", "holds", "arrow"]), "subject 'bow' is not in sub_actions"),
+    (lambda g: g["relations"]["object_object"].append(["arrow", "hits", "aiming at the target"]),
+     "object 'aiming at the target' is not in objects (it is in sub_actions)"),
+    (lambda g: g["relations"]["action_object"].append(["bow", "holds", "arrow"]),
+     "subject 'bow' is not in sub_actions (it is in objects)"),
     (lambda g: g["relations"]["action_action"].append(["nocking the arrow", "before", "bow"]),
      "object 'bow' is not in sub_actions"),
+    (lambda g: g["relations"]["action_object"].append(["archery", "needs", "archery"]),
+     "subject and object are the same ('archery')"),
     (lambda g: g["relations"]["object_object"].append(["arrow", "", "bow"]), "non-empty strings"),
     (lambda g: g["relations"]["object_object"].append(["arrow", "rests on"]), "non-empty strings"),
     (lambda g: g["relations"]["object_object"].append(["arrow", "rests on", "bow"]), "duplicate triple"),
@@ -82,6 +86,58 @@ def test_valid_graph_has_no_errors():
 def test_each_rule_is_enforced(edit, message):
     errors = broken(edit)
     assert any(message in e for e in errors), errors
+
+
+def test_the_class_is_a_node_of_its_graph_and_unlisted_entities_are_noted(tmp_path, capsys):
+    """The paper's graph shape: the action class with edges to its objects and sub-actions, and
+    relations to entities outside the lists, are valid; the latter are reported as notes."""
+    graph = copy.deepcopy(ARCHERY)
+    graph["relations"]["action_object"] += [["archery", "requires", "bow"], ["ARCHERY", "uses", "quiver"]]
+    graph["relations"]["action_action"].insert(0, ["archery", "starts with", "nocking the arrow"])
+    graph["relations"]["object_object"] += [["bow", "used in", "archery"], ["arm guard", "worn for", "safety"]]
+    graph["relations"]["action_object"].append(["releasing the arrow", "aims at", "bullseye"])
+    notes = []
+    assert validate_graph(graph, "k400", "archery", notes=notes) == []
+    assert notes == [
+        "class 'archery'.relations.object_object[4]: object 'safety' is in neither objects nor sub_actions (nor the class)",
+        "class 'archery'.relations.action_object[3]: object 'bullseye' is in neither objects nor sub_actions "
+        "(nor the class)"]
+    assert validate_graph(graph, "k400", "archery") == []  # without a notes list: valid all the same
+    stage1 = {k: graph[k] for k in ("objects", "sub_actions", "relations")}
+    assert validate_stage1(stage1, "archery", "k400") == []
+    # the class under its display name (UCF101's CamelCase and HMDB51's underscores as words) and its name
+    ucf = copy.deepcopy(graph)
+    ucf["class"] = "ApplyEyeMakeup"
+    ucf["relations"]["action_object"] = [["apply eye makeup", "requires", "bow"], ["ApplyEyeMakeup", "uses", "arrow"]]
+    ucf["prompts"] = {kind: [p.replace("of archery,", "of apply eye makeup,") for p in sentences]
+                      for kind, sentences in ucf["prompts"].items()}
+    assert validate_graph(ucf, "ucf101", "ApplyEyeMakeup") == []
+    hmdb = copy.deepcopy(graph)
+    hmdb["class"] = "shoot_bow"
+    hmdb["relations"]["action_action"][0] = ["shoot bow", "starts with", "nocking the arrow"]
+    hmdb["relations"]["action_object"] = [["shoot_bow", "requires", "bow"]]
+    hmdb["prompts"] = {kind: [p.replace("of archery,", "of shoot bow,") for p in sentences]
+                       for kind, sentences in hmdb["prompts"].items()}
+    assert validate_graph(hmdb, "hmdb51", "shoot_bow") == []
+    # another class's name is no node of this graph
+    other = copy.deepcopy(graph)
+    other["relations"]["action_object"] = [["rowing", "requires", "bow"]]
+    notes = []
+    assert validate_graph(other, "k400", "archery", notes=notes) == [] and "subject 'rowing'" in notes[1]
+    # a file collects its graphs' notes, named by the file
+    document = {"schema_version": 1, "dataset": "custom", "provenance": {}, "classes": {"archery": graph}}
+    notes = []
+    assert validate_askg_document(document, "doc.json", notes=notes) == []
+    assert len(notes) == 2 and all(n.startswith("doc.json: class 'archery'.relations.") for n in notes)
+    # python -m stdd.askg validate: valid (exit 0), the notes printed
+    from stdd.askg import cli as askg_cli
+
+    path = tmp_path / "doc.json"
+    path.write_text(json.dumps(document))
+    assert askg_cli.main(["validate", str(path)]) == 0
+    shown = capsys.readouterr().out
+    assert f"{path}: OK" in shown and "2 relation(s) name an entity in neither list" in shown
+    assert "note: " + notes[0].replace("doc.json", str(path)) in shown
 
 
 def test_prompt_rules_use_the_display_name():

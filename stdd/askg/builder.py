@@ -4,9 +4,11 @@ Two stages per class, against any OpenAI-compatible chat-completions endpoint
 (the `openai` client; hosted or a local server via --base-url):
 
   stage 1  "knowledge": objects (5-10), ordered sub-actions (3-10) and the
-           relation triples object-object / action-object / action-action
-           (the paper's "Return the object entity list ..." and "Find the proper
-           predicate names ..." prompts, asked for JSON);
+           relation triples object-object / action-object / action-action,
+           the action class itself a node with edges to its objects and
+           sub-actions, as in the paper's ASKG (the paper's "Return the object
+           entity list ..." and "Find the proper predicate names ..." prompts,
+           asked for JSON);
   stage 2  "prompts": one sentence per triple, "This is a video of <class>, ...":
            spatial prompts from object-object triples, temporal prompts from the
            action triples ("Try to complete the whole sentence according to each
@@ -16,19 +18,29 @@ Every answer is parsed as JSON and validated (`stdd.askg.schema`); an invalid
 answer, HTTP 429/5xx, a timeout or a dropped connection is retried with
 exponential backoff (the retry of an invalid answer shows the model its errors),
 up to `retries` times, after which the class is reported as failed and the run
-goes on. Only validated results are written: `<out>/stage1/<slug>.json` after
-stage 1 and `<out>/classes/<slug>.json` after stage 2, each atomically (temp
-file + rename), so a crashed or interrupted run resumes where it stopped and
-never reads a half-written or invalid file. Provenance (model, prompt version,
-temperature, base URL without credentials, time) is stored with every result.
+goes on. Relations naming an entity in neither list are valid (not retried) and
+listed in ``report.json``. Only validated results are written:
+`<out>/stage1/<slug>.json` after stage 1 and `<out>/classes/<slug>.json` after
+stage 2, each atomically (temp file + rename), so a crashed or interrupted run
+resumes where it stopped and never reads a half-written or invalid file. A cache file damaged some other way
+(cut short by a copy, changed on disk: not an entry in JSON) is set aside as
+``<name>.corrupt``, said in a warning naming it and what is wrong, listed in
+``report.json`` (``cache_files_set_aside``), and its stage asked again. Provenance
+(model, prompt version, temperature, base URL without credentials, time) is
+stored with every result.
 
 The API key is read from an environment variable (OPENAI_API_KEY unless
---api-key-env names another) and is never logged or written; error texts are
-scrubbed of it before they reach a log or the report.
+--api-key-env names another) and is never logged or written; error texts,
+answers and log lines are scrubbed of it and of the base URL's credentials
+(plain, percent-encoded and base64-encoded, as a Basic Authorization header
+carries them), of every Authorization header value (Basic, Bearer, any case)
+and of the ``user:password@`` and query string of every URL, before they reach
+a log, a cache or the report.
 """
 
 from __future__ import annotations
 
+import base64
 import concurrent.futures
 import dataclasses
 import email.utils
@@ -42,14 +54,13 @@ import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit, urlunsplit
 
-from ..errors import UsageError
 from ..files import atomic_write
 from ..resources import CLASS_COUNTS, display_name
 from .schema import (
-    OBJECTS_MAX, OBJECTS_MIN, SCHEMA_VERSION, SUB_ACTIONS_MAX, SUB_ACTIONS_MIN,
-    normalize_entity, validate_graph, validate_stage1,
+    OBJECTS_MAX, OBJECTS_MIN, SCHEMA_VERSION, SUB_ACTIONS_MAX, SUB_ACTIONS_MIN, AskgError, AskgFileError,
+    normalize_entity, read_json_file, validate_graph, validate_stage1,
 )
 
 log = logging.getLogger("stdd.askg")
@@ -57,7 +68,7 @@ log = logging.getLogger("stdd.askg")
 # Bump PROMPT_VERSION whenever a prompt text or the temperature changes: it is
 # recorded with every cached result, and a cache built with another version is
 # not reused (see `_cached`).
-PROMPT_VERSION = "askg-v1"
+PROMPT_VERSION = "askg-v2"  # v2: the action class is a node of its graph
 DEFAULT_TEMPERATURE = 0.2
 DEFAULT_MODEL = "gpt-3.5-turbo"  # the paper used GPT-3.5; any chat model works
 DEFAULT_API_KEY_ENV = "OPENAI_API_KEY"
@@ -75,11 +86,11 @@ Action (plain words): {display}
 
 1. Return the object entity list containing Top K ({objects_min} <= K <= {objects_max}) most relevant objects involved in action: "{display}". Objects are concrete things visible in a video of it (equipment, body parts in use, clothing, places).
 2. Return the sub-action entity list containing Top K ({actions_min} <= K <= {actions_max}) most relevant sub-actions involved in action: "{display}", in the temporal order in which they happen. Write each sub-action as a short gerund phrase (e.g. "drawing the bowstring").
-3. Find the proper predicate names that concisely describe the relationship between each object / sub-action pair chosen from the entity lists, as [subject, predicate, object] triples:
+3. Find the proper predicate names that concisely describe the relationship between each object / sub-action pair chosen from the entity lists, as [subject, predicate, object] triples. The action itself, written "{display}", is a node of the graph too, linked to its objects and sub-actions:
    - "object_object": at least 3 triples [object, predicate, object] (static spatial relations, e.g. ["arrow", "rests on", "bow"]);
-   - "action_object": at least 1 triple [sub-action, predicate, object] (e.g. ["drawing the bowstring", "pulls back", "bowstring"]);
-   - "action_action": at least 2 triples [sub-action, predicate, sub-action] (temporal order, e.g. ["aiming at the target", "comes before", "releasing the arrow"]).
-   Subjects and objects of the triples must be copied exactly from the entity lists.
+   - "action_object": at least 1 triple [the action or a sub-action, predicate, object] (e.g. ["{display}", "requires", "<an object>"], ["drawing the bowstring", "pulls back", "bowstring"]);
+   - "action_action": at least 2 triples [the action or a sub-action, predicate, sub-action] (temporal order, e.g. ["{display}", "starts with", "<the first sub-action>"], ["aiming at the target", "comes before", "releasing the arrow"]).
+   Subjects and objects of the triples must be copied exactly from the entity lists, or be the action "{display}".
 
 Return JSON of exactly this form:
 {{"objects": ["..."], "sub_actions": ["..."], "relations": {{"object_object": [["...", "...", "..."]], "action_object": [["...", "...", "..."]], "action_action": [["...", "...", "..."]]}}}}"""
@@ -103,10 +114,6 @@ Return JSON of exactly this form:
 REPAIR_PROMPT = """Your answer was not valid:
 {errors}
 Answer again with the complete corrected JSON object only."""
-
-
-class AskgError(UsageError, RuntimeError):
-    """A class could not be built (after retries), or a run could not start."""
 
 
 class FatalEndpointError(AskgError):
@@ -148,6 +155,7 @@ class BuildReport:
     failed: dict[str, str]                # class -> error
     requests: int                         # chat-completion requests sent by this run
     interrupted: bool = False
+    set_aside: list[str] = dataclasses.field(default_factory=list)  # unreadable cache entries renamed .corrupt
 
     @property
     def ok(self) -> bool:
@@ -155,7 +163,8 @@ class BuildReport:
 
     def to_json(self) -> dict:
         return {"dataset": self.dataset, "built": self.built, "cached": self.cached,
-                "failed": self.failed, "requests": self.requests, "interrupted": self.interrupted}
+                "failed": self.failed, "requests": self.requests, "interrupted": self.interrupted,
+                "cache_files_set_aside": self.set_aside}
 
 
 # ---------------------------------------------------------------- helpers
@@ -173,30 +182,54 @@ def redact_url(url: str | None) -> str | None:
 
 _URL_CREDENTIALS = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/\s@]+@")
 _URL_QUERY = re.compile(r"(?P<url>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s?#\"'<>]+)[?#][^\s\"'<>]*")
+# The value of an Authorization header however a server echoes it ("Authorization: Basic ...",
+# '"authorization": "Bearer ..."', "Proxy-Authorization=..."): its scheme is kept, its credentials are not.
+_AUTHORIZATION = re.compile(
+    r"(?P<name>\b(?:proxy-)?authorization\b[\"']?\s*[:=]\s*[\"']?\s*)"
+    r"(?P<scheme>(?:basic|bearer|digest|token|apikey)\s+)?[^\s\"',;}\]]+", re.IGNORECASE)
 
 
 def url_secrets(url: str | None) -> list[str]:
-    """The parts of ``url`` that may be credentials: user, password and query values."""
+    """The parts of ``url`` that may be credentials: user, password and query values, as written and
+    percent-decoded, and ``user:password`` (what HTTP clients send base64-encoded as Basic credentials)."""
     if not url:
         return []
     parts = urlsplit(url)
-    return [s for s in (parts.username, parts.password, *(v for _, v in parse_qsl(parts.query))) if s and len(s) >= 4]
+    user, password = parts.username, parts.password
+    found = [user, password, *(v for _, v in parse_qsl(parts.query))]
+    if user is not None or password is not None:
+        for u, p in ((user or "", password or ""), (unquote(user or ""), unquote(password or ""))):
+            found += [u, p, f"{u}:{p}"]
+    return list(dict.fromkeys(s for s in found if s and len(s) >= 4))
+
+
+def secret_forms(secret: str) -> set[str]:
+    """The forms in which ``secret`` may appear in a text: as it is, percent-encoded (as in a URL or a
+    form) and base64-encoded (as in a Basic Authorization header; standard and URL-safe alphabets,
+    with and without padding)."""
+    forms = {secret, quote(secret, safe=""), quote(secret), quote_plus(secret)}
+    for encode in (base64.b64encode, base64.urlsafe_b64encode):
+        token = encode(secret.encode("utf-8")).decode("ascii")
+        forms.update((token, token.rstrip("=")))
+    return {form for form in forms if form}
 
 
 class _Redactor:
-    """Replaces the secrets it holds (the API key, credentials of the base URL) with ``***`` in a text,
-    and the ``user:password@`` and query string of every URL in it."""
+    """Replaces the secrets it holds (the API key, credentials of the base URL), in every form
+    :func:`secret_forms` gives, with ``***`` in a text, and the value of every Authorization header,
+    the ``user:password@`` and the query string of every URL in it."""
 
     def __init__(self, secrets: Iterable[str] = ()):
         self.secrets: set[str] = set()
         self.add(secrets)
 
     def add(self, secrets: Iterable[str]) -> None:
-        self.secrets.update(s for s in secrets if s)
+        self.secrets.update(form for s in secrets if s for form in secret_forms(s))
 
     def __call__(self, text: str) -> str:
         for secret in sorted(self.secrets, key=len, reverse=True):
             text = text.replace(secret, "***")
+        text = _AUTHORIZATION.sub(r"\g<name>\g<scheme>***", text)
         text = _URL_CREDENTIALS.sub(r"\g<scheme>***@", text)
         return _URL_QUERY.sub(r"\g<url>?***", text)
 
@@ -379,6 +412,7 @@ class AskgBuilder:
         install_log_redaction()
         self._stop = threading.Event()
         self._lock = threading.Lock()
+        self._set_aside_files: list[str] = []
         self.requests = 0
 
     # -- one request -------------------------------------------------------
@@ -472,24 +506,47 @@ class AskgBuilder:
                 "base_url": redact_url(self.config.base_url) or "https://api.openai.com/v1",
                 "attempts": attempts, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
-    @staticmethod
-    def _cached(path: Path, class_name: str, check: Callable[[Any], list[str]]) -> Any | None:
-        """A cache entry if it exists, is this class's, of this prompt version and valid."""
+    def _cached(self, path: Path, class_name: str, check: Callable[[Any], list[str]]) -> Any | None:
+        """A cache entry if it exists, is this class's, of this prompt version and valid.
+
+        An entry that cannot be read as one (not UTF-8 JSON, e.g. a copy cut short or a damaged disk;
+        not an entry object) is set aside as ``<name>.corrupt``, for inspection, with a warning naming
+        it and what is wrong, and the stage is asked again; a readable entry of another class or prompt
+        version, or one that fails the schema, is asked again and overwritten.
+        """
         if not path.exists():
             return None
         try:
-            entry = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            log.warning("%s: ignoring unreadable cache file %s (%s)", class_name, path, exc)
+            entry = read_json_file(path, "cache file")
+            if not isinstance(entry, dict) or "class" not in entry or "result" not in entry:
+                raise AskgFileError(f"cache file {path}: expected an object {{\"class\", \"result\", "
+                                    f"\"provenance\"}}, got {type(entry).__name__}"
+                                    + (f" with fields {sorted(entry)}" if isinstance(entry, dict) else ""))
+        except AskgFileError as error:
+            self._set_aside(path, str(error), class_name)
             return None
-        if (not isinstance(entry, dict) or entry.get("class") != class_name
-                or entry.get("provenance", {}).get("prompt_version") != PROMPT_VERSION):
+        provenance = entry.get("provenance")
+        version = provenance.get("prompt_version") if isinstance(provenance, dict) else None
+        if entry["class"] != class_name or version != PROMPT_VERSION:
             log.info("%s: cache file %s is from another class or prompt version; rebuilding", class_name, path)
             return None
-        if check(entry.get("result")):
+        if check(entry["result"]):
             log.warning("%s: cache file %s does not validate; rebuilding", class_name, path)
             return None
         return entry["result"]
+
+    def _set_aside(self, path: Path, problem: str, class_name: str) -> None:
+        """Rename an unreadable cache entry ``<name>.corrupt`` (replacing an older one) and record it."""
+        aside = path.with_name(path.name + ".corrupt")
+        try:
+            os.replace(path, aside)
+        except OSError as error:  # the rebuilt entry will be written over it
+            message = f"{problem}; could not be set aside ({error.strerror or error}), rebuilding"
+        else:
+            message = f"{problem}; set aside as {aside.name}, rebuilding"
+        log.warning("%s: %s", class_name, message)
+        with self._lock:
+            self._set_aside_files.append(message)
 
     def build_class(self, out_dir: Path, dataset: str, class_name: str) -> tuple[dict, bool]:
         """(graph, built_now) for one class: from the cache, or by asking the endpoint."""
@@ -502,13 +559,13 @@ class AskgBuilder:
         if graph is not None:
             return graph, False
 
-        knowledge = self._cached(stage1_path, class_name, lambda k: validate_stage1(k, class_name))
+        knowledge = self._cached(stage1_path, class_name, lambda k: validate_stage1(k, class_name, dataset))
         if knowledge is None:
             def check_stage1(parsed):
                 if not isinstance(parsed, dict):
                     return None, [f"expected a JSON object, got {type(parsed).__name__}"]
                 answer = canonicalize_stage1(parsed)
-                return answer, validate_stage1(answer, class_name)
+                return answer, validate_stage1(answer, class_name, dataset)
 
             knowledge, attempts = self._ask(class_name, "stage 1 (knowledge graph)",
                                             render_stage1(class_name, display), check_stage1)
@@ -550,6 +607,7 @@ class AskgBuilder:
             "provenance": self._run_provenance(dataset)})
         report = BuildReport(out_dir, dataset, built=[], cached=[], failed={}, requests=0)
         self._stop.clear()
+        self._set_aside_files = []
         start_requests = self.requests
         pool = concurrent.futures.ThreadPoolExecutor(max_workers=self.config.concurrency,
                                                      thread_name_prefix="askg")
@@ -588,6 +646,7 @@ class AskgBuilder:
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
             report.requests = self.requests - start_requests
+            report.set_aside = list(self._set_aside_files)
             self._finish(report, names, dataset)
         if fatal is not None:
             raise fatal
@@ -608,21 +667,32 @@ class AskgBuilder:
                 "regenerate": regenerate}
 
     def _finish(self, report: BuildReport, names: list[str], dataset: str) -> None:
-        """Write report.json and askg.json (the finished classes, in class order)."""
+        """Write report.json (with the relations of finished classes that name an entity in neither
+        list) and askg.json (the finished classes, in class order)."""
         classes = {}
         for name in names:
             path = report.out_dir / "classes" / f"{class_slug(name)}.json"
             if path.exists() and name not in report.failed:
                 try:
-                    classes[name] = json.loads(path.read_text(encoding="utf-8"))["result"]
-                except (OSError, json.JSONDecodeError, KeyError):
-                    continue
+                    classes[name] = read_json_file(path)["result"]
+                except (AskgFileError, KeyError, TypeError):  # written by this run or validated by it: not expected
+                    log.warning("%s: cache file %s cannot be read back; left out of askg.json", name, path)
         document = {"schema_version": SCHEMA_VERSION, "dataset": dataset,
                     "provenance": self._run_provenance(dataset), "classes": classes}
         atomic_write_json(report.out_dir / "askg.json", document)
         missing = [n for n in names if n not in classes]
+        unlisted = {}
+        for name, graph in classes.items():
+            notes: list[str] = []
+            validate_graph(graph, dataset, name, notes=notes)
+            if notes:
+                unlisted[name] = notes
         atomic_write_json(report.out_dir / "report.json", {
-            **report.to_json(), "complete": not missing, "missing": missing})
+            **report.to_json(), "complete": not missing, "missing": missing,
+            "relations_to_unlisted_entities": unlisted})
         log.info("ASKG %s: %d built, %d from cache, %d failed, %d missing, %d requests -> %s",
                  dataset, len(report.built), len(report.cached), len(report.failed), len(missing),
                  report.requests, report.out_dir / "askg.json")
+        if unlisted:
+            log.info("%d classes have relations naming an entity in neither of their lists (valid; listed in %s)",
+                     len(unlisted), report.out_dir / "report.json")

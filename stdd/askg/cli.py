@@ -11,13 +11,17 @@
             text side consumes).
   inspect   --graph ... --class NAME [--json]
   validate  FILE_OR_SET...   (schema check; the shipped sets by name)
+            Exit status 0 when every file is valid (notes about relations to unlisted
+            entities are printed, not errors), 1 when some are not, 2 when a file cannot
+            be read or is not JSON.
   import-release --askg classes_ASKG_<set>.yml --xprompt classes_xprompt_<set>.yml
             [--labels classes_label_<set>.yml] --set ucf101|hmdb51|k400 --out DIR [--templates N]
             The authors' released knowledge files (stdd.askg.release) -> DIR/askg.json
             (graphs), DIR/prompts.json (their prompts: templates x (plain + oo/ao/aa
             clauses), for --prompts), prompts_spatial.json, prompts_temporal.json and
-            report.json (unmatched classes, malformed triples). Exit status 0 when every
-            class of the set got prompts, 1 when some did not, 2 on a usage / file error.
+            report.json (entries matched by label, normalised name or position, unmatched
+            classes, malformed triples). Exit status 0 when every class of the set got
+            prompts, 1 when some did not, 2 on a usage / file error.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from ..resources import ASKG_SETS, askg_path
 from . import builder as askg_lib
 from .builder import AskgBuilder, AskgConfig, AskgError
 from .prompts import format_graph, load_graphs, prompt_lists
-from .release import RELEASE_SETS, RELEASE_TEMPLATE_COUNT, import_release, write_release_import
+from .release import RELEASE_SETS, RELEASE_TEMPLATE_COUNT, describe_match, import_release, write_release_import
 
 def _graph_source(spec: str) -> Path:
     return askg_path(spec) if spec.lower() in ASKG_SETS and not Path(spec).exists() else Path(spec)
@@ -61,6 +65,9 @@ def _cmd_build(args) -> int:
     finally:
         logging.getLogger("stdd").removeHandler(file_handler)
         file_handler.close()
+    if report.set_aside:
+        print(f"{len(report.set_aside)} unreadable cache files set aside as <name>.corrupt and their stage asked "
+              f"again (listed in {out_dir / 'report.json'})", file=sys.stderr)
     if report.interrupted:
         print(f"interrupted; {len(report.built) + len(report.cached)}/{len(names)} classes done; "
               f"rerun the same command to resume", file=sys.stderr)
@@ -104,12 +111,14 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from .schema import validate_askg_file
+    from .schema import read_json_file, validate_askg_document
 
+    # Every file is read first: one that cannot be read or is not JSON is bad input (exit 2, one line).
+    documents = [(path, read_json_file(path)) for path in map(_graph_source, args.files)]
     status = 0
-    for spec in args.files:
-        path = _graph_source(spec)
-        errors = validate_askg_file(path, require_complete=not args.partial)
+    for path, document in documents:
+        notes: list[str] = []
+        errors = validate_askg_document(document, str(path), require_complete=not args.partial, notes=notes)
         if errors:
             status = 1
             print(f"{path}: {len(errors)} error(s)")
@@ -119,6 +128,12 @@ def _cmd_validate(args) -> int:
                 print(f"  ... {len(errors) - args.max_errors} more")
         else:
             print(f"{path}: OK")
+        if notes:  # valid: relations naming an entity in neither list of their graph
+            print(f"{path}: {len(notes)} relation(s) name an entity in neither list (valid)")
+            for note in notes[: args.max_errors]:
+                print(f"  note: {note}")
+            if len(notes) > args.max_errors:
+                print(f"  ... {len(notes) - args.max_errors} more")
     return status
 
 
@@ -139,12 +154,27 @@ def _cmd_import_release(args) -> int:
     if outside:
         print(f"{len(outside)} graphs do not meet this project's ASKG schema (see report.json; "
               f"python -m stdd.askg validate {written['askg.json']})")
+    unlisted = report["relations_to_unlisted_entities"]
+    if unlisted:
+        print(f"{sum(len(v) for v in unlisted.values())} relations of {len(unlisted)} graphs name an entity in "
+              f"neither of their lists (valid; listed in report.json)")
+    for argument, items in report["release_entries_matched_inexactly"].items():
+        if items:
+            print(f"{argument}: {len(items)} entries matched other than by their exact name "
+                  f"(release_entries_matched_inexactly in report.json):", file=sys.stderr)
+            for item in items:
+                print(f"  {describe_match(item)}", file=sys.stderr)
     for argument, names in report["release_classes_unmatched"].items():
         if names:
-            print(f"{argument}: {len(names)} classes match no {args.set} class: {names[:10]}", file=sys.stderr)
+            hint = "" if args.labels else " (with --labels they are also matched by position, as the release pairs them)"
+            print(f"{argument}: {len(names)} classes match no {args.set} class: {names[:10]}{hint}", file=sys.stderr)
+    if report["label_classes_unmatched"]:
+        print(f"--labels: {len(report['label_classes_unmatched'])} classes match no {args.set} class: "
+              f"{report['label_classes_unmatched'][:10]}", file=sys.stderr)
     if report["xprompt_entries_out_of_label_order"]:
         print(f"{len(report['xprompt_entries_out_of_label_order'])} --xprompt entries are not at their --labels "
-              f"position (the release pairs them by position; here they are matched by name)", file=sys.stderr)
+              f"position (the release pairs them by position; here each is matched to its class by name first)",
+              file=sys.stderr)
     if result.missing:
         print(f"{len(result.missing)} {args.set} classes have no prompts: {result.missing[:10]}", file=sys.stderr)
         return 1

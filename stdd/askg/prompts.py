@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 from ..resources import ASKG_SETS, askg_path
-from .builder import AskgError, class_slug
-from .schema import validate_askg_document, validate_graph
+from .builder import class_slug
+from .schema import AskgError, AskgFileError, read_json_file, validate_askg_document, validate_graph
 
 
 class PromptSourceError(AskgError, ValueError):
@@ -51,7 +51,10 @@ def load_graphs(path: str | Path, *, allow_missing: bool = False) -> tuple[str, 
     """(dataset, {class: graph}) from a shipped/merged ASKG json or a `build --out` directory.
 
     Everything read is validated; a directory's classes that are not built yet are
-    an error unless `allow_missing`.
+    an error unless `allow_missing`. A file that cannot be read, is not JSON or is
+    not what it should be (a build directory's ``manifest.json`` and cache entries
+    included) is an :class:`AskgError` naming it; ``python -m stdd.askg build`` on
+    the directory sets a damaged cache entry aside and rebuilds its class.
     """
     path = Path(path)
     if path.is_dir():
@@ -59,7 +62,12 @@ def load_graphs(path: str | Path, *, allow_missing: bool = False) -> tuple[str, 
         if not manifest_path.exists():
             raise AskgError(f"--graph {path}: a directory must be a `stdd.askg build --out` directory "
                             f"(no manifest.json)")
-        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        manifest = read_json_file(manifest_path, "--graph")
+        if (not isinstance(manifest, dict) or not isinstance(manifest.get("dataset"), str)
+                or not isinstance(manifest.get("classes"), list)
+                or not all(isinstance(name, str) and name for name in manifest["classes"])):
+            raise AskgFileError(f"--graph {manifest_path}: expected a build manifest "
+                                f"{{\"dataset\": name, \"classes\": [class names]}}")
         dataset, names = manifest["dataset"], manifest["classes"]
         graphs, missing, errors = {}, [], []
         for name in names:
@@ -67,7 +75,7 @@ def load_graphs(path: str | Path, *, allow_missing: bool = False) -> tuple[str, 
             if not cache.exists():
                 missing.append(name)
                 continue
-            graph = json.loads(cache.read_text(encoding="utf-8"))["result"]
+            graph = _cache_entry_result(cache, name)
             problems = validate_graph(graph, dataset, name)
             if problems:
                 errors.extend(f"{cache}: {p}" for p in problems)
@@ -80,14 +88,24 @@ def load_graphs(path: str | Path, *, allow_missing: bool = False) -> tuple[str, 
         return dataset, graphs
     if not path.exists():
         raise AskgError(f"--graph {path}: no such file or directory")
-    try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AskgError(f"--graph {path}: not valid JSON ({exc})") from None
+    document = read_json_file(path, "--graph")
     errors = validate_askg_document(document, str(path), require_complete=not allow_missing)
     if errors:
         raise AskgError("invalid ASKG file:\n" + "\n".join(errors[:20]))
     return document["dataset"], dict(document["classes"])
+
+
+def _cache_entry_result(cache: Path, name: str) -> object:
+    """The graph in a build directory's cache entry of class ``name`` (:class:`AskgFileError` naming it)."""
+    rebuild = "; rerun `python -m stdd.askg build` on the directory to set it aside and rebuild the class"
+    try:
+        entry = read_json_file(cache, "--graph")
+    except AskgFileError as error:
+        raise AskgFileError(f"{error}{rebuild}") from None
+    if not isinstance(entry, dict) or "result" not in entry or entry.get("class") != name:
+        raise AskgFileError(f"--graph {cache}: expected the cache entry {{\"class\": {name!r}, \"result\": graph, "
+                            f"\"provenance\"}}{rebuild}")
+    return entry["result"]
 
 
 PROMPT_KINDS = {"S": ("spatial",), "T": ("temporal",), "ST": ("spatial", "temporal")}

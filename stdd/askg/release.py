@@ -12,9 +12,13 @@ The release ships, per dataset, three YAML files (its GPT-3.5 outputs):
 - ``classes_label_<set>.yml``: ``{classes, templates, obj_templates}``: the
   class names and the sentence templates (``"a video of a person {}."``).
 
-Class names there are spaced title case ("Apply Eye Makeup" for UCF101's
-``ApplyEyeMakeup``); :func:`match_key` maps them onto this project's class
-lists. The release's prompts of class ``c`` under a template are the plain
+Class names there are spaced words ("Apply Eye Makeup" in the label file,
+"apply eye makeup" in the others, for UCF101's ``ApplyEyeMakeup``), and a few
+entries name their class otherwise (HMDB51's clause file has ``chew`` with
+``label: chewing``, and ``falling to the floor`` for ``fall floor``):
+:func:`import_release` matches entries by key, label, normalised name
+(:func:`match_key`) and position, and reports every inexact match. The
+release's prompts of class ``c`` under a template are the plain
 ``template.format(c)`` followed by ``template.format(f"{c}, {clause}")`` for each
 clause (:func:`release_prompts`); its reported runs used the first
 :data:`RELEASE_TEMPLATE_COUNT` templates and the union of the three clause
@@ -38,11 +42,11 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Hashable, Mapping, Optional, Sequence
 
 from ..resources import class_names, display_name
 from .builder import AskgError, atomic_write_json
-from .schema import SCHEMA_VERSION, normalize_entity, prompt_prefix, validate_graph
+from .schema import SCHEMA_VERSION, class_node_keys, normalize_entity, prompt_prefix, validate_graph
 
 # The sets the release ships knowledge files for.
 RELEASE_SETS = ("ucf101", "hmdb51", "k400")
@@ -114,6 +118,8 @@ def _load_yaml(path: Path, argument: str) -> tuple[Any, list[str]]:
             seen = set()
             for key_node, _ in node.value:
                 key = loader.construct_object(key_node, deep=True)
+                if not isinstance(key, Hashable):
+                    continue  # SafeLoader refuses it below, naming the line
                 if key in seen:
                     repeated.append(str(key))
                 seen.add(key)
@@ -135,25 +141,98 @@ def _load_yaml(path: Path, argument: str) -> tuple[Any, list[str]]:
     except (OSError, UnicodeDecodeError) as error:
         raise ReleaseFormatError(f"{argument} {path}: cannot be read as UTF-8 text ({error})") from None
     try:
-        return yaml.load(text, Loader=_Loader), repeated
+        document = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as error:
-        raise ReleaseFormatError(f"{argument} {path}: not valid YAML ({error})") from None
+        raise ReleaseFormatError(f"{argument} {path}: not valid YAML: {_yaml_problem(error, text)}") from None
+    if document is None:
+        raise ReleaseFormatError(f"{argument} {path}: empty file, expected YAML (truncated?)")
+    return document, repeated
 
 
-def _class_entries(document: Any, path: Path, argument: str, expected: str) -> dict[str, dict]:
-    """``{release class name: entry}`` of a per-class release file; the name is the entry's ``label``, else its key."""
+def _yaml_problem(error: Exception, text: str) -> str:
+    """What a YAML parser error says, on one line: the problem and where (line, column), and whether the
+    file ends there (cut short)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = ": ".join(filter(None, (getattr(error, "context", None), getattr(error, "problem", None))))
+    if mark is None:
+        return " ".join(str(error).split())
+    ends = "; the file ends there: truncated?" if mark.index >= len(text.rstrip()) else ""
+    return f"{problem or type(error).__name__} (line {mark.line + 1}, column {mark.column + 1}){ends}"
+
+
+@dataclass
+class _Entry:
+    """One class entry of a per-class release file: its key, its ``label`` field and its position."""
+
+    key: str
+    label: Optional[str]
+    position: int
+    fields: dict
+
+    @property
+    def name(self) -> str:
+        """How the report names the entry: its key, and its label when that differs."""
+        return self.key if self.label in (None, self.key) else f"{self.key} (label {self.label!r})"
+
+
+def _class_entries(document: Any, path: Path, argument: str, expected: str) -> list[_Entry]:
+    """The class entries of a per-class release file, in file order (key and label whitespace-collapsed)."""
     if not isinstance(document, Mapping) or not document:
         raise ReleaseFormatError(
             f"{argument} {path}: expected a mapping of classes to {{{expected}}}, got {type(document).__name__}")
-    entries = {}
-    for key, entry in document.items():
+    entries = []
+    for position, (key, entry) in enumerate(document.items()):
         if not isinstance(entry, Mapping):
             raise ReleaseFormatError(
                 f"{argument} {path}: class {key!r} must map to {{{expected}}}, got {type(entry).__name__}")
         label = entry.get("label")
-        name = label if isinstance(label, str) and label.strip() else str(key)
-        entries[" ".join(name.split())] = dict(entry)
+        label = " ".join(label.split()) if isinstance(label, str) and label.strip() else None
+        entries.append(_Entry(" ".join(str(key).split()), label, position, dict(entry)))
     return entries
+
+
+# How an entry was matched to a class, in the order the ways are tried (the first that names a free class wins).
+MATCH_WAYS = ("key", "label", "normalised key", "normalised label", "position")
+
+
+def _match_entries(entries: list[_Entry], exact: Mapping[str, str], normalised: Mapping[str, str],
+                   by_position: Optional[list[Optional[str]]], argument: str,
+                   problems: list[str]) -> tuple[dict[str, tuple[_Entry, str]], list[_Entry]]:
+    """``({class: (entry, way)}, unmatched entries)``: each entry matched to a class of the set.
+
+    An entry is matched by its key, then its label (``exact``: a class as this project or the label file
+    writes it), then either one normalised (:func:`match_key`), then, when ``by_position`` is given (the
+    set's class at each position of the label file, which has as many classes as there are entries), by its
+    position, as the release pairs them. A class already taken by an earlier way or entry is noted, and
+    the entry tried the next way.
+    """
+    matched: dict[str, tuple[_Entry, str]] = {}
+    done: set[int] = set()
+    conflicts: set[tuple[int, str]] = set()
+    for way in MATCH_WAYS:
+        for entry in entries:
+            if entry.position in done:
+                continue
+            if way == "position":
+                name = by_position[entry.position] if by_position is not None else None
+            else:
+                text = entry.key if way.endswith("key") else entry.label
+                if text is None:
+                    continue
+                name = (exact if way in ("key", "label") else normalised).get(
+                    text if way in ("key", "label") else match_key(text))
+            if name is None:
+                continue
+            if name in matched:
+                other, other_way = matched[name]
+                if (entry.position, name) not in conflicts:  # said once, whichever ways name it
+                    conflicts.add((entry.position, name))
+                    problems.append(f"{argument}: entry {entry.key!r} is {name!r} by its {way}, but entry "
+                                    f"{other.key!r} is, by its {other_way}; {other.key!r} is kept for it")
+                continue
+            matched[name] = (entry, way)
+            done.add(entry.position)
+    return matched, [entry for entry in entries if entry.position not in done]
 
 
 def _strings(entry: Mapping, name: str, where: str, problems: list[str]) -> list[str]:
@@ -222,9 +301,17 @@ def import_release(
 ) -> ReleaseImport:
     """Read the release's files of ``dataset`` (one of :data:`RELEASE_SETS`) into this project's formats.
 
-    Classes are matched onto ``stdd.resources.class_names(dataset)`` by :func:`match_key`;
-    release classes that match none and project classes the release lacks are
-    reported, not fatal. Malformed triples are left out and counted. Templates:
+    Each entry of the two per-class files is matched to a class of
+    ``stdd.resources.class_names(dataset)`` by its key, then its ``label`` field (each
+    as this project or the label file writes the class), then either one
+    normalised (:func:`match_key`: case, spaces, underscores, punctuation), then, when
+    the label file lists as many classes as the file has entries, by its position
+    (the release's own pairing); every entry matched other than by its key (or
+    whose label names no class) is listed in the report
+    (``release_entries_matched_inexactly``). Entries that match no class and classes
+    the release lacks are reported, not fatal. Malformed triples are left out and
+    counted; in the triples the class, spelled as the release's files spell it, is
+    written as its display name (the graph's class node). Templates:
     the first ``num_templates`` of the ``labels`` file; without one, this project's
     video templates (``stdd.model.DEFAULT_TEMPLATES``), said so in the report.
     Errors (an unreadable file, a field of the wrong type) are
@@ -254,53 +341,75 @@ def import_release(
     templates = all_templates[:num_templates]
 
     problems: list[str] = []
-    unmatched = {"--askg": [], "--xprompt": []}
-    matched_knowledge: dict[str, tuple[str, dict]] = {}
-    matched_clauses: dict[str, tuple[str, dict]] = {}
-    for argument, entries, matched in (("--askg", knowledge, matched_knowledge),
-                                       ("--xprompt", clauses, matched_clauses)):
-        for release_name, entry in entries.items():
-            name = by_key.get(match_key(release_name))
+    # The names under which an entry matches a class exactly: as this project writes it (name, display name)
+    # and as the label file does; the label file's classes are matched to the set's the same way.
+    exact = {text: name for name in project for text in (name, display_name(dataset, name))}
+    label_names: dict[str, str] = {}  # the set's class -> its name in the label file
+    label_project: Optional[list[Optional[str]]] = None  # the set's class at each label-file position
+    labels_unmatched: list[str] = []
+    if label_classes is not None:
+        for text in label_classes:
+            name = exact.get(text) or by_key.get(match_key(text))
             if name is None:
-                unmatched[argument].append(release_name)
-            elif name in matched:
-                problems.append(f"{argument}: {release_name!r} and {matched[name][0]!r} are both {name!r}; "
-                                f"the first is kept")
+                labels_unmatched.append(text)
             else:
-                matched[name] = (release_name, entry)
+                label_names.setdefault(name, text)
+        exact.update({text: name for name, text in label_names.items()})
+        label_project = [exact.get(text) for text in label_classes]
+    unmatched, inexact = {}, {}
+    matched_entries: dict[str, dict[str, tuple[_Entry, str]]] = {}
+    for argument, entries in (("--askg", knowledge), ("--xprompt", clauses)):
+        # The release pairs the i-th entry with the i-th class of the label file: the last way to match.
+        by_position = label_project if label_project is not None and len(label_project) == len(entries) else None
+        matched, left = _match_entries(entries, exact, by_key, by_position, argument, problems)
+        matched_entries[argument] = matched
+        unmatched[argument] = [entry.name for entry in left]
+        inexact[argument] = [
+            {"entry": entry.key, "label": entry.label, "class": name, "matched_by": way, "position": entry.position,
+             **({"label_file_class": label_classes[entry.position]} if way == "position" else {})}
+            for name, (entry, way) in sorted(matched.items(), key=lambda item: item[1][0].position)
+            if way != "key" or entry.label not in (None, entry.key) and exact.get(entry.label) != name]
+    matched_knowledge = {name: (entry.key, entry) for name, (entry, _) in matched_entries["--askg"].items()}
+    matched_clauses = {name: (entry.key, entry) for name, (entry, _) in matched_entries["--xprompt"].items()}
     # The release pairs the i-th clause entry with the i-th class of the label file by position.
     out_of_place = []
     if label_classes is not None:
-        release_order = list(clauses)
-        out_of_place = [f"{release_order[i]!r} is entry {i} of --xprompt, --labels class {i} is {c!r}"
-                        for i, c in enumerate(label_classes[:len(release_order)])
-                        if match_key(c) != match_key(release_order[i])]
+        out_of_place = [f"{entry.name!r} is entry {entry.position} of --xprompt, --labels class {entry.position} is "
+                        f"{label_classes[entry.position]!r}"
+                        for name, (_, entry) in sorted(matched_clauses.items(), key=lambda item: item[1][1].position)
+                        if entry.position >= len(label_classes) or label_project[entry.position] != name]
 
     # The clause lists of every matched class, as the file writes them (whitespace collapsed).
     clause_lists = {}
-    for name, (release_name, entry) in matched_clauses.items():
-        where = f"--xprompt {xprompt}: class {release_name!r}"
-        clause_lists[name] = {key: _strings(entry, key, where, problems) for key in CLAUSE_FIELDS}
+    for name, (_, entry) in matched_clauses.items():
+        where = f"--xprompt {xprompt}: class {entry.name!r}"
+        clause_lists[name] = {key: _strings(entry.fields, key, where, problems) for key in CLAUSE_FIELDS}
     prompts = {file_name: {} for file_name in PROMPT_FILES}
     malformed = {kind: [] for kind in TRIPLE_FIELDS.values()}
-    graphs, schema_deviations = {}, {}
+    graphs, schema_deviations, unlisted_entities = {}, {}, {}
     for name in project:
         lists = clause_lists.get(name, {key: [] for key in CLAUSE_FIELDS})
         if name in matched_clauses:
-            release_name = matched_clauses[name][0]
+            # The class as the release writes it into its prompts: the label file's name (else the entry's key).
+            class_text = label_names.get(name, matched_clauses[name][0])
             for file_name, keys in PROMPT_FILES.items():
                 prompts[file_name][name] = release_prompts(
-                    release_name, [c for key in keys for c in lists[key]], templates)
+                    class_text, [c for key in keys for c in lists[key]], templates)
         if name not in matched_knowledge:
             continue
         release_name, entry = matched_knowledge[name]
-        where = f"--askg {askg}: class {release_name!r}"
+        where = f"--askg {askg}: class {entry.name!r}"
         graph: dict[str, Any] = {"class": name}
         for release_field, own in ENTITY_FIELDS.items():
-            graph[own] = _unique(_strings(entry, release_field, where, problems))
+            graph[own] = _unique(_strings(entry.fields, release_field, where, problems))
+        # The class node as the release's files spell it (key, label, label file) -> its display name.
+        display = display_name(dataset, name)
+        listed = {normalize_entity(e) for own in ENTITY_FIELDS.values() for e in graph[own]}
+        spellings = {normalize_entity(text) for text in (entry.key, entry.label, label_names.get(name)) if text}
+        spellings -= class_node_keys(dataset, name) | listed
         graph["relations"] = {}
         for release_field, kind in TRIPLE_FIELDS.items():
-            written = entry.get(release_field)
+            written = entry.fields.get(release_field)
             if written is None:
                 problems.append(f"{where}: no {release_field}")
             elif isinstance(written, str) or not isinstance(written, Sequence):
@@ -310,19 +419,24 @@ def import_release(
                 triple = parse_triple(text)
                 if triple is None:
                     malformed[kind].append(f"{release_name}: {text!r}")
-                elif triple not in triples:
+                    continue
+                triple = [display if i != 1 and normalize_entity(part) in spellings else part
+                          for i, part in enumerate(triple)]
+                if triple not in triples:
                     triples.append(triple)
             graph["relations"][kind] = triples
-        display = display_name(dataset, name)
         graph["prompts"] = {
             kind: _unique([f"{prompt_prefix(display)} {clause.rstrip('.').rstrip()}."
                            for key in keys for clause in lists[key] if clause.rstrip(".").strip()])
             for kind, keys in (("spatial", SPATIAL_FIELDS), ("temporal", TEMPORAL_FIELDS))
         }
         graphs[name] = graph
-        deviations = validate_graph(graph, dataset, name)
+        notes: list[str] = []
+        deviations = validate_graph(graph, dataset, name, notes=notes)
         if deviations:
             schema_deviations[name] = deviations[:5]
+        if notes:
+            unlisted_entities[name] = notes
 
     missing = [name for name in project if name not in prompts["prompts.json"]]
     document = {
@@ -347,6 +461,8 @@ def import_release(
         "project_classes_missing": missing,
         "project_classes_without_graph": [name for name in project if name not in graphs],
         "release_classes_unmatched": unmatched,
+        "release_entries_matched_inexactly": inexact,
+        "label_classes_unmatched": labels_unmatched,
         "repeated_keys": {"--askg": askg_repeated, "--xprompt": xprompt_repeated},
         "xprompt_entries_out_of_label_order": out_of_place,
         "malformed_triples": {kind: len(items) for kind, items in malformed.items()},
@@ -355,9 +471,23 @@ def import_release(
         "template_source": template_source,
         "prompt_files": {file_name: list(keys) for file_name, keys in PROMPT_FILES.items()},
         "classes_outside_the_graph_schema": schema_deviations,
+        "relations_to_unlisted_entities": unlisted_entities,
         "notes": problems,
     }
     return ReleaseImport(dataset, document, prompts, report)
+
+
+def describe_match(item: Mapping[str, Any]) -> str:
+    """One line for an entry of the report's ``release_entries_matched_inexactly``."""
+    entry = repr(item["entry"]) + (f" (label {item['label']!r})" if item["label"] not in (None, item["entry"]) else "")
+    way = item["matched_by"]
+    if way == "position":
+        how = f"by its position {item['position']}, as the release pairs it (--labels class {item['label_file_class']!r})"
+    elif way == "key":
+        how = "by its key; its label differs"
+    else:
+        how = f"by its {way}"
+    return f"{entry} -> {item['class']}: {how}"
 
 
 def write_release_import(result: ReleaseImport, out_dir: str | Path) -> dict[str, Path]:

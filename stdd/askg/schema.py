@@ -7,10 +7,19 @@ and stage 2 (prompt sentences) of the ASKG pipeline produce for one class:
      "objects": [5..10 distinct objects],
      "sub_actions": [3..10 distinct sub-actions, in temporal order],
      "relations": {"object_object": [[obj, predicate, obj], ...]    (>= 3),
-                   "action_object": [[sub_action, predicate, obj], ...]  (>= 1),
-                   "action_action": [[sub_action, predicate, sub_action], ...]  (>= 2)},
+                   "action_object": [[action, predicate, obj], ...]  (>= 1),
+                   "action_action": [[action, predicate, sub_action], ...]  (>= 2)},
      "prompts": {"spatial": [>= 3 sentences from object_object triples],
                  "temporal": [>= 3 sentences from action_* triples]}}
+
+As in the paper's ASKG, the action class is itself a node of its graph, with
+edges to its objects and sub-actions: an ``action`` above is a sub-action or the
+class (its name or display name, e.g. ``["archery", "requires", "bow"]``,
+``["archery", "starts with", "nocking the arrow"]``), and any triple may name
+the class. A triple naming an entity of the wrong list for its kind (an object
+as the subject of an action_object triple) is an error; one naming an entity in
+neither list (``["helmet", "worn for", "safety"]``) is valid, and reported as a
+note (validators take a ``notes`` list to collect them).
 
 Every prompt is one sentence "This is a video of <display name>, ...". The
 shipped files (`stdd/resources/askg/<set>.json`) hold
@@ -20,6 +29,9 @@ every class of the set's class list, in class-list order.
 Validators return lists of error strings (empty = valid) so a file with many
 problems is reported in one pass; each error names the class and the field.
 `python -m stdd.askg validate FILE...` validates files from the shell.
+:func:`read_json_file` is how the ASKG tooling reads every JSON file: a file
+that is missing, unreadable or not JSON is one :class:`AskgFileError` line
+naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..errors import UsageError
 from ..resources import ASKG_SETS, CLASS_COUNTS, class_names, display_name
 
 SCHEMA_VERSION = 1
@@ -47,6 +60,41 @@ SHIPPED_PROVENANCE_KEYS = ("generator", "how", "date", "regenerate")
 
 # Two sentences glued together: a sentence end followed by a capitalised word.
 _SENTENCE_BREAK = re.compile(r"[.!?;]\s+[A-Z]")
+
+
+class AskgError(UsageError, RuntimeError):
+    """A class could not be built (after retries), a run could not start, or an ASKG input is unusable."""
+
+
+class AskgFileError(AskgError, ValueError):
+    """A file the ASKG tooling reads is missing, unreadable or not JSON; the message names it."""
+
+
+def read_json_file(path: str | Path, label: str = "") -> Any:
+    """The JSON document in ``path``; :class:`AskgFileError` naming ``label`` (the argument it came
+    from, e.g. ``--graph``) and the file, and saying what is wrong, if it cannot be read or parsed."""
+    path = Path(path)
+    where = f"{label} {path}" if label else str(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise AskgFileError(f"{where}: no such file") from None
+    except OSError as error:
+        raise AskgFileError(f"{where}: cannot be read ({error.strerror or error})") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise AskgFileError(f"{where}: not UTF-8 text (byte {error.start} of {len(data)})") from None
+    if not text.strip():
+        raise AskgFileError(f"{where}: empty file, expected JSON (truncated?)")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        # Python's parser reports an unterminated string where the string starts; it runs to the end.
+        cut = error.pos >= len(text.rstrip()) or error.msg.startswith("Unterminated string")
+        ends = "; the file ends before the JSON does: truncated?" if cut else ""
+        raise AskgFileError(f"{where}: not valid JSON: {error.msg} (line {error.lineno}, "
+                            f"column {error.colno}){ends}") from None
 
 
 def normalize_entity(text: str) -> str:
@@ -114,8 +162,22 @@ def _kinds_section(graph: dict, key: str, kinds, where: str, errors: list) -> di
     return section
 
 
-def _validate_knowledge(graph: dict, where: str, errors: list[str]) -> tuple[set[str], set[str]]:
-    """Check objects, sub_actions and relations; return the normalized object / sub-action sets."""
+def class_node_keys(dataset: str, class_name: str) -> set[str]:
+    """The comparison keys (:func:`normalize_entity`) under which a graph's triples name its class,
+    the graph's action node: the class name and its display name."""
+    keys = {normalize_entity(class_name)} if isinstance(class_name, str) else set()
+    try:
+        keys.add(normalize_entity(display_name(dataset, class_name)))
+    except ValueError:
+        pass
+    return keys
+
+
+def _validate_knowledge(graph: dict, where: str, errors: list[str], class_keys: set[str],
+                        notes: list[str] | None) -> tuple[set[str], set[str]]:
+    """Check objects, sub_actions and relations; return the normalized object / sub-action sets.
+
+    A triple may name the class (``class_keys``) anywhere; an entity in neither list is noted."""
     objects = _string_list(graph.get("objects", []), f"{where}.objects", errors)
     sub_actions = _string_list(graph.get("sub_actions", []), f"{where}.sub_actions", errors)
     _check_entities(objects, f"{where}.objects", OBJECTS_MIN, OBJECTS_MAX, errors)
@@ -127,6 +189,7 @@ def _validate_knowledge(graph: dict, where: str, errors: list[str]) -> tuple[set
         "action_object": (action_keys, object_keys, "sub_actions", "objects"),
         "action_action": (action_keys, action_keys, "sub_actions", "sub_actions"),
     }
+    listed = {"objects": object_keys, "sub_actions": action_keys}
 
     relations = _kinds_section(graph, "relations", RELATION_MINIMUMS, where, errors)
     for kind, minimum in RELATION_MINIMUMS.items():
@@ -145,10 +208,16 @@ def _validate_knowledge(graph: dict, where: str, errors: list[str]) -> tuple[set
                 errors.append(f"{rwhere}[{i}]: expected [subject, predicate, object] non-empty strings, got {triple!r}")
                 continue
             subject, _, obj = (normalize_entity(t) for t in triple)
-            if subject not in subjects:
-                errors.append(f"{rwhere}[{i}]: subject {triple[0]!r} is not in {subject_field}")
-            if obj not in objects_:
-                errors.append(f"{rwhere}[{i}]: object {triple[2]!r} is not in {object_field}")
+            for role, text, key, allowed, field in (("subject", triple[0], subject, subjects, subject_field),
+                                                    ("object", triple[2], obj, objects_, object_field)):
+                if key in allowed or key in class_keys:
+                    continue
+                other = "objects" if field == "sub_actions" else "sub_actions"
+                if key in listed[other]:  # a listed entity in the wrong place: the triple is of another kind
+                    errors.append(f"{rwhere}[{i}]: {role} {text!r} is not in {field} (it is in {other})")
+                elif notes is not None:
+                    notes.append(f"{rwhere}[{i}]: {role} {text!r} is in neither objects nor sub_actions "
+                                 f"(nor the class)")
             if subject == obj:
                 errors.append(f"{rwhere}[{i}]: subject and object are the same ({triple[0]!r})")
             key = tuple(normalize_entity(t) for t in triple)
@@ -170,11 +239,13 @@ def _field_errors(obj: dict, keys, where: str) -> list[str]:
     return errors
 
 
-def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
+def validate_graph(graph: Any, dataset: str, class_name: str, *, notes: list[str] | None = None) -> list[str]:
     """Errors of one class's graph (empty list: valid).
 
     `dataset` picks the display-name rule (see `stdd.resources.display_name`);
     any name outside the known sets (a user's class file) keeps names as written.
+    `notes`, if given, receives what is valid but worth reporting: relations naming
+    an entity in neither list.
     """
     where = f"class {class_name!r}"
     if not isinstance(graph, dict):
@@ -187,7 +258,7 @@ def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
     except ValueError as exc:
         return errors + [f"{where}: {exc}"]
 
-    object_keys, action_keys = _validate_knowledge(graph, where, errors)
+    object_keys, action_keys = _validate_knowledge(graph, where, errors, class_node_keys(dataset, class_name), notes)
 
     prompts = _kinds_section(graph, "prompts", PROMPT_MINIMUMS, where, errors)
     for kind, minimum in PROMPT_MINIMUMS.items():
@@ -222,19 +293,22 @@ def validate_graph(graph: Any, dataset: str, class_name: str) -> list[str]:
 STAGE1_KEYS = ("objects", "sub_actions", "relations")
 
 
-def validate_stage1(answer: Any, class_name: str) -> list[str]:
-    """Errors of a stage-1 answer (objects, sub_actions, relations; no prompts yet)."""
+def validate_stage1(answer: Any, class_name: str, dataset: str = "custom", *,
+                    notes: list[str] | None = None) -> list[str]:
+    """Errors of a stage-1 answer (objects, sub_actions, relations; no prompts yet); ``dataset`` and
+    ``notes`` as in :func:`validate_graph`."""
     where = f"class {class_name!r}"
     if not isinstance(answer, dict):
         return [f"{where}: expected a JSON object, got {type(answer).__name__}"]
     errors = _field_errors(answer, STAGE1_KEYS, where)
-    _validate_knowledge(answer, where, errors)
+    _validate_knowledge(answer, where, errors, class_node_keys(dataset, class_name), notes)
     return errors
 
 
 def validate_askg_document(document: Any, source: str = "<document>", *,
-                           require_complete: bool = True) -> list[str]:
-    """Errors of a whole ASKG file already parsed from JSON (see `validate_askg_file`)."""
+                           require_complete: bool = True, notes: list[str] | None = None) -> list[str]:
+    """Errors of a whole ASKG file already parsed from JSON (see `validate_askg_file`); `notes` as in
+    :func:`validate_graph`."""
     if not isinstance(document, dict):
         return [f"{source}: expected a JSON object, got {type(document).__name__}"]
     errors: list[str] = []
@@ -270,21 +344,23 @@ def validate_askg_document(document: Any, source: str = "<document>", *,
         if not missing_classes and not extra and list(classes) != expected:
             errors.append(f"{source}: classes are not in {dataset} class-list order")
     for name, graph in classes.items():
-        errors.extend(f"{source}: {e}" for e in validate_graph(graph, dataset, name))
+        graph_notes: list[str] = []
+        errors.extend(f"{source}: {e}" for e in validate_graph(graph, dataset, name, notes=graph_notes))
+        if notes is not None:
+            notes.extend(f"{source}: {n}" for n in graph_notes)
     return errors
 
 
-def validate_askg_file(path: str | Path, *, require_complete: bool = True) -> list[str]:
-    """Errors of an ASKG JSON file (empty list: valid).
+def validate_askg_file(path: str | Path, *, require_complete: bool = True,
+                       notes: list[str] | None = None) -> list[str]:
+    """Errors of an ASKG JSON file (empty list: valid); a file that cannot be read or parsed is one
+    error (:func:`read_json_file`'s message).
 
     For a known dataset (ucf101, hmdb51, k400, k600, k600_new) every class of
     its list must be present, in list order, unless `require_complete=False`.
     """
-    path = Path(path)
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return [f"{path}: file not found"]
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return [f"{path}: not valid JSON ({exc})"]
-    return validate_askg_document(document, str(path), require_complete=require_complete)
+        document = read_json_file(path)
+    except AskgFileError as error:
+        return [str(error)]
+    return validate_askg_document(document, str(path), require_complete=require_complete, notes=notes)
