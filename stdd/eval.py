@@ -15,7 +15,9 @@ mean ± std), ``per_class.csv`` and ``confusion.png`` (summed over the splits) t
 
 Weights: ``--checkpoint`` takes ``final.pt`` / ``averaged.pt`` / ``ema.pt`` or a training
 checkpoint; the model settings come from the config stored in it (``--config`` and
-``key=value`` overrides change them). A CLIP weights *file* named by the stored config's
+``key=value`` overrides change them), its run-time settings (device, precision, workers, frame
+cache, batch size: ``stdd.engine.config.RUNTIME_KEYS``) do not: they are this command's defaults
+and options. A CLIP weights *file* named by the stored config's
 ``model.pretrained`` is not loaded unless ``--trust-checkpoint-pretrained`` is given (or
 ``model.pretrained=<file>`` is set by hand); open_clip tags are used as stored. Without ``--checkpoint`` the configured CLIP weights are
 evaluated as they are (e.g. ``--config k400_vitb16 model.stca.enabled=false`` is plain CLIP).

@@ -17,6 +17,10 @@ From Python::
 
 Scores are the mean over views (``eval.n_temporal_views`` x ``eval.n_spatial_crops`` of the
 config) of the softmax over the given classes of the STDD alignment score (paper Eq. 8).
+With ``--checkpoint`` the config is the one stored in it, but for its run-time settings (device,
+precision, workers, decoder, frame cache, batch sizes: ``stdd.engine.config.RUNTIME_KEYS``), which
+are those of the machine it was trained on: here they are the defaults, or ``key=value`` (e.g.
+``data.frame_cache_mb=512``).
 ``--prompts``: a JSON file ``{"class": ["sentence", ...]}`` (what ``python -m stdd.askg
 prompts`` writes) or a shipped ASKG file; classes it does not cover fall back to the
 video templates. Without ``--checkpoint`` the weights of the configured CLIP model are used

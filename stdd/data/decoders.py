@@ -38,8 +38,13 @@ one cache shared by every decoder of the process, keyed by file and output size)
 file are cut from memory. Only for sets that fit in memory and are read many times
 (the demo's 1,296 synthetic videos of 16 frames at 32 px are about 60 MB; a cache smaller than the set
 makes clips decode whole videos again and again, and says so once), and only in a process that lives
-long enough (num_workers=0, or one epoch of a worker). A file whose frames do not all decode is not
-cached: its clips are decoded as without the cache, so the errors are the same.
+long enough (num_workers=0, or one epoch of a worker). Whether a file can be cached is decided from its
+index, before anything is decoded: a file whose frames (frames x H x W x 3 bytes at the output size)
+exceed the whole budget is never decoded whole; its clips are decoded as without the cache (only the
+frames they need), and the first such file is logged once per cache, i.e. once per process. A file
+whose frames do not all decode is not cached either: its clips are decoded as without the cache, so
+the errors are the same. `PyAVDecoder.frames_decoded` counts the frames a decoder turned into RGB
+arrays (a whole-file decode for the cache counts every frame of the file).
 
 Any failure (unreadable container, no video stream, corrupt packets, truncation) raises `VideoDecodeError`
 naming the file, so a dataset can skip it and count it. The DALI decoders live in `stdd/data/dali.py`.
@@ -138,6 +143,22 @@ class DecodedFrameCache(_LockedLRU):
         self.max_bytes = int(max_bytes)
         self.bytes = 0
         self.evicted = 0  # videos dropped to stay within max_bytes
+        self.refused = 0  # clips decoded without the cache: their video's frames exceed max_bytes
+
+    def admits(self, nbytes: int, path) -> bool:
+        """Whether a video whose decoded frames take ``nbytes`` can be kept at all (before decoding it).
+        The first video that cannot is logged, once per cache (the process's shared cache: once per process)."""
+        if nbytes <= self.max_bytes:
+            return True
+        with self._lock:
+            self.refused += 1
+            first = self.refused == 1
+        if first:
+            logger.warning("%s: its decoded frames (%.2f MiB) exceed the whole decoded-frame cache (%.2f MiB, "
+                           "data.frame_cache_mb): its clips are decoded one by one, not the whole video; so are "
+                           "those of any other video too large for the cache (not said again)",
+                           path, nbytes / 2**20, self.max_bytes / 2**20)
+        return False
 
     def put(self, key: tuple | None, frames: np.ndarray) -> None:
         if key is None or frames.nbytes > self.max_bytes:
@@ -221,6 +242,12 @@ def _output_size(height: int, width: int, short_side: int | None) -> tuple[int, 
     if height <= width:
         return short_side, max(1, round(width * short_side / height))
     return max(1, round(height * short_side / width)), short_side
+
+
+def _stored_output_size(info: VideoInfo, short_side: int | None) -> tuple[int, int]:
+    """(height, width) a frame is converted to, as stored (before the display rotation turns it)."""
+    stored_height, stored_width = (info.width, info.height) if info.rotation in (90, 270) else (info.height, info.width)
+    return _output_size(stored_height, stored_width, short_side)
 
 
 # ------------------------------------------------------------------ display matrix
@@ -483,6 +510,12 @@ class PyAVDecoder:
         elif frame_cache_mb:
             raise ValueError("frame_cache_mb: give either frame_cache_mb (the shared cache) or frame_cache, not both")
         self.frame_cache = frame_cache
+        self.frames_decoded = 0  # frames converted to RGB arrays so far (see the module docstring)
+
+    def decoded_bytes(self, info: VideoInfo) -> int:
+        """Bytes of all of a video's frames as this decoder returns them (uint8 RGB at the output size)."""
+        height, width = _stored_output_size(info, self.short_side)
+        return info.num_frames * height * width * 3
 
     def index(self, path: str | os.PathLike) -> FrameIndex:
         key = self.index_cache.key(path)
@@ -524,14 +557,20 @@ class PyAVDecoder:
         key = self.index_cache.key(path)
         key = None if key is None else (*key, self.short_side)  # the cache is shared: frames differ by size
         frames = self.frame_cache.get(key)
-        if frames is None:
+        if frames is not None:
+            info = self.index(path).info  # (with index_cache_size=0: indexed again here)
+        else:
+            if key is None:  # nothing can be cached (the file cannot be stat-ed): fail as without the cache
+                return self._decode(path, choose_indices)
+            info = self.index(path).info  # the frame count and size, known before anything is decoded
+            if not self.frame_cache.admits(self.decoded_bytes(info), path):
+                return self._decode(path, choose_indices)  # never decode whole what can never be kept
             try:
-                whole = self._decode(path, np.arange(self.index(path).info.num_frames))
+                whole = self._decode(path, np.arange(info.num_frames))
             except VideoDecodeError:  # not all frames decode: this clip may still (or fail as without the cache)
                 return self._decode(path, choose_indices)
             self.frame_cache.put(key, whole.frames)
             frames = whole.frames
-        info = self.index(path).info  # indexed by the first decode (with index_cache_size=0: again here)
         indices = _checked_indices(path, info, choose_indices)
         return DecodedClip(frames=frames[indices.reshape(-1)].reshape(*indices.shape, *frames.shape[1:]),
                            indices=indices, info=info)
@@ -592,10 +631,10 @@ class PyAVDecoder:
         return container, stream
 
     def _converter(self, info: VideoInfo) -> Callable:
-        stored_height, stored_width = (info.width, info.height) if info.rotation in (90, 270) else (info.height, info.width)
-        out_height, out_width = _output_size(stored_height, stored_width, self.short_side)
+        out_height, out_width = _stored_output_size(info, self.short_side)
 
         def convert(frame) -> np.ndarray:
+            self.frames_decoded += 1
             if (out_height, out_width) != (frame.height, frame.width):
                 array = frame.reformat(width=out_width, height=out_height, format="rgb24", interpolation="BILINEAR").to_ndarray()
             else:

@@ -185,6 +185,31 @@ class STDDConfig:
 
 SECTIONS = tuple(f.name for f in fields(STDDConfig))
 
+# Run-time settings: how and where one process runs (devices, precision, op implementations, decoding
+# workers and caches, batch sizes of scoring, failure policies, logging, output and cache paths), never
+# what the model is or computes. A checkpoint records them with the rest of its config, but they belong
+# to the machine it was trained on: stdd.eval / stdd.predict take them from their own defaults and
+# command line, not from the checkpoint (stdd.engine.inference), and a resumed run may change them
+# (stdd.engine.resume). Dotted keys of the schema above.
+RUNTIME_KEYS = (
+    "run.output_dir",  # (a resumed run may continue a checkpoint copied from another directory)
+    "run.device",
+    "run.precision",  # the same model and objective; the numbers are no longer bit-reproducible
+    "run.log_every_steps",
+    "run.max_steps",
+    "run.tensorboard",
+    "model.stca.backend",  # STCA op implementations compute the same function
+    "model.stca.attention",  # sdpa / xformers (CUDA only): the same attention
+    "text.cache_dir",
+    "data.decoder",
+    "data.num_workers",
+    "data.frame_cache_mb",
+    "data.on_missing",
+    "data.on_error",
+    "optim.on_nonfinite_loss",
+    "eval.batch_size",
+)
+
 # ----------------------------------------------------------------------------- value ranges
 
 # dotted key -> (what it must be, check); a null value of an Optional key is never checked.

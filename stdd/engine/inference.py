@@ -1,20 +1,47 @@
 """Model loading for inference: the config to rebuild a model from weights, and the model in eval mode.
 
 Used by ``stdd.eval`` and ``stdd.predict`` (and :func:`stdd.predict.predict`).
+
+A checkpoint's stored config is split in two: what the model is and computes (the model and STCA
+settings, text and data settings, the views of evaluation) is taken from it; the run-time settings of
+:data:`~stdd.engine.config.RUNTIME_KEYS` (device, precision, op backends, workers, decoder, frame
+cache, batch sizes, failure policies, cache paths) are those of the training machine and are not:
+they get the schema's defaults, and the command line's overrides as usual.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Optional, Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from .checkpoint import load_weights
-from .config import ConfigError, apply_overrides, check_value_ranges, load_config, typed_config
+from .config import (RUNTIME_KEYS, ConfigError, STDDConfig, apply_overrides, check_value_ranges, load_config,
+                     typed_config)
 from .task import build_model, load_student_state_dict
 
 
+logger = logging.getLogger(__name__)
+
 TRUST_FLAG = "--trust-checkpoint-pretrained"
+
+
+def without_run_time_settings(stored: DictConfig, source: str = "the stored config") -> DictConfig:
+    """A copy of ``stored`` whose :data:`RUNTIME_KEYS` hold the schema's defaults (what this process
+    would use without a checkpoint); the values that were dropped are logged at info level."""
+    defaults = OmegaConf.structured(STDDConfig)
+    cfg = stored.copy()
+    dropped = []
+    for key in RUNTIME_KEYS:
+        value, default = OmegaConf.select(cfg, key), OmegaConf.select(defaults, key)
+        if value != default:
+            dropped.append(f"{key}={value!r}")
+            OmegaConf.update(cfg, key, default, merge=False)
+    if dropped:
+        logger.info("%s: run-time settings not taken from it (the defaults and the command line are used "
+                    "instead): %s", source, ", ".join(dropped))
+    return cfg
 
 
 def _refuse_stored_weights_path(cfg: DictConfig, checkpoint: str, overrides: Sequence[str]) -> None:
@@ -37,8 +64,9 @@ def _refuse_stored_weights_path(cfg: DictConfig, checkpoint: str, overrides: Seq
 
 def config_for_weights(checkpoint: Optional[str], config: Optional[str], overrides: Sequence[str], *,
                        trust_checkpoint_pretrained: bool = False) -> tuple[DictConfig, Optional[dict]]:
-    """The config to rebuild the model: stored in the checkpoint, else ``config`` (default
-    ``k400_vitb16``); then overrides. Returns ``(cfg, student state dict or None)``.
+    """The config to rebuild the model: stored in the checkpoint, without its run-time settings
+    (:func:`without_run_time_settings`), else ``config`` (default ``k400_vitb16``); then overrides.
+    Returns ``(cfg, student state dict or None)``.
 
     The stored config's ``model.pretrained`` (the CLIP weights the frozen text tower is built
     from) is used when it is an open_clip tag; a file path there is refused unless
@@ -51,7 +79,8 @@ def config_for_weights(checkpoint: Optional[str], config: Optional[str], overrid
         state = loaded["model"]
         if config is None and loaded["config"] is not None:
             source = f"--checkpoint {checkpoint} (its stored config)"
-            cfg = check_value_ranges(apply_overrides(typed_config(loaded["config"], source), overrides), source)
+            stored = without_run_time_settings(typed_config(loaded["config"], source), source)
+            cfg = check_value_ranges(apply_overrides(stored, overrides), source)
             if not trust_checkpoint_pretrained:
                 _refuse_stored_weights_path(cfg, checkpoint, overrides)
             return cfg, state

@@ -3,9 +3,11 @@
 A checkpoint stores its run's resolved config. On resume, :func:`check_resume_config`
 compares it with the config of the resuming run, key by key (dotted paths):
 
-* keys in :data:`SAFE_TO_CHANGE` (where files go, logging, devices, decoding
-  workers, checkpoint and evaluation cadence, op backends that compute the same
-  thing) may differ: each difference is reported as a warning;
+* keys in :data:`SAFE_TO_CHANGE` (the run-time settings of
+  :data:`~stdd.engine.config.RUNTIME_KEYS`: where files go, logging, devices,
+  decoding workers and caches, op backends that compute the same thing; and
+  checkpoint and evaluation cadence) may differ: each difference is reported as
+  a warning;
 * the global batch (``data.batch_size`` x ``optim.accumulation_steps`` x
   processes) must stay the same; how it is split may change (a warning);
 * every other key changes what is trained (the model and its STCA settings,
@@ -28,27 +30,14 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..errors import UsageError
 
-from .config import SECTIONS
+from .config import RUNTIME_KEYS, SECTIONS
 
-# Keys (or key prefixes ending in ".") whose change does not change what is trained.
-SAFE_TO_CHANGE = (
-    "run.output_dir",  # resuming a checkpoint copied from another directory
-    "run.device",
-    "run.precision",  # same model, data and objective; the numbers are no longer bit-reproducible
-    "run.log_every_steps",
-    "run.max_steps",
-    "run.tensorboard",
+# Keys (or key prefixes ending in ".") whose change does not change what is trained: every run-time
+# setting, and these.
+SAFE_TO_CHANGE = RUNTIME_KEYS + (
     "model.allow_random_init",  # only gates pretrained=null, which is compared itself
-    "model.stca.backend",  # STCA op implementations compute the same function
-    "model.stca.attention",  # sdpa / xformers: the same attention
-    "text.cache_dir",
     "data.root",  # the videos moved; the annotation list that names them is compared
     "data.val_annotations",
-    "data.decoder",
-    "data.num_workers",
-    "data.on_missing",
-    "data.on_error",
-    "optim.on_nonfinite_loss",
     "checkpoint.",
     "averaging.",  # derived outputs (SWA/EMA files), not the trained weights
     "eval.",
