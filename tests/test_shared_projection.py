@@ -383,3 +383,21 @@ def test_stdd_loss_with_distillation_is_the_same_under_both_projections():
                        + [p.grad for p in model.parameters() if p.requires_grad])
     for index, (got, want) in enumerate(zip(*results)):
         assert _relative(got, want) <= TIGHT, f"tensor {index} (0: loss, 1: distillation loss, then parameters)"
+
+
+def test_a_checkpoint_of_either_projection_resumes_under_the_other():
+    """The setting changes no weight: a checkpoint trained with per_path (or written before the
+    setting existed) resumes under shared with a warning, never a refusal."""
+    pytest.importorskip("omegaconf")
+    from omegaconf import OmegaConf
+
+    from stdd.engine.config import load_config
+    from stdd.engine.resume import check_resume_config
+
+    current = load_config("demo", ["model.stca.projection=shared"])
+    stored = OmegaConf.to_container(load_config("demo", ["model.stca.projection=per_path"]))
+    warnings = check_resume_config(stored, current, source="ckpt.pt", stored_world_size=1, world_size=1)
+    assert any("model.stca.projection 'per_path' -> 'shared'" in w for w in warnings)
+    del stored["model"]["stca"]["projection"]  # a checkpoint from before the setting
+    warnings = check_resume_config(stored, current, source="ckpt.pt", stored_world_size=1, world_size=1)
+    assert any("model.stca.projection is not recorded in the checkpoint" in w for w in warnings)

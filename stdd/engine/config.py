@@ -200,6 +200,7 @@ RUNTIME_KEYS = (
     "run.tensorboard",
     "model.stca.backend",  # STCA op implementations compute the same function
     "model.stca.attention",  # sdpa / xformers (CUDA only): the same attention
+    "model.stca.projection",  # shared / per_path: the same block, exactly (docs/stca.md section 6)
     "text.cache_dir",
     "data.decoder",
     "data.num_workers",
