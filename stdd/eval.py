@@ -34,6 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .data.annotations import ANNOTATION_FORMATS, OFFICIAL_SPLITS
 from .engine import metrics, protocols
 from .engine.cli import ArgumentParser, cli_main
 from .engine.config import ConfigError
@@ -55,7 +56,7 @@ def _records_for(args, class_names: Optional[list[str]]):
     if args.format == "hmdb51":
         if len(sources) != 1:
             raise ConfigError("--format hmdb51 takes one --annotations: the directory of *_test_split{1,2,3}.txt")
-        splits = [1, 2, 3] if args.protocol == "ep3" else [args.hmdb_split]
+        splits = list(OFFICIAL_SPLITS) if args.protocol == "ep3" else [args.hmdb_split]
         jobs = [(sources[0], {"split": s, "subset": "test"}) for s in splits]
     else:
         jobs = [(source, {}) for source in sources]
@@ -210,11 +211,12 @@ def build_argument_parser() -> ArgumentParser:
                              "(a path there is refused by default; open_clip tags are always used)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="ep2")
     parser.add_argument("--annotations", nargs="+", required=True, help="annotation file(s) / HMDB51 split directory")
-    parser.add_argument("--format", default="list", choices=["list", "csv", "ucf101", "hmdb51", "kinetics"])
+    parser.add_argument("--format", default="list", choices=ANNOTATION_FORMATS)
     parser.add_argument("--root", help="video root directory")
     parser.add_argument("--classes", help="shipped class list (ucf101, hmdb51, k400, k600) or a class-name file")
     parser.add_argument("--dataset", help="dataset name for display names / shipped ASKG prompts (default: --classes)")
-    parser.add_argument("--hmdb-split", type=int, default=1, help="HMDB51 split used by ep1/ep2 (default 1)")
+    parser.add_argument("--hmdb-split", type=int, default=1, choices=OFFICIAL_SPLITS,
+                        help="HMDB51 split whose test videos ep1/ep2 use (default 1)")
     parser.add_argument("--split-file", help="class splits to evaluate (JSON or text, see stdd.engine.protocols)")
     parser.add_argument("--draws", type=int, default=10, help="ep1 draws (default 10)")
     parser.add_argument("--k600-splits", type=int, default=3, help="k600 seeded splits of 160 classes (default 3)")

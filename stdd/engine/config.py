@@ -27,6 +27,7 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..data.annotations import ANNOTATION_FORMATS, ucf101_list_mismatch
 from ..errors import UsageError
 from ..files import atomic_write
 from ..model.alignment import SCORE_MODES
@@ -36,6 +37,8 @@ from ..model.text_encoder import TEXT_FEATURE_SOURCES
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "demo"
+SYNTHETIC_DATASET = "synthetic"  # data.dataset of the generated motion set; the others are annotation formats
+DATASETS = (SYNTHETIC_DATASET, *ANNOTATION_FORMATS)  # the values of data.dataset
 
 
 class ConfigError(UsageError, ValueError):
@@ -110,8 +113,11 @@ class SyntheticConfig:
 class DataConfig:
     dataset: str = "kinetics"  # kinetics (csv) | list (mmaction2) | csv | ucf101 | hmdb51 | synthetic
     root: Optional[str] = None  # video root directory (synthetic: where the set is generated)
-    train_annotations: Optional[str] = None  # annotation file of the training split
-    val_annotations: Optional[str] = None  # annotation file of the validation split (optional)
+    train_annotations: Optional[str] = None  # annotation file of the training split (hmdb51: the split directory)
+    val_annotations: Optional[str] = None  # annotation file of the validation split (optional; hmdb51: as above)
+    # the official split of ucf101 / hmdb51 (1, 2 or 3): training reads its train videos, validation its test
+    # videos (hmdb51: ids 1 and 2 of the split directory's files; ucf101: trainlist0N / testlist0N must be N)
+    split: int = 1
     class_names: Any = None  # a shipped list name (k400, ucf101, hmdb51, k600), a class-name file or a list
     decoder: str = "pyav"  # pyav (CPU workers) | dali (GPU decoding)
     num_frames: int = 8  # frames per clip, T
@@ -234,6 +240,22 @@ def check_value_ranges(cfg: DictConfig, source: Optional[str] = None) -> DictCon
         plain = list(value) if OmegaConf.is_list(value) else value
         if not within(plain):
             raise ConfigError(f"{source + ': ' if source else ''}{key}={plain!r}: expected {expected}")
+    return cfg
+
+
+def check_run_settings(cfg: DictConfig) -> DictConfig:
+    """What only makes sense together, for a run (training): raise :class:`ConfigError` naming the keys.
+
+    - UCF101 (``data.dataset: ucf101``): annotation files named as the official lists must be the train
+      list (training) and the test list (validation) of split ``data.split``.
+    """
+    data = cfg.data
+    if data.dataset == "ucf101":
+        for role, subset in (("train", "train"), ("val", "test")):
+            path = data[f"{role}_annotations"]
+            mismatch = None if path is None else ucf101_list_mismatch(path, int(data.split), subset)
+            if mismatch is not None:
+                raise ConfigError(f"data.{role}_annotations={path}: {mismatch} (data.split={int(data.split)})")
     return cfg
 
 
@@ -361,6 +383,7 @@ def load_config(config: Optional[Union[str, Path]] = None, overrides: Sequence[s
     except OmegaConfBaseException as error:
         raise ConfigError(f"config interpolation failed: {error}") from error
     check_value_ranges(cfg)
+    check_run_settings(cfg)
     stca_settings_of(cfg)  # the STCA values are checked now, not when the model is built
     return cfg
 
