@@ -35,10 +35,11 @@ import numpy as np
 import torch
 
 from .data.annotations import ANNOTATION_FORMATS, OFFICIAL_SPLITS
+from .data.sampling import SPATIAL_CROPS
 from .engine import metrics, protocols
 from .engine.cli import ArgumentParser, cli_main
 from .engine.config import ConfigError
-from .engine.distributed import cleanup_distributed, init_distributed
+from .engine.distributed import DEVICES, cleanup_distributed, init_distributed
 from .errors import InputError
 from .files import atomic_write
 from .resources import DATASETS, K600_NOVEL_LISTS
@@ -226,11 +227,11 @@ def build_argument_parser() -> ArgumentParser:
     parser.add_argument("--prompts", help="templates | askg | dataset | prompts JSON (default: config text.prompts)")
     parser.add_argument("--with-templates", action="store_true", help="add template sentences to file/ASKG prompts")
     parser.add_argument("--views", type=int, help="temporal views per video (default eval.n_temporal_views)")
-    parser.add_argument("--crops", type=int, choices=[1, 3], help="spatial crops per view (default eval.n_spatial_crops)")
+    parser.add_argument("--crops", type=int, choices=SPATIAL_CROPS, help="spatial crops per view (default eval.n_spatial_crops)")
     parser.add_argument("--aggregation", choices=metrics.AGGREGATIONS, help="how views are combined (default eval.aggregation)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--num-workers", type=int)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", choices=DEVICES)
     parser.add_argument("--out-dir", default="eval_results")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")

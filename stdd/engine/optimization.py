@@ -18,6 +18,10 @@ from .averaging import ExponentialMovingAverage
 from .precision import autocast_dtype
 from .schedule import build_scheduler, scaled_lr
 
+# optim.on_nonfinite_loss, what a step whose loss is NaN/inf does: stop the run (naming the step) |
+# skip it (``Optimization.skip_step``: no update, counted)
+NONFINITE_POLICIES = ("stop", "skip")
+
 
 def optimizer_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on matrices, none on 1-D parameters (biases, norms, the
