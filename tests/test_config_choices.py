@@ -1,6 +1,6 @@
 """Keys with a fixed set of values: checked when the config is loaded, one line naming the key, the value
 and the allowed values, before anything is built or written; the allowed values come from each list's
-one home."""
+one home. Also the warm-up, which may not be longer than the run."""
 
 import dataclasses
 import os
@@ -231,3 +231,24 @@ def test_eval_options_that_are_choices_are_refused_before_anything_is_written(op
     line = one_error_line(capsys.readouterr())
     assert option in line and value in line and "choose from" in line
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------- warm-up
+
+
+def test_a_warmup_longer_than_the_run_is_refused_naming_both_lengths():
+    with pytest.raises(ConfigError, match=r"optim\.warmup_epochs=100 is longer than the run \(optim\.epochs=1\)"):
+        load_config("demo", ["optim.warmup_epochs=100", "optim.epochs=1"])
+    with pytest.raises(ConfigError, match=r"optim\.warmup_epochs=2\.5 .*optim\.epochs=2"):
+        load_config("demo", ["optim.warmup_epochs=2.5", "optim.epochs=2"])
+    assert load_config("demo", ["optim.warmup_epochs=1", "optim.epochs=1"]).optim.warmup_epochs == 1  # the whole run
+    for preset in ("demo", "demo_no_masking", "k400_vitb16", "k400_vitb16_official"):
+        load_config(preset)
+
+
+def test_warmup_longer_than_the_run_stops_the_command_line_before_the_run_directory(tmp_path):
+    result = run_cli("stdd.train", *train_args(tmp_path), "optim.warmup_epochs=100", "optim.epochs=1")
+    assert result.returncode == cli.EXIT_USAGE, result.stderr[-3000:]
+    line = one_error_line(result)
+    assert "optim.warmup_epochs=100" in line and "optim.epochs=1" in line
+    assert not (tmp_path / "run").exists()

@@ -20,7 +20,8 @@ written: numeric ranges (:data:`VALUE_RANGES`), the keys with a fixed set of
 values (:data:`VALUE_CHOICES`, which points at each list's one home, e.g.
 ``stdd.data.sampling.SAMPLING_MODES``, and takes every ``model.stca`` field
 declared with :func:`stdd.model.stca_settings.choice`), and what only makes
-sense together (UCF101 lists of the split ``data.split`` names). Each error is one line naming the dotted key, the value
+sense together (a warm-up no longer than the run; UCF101 lists of the split
+``data.split`` names). Each error is one line naming the dotted key, the value
 and what was expected.
 """
 
@@ -292,9 +293,18 @@ def check_value_ranges(cfg: DictConfig, source: Optional[str] = None) -> DictCon
 def check_run_settings(cfg: DictConfig) -> DictConfig:
     """What only makes sense together, for a run (training): raise :class:`ConfigError` naming the keys.
 
+    - ``optim.warmup_epochs`` no longer than ``optim.epochs``: a longer warm-up would be cut at the
+      run's end, so the learning rate would only climb and never decay (a warm-up of the whole run is
+      taken as written);
     - UCF101 (``data.dataset: ucf101``): annotation files named as the official lists must be the train
       list (training) and the test list (validation) of split ``data.split``.
     """
+    optim = cfg.optim
+    if float(optim.warmup_epochs) > int(optim.epochs):
+        raise ConfigError(
+            f"optim.warmup_epochs={float(optim.warmup_epochs):g} is longer than the run (optim.epochs="
+            f"{int(optim.epochs)}): the learning rate would only climb; give a warm-up of at most optim.epochs"
+        )
     data = cfg.data
     if data.dataset == "ucf101":
         for role, subset in (("train", "train"), ("val", "test")):
