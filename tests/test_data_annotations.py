@@ -205,3 +205,25 @@ def test_ucf101_lists_are_checked_against_the_split_and_subset_asked_for(tmp_pat
         load_annotations(split_dir / "trainlist02.txt", format="ucf101", root=tmp_path, split=1, subset="train")
     # without split and subset (stdd.eval's explicit files) a list is read as it is
     assert len(load_annotations(split_dir / "testlist02.txt", format="ucf101", root=tmp_path)[0]) == 1
+
+
+def test_duplicate_lines_are_kept_with_one_warning_naming_the_file_and_count(tmp_path, caplog):
+    listing = write(tmp_path / "train.txt", "a.mp4 0\nb.mp4 1\na.mp4 0\na.mp4 1\n")
+    with caplog.at_level("WARNING", logger="stdd.data.annotations"):
+        records = read_video_list(listing)
+    assert len(records) == 4  # kept as listed
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and str(listing) in messages[0] and "1 duplicate line " in messages[0]
+    caplog.clear()
+    splits = tmp_path / "splits"
+    repeated = write(splits / "cartwheel_test_split1.txt", "c_0.avi 1\nc_0.avi 1\nc_0.avi 1\nc_1.avi 2\nc_1.avi 2\n")
+    write(splits / "brush_hair_test_split1.txt", "b_0.avi 1\nb_1.avi 2\n")
+    with caplog.at_level("WARNING", logger="stdd.data.annotations"):
+        train, _ = read_hmdb51_split(splits, tmp_path, split=1, subset="train")
+    assert [record.path.name for record in train] == ["b_0.avi", "c_0.avi", "c_0.avi", "c_0.avi"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and str(repeated) in messages[0] and "2 duplicate lines" in messages[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stdd.data.annotations"):
+        read_video_list(write(tmp_path / "clean.txt", "a.mp4 0\nb.mp4 0\n"))
+    assert not caplog.records

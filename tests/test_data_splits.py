@@ -4,6 +4,7 @@ Real HMDB51 / UCF101 split files and real tiny videos (every listed video exists
 be read without complaint: the tests compare the exact videos).
 """
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,22 @@ def test_ucf101_lists_named_otherwise_are_taken_as_given(ucf101, tmp_path):
     (tmp_path / "classInd.txt").write_text((lists / "classInd.txt").read_text())
     cfg = load_config("demo", ucf_overrides(ucf101, own, "testlist01.txt"))
     assert len(build_video_dataset(cfg, data_spec(cfg, "train"), training=True).records) == 2
+
+
+def test_duplicate_lines_are_kept_and_reported_once_per_file_at_start(tmp_path, caplog):
+    pytest.importorskip("av")
+    video = tmp_path / "clips" / "a.mp4"
+    video.parent.mkdir()
+    write_video(video, index_coded_frames(16))
+    other = tmp_path / "clips" / "b.mp4"
+    write_video(other, index_coded_frames(16, offset=3))
+    listing = tmp_path / "train.txt"
+    listing.write_text("clips/a.mp4 0\nclips/b.mp4 1\nclips/a.mp4 0\nclips/a.mp4 0\n")
+    cfg = load_config("demo", ["data.dataset=list", f"data.root={tmp_path}", f"data.train_annotations={listing}",
+                               "data.class_names=[x,y]"])
+    with caplog.at_level(logging.WARNING, logger="stdd.data.annotations"):
+        dataset = build_video_dataset(cfg, data_spec(cfg, "train"), training=True)
+    assert len(dataset.records) == 4  # kept: weighting by repetition may be meant
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert str(listing) in warnings[0] and "2 duplicate lines" in warnings[0] and "a.mp4 x3" in warnings[0]

@@ -23,6 +23,10 @@ Supported (each parser names the file and line of a malformed entry and says wha
 list of formats: `ANNOTATION_FORMATS`), and `resolve_videos(records, on_missing="fail"|"skip")` checks
 that the files exist (counted and reported either way). The official splits of UCF101 and HMDB51
 (`OFFICIAL_SPLIT_FORMATS`) take `split` (1, 2 or 3) and `subset` ("train" or "test").
+
+A file that lists the same video with the same label more than once is read as it is (a user may
+weight videos on purpose), but each reader logs one warning naming the file and how many lines
+repeat an earlier one: a repeated line makes that video count more in training and in the accuracy.
 """
 
 from __future__ import annotations
@@ -83,6 +87,25 @@ def _check_label(file: Path, line_number: int, label: int, num_classes: int | No
     if label < 0 or (num_classes is not None and label >= num_classes):
         bound = f"in [0, {num_classes - 1}]" if num_classes is not None else ">= 0"
         raise AnnotationError(file, line_number, f"label {label} out of range, expected {bound}")
+
+
+def warn_duplicate_lines(records: Sequence[VideoRecord], source: str | os.PathLike) -> int:
+    """Log one warning when ``records`` (read from ``source``) repeat a (video, label) entry; returns how
+    many entries repeat an earlier one. They are kept: a repeated video counts that many times."""
+    counts: dict[VideoRecord, int] = {}
+    for record in records:
+        counts[record] = counts.get(record, 0) + 1
+    repeated = {record: count for record, count in counts.items() if count > 1}
+    extra = sum(count - 1 for count in repeated.values())
+    if extra:
+        first, times = next(iter(repeated.items()))
+        logger.warning(
+            "%s: %d duplicate line%s (the same video and label again; %d video%s listed more than once, e.g. %s "
+            "x%d); kept, so those videos count more in training and in the accuracy",
+            source, extra, "" if extra == 1 else "s", len(repeated), "" if len(repeated) == 1 else "s",
+            first.path, times,
+        )
+    return extra
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
@@ -155,6 +178,7 @@ def read_video_list(
         label = int(parts[1])
         _check_label(path, line_number, label, num_classes)
         records.append(VideoRecord(_join(root_path, parts[0]), label))
+    warn_duplicate_lines(records, path)
     return records
 
 
@@ -197,6 +221,7 @@ def read_csv_list(
                 raise AnnotationError(path, row_number, "expected a video path in column 1, got an empty cell")
             _check_label(path, row_number, label, len(class_names) if class_names is not None else None)
             records.append(VideoRecord(_join(root_path, video), label))
+    warn_duplicate_lines(records, path)
     return records
 
 
@@ -269,6 +294,7 @@ def read_ucf101_split(
                     split_file, line_number, f"label {parts[1]} (1-based) disagrees with class directory {class_directory!r} (label {label + 1})"
                 )
         records.append(VideoRecord(Path(video_root) / parts[0], label))
+    warn_duplicate_lines(records, split_file)
     return records, class_names
 
 
@@ -320,6 +346,7 @@ def read_hmdb51_split(
                 )
             if parts[1] == wanted_id:
                 chosen.append(VideoRecord(Path(video_root) / name / parts[0], label))
+        warn_duplicate_lines(chosen, split_files[name])
         records.extend(chosen)
     return records, names
 
@@ -383,6 +410,7 @@ def read_kinetics_csv(
         except (KeyError, ValueError) as error:
             raise ValueError(f"path_template: cannot format {path_template!r} with {sorted(values)}: {error}") from None
         records.append(VideoRecord(Path(video_root) / relative, label))
+    warn_duplicate_lines(records, csv_file)
     return records, list(class_names)
 
 
