@@ -36,10 +36,12 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .data.annotations import ANNOTATION_FORMATS, OFFICIAL_SPLITS
+from .data.sampling import SPATIAL_CROPS
 from .engine import metrics, protocols
 from .engine.cli import ArgumentParser, cli_main
 from .engine.config import ConfigError
-from .engine.distributed import cleanup_distributed, init_distributed
+from .engine.distributed import DEVICES, cleanup_distributed, init_distributed
 from .errors import InputError
 from .files import atomic_write
 from .resources import DATASETS, K600_NOVEL_LISTS
@@ -57,7 +59,7 @@ def _records_for(args, class_names: Optional[list[str]]):
     if args.format == "hmdb51":
         if len(sources) != 1:
             raise ConfigError("--format hmdb51 takes one --annotations: the directory of *_test_split{1,2,3}.txt")
-        splits = [1, 2, 3] if args.protocol == "ep3" else [args.hmdb_split]
+        splits = list(OFFICIAL_SPLITS) if args.protocol == "ep3" else [args.hmdb_split]
         jobs = [(sources[0], {"split": s, "subset": "test"}) for s in splits]
     else:
         jobs = [(source, {}) for source in sources]
@@ -212,11 +214,12 @@ def build_argument_parser() -> ArgumentParser:
                              "(a path there is refused by default; open_clip tags are always used)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="ep2")
     parser.add_argument("--annotations", nargs="+", required=True, help="annotation file(s) / HMDB51 split directory")
-    parser.add_argument("--format", default="list", choices=["list", "csv", "ucf101", "hmdb51", "kinetics"])
+    parser.add_argument("--format", default="list", choices=ANNOTATION_FORMATS)
     parser.add_argument("--root", help="video root directory")
     parser.add_argument("--classes", help="shipped class list (ucf101, hmdb51, k400, k600) or a class-name file")
     parser.add_argument("--dataset", help="dataset name for display names / shipped ASKG prompts (default: --classes)")
-    parser.add_argument("--hmdb-split", type=int, default=1, help="HMDB51 split used by ep1/ep2 (default 1)")
+    parser.add_argument("--hmdb-split", type=int, default=1, choices=OFFICIAL_SPLITS,
+                        help="HMDB51 split whose test videos ep1/ep2 use (default 1)")
     parser.add_argument("--split-file", help="class splits to evaluate (JSON or text, see stdd.engine.protocols)")
     parser.add_argument("--draws", type=int, default=10, help="ep1 draws (default 10)")
     parser.add_argument("--k600-splits", type=int, default=3, help="k600 seeded splits of 160 classes (default 3)")
@@ -226,11 +229,11 @@ def build_argument_parser() -> ArgumentParser:
     parser.add_argument("--prompts", help="templates | askg | dataset | prompts JSON (default: config text.prompts)")
     parser.add_argument("--with-templates", action="store_true", help="add template sentences to file/ASKG prompts")
     parser.add_argument("--views", type=int, help="temporal views per video (default eval.n_temporal_views)")
-    parser.add_argument("--crops", type=int, choices=[1, 3], help="spatial crops per view (default eval.n_spatial_crops)")
+    parser.add_argument("--crops", type=int, choices=SPATIAL_CROPS, help="spatial crops per view (default eval.n_spatial_crops)")
     parser.add_argument("--aggregation", choices=metrics.AGGREGATIONS, help="how views are combined (default eval.aggregation)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--num-workers", type=int)
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", choices=DEVICES)
     parser.add_argument("--out-dir", default="eval_results")
     parser.add_argument("--quiet", action="store_true")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value")

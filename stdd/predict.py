@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from .engine.cli import EXIT_FAILURES, EXIT_OK, ArgumentParser, cli_main, split_overrides
+from .engine.distributed import DEVICES
 from .errors import InputError
 
 
@@ -192,7 +193,7 @@ def build_argument_parser() -> ArgumentParser:
                              "(a path there is refused by default; open_clip tags are always used)")
     parser.add_argument("--top-k", type=int, default=5)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", choices=DEVICES)
     return parser
 
 

@@ -36,10 +36,10 @@ def test_values_of_the_wrong_type_are_refused(override, key):
     ("optim.lr=-1", r"optim\.lr=-1\.0: expected a number > 0"),  # the value given, not the scaled lr
     ("data.batch_size=0", r"data\.batch_size=0"),
     ("data.num_workers=-2", r"data\.num_workers=-2"),
-    ("text.features=orthogonl", r"text\.features='orthogonl': expected encoder or orthogonal"),
+    ("text.features=orthogonl", r"text\.features='orthogonl': expected one of encoder, orthogonal"),
     ("data.frame_cache_mb=-1", r"data\.frame_cache_mb=-1\.0: expected a number >= 0"),
     ("optim.betas=[0.9,1.5]", r"optim\.betas=.0\.9, 1\.5.: expected two numbers in \[0, 1\)"),
-    ("eval.n_spatial_crops=2", r"eval\.n_spatial_crops=2: expected 1 or 3"),
+    ("eval.n_spatial_crops=2", r"eval\.n_spatial_crops=2: expected one of 1, 3"),
     ("averaging.ema_decay=1.0", r"averaging\.ema_decay=1\.0"),
     ("optim.accumulation_steps=0", r"optim\.accumulation_steps=0"),
 ])

@@ -132,9 +132,9 @@ def test_hmdb51_official_split_files(tmp_path):
     write(splits / "cartwheel_test_split3.txt", "c_0.avi 3\n")
     write(splits / "brush_hair_test_split3.txt", "a.avi 1\n")
     with pytest.raises(AnnotationError, match=r"cartwheel_test_split3\.txt:1: expected '<video>\.avi <0\|1\|2>'"):
-        read_hmdb51_split(splits, tmp_path, split=3)
+        read_hmdb51_split(splits, tmp_path, split=3, subset="train")
     with pytest.raises(FileNotFoundError, match="no split file brush_hair_test_split2"):
-        read_hmdb51_split(splits, tmp_path, split=2, class_names=["brush_hair", "cartwheel"])
+        read_hmdb51_split(splits, tmp_path, split=2, subset="test", class_names=["brush_hair", "cartwheel"])
 
 
 def test_kinetics_csv(tmp_path):
@@ -175,3 +175,55 @@ def test_load_annotations_rejects_unknown_format(tmp_path):
         load_annotations(write(tmp_path / "a.txt", "a.mp4 0\n"), format="json")
     with pytest.raises(FileNotFoundError, match="annotation file not found"):
         load_annotations(tmp_path / "absent.txt")
+
+
+def test_official_splits_always_say_which_half_is_read(tmp_path):
+    splits = tmp_path / "splits"
+    write(splits / "cartwheel_test_split1.txt", "c_0.avi 1\nc_1.avi 2\n")
+    with pytest.raises(ValueError, match=r"give split and subset"):
+        load_annotations(splits, format="hmdb51", root=tmp_path)  # no default that could read the test videos
+    with pytest.raises(ValueError, match=r"give subset"):
+        load_annotations(splits, format="hmdb51", root=tmp_path, split=1)
+    with pytest.raises(ValueError, match=r"subset: expected one of train, test, got 'val'"):
+        load_annotations(splits, format="hmdb51", root=tmp_path, split=1, subset="val")
+    with pytest.raises(ValueError, match=r"split: expected one of 1, 2, 3, got 4"):
+        read_hmdb51_split(splits, tmp_path, split=4, subset="train")
+    train, _ = load_annotations(splits, format="hmdb51", root=tmp_path, split=1, subset="train")
+    assert [record.path.name for record in train] == ["c_0.avi"]
+
+
+def test_ucf101_lists_are_checked_against_the_split_and_subset_asked_for(tmp_path):
+    split_dir = tmp_path / "ucfTrainTestlist"
+    write(split_dir / "classInd.txt", "1 Archery\n")
+    write(split_dir / "trainlist02.txt", "Archery/v_Archery_g01_c01.avi 1\n")
+    write(split_dir / "testlist02.txt", "Archery/v_Archery_g02_c01.avi\n")
+    train, _ = load_annotations(split_dir / "trainlist02.txt", format="ucf101", root=tmp_path, split=2, subset="train")
+    assert [record.path.name for record in train] == ["v_Archery_g01_c01.avi"]
+    with pytest.raises(ValueError, match=r"testlist02\.txt: a UCF101 test list, where the train list"):
+        load_annotations(split_dir / "testlist02.txt", format="ucf101", root=tmp_path, split=2, subset="train")
+    with pytest.raises(ValueError, match=r"trainlist02\.txt: a list of UCF101 split 2, where split 1 is read"):
+        load_annotations(split_dir / "trainlist02.txt", format="ucf101", root=tmp_path, split=1, subset="train")
+    # without split and subset (stdd.eval's explicit files) a list is read as it is
+    assert len(load_annotations(split_dir / "testlist02.txt", format="ucf101", root=tmp_path)[0]) == 1
+
+
+def test_duplicate_lines_are_kept_with_one_warning_naming_the_file_and_count(tmp_path, caplog):
+    listing = write(tmp_path / "train.txt", "a.mp4 0\nb.mp4 1\na.mp4 0\na.mp4 1\n")
+    with caplog.at_level("WARNING", logger="stdd.data.annotations"):
+        records = read_video_list(listing)
+    assert len(records) == 4  # kept as listed
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and str(listing) in messages[0] and "1 duplicate line " in messages[0]
+    caplog.clear()
+    splits = tmp_path / "splits"
+    repeated = write(splits / "cartwheel_test_split1.txt", "c_0.avi 1\nc_0.avi 1\nc_0.avi 1\nc_1.avi 2\nc_1.avi 2\n")
+    write(splits / "brush_hair_test_split1.txt", "b_0.avi 1\nb_1.avi 2\n")
+    with caplog.at_level("WARNING", logger="stdd.data.annotations"):
+        train, _ = read_hmdb51_split(splits, tmp_path, split=1, subset="train")
+    assert [record.path.name for record in train] == ["b_0.avi", "c_0.avi", "c_0.avi", "c_0.avi"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and str(repeated) in messages[0] and "2 duplicate lines" in messages[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stdd.data.annotations"):
+        read_video_list(write(tmp_path / "clean.txt", "a.mp4 0\nb.mp4 0\n"))
+    assert not caplog.records

@@ -260,7 +260,7 @@ def test_official_preset_sets_the_release_settings_and_changes_nothing_else():
     for cfg in rest:
         del cfg["run"]["output_dir"], cfg["model"]["stca"]
     assert rest[0] == rest[1]
-    with pytest.raises(ConfigError, match=r"model\.stca: mask_rounding"):
+    with pytest.raises(ConfigError, match=r"model\.stca\.mask_rounding='ceil': expected one of nearest, floor"):
         load_config("k400_vitb16_official", ["model.stca.mask_rounding=ceil"])
     with pytest.raises(ConfigError, match=r"model\.stca\.per_block_phases"):
         load_config("k400_vitb16_official", ["model.stca.per_block_phases=sometimes"])

@@ -13,13 +13,20 @@ Supported (each parser names the file and line of a malformed entry and says wha
   label") / testlist0{1,2,3}.txt ("Class/v_....avi", label from the class directory).
 - `read_hmdb51_split`: HMDB51 official split files "<class>_test_split{1,2,3}.txt" with lines
   "<video>.avi <id>", id 1 = train, 2 = test, 0 = unused; videos under <root>/<class>/<video>.avi;
-  labels are the class names sorted (or given `class_names`).
+  labels are the class names sorted (or given `class_names`). The subset (train or test) is always
+  given: there is no default that could make training read the test videos.
 - `read_kinetics_csv`: Kinetics csv "label,youtube_id,time_start,time_end,split[,is_cc]"; file names
   from `path_template` (default "{youtube_id}_{time_start:06d}_{time_end:06d}.mp4", optionally with
   "{split}/{label}/" directories).
 
-`load_annotations(path, format=..., ...)` picks a parser by name, and `resolve_videos(records,
-on_missing="fail"|"skip")` checks that the files exist (counted and reported either way).
+`load_annotations(path, format=..., ...)` picks a parser by name from `ANNOTATION_READERS` (the one
+list of formats: `ANNOTATION_FORMATS`), and `resolve_videos(records, on_missing="fail"|"skip")` checks
+that the files exist (counted and reported either way). The official splits of UCF101 and HMDB51
+(`OFFICIAL_SPLIT_FORMATS`) take `split` (1, 2 or 3) and `subset` ("train" or "test").
+
+A file that lists the same video with the same label more than once is read as it is (a user may
+weight videos on purpose), but each reader logs one warning naming the file and how many lines
+repeat an earlier one: a repeated line makes that video count more in training and in the accuracy.
 """
 
 from __future__ import annotations
@@ -30,13 +37,16 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from ..errors import UsageError
 
 logger = logging.getLogger(__name__)
 
-ANNOTATION_FORMATS = ("list", "csv", "ucf101", "hmdb51", "kinetics")
+ON_MISSING_POLICIES = ("skip", "fail")  # listed videos that do not exist: dropped (counted) | an error
+OFFICIAL_SPLITS = (1, 2, 3)  # the three official train/test splits of UCF101 and HMDB51
+SPLIT_SUBSETS = ("train", "test")  # the halves of an official split
+_SPLIT_NUMBER = f"[{''.join(map(str, OFFICIAL_SPLITS))}]"  # a split's number in an official file name
 
 
 class AnnotationError(UsageError, ValueError):
@@ -77,6 +87,25 @@ def _check_label(file: Path, line_number: int, label: int, num_classes: int | No
     if label < 0 or (num_classes is not None and label >= num_classes):
         bound = f"in [0, {num_classes - 1}]" if num_classes is not None else ">= 0"
         raise AnnotationError(file, line_number, f"label {label} out of range, expected {bound}")
+
+
+def warn_duplicate_lines(records: Sequence[VideoRecord], source: str | os.PathLike) -> int:
+    """Log one warning when ``records`` (read from ``source``) repeat a (video, label) entry; returns how
+    many entries repeat an earlier one. They are kept: a repeated video counts that many times."""
+    counts: dict[VideoRecord, int] = {}
+    for record in records:
+        counts[record] = counts.get(record, 0) + 1
+    repeated = {record: count for record, count in counts.items() if count > 1}
+    extra = sum(count - 1 for count in repeated.values())
+    if extra:
+        first, times = next(iter(repeated.items()))
+        logger.warning(
+            "%s: %d duplicate line%s (the same video and label again; %d video%s listed more than once, e.g. %s "
+            "x%d); kept, so those videos count more in training and in the accuracy",
+            source, extra, "" if extra == 1 else "s", len(repeated), "" if len(repeated) == 1 else "s",
+            first.path, times,
+        )
+    return extra
 
 
 def read_class_names(path: str | os.PathLike) -> list[str]:
@@ -149,6 +178,7 @@ def read_video_list(
         label = int(parts[1])
         _check_label(path, line_number, label, num_classes)
         records.append(VideoRecord(_join(root_path, parts[0]), label))
+    warn_duplicate_lines(records, path)
     return records
 
 
@@ -191,20 +221,58 @@ def read_csv_list(
                 raise AnnotationError(path, row_number, "expected a video path in column 1, got an empty cell")
             _check_label(path, row_number, label, len(class_names) if class_names is not None else None)
             records.append(VideoRecord(_join(root_path, video), label))
+    warn_duplicate_lines(records, path)
     return records
+
+
+def check_split_arguments(split: int, subset: str) -> None:
+    """``split`` one of `OFFICIAL_SPLITS`, ``subset`` one of `SPLIT_SUBSETS`; ``ValueError`` naming the bad one."""
+    if isinstance(split, bool) or split not in OFFICIAL_SPLITS:
+        raise ValueError(f"split: expected one of {', '.join(map(str, OFFICIAL_SPLITS))}, got {split!r}")
+    if subset not in SPLIT_SUBSETS:
+        raise ValueError(f"subset: expected one of {', '.join(SPLIT_SUBSETS)}, got {subset!r}")
+
+
+_UCF101_LIST_NAME = re.compile(rf"(?P<subset>{'|'.join(SPLIT_SUBSETS)})list0(?P<split>{_SPLIT_NUMBER})\.txt")
+
+
+def ucf101_list_mismatch(split_file: str | os.PathLike, split: int, subset: str) -> str | None:
+    """Why a UCF101 list named as the official ones (``trainlist0N.txt`` / ``testlist0N.txt``) is not
+    the list of ``subset`` in ``split``, or ``None`` when it is (or is named otherwise: taken as given).
+    Training on a test list, or on the train list of one split while validating on the test list of
+    another, would put test videos into training."""
+    check_split_arguments(split, subset)
+    match = _UCF101_LIST_NAME.fullmatch(Path(split_file).name)
+    if match is None:
+        return None
+    if match.group("subset") != subset:
+        return f"a UCF101 {match.group('subset')} list, where the {subset} list ({subset}list0{split}.txt) is read"
+    if int(match.group("split")) != split:
+        return (f"a list of UCF101 split {match.group('split')}, where split {split} is read (its lists: "
+                f"trainlist0{split}.txt, testlist0{split}.txt)")
+    return None
 
 
 def read_ucf101_split(
     split_file: str | os.PathLike,
     class_index_file: str | os.PathLike,
     video_root: str | os.PathLike,
+    *,
+    split: int | None = None,
+    subset: str | None = None,
 ) -> tuple[list[VideoRecord], list[str]]:
     """UCF101 official split: trainlist0N.txt ("Class/v_X.avi <1-based label>") or testlist0N.txt ("Class/v_X.avi").
 
     Returns (records with 0-based labels, class names from classInd.txt). The class directory must agree
-    with the label when both are given.
+    with the label when both are given. With ``split`` and ``subset`` (both or neither), an officially
+    named list must be that one (`ucf101_list_mismatch`).
     """
     split_file = Path(split_file)
+    if (split is None) != (subset is None):
+        raise ValueError("read_ucf101_split: give both split and subset, or neither")
+    mismatch = None if split is None else ucf101_list_mismatch(split_file, split, subset)
+    if mismatch is not None:
+        raise ValueError(f"{split_file}: {mismatch}")
     class_names = read_class_names(class_index_file)
     label_of = {name: index for index, name in enumerate(class_names)}
     records = []
@@ -226,30 +294,31 @@ def read_ucf101_split(
                     split_file, line_number, f"label {parts[1]} (1-based) disagrees with class directory {class_directory!r} (label {label + 1})"
                 )
         records.append(VideoRecord(Path(video_root) / parts[0], label))
+    warn_duplicate_lines(records, split_file)
     return records, class_names
 
 
-_HMDB_SPLIT_NAME = re.compile(r"(?P<name>.+)_test_split(?P<split>[123])\.txt")
+_HMDB_SPLIT_NAME = re.compile(rf"(?P<name>.+)_test_split(?P<split>{_SPLIT_NUMBER})\.txt")
+_HMDB_SUBSET_ID = {"train": "1", "test": "2"}  # the ids of the split files' second column (0: unused)
 
 
 def read_hmdb51_split(
     split_dir: str | os.PathLike,
     video_root: str | os.PathLike,
     *,
-    split: int = 1,
-    subset: str = "test",
+    split: int,
+    subset: str,
     class_names: Sequence[str] | None = None,
 ) -> tuple[list[VideoRecord], list[str]]:
     """HMDB51 official splits: every "<class>_test_split<split>.txt" in `split_dir`.
 
     Lines "<video>.avi <id>": id 1 = train, 2 = test, 0 = not used. Returns (records of `subset`,
-    class names); labels index the sorted class names unless `class_names` is given.
+    class names); labels index the sorted class names unless `class_names` is given. ``split``
+    (1, 2 or 3) and ``subset`` ("train" or "test") have no defaults: which videos a run reads is
+    always said by its caller.
     """
-    if split not in (1, 2, 3):
-        raise ValueError(f"split: expected 1, 2 or 3, got {split!r}")
-    wanted_id = {"train": "1", "test": "2"}.get(subset)
-    if wanted_id is None:
-        raise ValueError(f"subset: expected 'train' or 'test', got {subset!r}")
+    check_split_arguments(split, subset)
+    wanted_id = _HMDB_SUBSET_ID[subset]
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise FileNotFoundError(f"split_dir: HMDB51 split directory not found: {split_dir}")
@@ -268,6 +337,7 @@ def read_hmdb51_split(
     for label, name in enumerate(names):
         if name not in split_files:
             raise FileNotFoundError(f"split_dir: no split file {name}_test_split{split}.txt in {split_dir}")
+        chosen = []
         for line_number, text in _content_lines(split_files[name]):
             parts = text.split()
             if len(parts) != 2 or parts[1] not in ("0", "1", "2"):
@@ -275,7 +345,9 @@ def read_hmdb51_split(
                     split_files[name], line_number, f"expected '<video>.avi <0|1|2>' (1 train, 2 test, 0 unused), got {text!r}"
                 )
             if parts[1] == wanted_id:
-                records.append(VideoRecord(Path(video_root) / name / parts[0], label))
+                chosen.append(VideoRecord(Path(video_root) / name / parts[0], label))
+        warn_duplicate_lines(chosen, split_files[name])
+        records.extend(chosen)
     return records, names
 
 
@@ -338,6 +410,7 @@ def read_kinetics_csv(
         except (KeyError, ValueError) as error:
             raise ValueError(f"path_template: cannot format {path_template!r} with {sorted(values)}: {error}") from None
         records.append(VideoRecord(Path(video_root) / relative, label))
+    warn_duplicate_lines(records, csv_file)
     return records, list(class_names)
 
 
@@ -376,8 +449,8 @@ def resolve_videos(
 ) -> tuple[list[VideoRecord], MissingVideoReport]:
     """Check every video exists. on_missing="fail": raise FileNotFoundError naming the count and the
     first missing paths; "skip": drop them with one warning. Returns (kept records, report)."""
-    if on_missing not in ("fail", "skip"):
-        raise ValueError(f"on_missing: expected 'fail' or 'skip', got {on_missing!r}")
+    if on_missing not in ON_MISSING_POLICIES:
+        raise ValueError(f"on_missing: expected one of {', '.join(ON_MISSING_POLICIES)}, got {on_missing!r}")
     kept, missing = [], []
     for record in records:
         (kept if record.path.is_file() else missing).append(record)
@@ -389,6 +462,61 @@ def resolve_videos(
     return kept, report
 
 
+def _load_list(path, root, class_names, **options):
+    _no_options("list", options)
+    records = read_video_list(path, root, num_classes=len(class_names) if class_names is not None else None)
+    return records, list(class_names) if class_names is not None else None
+
+
+def _load_csv(path, root, class_names, **options):
+    _no_options("csv", options)
+    return read_csv_list(path, root, class_names=class_names), list(class_names) if class_names is not None else None
+
+
+def _load_ucf101(path, root, class_names, *, class_index_file=None, split=None, subset=None, **options):
+    _no_options("ucf101", options)
+    if class_index_file is None:
+        class_index_file = Path(path).parent / "classInd.txt"
+    records, index_names = read_ucf101_split(path, class_index_file, root if root is not None else Path(path).parent,
+                                             split=split, subset=subset)
+    if class_names is None:
+        return records, index_names
+    return relabel_by_name(records, index_names, class_names, source=class_index_file), list(class_names)
+
+
+def _load_hmdb51(path, root, class_names, **options):
+    if root is None:
+        raise ValueError("root: HMDB51 needs the video root (<root>/<class>/<video>.avi)")
+    missing = [name for name in ("split", "subset") if name not in options]
+    if missing:
+        raise ValueError(f"hmdb51 annotations {path}: give {' and '.join(missing)} (split 1, 2 or 3; subset "
+                         "'train' or 'test')")
+    return read_hmdb51_split(path, root, class_names=class_names, **options)
+
+
+def _load_kinetics(path, root, class_names, **options):
+    if root is None:
+        raise ValueError("root: Kinetics needs the video root")
+    return read_kinetics_csv(path, root, class_names=class_names, **options)
+
+
+def _no_options(format: str, options: dict) -> None:
+    if options:
+        raise TypeError(f"load_annotations(format={format!r}): unexpected options {sorted(options)}")
+
+
+# The one list of annotation formats: name -> reader (path, root, class names, **options) -> (records, names).
+ANNOTATION_READERS: dict[str, Callable] = {
+    "list": _load_list,
+    "csv": _load_csv,
+    "ucf101": _load_ucf101,
+    "hmdb51": _load_hmdb51,
+    "kinetics": _load_kinetics,
+}
+ANNOTATION_FORMATS = tuple(ANNOTATION_READERS)
+OFFICIAL_SPLIT_FORMATS = ("ucf101", "hmdb51")  # formats that take split= and subset= (`check_split_arguments`)
+
+
 def load_annotations(
     path: str | os.PathLike,
     *,
@@ -397,34 +525,16 @@ def load_annotations(
     class_names: Sequence[str] | str | os.PathLike | None = None,
     **options,
 ) -> tuple[list[VideoRecord], list[str] | None]:
-    """Read annotations of `format` ("list" | "csv" | "ucf101" | "hmdb51" | "kinetics").
+    """Read annotations of `format` (one of `ANNOTATION_FORMATS`: "list" | "csv" | "ucf101" | "hmdb51" | "kinetics").
 
     path: the list/csv file; for "ucf101" the train/testlist file (options: class_index_file, defaults to
-    classInd.txt next to it); for "hmdb51" the split directory (options: split, subset); for "kinetics"
-    the csv (options: path_template). root: the video root. class_names: a list or a class-name file.
+    classInd.txt next to it; split and subset, which an officially named list must match); for "hmdb51"
+    the split directory (options split and subset, both required); for "kinetics" the csv (options:
+    path_template). root: the video root. class_names: a list or a class-name file.
     Returns (records, class names or None when the format carries none and none were given).
     """
+    if format not in ANNOTATION_READERS:
+        raise ValueError(f"format: expected one of {', '.join(ANNOTATION_FORMATS)}, got {format!r}")
     if isinstance(class_names, (str, os.PathLike)):
         class_names = read_class_names(class_names)
-    if format == "list":
-        records = read_video_list(path, root, num_classes=len(class_names) if class_names is not None else None)
-        return records, list(class_names) if class_names is not None else None
-    if format == "csv":
-        return read_csv_list(path, root, class_names=class_names), list(class_names) if class_names is not None else None
-    if format == "ucf101":
-        class_index_file = options.pop("class_index_file", Path(path).parent / "classInd.txt")
-        if options:
-            raise TypeError(f"load_annotations(format='ucf101'): unexpected options {sorted(options)}")
-        records, index_names = read_ucf101_split(path, class_index_file, root if root is not None else Path(path).parent)
-        if class_names is None:
-            return records, index_names
-        return relabel_by_name(records, index_names, class_names, source=class_index_file), list(class_names)
-    if format == "hmdb51":
-        if root is None:
-            raise ValueError("root: HMDB51 needs the video root (<root>/<class>/<video>.avi)")
-        return read_hmdb51_split(path, root, class_names=class_names, **options)
-    if format == "kinetics":
-        if root is None:
-            raise ValueError("root: Kinetics needs the video root")
-        return read_kinetics_csv(path, root, class_names=class_names, **options)
-    raise ValueError(f"format: expected one of {ANNOTATION_FORMATS}, got {format!r}")
+    return ANNOTATION_READERS[format](path, root, class_names, **options)

@@ -16,6 +16,8 @@ from .annotations import VideoRecord
 from .dataset import VideoLoader, build_dataset, distributed_rank_world, video_dataloader
 from .sampling import ClipSampling
 
+DECODERS = ("pyav", "dali")  # how clips are decoded (``backend=`` here, ``data.decoder`` in a run config)
+
 
 def build_dataloader(
     annotation_file: str | os.PathLike | None = None,
@@ -60,8 +62,8 @@ def build_dataloader(
             horizontal_flip=horizontal_flip, on_missing=on_missing, on_error=on_error, seed=seed, distributed=distributed,
             num_threads=max(1, num_workers), annotation_options=annotation_options, **backend_options,
         )
-    if backend != "pyav":
-        raise ValueError(f"backend: expected 'pyav' or 'dali', got {backend!r}")
+    if backend not in DECODERS:
+        raise ValueError(f"backend: expected one of {', '.join(DECODERS)}, got {backend!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size: expected a positive integer, got {batch_size}")
     dataset = build_dataset(

@@ -26,6 +26,7 @@ import numpy as np
 
 SHORT_VIDEO_POLICIES = ("loop", "pad")
 SAMPLING_MODES = ("dense", "segments")
+SPATIAL_CROPS = (1, 3)  # evaluation crops per view: the centre one, or three along the longer side
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -148,8 +149,9 @@ class ClipSampling:
         _check_positive("n_temporal_views", self.n_temporal_views)
         if self.short_video not in SHORT_VIDEO_POLICIES:
             raise ValueError(f"short_video: expected one of {SHORT_VIDEO_POLICIES}, got {self.short_video!r}")
-        if self.n_spatial_crops not in (1, 3):
-            raise ValueError(f"n_spatial_crops: expected 1 (centre) or 3, got {self.n_spatial_crops!r}")
+        if self.n_spatial_crops not in SPATIAL_CROPS:
+            raise ValueError(f"n_spatial_crops: expected one of {', '.join(map(str, SPATIAL_CROPS))}, "
+                             f"got {self.n_spatial_crops!r}")
 
     def num_views(self, training: bool) -> int:
         return 1 if training else self.n_temporal_views * self.n_spatial_crops

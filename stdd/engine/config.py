@@ -14,6 +14,15 @@ preset with ``base: <preset or path>`` and change only what differs.
 Overrides use omegaconf's dot-list syntax (``optim.lr=1e-5 data.batch_size=8``);
 ``+key=value`` adds a key of a new top-level section, which nothing in stdd
 reads (for a user's own tooling); the typed sections stay closed.
+
+Values are checked when a config is loaded, before anything is built or
+written: numeric ranges (:data:`VALUE_RANGES`), the keys with a fixed set of
+values (:data:`VALUE_CHOICES`, which points at each list's one home, e.g.
+``stdd.data.sampling.SAMPLING_MODES``, and takes every ``model.stca`` field
+declared with :func:`stdd.model.stca_settings.choice`), and what only makes
+sense together (a warm-up no longer than the run; UCF101 lists of the split
+``data.split`` names). Each error is one line naming the dotted key, the value
+and what was expected.
 """
 
 from __future__ import annotations
@@ -27,15 +36,26 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from ..data.annotations import ANNOTATION_FORMATS, OFFICIAL_SPLITS, ON_MISSING_POLICIES, ucf101_list_mismatch
+from ..data.dataset import ON_ERROR_POLICIES
+from ..data.loaders import DECODERS
+from ..data.sampling import SAMPLING_MODES, SPATIAL_CROPS
+from ..data.synthetic import CODEC_SETTINGS
 from ..errors import UsageError
 from ..files import atomic_write
 from ..model.alignment import SCORE_MODES
-from ..model.stca_settings import STCASettings
+from ..model.stca_settings import STCASettings, allowed_values, choice_fields
 from ..model.stdd_model import DISTILL_WEIGHT
 from ..model.text_encoder import TEXT_FEATURE_SOURCES
+from .distributed import DEVICES
+from .metrics import AGGREGATIONS
+from .optimization import NONFINITE_POLICIES
+from .precision import PRECISIONS
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "demo"
+SYNTHETIC_DATASET = "synthetic"  # data.dataset of the generated motion set; the others are annotation formats
+DATASETS = (SYNTHETIC_DATASET, *ANNOTATION_FORMATS)  # the values of data.dataset
 
 
 class ConfigError(UsageError, ValueError):
@@ -110,8 +130,11 @@ class SyntheticConfig:
 class DataConfig:
     dataset: str = "kinetics"  # kinetics (csv) | list (mmaction2) | csv | ucf101 | hmdb51 | synthetic
     root: Optional[str] = None  # video root directory (synthetic: where the set is generated)
-    train_annotations: Optional[str] = None  # annotation file of the training split
-    val_annotations: Optional[str] = None  # annotation file of the validation split (optional)
+    train_annotations: Optional[str] = None  # annotation file of the training split (hmdb51: the split directory)
+    val_annotations: Optional[str] = None  # annotation file of the validation split (optional; hmdb51: as above)
+    # the official split of ucf101 / hmdb51 (1, 2 or 3): training reads its train videos, validation its test
+    # videos (hmdb51: ids 1 and 2 of the split directory's files; ucf101: trainlist0N / testlist0N must be N)
+    split: int = 1
     class_names: Any = None  # a shipped list name (k400, ucf101, hmdb51, k600), a class-name file or a list
     decoder: str = "pyav"  # pyav (CPU workers) | dali (GPU decoding)
     num_frames: int = 8  # frames per clip, T
@@ -244,22 +267,77 @@ VALUE_RANGES: dict[str, tuple[str, Any]] = {
     "averaging.ema_decay": ("a number in (0, 1)", lambda v: 0 < v < 1),
     "eval.every_epochs": ("an integer >= 0 (0: off)", lambda v: v >= 0),
     "eval.n_temporal_views": _POSITIVE_INT,
-    "eval.n_spatial_crops": ("1 or 3", lambda v: v in (1, 3)),
     "eval.batch_size": _POSITIVE_INT,
     "loss.distillation_weight": _NON_NEGATIVE,
-    "text.features": (" or ".join(TEXT_FEATURE_SOURCES), lambda v: v in TEXT_FEATURE_SOURCES),
+}
+
+# dotted key -> its allowed values: the list's one home (a sequence, or a function giving one, for names
+# known only at run time); never a copy, so a new value is added in one place. A null value of an Optional
+# key is never checked. Every model.stca field declared as a choice in STCASettings is taken as it is.
+VALUE_CHOICES: dict[str, Any] = {
+    "run.device": DEVICES,
+    "run.precision": PRECISIONS,
+    "text.features": TEXT_FEATURE_SOURCES,
+    "loss.score": SCORE_MODES,
+    "data.dataset": DATASETS,
+    "data.split": OFFICIAL_SPLITS,
+    "data.decoder": DECODERS,
+    "data.sampling": SAMPLING_MODES,
+    "data.on_missing": ON_MISSING_POLICIES,
+    "data.on_error": ON_ERROR_POLICIES,
+    "data.synthetic.codec": CODEC_SETTINGS,
+    "optim.on_nonfinite_loss": NONFINITE_POLICIES,
+    "eval.n_spatial_crops": SPATIAL_CROPS,
+    "eval.aggregation": AGGREGATIONS,
+    **{f"model.stca.{name}": allowed for name, allowed in choice_fields().items()},
 }
 
 
 def check_value_ranges(cfg: DictConfig, source: Optional[str] = None) -> DictConfig:
-    """Raise :class:`ConfigError` ``"[<source>: ]<dotted.key>=<value>: expected ..."`` for a value out of range."""
+    """Raise :class:`ConfigError` ``"[<source>: ]<dotted.key>=<value>: expected ..."`` for a value out of
+    its range (:data:`VALUE_RANGES`) or not one of its allowed values (:data:`VALUE_CHOICES`)."""
+    prefix = f"{source}: " if source else ""
     for key, (expected, within) in VALUE_RANGES.items():
         value = OmegaConf.select(cfg, key)
         if value is None:
             continue
         plain = list(value) if OmegaConf.is_list(value) else value
         if not within(plain):
-            raise ConfigError(f"{source + ': ' if source else ''}{key}={plain!r}: expected {expected}")
+            raise ConfigError(f"{prefix}{key}={plain!r}: expected {expected}")
+    for key, allowed in VALUE_CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value is None:
+            continue
+        values = allowed_values(allowed)
+        if value not in values:
+            optional = OmegaConf.select(OmegaConf.structured(STDDConfig), key) is None
+            also = " (or null)" if optional else ""
+            raise ConfigError(f"{prefix}{key}={value!r}: expected one of {', '.join(map(str, values))}{also}")
+    return cfg
+
+
+def check_run_settings(cfg: DictConfig) -> DictConfig:
+    """What only makes sense together, for a run (training): raise :class:`ConfigError` naming the keys.
+
+    - ``optim.warmup_epochs`` no longer than ``optim.epochs``: a longer warm-up would be cut at the
+      run's end, so the learning rate would only climb and never decay (a warm-up of the whole run is
+      taken as written);
+    - UCF101 (``data.dataset: ucf101``): annotation files named as the official lists must be the train
+      list (training) and the test list (validation) of split ``data.split``.
+    """
+    optim = cfg.optim
+    if float(optim.warmup_epochs) > int(optim.epochs):
+        raise ConfigError(
+            f"optim.warmup_epochs={float(optim.warmup_epochs):g} is longer than the run (optim.epochs="
+            f"{int(optim.epochs)}): the learning rate would only climb; give a warm-up of at most optim.epochs"
+        )
+    data = cfg.data
+    if data.dataset == "ucf101":
+        for role, subset in (("train", "train"), ("val", "test")):
+            path = data[f"{role}_annotations"]
+            mismatch = None if path is None else ucf101_list_mismatch(path, int(data.split), subset)
+            if mismatch is not None:
+                raise ConfigError(f"data.{role}_annotations={path}: {mismatch} (data.split={int(data.split)})")
     return cfg
 
 
@@ -387,6 +465,7 @@ def load_config(config: Optional[Union[str, Path]] = None, overrides: Sequence[s
     except OmegaConfBaseException as error:
         raise ConfigError(f"config interpolation failed: {error}") from error
     check_value_ranges(cfg)
+    check_run_settings(cfg)
     stca_settings_of(cfg)  # the STCA values are checked now, not when the model is built
     return cfg
 

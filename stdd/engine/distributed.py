@@ -18,6 +18,8 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 from torch.utils.data.distributed import DistributedSampler
 
+DEVICES = ("auto", "cpu", "cuda")  # run.device: auto (the local GPU when there is one, else CPU) | cpu | cuda
+
 
 @dataclass
 class DistributedContext:
@@ -48,8 +50,8 @@ def _env_int(name: str, default: int) -> int:
 
 def resolve_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """``auto``: the local rank's GPU when CUDA is available, else CPU."""
-    if preference not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"run.device {preference!r}: expected auto, cpu or cuda")
+    if preference not in DEVICES:
+        raise ValueError(f"run.device {preference!r}: expected one of {', '.join(DEVICES)}")
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():

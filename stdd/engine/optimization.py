@@ -18,6 +18,10 @@ from .averaging import ExponentialMovingAverage
 from .precision import autocast_dtype
 from .schedule import build_scheduler, scaled_lr
 
+# optim.on_nonfinite_loss, what a step whose loss is NaN/inf does: stop the run (naming the step) |
+# skip it (``Optimization.skip_step``: no update, counted)
+NONFINITE_POLICIES = ("stop", "skip")
+
 
 def optimizer_param_groups(module: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW groups: weight decay on matrices, none on 1-D parameters (biases, norms, the
@@ -109,7 +113,8 @@ def build_optimization(cfg: DictConfig, module: torch.nn.Module, *, global_batch
     total_steps = steps_per_epoch * int(optim.epochs)
     scheduler = build_scheduler(
         optimizer, total_steps=total_steps,
-        warmup_steps=min(round(float(optim.warmup_epochs) * steps_per_epoch), total_steps),
+        # never more than total_steps: the config refuses a warm-up longer than the run (it is not cut here)
+        warmup_steps=round(float(optim.warmup_epochs) * steps_per_epoch),
         warmup_start_factor=float(optim.warmup_start_factor), end_factor=float(optim.end_factor),
     )
     dtype = autocast_dtype(cfg.run.precision, device)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import torch
 
-from .config import ConfigError
+from ..errors import InputError
 
 PRECISIONS = {"auto": None, "fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -18,11 +18,11 @@ def autocast_dtype(precision: str, device: torch.device) -> Optional[torch.dtype
     ``auto``: bf16 autocast on CUDA, none on CPU. ``fp16`` needs CUDA.
     """
     if precision not in PRECISIONS:
-        raise ConfigError(f"run.precision {precision!r}: expected one of {sorted(PRECISIONS)}")
+        raise InputError(f"run.precision={precision!r}: expected one of {', '.join(PRECISIONS)}")
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("run.precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+        raise InputError("run.precision fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
     return PRECISIONS[precision]
 
 

@@ -13,7 +13,7 @@ no information crosses frames.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,9 +21,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from ..data.annotations import resolve_class_names
+from ..data.annotations import OFFICIAL_SPLIT_FORMATS, resolve_class_names
 from ..model.phases import PhaseSampler
-from .config import ConfigError, stca_settings_of
+from .config import DATASETS, SYNTHETIC_DATASET, ConfigError, stca_settings_of
 
 # ----------------------------------------------------------------------------- model settings
 
@@ -183,6 +183,11 @@ class DataSpec:
     class_names: list[str]
     dataset_key: Optional[str]  # for display names / shipped ASKG prompts
     prompts_file: Optional[Path] = None
+    options: dict = field(default_factory=dict)  # the reader's options (official splits: split, subset)
+
+
+# The half of an official split (UCF101, HMDB51) each part of a run reads: never the test videos for training.
+SPLIT_SUBSET = {"train": "train", "val": "test"}
 
 
 def prepare_synthetic(cfg: DictConfig) -> "object":
@@ -196,23 +201,25 @@ def prepare_synthetic(cfg: DictConfig) -> "object":
 
 
 def data_spec(cfg: DictConfig, split: str) -> DataSpec:
-    """``split``: ``train`` or ``val``."""
+    """``split``: ``train`` or ``val``. ``data.dataset`` is ``synthetic`` or an annotation format; an
+    official split (UCF101, HMDB51) is read as ``data.split`` says, its train half for training and its
+    test half for validation (:data:`SPLIT_SUBSET`)."""
     data = cfg.data
     kind = data.dataset
-    if kind == "synthetic":
+    if kind == SYNTHETIC_DATASET:
         generated = prepare_synthetic(cfg)
         return DataSpec(generated.annotation_files[split], "list", generated.root, list(generated.class_names),
                         None, generated.prompts_file)
+    if kind not in DATASETS:  # (load_config has checked it; this is for configs built otherwise)
+        raise ConfigError(f"data.dataset={kind!r}: expected one of {', '.join(DATASETS)}")
     annotations = data[f"{split}_annotations"]
     if annotations is None:
         raise ConfigError(f"data.{split}_annotations is required for data.dataset={kind}")
-    formats = {"kinetics": "kinetics", "list": "list", "csv": "csv", "ucf101": "ucf101", "hmdb51": "hmdb51"}
-    if kind not in formats:
-        raise ConfigError(f"data.dataset {kind!r}: expected one of synthetic, {', '.join(formats)}")
     names = resolve_class_names(data.class_names, where="data.class_names")
     key = data.class_names.lower() if isinstance(data.class_names, str) else None
-    return DataSpec(Path(os.path.expanduser(annotations)), formats[kind],
-                    Path(os.path.expanduser(data.root)) if data.root else None, names, key)
+    options = {"split": int(data.split), "subset": SPLIT_SUBSET[split]} if kind in OFFICIAL_SPLIT_FORMATS else {}
+    return DataSpec(Path(os.path.expanduser(annotations)), kind,
+                    Path(os.path.expanduser(data.root)) if data.root else None, names, key, options=options)
 
 
 def clip_sampling(cfg: DictConfig, *, training: bool, n_temporal_views: int = 1, n_spatial_crops: int = 1):
@@ -245,8 +252,10 @@ def _clip_options(cfg: DictConfig, *, training: bool, n_temporal_views: int = 1,
 
 def _annotation_options(spec: DataSpec) -> dict:
     # Every format gets the class list: list labels are range-checked against it, csv / kinetics /
-    # hmdb51 names looked up in it, and UCF101's classInd.txt order is mapped onto it by name.
-    return dict(format=spec.format, root=str(spec.root) if spec.root else None, class_names=spec.class_names)
+    # hmdb51 names looked up in it, and UCF101's classInd.txt order is mapped onto it by name. The
+    # official splits get which split and which half of it (spec.options).
+    return dict(format=spec.format, root=str(spec.root) if spec.root else None, class_names=spec.class_names,
+                annotation_options=dict(spec.options))
 
 
 def build_video_dataset(cfg: DictConfig, spec: Optional[DataSpec], *, training: bool, n_temporal_views: int = 1,
@@ -306,7 +315,7 @@ class TrainingTask:
             settings, seed=cfg.run.seed, num_blocks=len(model.video_encoder.blocks))
         self.train_dataset = build_video_dataset(cfg, self.train_spec, training=True)
         self.val_dataset = None
-        if cfg.data.val_annotations is not None or cfg.data.dataset == "synthetic":
+        if cfg.data.val_annotations is not None or cfg.data.dataset == SYNTHETIC_DATASET:
             self._val_spec = data_spec(cfg, "val")
             self.val_dataset = "lazy"  # built on first evaluation
         self.epoch = 0

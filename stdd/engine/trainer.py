@@ -67,13 +67,11 @@ from .distributed import (
     init_distributed,
     parameters_in_sync,
 )
-from .optimization import build_optimization
+from .optimization import NONFINITE_POLICIES, build_optimization
 from .precision import autocast
 from .resume import check_resume_config
 from .runlock import RunLock, RunLockError, describe_holder
 from .runlog import RunLogger
-
-NONFINITE_POLICIES = ("stop", "skip")  # optim.on_nonfinite_loss
 
 
 def seed_everything(seed: int) -> None:

@@ -13,6 +13,11 @@ Five fields reproduce the authors' released code instead of the paper
 ``per_block_phases`` and ``eval_shuffle_phases``. The phase fields are read by
 :class:`~stdd.model.phases.PhaseSampler`, the one place phases are drawn.
 
+A field with a fixed set of values is declared with :func:`choice` (its allowed values, from their
+one home: ``MIXING_MODES``, ``ATTENTION_KINDS``, ...); :func:`choice_fields` lists them, so the
+settings check them here and the run config checks ``model.stca.<field>`` when it is loaded
+(``stdd.engine.config``), with nothing else to add for a new one.
+
 A settings object checks itself when it is created (each field on its own) and,
 with :meth:`STCASettings.check_model`, against a model's patch grid and width
 with the operators' own rules, so a bad setting fails when the model is built,
@@ -21,10 +26,12 @@ not at the first forward pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field, fields
+from typing import Callable, Optional, Sequence, Union
 
+from stdd_kernels import dispatch
 from stdd_kernels.geometry import (
+    MASK_ROUNDINGS,
     MIXING_MODES,
     check_mixing,
     check_scales,
@@ -41,24 +48,59 @@ ATTENTION_KINDS = ("sdpa", "xformers")
 PROJECTIONS = ("shared", "per_path")
 
 
+def backend_names() -> tuple[str, ...]:
+    """The STCA op backends the dispatcher knows (``stdd_kernels.dispatch``): ``auto``, the registered
+    ones and the optional ones, whether or not they load here (one that does not is an error when
+    it is used, naming why)."""
+    known = set(dispatch.registered_backends()) | set(dispatch.OPTIONAL_BACKEND_MODULES)
+    return ("auto", *sorted(known))
+
+
+def choice(default, allowed: Union[Sequence, Callable[[], Sequence]]):
+    """A settings field whose value is one of ``allowed`` (a sequence, or a function giving one);
+    ``None`` is allowed only where the default is ``None``."""
+    return field(default=default, metadata={"choices": allowed})
+
+
+def choice_fields() -> dict[str, Union[Sequence, Callable[[], Sequence]]]:
+    """``{field name: allowed values}`` of every :func:`choice` field of :class:`STCASettings`."""
+    return {f.name: f.metadata["choices"] for f in fields(STCASettings) if "choices" in f.metadata}
+
+
+def allowed_values(allowed: Union[Sequence, Callable[[], Sequence]]) -> tuple:
+    """The values of a :func:`choice` field (calls ``allowed`` when it is a function)."""
+    return tuple(allowed() if callable(allowed) else allowed)
+
+
 @dataclass(frozen=True)
 class STCASettings:
     """How every block of the video encoder does Space-time Cross Attention (paper Eq. 1-7)."""
 
     window: tuple[int, int] = (2, 2)  # WSM window (w1, w2); must tile the patch grid; K = w1*w2 phases
     mask_ratio: float = 0.5  # share of each window's K cells masked: m = mask_ratio * K rounded by mask_rounding, < K
-    mask_rounding: str = "nearest"  # m from mask_ratio * K: "nearest" (round) or "floor" (the authors' release)
+    # m from mask_ratio * K: "nearest" (round) or "floor" (the authors' release)
+    mask_rounding: str = choice("nearest", MASK_ROUNDINGS)
     scales: tuple[int, ...] = (1, 2)  # MCM scales; each one is a mixed path through the block's attention
     channel_fold: int = 32  # F: I = width // F channels are read from the neighbour frames per direction
-    mixing: str = "continual"  # "continual" (Eq. 6), "separate" (Eq. 5), "none", or "official" (the release's rule)
+    # "continual" (Eq. 6), "separate" (Eq. 5), "none", or "official" (the release's rule)
+    mixing: str = choice("continual", MIXING_MODES)
     shuffle_phases: bool = False  # training phases: also permute each clip's frame phases (the release: on)
     per_block_phases: bool = False  # draw phases independently for every block, not once per clip for all blocks
     eval_shuffle_phases: bool = False  # evaluation phases: t mod K permuted per clip, seeded (the release); off: t mod K
-    backend: Optional[str] = None  # STCA op backend (reference|triton|cpp|cuda); None: automatic / STDD_BACKEND
-    attention: str = "sdpa"  # "sdpa" (torch SDPA, any device) or "xformers" (CUDA only)
-    projection: str = "per_path"  # mixed paths' q, k, v: "shared" (from the full path's, exact) or "per_path"
+    # STCA op backend (reference|triton|cpp|cuda, see backend_names); None or "auto": automatic / STDD_BACKEND
+    backend: Optional[str] = choice(None, backend_names)
+    attention: str = choice("sdpa", ATTENTION_KINDS)  # "sdpa" (torch SDPA, any device) or "xformers" (CUDA only)
+    # mixed paths' q, k, v: "shared" (from the full path's, exact; docs/stca.md section 6) or "per_path"
+    projection: str = choice("per_path", PROJECTIONS)
 
     def __post_init__(self):
+        for setting in fields(self):
+            if "choices" not in setting.metadata:
+                continue
+            value, allowed = getattr(self, setting.name), allowed_values(setting.metadata["choices"])
+            if not (value is None and setting.default is None) and value not in allowed:
+                also = " (or None)" if setting.default is None else ""
+                raise ValueError(f"{setting.name} must be one of {allowed}{also}, got {value!r}")
         # Lists (from YAML) become tuples, so settings compare and hash by value.
         object.__setattr__(self, "window", check_window(self.window))
         # checks mask_rounding, and mask_ratio against the window
@@ -66,17 +108,9 @@ class STCASettings:
         object.__setattr__(self, "mask_ratio", float(self.mask_ratio))
         object.__setattr__(self, "scales", check_scales(self.scales))
         positive_int(self.channel_fold, "channel_fold")
-        if self.mixing not in MIXING_MODES:
-            raise ValueError(f"mixing must be one of {MIXING_MODES}, got {self.mixing!r}")
         for name in ("shuffle_phases", "per_block_phases", "eval_shuffle_phases"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.backend is not None and not isinstance(self.backend, str):
-            raise ValueError(f"backend must be a backend name or None, got {self.backend!r}")
-        if self.attention not in ATTENTION_KINDS:
-            raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {self.attention!r}")
-        if self.projection not in PROJECTIONS:
-            raise ValueError(f"projection must be one of {PROJECTIONS}, got {self.projection!r}")
 
     @property
     def cells(self) -> int:
