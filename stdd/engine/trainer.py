@@ -70,7 +70,7 @@ from .distributed import (
 from .optimization import build_optimization
 from .precision import autocast
 from .resume import check_resume_config
-from .runlock import RunLock, RunLockError, describe_holder
+from .runlock import acquire_lock, describe_holder
 from .runlog import RunLogger
 
 NONFINITE_POLICIES = ("stop", "skip")  # optim.on_nonfinite_loss
@@ -84,23 +84,6 @@ def seed_everything(seed: int) -> None:
 
 def _without_teacher(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith("teacher.")}
-
-
-def acquire_run_lock(directory: Path, context: DistributedContext) -> Optional[RunLock]:
-    """Rank 0 locks ``directory`` for the whole run (all ranks of a DDP run are one run); every rank
-    raises the same :class:`RunLockError` when another run holds it. Returns rank 0's lock."""
-    from .distributed import all_gather_objects
-
-    lock, refusal = None, None
-    if context.is_main:
-        try:
-            lock = RunLock(directory).acquire()
-        except RunLockError as error:
-            refusal = str(error)
-    refusal = all_gather_objects(refusal, context)[0]
-    if refusal is not None:
-        raise RunLockError(refusal)
-    return lock
 
 
 def _check_policies(cfg: DictConfig) -> None:
@@ -150,7 +133,7 @@ class Trainer:
         self.checkpoint_directory = self.run_directory / "checkpoints"
         self.logger = None
         # Before anything is written to the run directory: the lock, held until close().
-        self.lock = acquire_run_lock(self.run_directory, self.context)
+        self.lock = acquire_lock(self.run_directory, self.context)
         try:
             self._build(resume)
         except BaseException:
