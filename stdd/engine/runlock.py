@@ -10,7 +10,9 @@ holder's process ends in any way, ``kill -9`` included. The file's content
 says who holds it (pid, host, start time, command); a second run on the
 directory fails at once with :class:`RunLockError` naming that holder. A lock
 file whose holder is gone (a killed run) is taken over, and
-:attr:`RunLock.stale_holder` says whose it was.
+:attr:`RunLock.stale_holder` says whose it was. A directory that cannot be
+created or written is a :class:`RunLockError` too, naming the setting that
+chose it.
 
 ``flock`` is reliable on local filesystems; on network filesystems it depends
 on the server's lock support (Linux NFSv4 maps it to byte-range locks).
@@ -61,7 +63,7 @@ class RunLock:
     """The exclusive lock of one directory (``with RunLock(directory): ...`` or acquire/release).
 
     ``acquire()`` creates the directory and raises :class:`RunLockError` when another live
-    process holds it. The defaults are a training
+    process holds it or when it cannot be created or written. The defaults are a training
     run's; an evaluation's ``--out-dir`` is ``RunLock(out, name=EVAL_LOCK_NAME,
     label="--out-dir", holder_kind="evaluation", setting="--out-dir")``. ``label``: what the
     messages call the directory; ``holder_kind``: what holds it; ``setting``: the config key
@@ -83,9 +85,15 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self._handle is not None:
             return self
-        self.directory.mkdir(parents=True, exist_ok=True)
         while True:
-            handle = open(self.path, "a+", encoding="utf-8")
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                handle = open(self.path, "a+", encoding="utf-8")
+            except OSError as error:  # read-only filesystem, no permission, a file in the way, ...
+                raise RunLockError(
+                    f"{self.setting}={self.directory}: cannot create the {self.label} or write in it ({error}); "
+                    f"expected a folder this process can write"
+                ) from error
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
