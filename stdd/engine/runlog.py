@@ -6,8 +6,12 @@ written and flushed whole, so a killed run leaves a readable file (at most its
 last line cut short). A resumed run appends to the same file, after a
 ``{"event": "resume", "step": S, "path": <checkpoint>}`` record: what the
 interrupted attempt logged for steps after S was redone by the resumed run and
-is superseded. The file is never rewritten; :func:`read_metrics` gives each
-step's records once, from the attempt that counts.
+is superseded. A run that starts over at step 0 in a directory whose file
+already holds records (an attempt killed before its first checkpoint, or whose
+checkpoints are gone) appends ``{"event": "restart", "step": 0,
+"superseded_up_to_step": N}``, which supersedes every earlier record after
+step 0 the same way. The file is never rewritten; :func:`read_metrics` gives
+each step's records once, from the attempt that counts.
 """
 
 from __future__ import annotations
@@ -18,6 +22,11 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional, Union
+
+METRICS_NAME = "metrics.jsonl"
+RESUME_EVENT = "resume"  # a run continues a checkpoint at step S
+RESTART_EVENT = "restart"  # a run starts over at step 0 where earlier records are
+SUPERSEDING_EVENTS = (RESUME_EVENT, RESTART_EVENT)  # records before one of these with a larger step are redone
 
 
 def _plain(value):
@@ -34,10 +43,14 @@ class RunLogger:
         self.run_directory = Path(run_directory)
         self._jsonl = None
         self._writer = None
+        self.path = self.run_directory / METRICS_NAME
+        # the largest step the file's earlier records reach (None: no earlier record), read before appending
+        self.earlier_last_step: Optional[int] = None
         if not enabled:
             return
         self.run_directory.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_directory / "metrics.jsonl", "a", encoding="utf-8")
+        self.earlier_last_step = _last_step(self.path)
+        self._jsonl = open(self.path, "a", encoding="utf-8")
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -77,15 +90,31 @@ class RunLogger:
         self.close()
 
 
+def _last_step(path: Path) -> Optional[int]:
+    """The largest step of the whole records in ``path``; None without the file or a record."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    steps = []
+    for line in text.splitlines():
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # a line cut by a kill: no record
+    return max(steps) if steps else None
+
+
 def read_metrics(run_directory: Union[str, Path], event: Optional[str] = None) -> list[dict]:
     """The records of ``<run_directory>/metrics.jsonl`` as the run's final timeline.
 
-    At each ``resume`` record at step S, records written before it with a step
-    after S are dropped (the resumed run logged those steps again); the
-    ``resume`` records themselves are kept. A last line cut short by a kill is
-    ignored. ``event``: keep only records of that event.
+    At each ``resume`` record at step S (and each ``restart`` record, at step 0),
+    records written before it with a step after S are dropped (the run logged
+    those steps again); the ``resume`` / ``restart`` records themselves are kept.
+    A last line cut short by a kill is ignored. ``event``: keep only records of
+    that event.
     """
-    path = Path(run_directory) / "metrics.jsonl"
+    path = Path(run_directory) / METRICS_NAME
     records: list[dict] = []
     lines = path.read_text(encoding="utf-8").splitlines()
     for number, line in enumerate(lines):
@@ -97,7 +126,8 @@ def read_metrics(run_directory: Union[str, Path], event: Optional[str] = None) -
             if number == len(lines) - 1:
                 continue  # the partial last line of a killed run
             raise ValueError(f"{path}:{number + 1}: not a JSON record") from None
-        if record.get("event") == "resume":
+        if record.get("event") in SUPERSEDING_EVENTS:
             records = [r for r in records if int(r.get("step", 0)) <= int(record["step"])]
         records.append(record)
     return [r for r in records if event is None or r.get("event") == event]
+

@@ -7,7 +7,9 @@ alone logs, saves checkpoints and writes the run directory:
     <run.output_dir>/run.lock            held while the run is alive (stdd.engine.runlock)
     <run.output_dir>/config.yaml         the resolved config of this run
     <run.output_dir>/metrics.jsonl       one JSON object per logged event (a "resume" record
-                                         where a resumed run continues: stdd.engine.runlog)
+                                         where a resumed run continues, a "restart" record where
+                                         a run starts over after an attempt that left no
+                                         checkpoint: stdd.engine.runlog)
     <run.output_dir>/tensorboard/        the same scalars for TensorBoard
     <run.output_dir>/checkpoints/        checkpoint-eEEEE-sSSSSSSSSS[-mid].pt
     <run.output_dir>/final.pt            the weights after the last epoch
@@ -71,7 +73,7 @@ from .optimization import build_optimization
 from .precision import autocast
 from .resume import check_resume_config
 from .runlock import acquire_lock, describe_holder
-from .runlog import RunLogger
+from .runlog import RESTART_EVENT, RESUME_EVENT, RunLogger
 
 NONFINITE_POLICIES = ("stop", "skip")  # optim.on_nonfinite_loss
 
@@ -230,6 +232,7 @@ class Trainer:
     def _resume(self, resume: Optional[str]) -> None:
         found = self.checkpoints.load(resume)
         if found is None:
+            self._record_restart()
             return
         path, state = found
         for warning in check_resume_config(
@@ -249,9 +252,20 @@ class Trainer:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         # metrics.jsonl: records after this one continue from global_step; earlier records with a
         # larger step belong to the interrupted attempt (stdd.engine.runlog.read_metrics drops them)
-        self.logger.log("resume", self.global_step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+        self.logger.log(RESUME_EVENT, self.global_step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
                         path=str(path))
         self.logger.info(f"resumed from {path} (epoch {self.epoch}, step {self.step_in_epoch} of the epoch)")
+
+    def _record_restart(self) -> None:
+        """A run starting at step 0 where metrics.jsonl already holds records (an attempt killed before
+        its first checkpoint, or whose checkpoints are gone): a ``restart`` record supersedes them
+        (stdd.engine.runlog.read_metrics), as a ``resume`` record supersedes the steps after its own."""
+        earlier = self.logger.earlier_last_step
+        if earlier is None:
+            return
+        self.logger.log(RESTART_EVENT, 0, superseded_up_to_step=earlier)
+        self.logger.info(f"{self.logger.path} holds records of an earlier attempt (up to step {earlier}) that no "
+                         f"checkpoint continues: this run starts over at step 0 and supersedes them")
 
     # -------------------------------------------------------------- steps
     def _batches(self, epoch: int, start_step: int):
