@@ -1,11 +1,17 @@
-"""What a run leaves for a person to read: evaluation outputs that come from one evaluation -- real
-``python -m stdd.eval`` processes, run side by side and killed."""
+"""What a run leaves for a person to read: evaluation outputs that come from one evaluation, and
+progress that a batch job's log file can hold -- real ``python -m stdd.eval`` / ``stdd.train``
+processes, run side by side, killed, with their output on a file and on a pseudo-terminal."""
 
+import fcntl
 import json
+import os
+import pty
+import re
 import signal
 import struct
 import subprocess
 import sys
+import termios
 import textwrap
 import time
 from pathlib import Path
@@ -17,7 +23,7 @@ pytest.importorskip("open_clip")
 pytest.importorskip("av")
 
 from test_cli_errors import CLASSES, assert_one_line_usage_error, run_cli, videos, weights  # noqa: F401 (fixtures)
-from test_train_resume import REPO, _env
+from test_train_resume import REPO, _env, tiny_overrides
 
 from stdd.files import is_orphan_temporary
 
@@ -120,3 +126,59 @@ def test_the_lock_of_a_killed_evaluation_is_taken_over_and_its_leftovers_removed
     assert f"removed {leftovers[0]}, the temporary file of a write that was killed" in again.stderr
     assert not (out / "eval.lock").exists() and not [p for p in out.iterdir() if is_orphan_temporary(p.name)]
     _assert_one_evaluations_outputs(out, classes=len(CLASSES) + 17)
+
+
+# ----------------------------------------------------------------------------- progress on a log file
+
+
+PROGRESS_LINE = re.compile(r"^\[stdd\] train: step (\d+)/8 \(\d+%\), epoch \d+, loss \d+\.\d{4}, lr \S+, ")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+def _training_command(data_root: Path, run: Path) -> list[str]:
+    # 2 epochs x 4 steps; a metrics record (and, off a terminal, a progress line) every 2 steps
+    return [sys.executable, "-m", "stdd.train", "--config", "demo",
+            *tiny_overrides(data_root, run, epochs=2), "run.log_every_steps=2"]
+
+
+def test_training_progress_in_a_log_file_is_plain_lines_every_log_every_steps(data_root, tmp_path):
+    log = tmp_path / "job.log"
+    with open(log, "wb") as handle:  # a batch job's log: stdout and stderr into one file
+        result = subprocess.run(_training_command(data_root, tmp_path / "run"), cwd=REPO, env=_env(),
+                                stdout=handle, stderr=subprocess.STDOUT, timeout=300)
+    text = log.read_bytes().decode("utf-8")
+    assert result.returncode == 0, text[-3000:]
+    assert "\r" not in text
+    steps = [int(match.group(1)) for match in map(PROGRESS_LINE.match, text.splitlines()) if match]
+    assert steps == [2, 4, 6, 8], text[-3000:]
+
+
+def test_training_progress_on_a_terminal_is_the_redrawing_bar(data_root, tmp_path):
+    main, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # 24 x 120, as a terminal
+    process = subprocess.Popen(_training_command(data_root, tmp_path / "run"), cwd=REPO, env=_env(),
+                               stdin=subprocess.DEVNULL, stdout=secondary, stderr=secondary)
+    os.close(secondary)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(main, 65536)
+            except OSError:  # EIO: the process ended and closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(main)
+        process.wait(timeout=300)
+    text = b"".join(chunks).decode("utf-8", errors="replace")
+    assert process.returncode == 0, text[-3000:]
+    # tqdm's bar, redrawn in place (a terminal also turns every "\n" into "\r\n")
+    assert re.search(r"\rtrain: +0%\|[^\r\n]*\| 0/8 \[", text) and re.search(r"\rtrain: 100%\|[^\r\n]*\| 8/8 \[", text), \
+        text[-3000:]
+    assert not [line for line in re.split(r"[\r\n]+", text) if PROGRESS_LINE.match(line)]

@@ -37,6 +37,10 @@ Videos that fail to decode are replaced by others (``data.on_error: skip``), eac
 file logged once; every ``epoch`` record of ``metrics.jsonl`` counts them over all
 processes (``decode_failures``: failed decodes, ``videos_failed``: distinct
 videos), and the run's summary holds both over the epochs of this invocation.
+
+Progress goes to stderr: a bar redrawn in place on a terminal; anywhere else (a
+batch job's log file) one plain line every ``run.log_every_steps`` steps, without
+carriage returns (:class:`stdd.engine.runlog.Progress`).
 """
 
 from __future__ import annotations
@@ -44,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,7 +76,7 @@ from .optimization import build_optimization
 from .precision import autocast
 from .resume import check_resume_config
 from .runlock import acquire_lock, describe_holder
-from .runlog import RESTART_EVENT, RESUME_EVENT, RunLogger
+from .runlog import RESTART_EVENT, RESUME_EVENT, Progress, RunLogger
 
 NONFINITE_POLICIES = ("stop", "skip")  # optim.on_nonfinite_loss
 
@@ -358,8 +361,7 @@ class Trainer:
             reduced = {k: float(all_reduce_mean(v, self.context)) for k, v in logs.items()}
             self.logger.log("train", self.global_step, epoch=self.epoch, lr=lr, grad_norm=grad_norm, **reduced)
         if self.progress is not None:
-            self.progress.update(1)
-            self.progress.set_postfix(epoch=self.epoch, loss=f"{float(logs['loss']):.4f}", lr=f"{lr:.2e}")
+            self.progress.advance(1, epoch=self.epoch, loss=f"{float(logs['loss']):.4f}", lr=f"{lr:.2e}")
         return logs if finite else None
 
     def _checkpoint_due(self, at_epoch_end: bool, hit_max: bool) -> bool:
@@ -388,11 +390,9 @@ class Trainer:
             if not self.checkpoints.exists():  # "epoch 0" for weight averaging: the weights before any update
                 self.save_checkpoint()
         self.progress = None
-        if self.context.is_main and not self.quiet:
-            from tqdm import tqdm
-
-            self.progress = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
-                                 desc="train", file=sys.stderr, mininterval=1.0)
+        if self.context.is_main and not self.quiet:  # a bar on a terminal, else a line every log_every_steps
+            self.progress = Progress(self.total_steps, initial=self.global_step, desc="train", unit="step",
+                                     every=int(cfg.run.log_every_steps))
 
     # -------------------------------------------------------------- the loop
     def _run_epochs(self) -> tuple[list, bool]:
