@@ -12,6 +12,9 @@ Every video is scored once (``eval.n_temporal_views`` x ``eval.n_spatial_crops``
 default, aggregated by the mean of the per-view softmax over each split's classes), then each
 split only selects rows and columns. Writes ``results.json`` (top-1/top-5 per split and
 mean ± std), ``per_class.csv`` and ``confusion.png`` (summed over the splits) to ``--out-dir``.
+One evaluation at a time holds ``--out-dir`` (``<out-dir>/eval.lock``, from before scoring until
+its files are written); a second one stops at once naming the holder. ``results.json`` is
+written last, so where it is, the other two beside it are of the same evaluation.
 
 Weights: ``--checkpoint`` takes ``final.pt`` / ``averaged.pt`` / ``ema.pt`` or a training
 checkpoint; the model settings come from the config stored in it (``--config`` and
@@ -42,8 +45,9 @@ from .engine import metrics, protocols
 from .engine.cli import ArgumentParser, cli_main
 from .engine.config import ConfigError
 from .engine.distributed import DEVICES, cleanup_distributed, init_distributed
+from .engine.runlock import EVAL_LOCK_NAME, acquire_lock, describe_holder
 from .errors import InputError
-from .files import atomic_write
+from .files import atomic_write, remove_orphan_temporaries
 from .resources import DATASETS, K600_NOVEL_LISTS
 
 PROTOCOLS = ("ep1", "ep2", "ep3", "k600")
@@ -105,8 +109,10 @@ def build_splits(args, class_names: list[str], per_file: list[list[int]]) -> lis
     raise ConfigError(f"--protocol {args.protocol!r}: expected one of {PROTOCOLS}")
 
 
-def prepare_out_dir(path) -> Path:
-    """``--out-dir``, created and checked writable before any scoring (a bad path must not lose results)."""
+def prepare_out_dir(path, context=None):
+    """``(--out-dir, its lock)``: created, checked writable and locked before any scoring (a bad path
+    must not lose results, a second evaluation must not mix its files with these). The lock is
+    rank 0's (None on the other ranks); release it when the outputs are written."""
     out = Path(os.path.expanduser(str(path)))
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -114,7 +120,28 @@ def prepare_out_dir(path) -> Path:
             pass
     except OSError as error:
         raise InputError(f"--out-dir {out}: cannot write results there ({error.strerror or error})") from error
-    return out
+    lock = acquire_lock(out, context, name=EVAL_LOCK_NAME, label="--out-dir", holder_kind="evaluation",
+                        setting="--out-dir")
+    if lock is not None:
+        if lock.stale_holder:
+            print(f"[stdd] took over the lock of --out-dir {out} from an evaluation that is gone "
+                  f"({describe_holder(lock.stale_holder)})", file=sys.stderr)
+        # no other evaluation writes here (we hold the lock): temporary files are a killed write's leftovers
+        for orphan in remove_orphan_temporaries(out):
+            print(f"[stdd] removed {orphan}, the temporary file of a write that was killed", file=sys.stderr)
+    return out, lock
+
+
+def write_outputs(out: Path, report: dict, class_names: list[str], matrix: np.ndarray, title: str) -> None:
+    """``per_class.csv``, ``confusion.png``, then ``results.json``, as one set: all three are made before
+    any is written, and an earlier ``results.json`` is removed first, so a ``results.json`` is only
+    ever beside the other two of its own evaluation (a kill in between leaves none)."""
+    table = metrics.per_class_csv(class_names, matrix)
+    figure = metrics.confusion_matrix_png(matrix, class_names, title=title)
+    (out / "results.json").unlink(missing_ok=True)
+    atomic_write(out / "per_class.csv", table)
+    atomic_write(out / "confusion.png", figure)
+    atomic_write(out / "results.json", json.dumps(report, indent=2) + "\n")
 
 
 def require_scored_videos(scored, records, sources) -> None:
@@ -128,16 +155,27 @@ def require_scored_videos(scored, records, sources) -> None:
 
 
 def run_evaluation(args) -> dict:
-    from .data.annotations import resolve_class_names
-    from .engine.evaluation import score_dataset
-    from .engine.inference import config_for_weights, load_model_for_inference
-    from .engine.precision import autocast_dtype
-    from .engine.task import build_prompts, build_video_dataset, text_features_for
+    from .engine.inference import config_for_weights
 
     cfg, state = config_for_weights(args.checkpoint, args.config, args.overrides,
                                     trust_checkpoint_pretrained=args.trust_checkpoint_pretrained)
-    out = prepare_out_dir(args.out_dir)
     context = init_distributed(cfg.run.device if args.device is None else args.device)
+    out, lock = prepare_out_dir(args.out_dir, context)
+    try:
+        return _evaluate(args, cfg, state, context, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _evaluate(args, cfg, state, context, out: Path) -> dict:
+    """The evaluation itself, with ``--out-dir`` held (:func:`run_evaluation`)."""
+    from .data.annotations import resolve_class_names
+    from .engine.evaluation import score_dataset
+    from .engine.inference import load_model_for_inference
+    from .engine.precision import autocast_dtype
+    from .engine.task import build_prompts, build_video_dataset, text_features_for
+
     class_names = resolve_class_names(args.classes, where="--classes") if args.classes else None
     records, class_names, per_file = _records_for(args, class_names)
     if not records:
@@ -193,10 +231,7 @@ def run_evaluation(args) -> dict:
         "split_classes": [split.to_json(class_names) for split in splits],
     }
     if context.is_main:
-        atomic_write(out / "results.json", json.dumps(report, indent=2) + "\n")
-        metrics.write_per_class_csv(out / "per_class.csv", class_names, total)
-        metrics.plot_confusion_matrix(out / "confusion.png", total, class_names,
-                                      title=f"{report['protocol']} ({len(splits)} split(s) summed)")
+        write_outputs(out, report, class_names, total, title=f"{report['protocol']} ({len(splits)} split(s) summed)")
         if not args.quiet:
             print(f"{report['protocol']}: top-1 {summary['top1_mean']:.2f} ± {summary['top1_std']:.2f}  "
                   f"top-5 {summary['top5_mean']:.2f} ± {summary['top5_std']:.2f}  over {len(splits)} split(s), "

@@ -213,3 +213,93 @@ def test_cli_main_statuses_in_process(capsys, monkeypatch):
     assert cli.cli_main(lambda argv: 1, []) == 1 and cli.cli_main(lambda argv: None, []) == 0
     assert cli.split_overrides(["a.mp4", "model.pretrained=null", "+x.y=1"]) == (
         ["a.mp4"], ["model.pretrained=null", "+x.y=1"])
+
+
+# ----------------------------------------------------------------------------- the input's videos and folders
+
+
+def _training_set(videos, root: Path, broken=()) -> Path:
+    """The test set's videos copied under ``root``, the ``broken`` ones (by position) cut to 200 bytes
+    (no container header survives); returns their list file."""
+    lines = videos.annotation_files["test"].read_text().splitlines()
+    for position, line in enumerate(lines):
+        relative = line.split()[0]
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        payload = (videos.root / relative).read_bytes()
+        (root / relative).write_bytes(payload[:200] if position in broken else payload)
+    listing = root / "train.txt"
+    listing.write_text("\n".join(lines) + "\n")
+    return listing
+
+
+def _train_on(listing: Path, run: Path, *extra):
+    return run_cli("stdd.train", "--config", "demo", "data.dataset=list", f"data.root={listing.parent}",
+                   f"data.train_annotations={listing}", f"data.class_names=[{','.join(CLASSES)}]",
+                   "text.prompts=templates", "data.num_frames=4", "data.stride=3", "data.batch_size=1",
+                   "optim.epochs=1", "run.tensorboard=false", f"run.output_dir={run}", *extra)
+
+
+def test_training_on_videos_that_all_fail_to_decode_is_bad_input(videos, tmp_path):
+    listing = _training_set(videos, tmp_path / "data", broken=(0, 1, 2))  # decoded in the main process
+    line = assert_one_line_usage_error(_train_on(listing, tmp_path / "run"), tmp_path / "data" / "videos",
+                                       "did not decode either")
+    assert "cannot open container" in line
+
+
+def test_on_error_fail_meeting_a_bad_video_is_bad_input_naming_it(videos, tmp_path):
+    listing = _training_set(videos, tmp_path / "data", broken=(1,))
+    bad = tmp_path / "data" / listing.read_text().splitlines()[1].split()[0]
+    # raised in a decoding worker process (the test above: in the main process), still one line
+    result = _train_on(listing, tmp_path / "run", "data.on_error=fail", "data.num_workers=1")
+    line = assert_one_line_usage_error(result, bad, "cannot open container", "on_error=fail stops")
+    assert "DataLoader worker" not in line and line.count("on_error=fail stops") == 1
+
+
+def _read_only_mount_runner(tmp_path: Path):
+    """A command prefix that runs a command with ``tmp_path/ro`` a read-only filesystem (a new mount
+    namespace: works for root, whom no permission bit stops), or None where that is not allowed."""
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    prefix = ["unshare", "--user", "--map-root-user", "--mount", "sh", "-c",
+              'mount -t tmpfs -o ro tmpfs "$0" && exec "$@"', str(mount_point)]
+    try:
+        probe = subprocess.run(prefix + ["touch", str(mount_point / "probe")], capture_output=True, text=True,
+                               timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if "Read-only file system" not in probe.stderr:
+        return None
+    return prefix
+
+
+def test_an_output_folder_that_cannot_be_written_is_bad_input(tmp_path):
+    from test_train_resume import tiny_overrides
+
+    # a folder under a regular file: no process, root included, can create it
+    blocked = tmp_path / "a_file"
+    blocked.write_text("in the way\n")
+    run = blocked / "run"
+    assert_one_line_usage_error(
+        run_cli("stdd.train", "--config", "demo", *tiny_overrides(tmp_path / "data", run)), f"run.output_dir={run}",
+        "cannot create the run directory or write in it")
+    assert not (tmp_path / "data").exists()  # refused before anything was written
+
+    prefix = _read_only_mount_runner(tmp_path)
+    if prefix is None:
+        pytest.skip("no read-only filesystem can be mounted here (unshare --user --mount is not allowed)")
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop(cli.DEBUG_ENV, None)
+
+    def on_read_only(*overrides):
+        return subprocess.run([*prefix, sys.executable, "-m", "stdd.train", "--config", "demo", *overrides],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+    read_only = tmp_path / "ro"
+    # the run directory on a read-only filesystem
+    run = read_only / "run"
+    assert_one_line_usage_error(on_read_only(*tiny_overrides(tmp_path / "data", run)), f"run.output_dir={run}",
+                                "Read-only file system")
+    # the synthetic videos' folder there (generated before training)
+    data = read_only / "data"
+    assert_one_line_usage_error(on_read_only(*tiny_overrides(data, tmp_path / "run")), data,
+                                "Read-only file system")

@@ -112,6 +112,49 @@ def test_a_second_run_on_a_directory_fails_at_once_and_a_killed_holders_lock_is_
     assert not (run / "run.lock").exists()  # released when the run ended
 
 
+# ----------------------------------------------------------------------------- a kill before any checkpoint
+
+
+def _raw_records(run: Path) -> list[dict]:
+    """Every whole record of metrics.jsonl as written (a line cut by the kill left out)."""
+    records = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pass
+    return records
+
+
+def test_a_rerun_after_a_kill_before_the_first_checkpoint_is_recorded_and_supersedes_the_killed_attempt(
+        data_root, tmp_path):
+    run = tmp_path / "run"
+    # no checkpoint before the end of epoch 400: the kill lands before the first one
+    args = tiny_overrides(data_root, run, epochs=400) + ["checkpoint.every_steps=0", "checkpoint.every_epochs=0"]
+    killed = _start(args)
+    try:
+        _wait_until(lambda: (run / "metrics.jsonl").exists() and
+                    len([r for r in _raw_records(run) if r["event"] == "train"]) >= 5, killed, "the run logged 5 steps")
+    finally:
+        _kill(killed)
+    assert killed.returncode == -signal.SIGKILL
+    assert not ckpt.list_checkpoints(run / "checkpoints")
+    logged = [r["step"] for r in _raw_records(run) if r["event"] == "train"]
+
+    # a requeued job: the same command (stopped at step 6 here, to be short)
+    rerun = _train(args + ["run.max_steps=6", "--resume", "auto"])
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    last = max(logged)
+    assert (f"{run / 'metrics.jsonl'} holds records of an earlier attempt (up to step {last}) that no checkpoint "
+            f"continues: this run starts over at step 0 and supersedes them") in rerun.stderr
+    raw = _raw_records(run)
+    assert [r["step"] for r in raw if r["event"] == "train"] == logged + list(range(1, 7))  # never rewritten
+    restarts = [r for r in raw if r["event"] == "restart"]
+    assert len(restarts) == 1 and restarts[0]["step"] == 0 and restarts[0]["superseded_up_to_step"] == last
+    assert [r["step"] for r in read_metrics(run, "train")] == list(range(1, 7))  # each step once
+    assert len(read_metrics(run, "restart")) == 1
+
+
 # ----------------------------------------------------------------------------- a kill mid-write
 
 

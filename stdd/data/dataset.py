@@ -24,7 +24,10 @@ Bad files: with on_error="skip" (default) a video that fails to decode is listed
 "failures", logged once by the loader (the first time that file fails: one line, path and reason) and
 counted in `loader.last_epoch_report` every epoch; in training the sample is replaced by another video (so every
 batch keeps its size and distributed ranks stay in step), in evaluation it is dropped (the batch is
-smaller, possibly empty, but still yielded). on_error="fail" raises `VideoDecodeError` instead.
+smaller, possibly empty, but still yielded). on_error="fail" raises `UnusableVideosError` (a
+`VideoDecodeError`) instead, naming the file; so does training when a failed video and every video
+drawn to replace it fail. Both are bad input (`stdd.errors.UsageError`: one line, exit status 2 at
+the command line), also when a decoding worker process raised them.
 
 Randomness (clip start, crop, flip, shuffling) is derived from (seed, epoch, index), so results do not
 depend on the number of workers.
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -42,7 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from ..errors import InputError
+from ..errors import InputError, UsageError, one_line
 from .annotations import VideoRecord, load_annotations, resolve_videos
 from .decoders import PyAVDecoder, VideoDecodeError
 from .sampling import ClipSampling, sample_clip_indices
@@ -51,6 +55,33 @@ from .transforms import eval_transform, train_transform
 logger = logging.getLogger(__name__)
 
 ON_ERROR_POLICIES = ("skip", "fail")
+
+# How a DataLoader worker's exception reaches the main process: type(error)(this text + its traceback).
+_WORKER_WRAPPED = re.compile(r"^Caught \w+ in DataLoader worker process \d+\.\s*\nOriginal Traceback")
+
+
+class UnusableVideosError(UsageError, VideoDecodeError):
+    """The videos stop the job: under on_error="fail" a video that does not decode, or in training a
+    failed video whose replacements all failed too. The one-line message names the file(s).
+
+    Raised in a DataLoader worker, it reaches the main process rebuilt from the worker's text (its
+    traceback included); the message is then the original one again, so the command line still
+    prints one line naming the file.
+    """
+
+    def __init__(self, path, reason=None):
+        if reason is None:  # one argument: a message, possibly the worker's wrapping of one
+            super().__init__(self._original_message(str(path)))
+        else:
+            super().__init__(path, reason)
+
+    @classmethod
+    def _original_message(cls, text: str) -> str:
+        if not _WORKER_WRAPPED.match(text):
+            return text
+        last = [line for line in text.splitlines() if line.strip()][-1]  # "module.Class: message"
+        prefix = f"{cls.__module__}.{cls.__qualname__}: "
+        return last[len(prefix):] if last.startswith(prefix) else last
 
 
 @dataclass(frozen=True)
@@ -178,7 +209,9 @@ class VideoDataset(Dataset):
                 return {"video": video, "label": self.records[candidate].label, "index": candidate, "failures": failures}
             except VideoDecodeError as error:
                 if self.on_error == "fail":
-                    raise
+                    raise UnusableVideosError(error.path, one_line(
+                        f"{error.reason} (on_error=fail stops at the first video that does not decode; "
+                        f"on_error=skip leaves such videos out)")) from error
                 # reported by the loader in the main process (VideoLoader), not here in a worker
                 failures.append(DecodeFailure(candidate, error.path, error.reason))
                 if not self.replace_failed:
@@ -186,10 +219,14 @@ class VideoDataset(Dataset):
                 # Replacement: a pseudo-random other video, reproducible from (seed, epoch, index, attempt).
                 candidate = int(np.random.default_rng([self.seed, self.epoch, index, attempt, 1]).integers(len(self.records)))
         if self.replace_failed:
-            raise RuntimeError(
-                f"{len(failures)} consecutive videos failed to decode while replacing index {index}; "
-                f"the dataset looks broken: {failures[:3]}"
-            )
+            first, others = failures[0], failures[1:]
+            distinct = {failure.path: failure.reason for failure in others if failure.path != first.path}
+            listed = "; ".join(f"{path}: {reason}" for path, reason in list(distinct.items())[:3])
+            listed += "; ..." if len(distinct) > 3 else ""
+            raise UnusableVideosError(first.path, one_line(
+                f"{first.reason}; the {len(others)} videos drawn to replace it did not decode either "
+                f"({listed or 'the same file again'}): the videos look unusable (check the files and the video "
+                f"root)"))
         return {"video": None, "label": self.records[index].label, "index": index, "failures": failures}
 
 

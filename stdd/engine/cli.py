@@ -6,8 +6,9 @@ Every CLI (``stdd.train``, ``stdd.eval``, ``stdd.predict``, ``stdd.demo``,
 - a :class:`~stdd.errors.UsageError` (a config key, an argument, a file: every
   error stdd raises for bad input derives from it), a malformed command line,
   a ``ValueError`` (the library's type for a bad value, whose message names it)
-  and an ``OSError`` about a file (missing, in the way, not permitted: the
-  message names the file) print ONE line ``error: <message naming the culprit>``
+  and an ``OSError`` about a file (missing, in the way, not permitted, on a
+  read-only filesystem: the message names the file) print ONE line
+  ``error: <message naming the culprit>``
   on stderr and exit with :data:`EXIT_USAGE` (2), without a traceback;
 - Ctrl-C exits with :data:`EXIT_INTERRUPTED` (130) after one line;
 - any other exception is a bug or an environment failure: its traceback is
@@ -25,6 +26,7 @@ separates them from file arguments.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import sys
@@ -49,6 +51,9 @@ EXIT_STATUS_HELP = (
 
 # OSErrors that are about a file the user named (str() names it), not about the machine.
 _FILE_ERRORS = (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)
+# ... and those without a class of their own, by errno (with the file named): a folder the user chose on a
+# read-only filesystem
+_FILE_ERRNOS = (errno.EROFS,)
 
 _OVERRIDE = re.compile(r"^\+?[A-Za-z_][\w.\-]*=")
 
@@ -86,23 +91,30 @@ def split_overrides(words: Sequence[str]) -> tuple[list[str], list[str]]:
     return others, overrides
 
 
+def is_usage_error(error: BaseException) -> bool:
+    """Whether ``error`` is the input's problem (exit status 2, one line), see the module docstring."""
+    if isinstance(error, (UsageError, ValueError, *_FILE_ERRORS)):
+        return True
+    return isinstance(error, OSError) and error.errno in _FILE_ERRNOS and error.filename is not None
+
+
 def cli_main(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None) -> int:
     """Run a CLI's ``main(argv)`` and turn its outcome into an exit status (see the module docstring)."""
     debug = os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
     try:
         status = main(argv)
-    except (UsageError, ValueError, *_FILE_ERRORS) as error:
-        if debug:
-            traceback.print_exc(file=sys.stderr)
-        print(f"error: {one_line(error)}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except SystemExit as exit_request:  # --help, or a library that exits on purpose
         code = exit_request.code
         return code if isinstance(code, int) else (EXIT_OK if code is None else EXIT_USAGE)
-    except Exception:  # noqa: BLE001 - the one place that reports what nobody expected
+    except Exception as error:  # noqa: BLE001 - the one place that reports what nobody expected
+        if is_usage_error(error):
+            if debug:
+                traceback.print_exc(file=sys.stderr)
+            print(f"error: {one_line(error)}", file=sys.stderr)
+            return EXIT_USAGE
         traceback.print_exc(file=sys.stderr)
         print(f"internal error (exit status {EXIT_INTERNAL}): the traceback above is a bug or a failure "
               "of the environment, not a problem with the input", file=sys.stderr)

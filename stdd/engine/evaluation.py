@@ -13,13 +13,14 @@ the scores do not depend on the batch size or the number of processes.
 
 from __future__ import annotations
 
-import sys
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
 
 from .distributed import DistributedContext, all_gather_objects
+from .runlog import Progress
 
 
 @dataclass
@@ -69,10 +70,8 @@ def score_dataset(
     text_mask = text_mask.to(device)
     scores, labels, indices, failures = [], [], [], []
     iterator = loader
-    if progress and rank == 0:
-        from tqdm import tqdm
-
-        iterator = tqdm(loader, desc="eval", unit="batch", file=sys.stderr, dynamic_ncols=True, mininterval=1.0)
+    if progress and rank == 0:  # a bar on a terminal; in a log file a plain line every tenth of the batches
+        iterator = Progress(len(loader), desc="eval", unit="batch", every=math.ceil(len(loader) / 10)).over(loader)
     for batch in iterator:
         failures.extend(batch["failures"])
         video = batch["video"]

@@ -109,18 +109,28 @@ def per_class_accuracy(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return accuracy, counts
 
 
-def write_per_class_csv(path: Union[str, Path], class_names: Sequence[str], matrix: np.ndarray) -> Path:
+def per_class_csv(class_names: Sequence[str], matrix: np.ndarray) -> str:
+    """The per-class CSV's text: ``class,videos,correct,top1_accuracy`` rows from a confusion matrix."""
     accuracy, counts = per_class_accuracy(matrix)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow(["class", "videos", "correct", "top1_accuracy"])
     for name, count, correct, acc in zip(class_names, counts, np.diag(matrix), accuracy):
         writer.writerow([name, int(count), int(correct), "" if np.isnan(acc) else f"{acc:.2f}"])
-    return atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_per_class_csv(path: Union[str, Path], class_names: Sequence[str], matrix: np.ndarray) -> Path:
+    return atomic_write(path, per_class_csv(class_names, matrix))
 
 
 def plot_confusion_matrix(path: Union[str, Path], matrix: np.ndarray, class_names: Sequence[str], title: Optional[str] = None) -> Path:
     """Row-normalised confusion matrix as a PNG (matplotlib, Agg backend: no display needed)."""
+    return atomic_write(path, confusion_matrix_png(matrix, class_names, title))
+
+
+def confusion_matrix_png(matrix: np.ndarray, class_names: Sequence[str], title: Optional[str] = None) -> bytes:
+    """The bytes of :func:`plot_confusion_matrix`'s PNG."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -145,4 +155,4 @@ def plot_confusion_matrix(path: Union[str, Path], matrix: np.ndarray, class_name
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     plt.close(figure)
-    return atomic_write(path, buffer.getvalue())
+    return buffer.getvalue()

@@ -7,7 +7,9 @@ alone logs, saves checkpoints and writes the run directory:
     <run.output_dir>/run.lock            held while the run is alive (stdd.engine.runlock)
     <run.output_dir>/config.yaml         the resolved config of this run
     <run.output_dir>/metrics.jsonl       one JSON object per logged event (a "resume" record
-                                         where a resumed run continues: stdd.engine.runlog)
+                                         where a resumed run continues, a "restart" record where
+                                         a run starts over after an attempt that left no
+                                         checkpoint: stdd.engine.runlog)
     <run.output_dir>/tensorboard/        the same scalars for TensorBoard
     <run.output_dir>/checkpoints/        checkpoint-eEEEE-sSSSSSSSSS[-mid].pt
     <run.output_dir>/final.pt            the weights after the last epoch
@@ -35,6 +37,10 @@ Videos that fail to decode are replaced by others (``data.on_error: skip``), eac
 file logged once; every ``epoch`` record of ``metrics.jsonl`` counts them over all
 processes (``decode_failures``: failed decodes, ``videos_failed``: distinct
 videos), and the run's summary holds both over the epochs of this invocation.
+
+Progress goes to stderr: a bar redrawn in place on a terminal; anywhere else (a
+batch job's log file) one plain line every ``run.log_every_steps`` steps, without
+carriage returns (:class:`stdd.engine.runlog.Progress`).
 """
 
 from __future__ import annotations
@@ -42,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,8 +75,8 @@ from .distributed import (
 from .optimization import NONFINITE_POLICIES, build_optimization
 from .precision import autocast
 from .resume import check_resume_config
-from .runlock import RunLock, RunLockError, describe_holder
-from .runlog import RunLogger
+from .runlock import acquire_lock, describe_holder
+from .runlog import RESTART_EVENT, RESUME_EVENT, Progress, RunLogger
 
 
 def seed_everything(seed: int) -> None:
@@ -82,23 +87,6 @@ def seed_everything(seed: int) -> None:
 
 def _without_teacher(state: dict) -> dict:
     return {k: v for k, v in state.items() if not k.startswith("teacher.")}
-
-
-def acquire_run_lock(directory: Path, context: DistributedContext) -> Optional[RunLock]:
-    """Rank 0 locks ``directory`` for the whole run (all ranks of a DDP run are one run); every rank
-    raises the same :class:`RunLockError` when another run holds it. Returns rank 0's lock."""
-    from .distributed import all_gather_objects
-
-    lock, refusal = None, None
-    if context.is_main:
-        try:
-            lock = RunLock(directory).acquire()
-        except RunLockError as error:
-            refusal = str(error)
-    refusal = all_gather_objects(refusal, context)[0]
-    if refusal is not None:
-        raise RunLockError(refusal)
-    return lock
 
 
 def _check_policies(cfg: DictConfig) -> None:
@@ -148,7 +136,7 @@ class Trainer:
         self.checkpoint_directory = self.run_directory / "checkpoints"
         self.logger = None
         # Before anything is written to the run directory: the lock, held until close().
-        self.lock = acquire_run_lock(self.run_directory, self.context)
+        self.lock = acquire_lock(self.run_directory, self.context)
         try:
             self._build(resume)
         except BaseException:
@@ -245,6 +233,7 @@ class Trainer:
     def _resume(self, resume: Optional[str]) -> None:
         found = self.checkpoints.load(resume)
         if found is None:
+            self._record_restart()
             return
         path, state = found
         for warning in check_resume_config(
@@ -264,9 +253,20 @@ class Trainer:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         # metrics.jsonl: records after this one continue from global_step; earlier records with a
         # larger step belong to the interrupted attempt (stdd.engine.runlog.read_metrics drops them)
-        self.logger.log("resume", self.global_step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
+        self.logger.log(RESUME_EVENT, self.global_step, epoch=self.epoch, step_in_epoch=self.step_in_epoch,
                         path=str(path))
         self.logger.info(f"resumed from {path} (epoch {self.epoch}, step {self.step_in_epoch} of the epoch)")
+
+    def _record_restart(self) -> None:
+        """A run starting at step 0 where metrics.jsonl already holds records (an attempt killed before
+        its first checkpoint, or whose checkpoints are gone): a ``restart`` record supersedes them
+        (stdd.engine.runlog.read_metrics), as a ``resume`` record supersedes the steps after its own."""
+        earlier = self.logger.earlier_last_step
+        if earlier is None:
+            return
+        self.logger.log(RESTART_EVENT, 0, superseded_up_to_step=earlier)
+        self.logger.info(f"{self.logger.path} holds records of an earlier attempt (up to step {earlier}) that no "
+                         f"checkpoint continues: this run starts over at step 0 and supersedes them")
 
     # -------------------------------------------------------------- steps
     def _batches(self, epoch: int, start_step: int):
@@ -359,8 +359,7 @@ class Trainer:
             reduced = {k: float(all_reduce_mean(v, self.context)) for k, v in logs.items()}
             self.logger.log("train", self.global_step, epoch=self.epoch, lr=lr, grad_norm=grad_norm, **reduced)
         if self.progress is not None:
-            self.progress.update(1)
-            self.progress.set_postfix(epoch=self.epoch, loss=f"{float(logs['loss']):.4f}", lr=f"{lr:.2e}")
+            self.progress.advance(1, epoch=self.epoch, loss=f"{float(logs['loss']):.4f}", lr=f"{lr:.2e}")
         return logs if finite else None
 
     def _checkpoint_due(self, at_epoch_end: bool, hit_max: bool) -> bool:
@@ -389,11 +388,9 @@ class Trainer:
             if not self.checkpoints.exists():  # "epoch 0" for weight averaging: the weights before any update
                 self.save_checkpoint()
         self.progress = None
-        if self.context.is_main and not self.quiet:
-            from tqdm import tqdm
-
-            self.progress = tqdm(total=self.total_steps, initial=self.global_step, unit="step", dynamic_ncols=True,
-                                 desc="train", file=sys.stderr, mininterval=1.0)
+        if self.context.is_main and not self.quiet:  # a bar on a terminal, else a line every log_every_steps
+            self.progress = Progress(self.total_steps, initial=self.global_step, desc="train", unit="step",
+                                     every=int(cfg.run.log_every_steps))
 
     # -------------------------------------------------------------- the loop
     def _run_epochs(self) -> tuple[list, bool]:
