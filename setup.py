@@ -104,7 +104,8 @@ def _extensions():
     from torch.utils import cpp_extension
 
     # Relative paths: setuptools requires them for sources.
-    sources = [f"{CSRC}/stca_ops.cpp", f"{CSRC}/stca_cpu.cpp", f"{CSRC}/python_module.cpp"]
+    sources = [f"{CSRC}/stca_ops.cpp", f"{CSRC}/stca_cpu.cpp", f"{CSRC}/stca_projection_ops.cpp",
+               f"{CSRC}/stca_projection_cpu.cpp", f"{CSRC}/python_module.cpp"]
     options = dict(
         name=f"{PACKAGE}._C",
         include_dirs=[str(ROOT / CSRC)],
@@ -116,7 +117,7 @@ def _extensions():
         kind = f"CUDA (toolkit {found}; TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})"
         # torch links -lcudart from <root>/lib64 or <root>/lib; name the directory that has it.
         extension = cpp_extension.CUDAExtension(
-            sources=sources + [f"{CSRC}/stca_cuda.cu"],
+            sources=sources + [f"{CSRC}/stca_cuda.cu", f"{CSRC}/stca_projection_cuda.cu"],
             define_macros=[("STDD_WITH_CUDA", None)],
             library_dirs=[str(toolkit.cudart_dir)],
             **options,

@@ -14,7 +14,8 @@
 static struct PyModuleDef stdd_c_module = {
     PyModuleDef_HEAD_INIT,
     "_C",
-    "Compiled STCA operators (csrc/): torch.ops.stdd.mix_gather, pad_scatter and their backward ops.",
+    "Compiled STCA operators (csrc/): torch.ops.stdd.mix_gather, pad_scatter, mix_factors, project_mixed and "
+    "their backward ops.",
     -1,
     nullptr,
 };

@@ -3,10 +3,11 @@
 The C++/CUDA sources live in ``csrc/`` and are built by ``setup.py``
 (``pip install --no-build-isolation -e .``) or, as a plain libtorch library
 for C++ users, by ``CMakeLists.txt``. Loading ``_C`` registers the ops
-``torch.ops.stdd.mix_gather``, ``pad_scatter``, ``mix_gather_backward`` and
-``pad_scatter_backward`` with the dispatcher (with autograd and meta kernels,
-so ``torch.compile`` traces them); this module adapts them to the backend
-signature of :mod:`stdd_kernels.dispatch` and registers the backends.
+``torch.ops.stdd.mix_gather``, ``pad_scatter``, the shared projections'
+``mix_factors`` and ``project_mixed`` (docs/stca.md section 6) and their
+``*_backward`` ops with the dispatcher (with autograd and meta kernels, so
+``torch.compile`` traces them); this module adapts them to the backend
+signatures of :mod:`stdd_kernels.dispatch` and registers the backends.
 
 ``cuda`` is registered only when the extension was compiled with nvcc; a
 CPU-only build registers ``cpp`` alone. Why a backend is missing comes from
@@ -72,6 +73,38 @@ def pad_scatter(
     )
 
 
+def mix_factors(
+    x: torch.Tensor, ln_weight: torch.Tensor, phase: torch.Tensor, geometry: STCAGeometry, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backend function (see :func:`stdd_kernels.reference.mix_factors`)."""
+    return torch.ops.stdd.mix_factors(
+        x,
+        ln_weight,
+        phase,
+        geometry.num_frames,
+        list(geometry.window),
+        geometry.masked,
+        list(geometry.scales),
+        geometry.channel_fold,
+        geometry.mixing,
+        float(eps),
+    )
+
+
+def project_mixed(
+    qkv: torch.Tensor,
+    gain: torch.Tensor,
+    coefficients: torch.Tensor,
+    basis: torch.Tensor,
+    phase: torch.Tensor,
+    geometry: STCAGeometry,
+) -> torch.Tensor:
+    """Backend function (see :func:`stdd_kernels.reference.project_mixed`)."""
+    return torch.ops.stdd.project_mixed(
+        qkv, gain, coefficients, basis, phase, geometry.num_frames, list(geometry.window), geometry.masked
+    )
+
+
 def _supports(device_type: str):
     def supports(device: torch.device, dtype: torch.dtype):
         if device.type != device_type:
@@ -90,7 +123,9 @@ dispatch.register_backend(
         pad_scatter=pad_scatter,
         supports=_supports("cpu"),
         auto_priority={"cpu": 10},
-        description="C++ extension on CPU (csrc/stca_cpu.cpp, at::parallel_for)",
+        description="C++ extension on CPU (csrc/stca_cpu.cpp, stca_projection_cpu.cpp: at::parallel_for, BLAS)",
+        mix_factors=mix_factors,
+        project_mixed=project_mixed,
     )
 )
 
@@ -102,7 +137,9 @@ if CUDA_COMPILED:
             pad_scatter=pad_scatter,
             supports=_supports("cuda"),
             auto_priority={"cuda": 10},
-            description="CUDA extension (csrc/stca_cuda.cu)",
+            description="CUDA extension (csrc/stca_cuda.cu, stca_projection_cuda.cu: cuBLAS for the products)",
+            mix_factors=mix_factors,
+            project_mixed=project_mixed,
         )
     )
 else:
