@@ -7,7 +7,7 @@
 # if any failed. Writes 8 files to RESULTS_DIR, each as its step goes:
 #   gpu_check_summary.txt      the plan, then one line per step as it ends
 #   gpu_check_build.txt        the extension build log
-#   gpu_check_tests.txt        pytest: tests/test_triton_ops.py + tests/test_compile.py
+#   gpu_check_tests.txt        pytest: tests/test_triton_ops.py, test_shared_projection_triton.py, test_compile.py
 #   gpu_check_env.txt          python -m stdd_kernels.env after the build (GPU, versions, backends)
 #   gpu_check_other_tests.txt  pytest -m cuda: every other CUDA test (extension, model, data)
 #   stca_<gpu>.json/.csv/.txt  bench/stca.py (rows rewritten as they are measured)
@@ -144,7 +144,8 @@ build_pid=$!
 # TRITON_INTERPRET is unset on a GPU, so these compile the kernels and pick the GPU;
 # their cuda-marked cases (ViT-B/16 shapes, bf16/fp16, the CPU shape grid) run only there.
 limited "$TRITON_TESTS_TIMEOUT" INT "$PY" -m pytest -q -p no:cacheprovider -rs --durations=10 ${xdist[@]+"${xdist[@]}"} \
-  tests/test_triton_ops.py tests/test_compile.py >"$RESULTS_DIR/gpu_check_tests.txt" 2>&1
+  tests/test_triton_ops.py tests/test_shared_projection_triton.py tests/test_compile.py \
+  >"$RESULTS_DIR/gpu_check_tests.txt" 2>&1
 status=$?
 tail -n 15 "$RESULTS_DIR/gpu_check_tests.txt"
 record "tests: Triton ops + compile" "$status"
@@ -180,7 +181,7 @@ record "env report + cuda backend compiled" "$status"
 
 step "tests: every other cuda-marked test"
 limited "$OTHER_TESTS_TIMEOUT" INT "$PY" -m pytest -q -p no:cacheprovider -rs -m cuda ${xdist[@]+"${xdist[@]}"} tests/ \
-  --ignore=tests/test_triton_ops.py --ignore=tests/test_compile.py \
+  --ignore=tests/test_triton_ops.py --ignore=tests/test_shared_projection_triton.py --ignore=tests/test_compile.py \
   >"$RESULTS_DIR/gpu_check_other_tests.txt" 2>&1
 status=$?
 [ "$status" -eq 5 ] && status=0  # pytest 5 = no other cuda-marked test exists: nothing failed

@@ -21,7 +21,7 @@ from .dispatch import (
     unavailable_backends,
 )
 from .geometry import STCAGeometry
-from .ops import mask_phase, mix_gather, mix_project, pad_scatter  # also registers the reference backend
+from .ops import mask_phase, mix_gather, mix_project, pad_scatter, projection_basis  # also registers the reference backend
 
 load_optional_backends()
 
@@ -32,6 +32,7 @@ __all__ = [
     "mix_gather",
     "mix_project",
     "pad_scatter",
+    "projection_basis",
     "registered_backends",
     "resolve_backend",
     "unavailable_backends",

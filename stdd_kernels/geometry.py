@@ -65,7 +65,12 @@ class STCAGeometry:
 
     @property
     def borrowed_channels(self) -> int:  # 2I: channels a mixed token may take from other frames (0 without mixing)
-        return 0 if self.mixing == "none" else 2 * self.mix_channels
+        return borrowed_channel_count(self.channels, self.channel_fold, self.mixing)
+
+
+def borrowed_channel_count(channels: int, channel_fold: int, mixing: str) -> int:
+    """``2I = 2 * (D // F)``: the channels ``[0, 2I)`` a mixed token may take from other frames; 0 without mixing."""
+    return 0 if mixing == "none" else 2 * (channels // channel_fold)
 
 
 def positive_int(value, name: str) -> int:

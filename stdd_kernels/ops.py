@@ -167,6 +167,25 @@ def _check_vector(value, name: str, length: int, like: torch.Tensor, optional: b
         raise ValueError(f"{name} is on {value.device} but x is on {like.device}")
 
 
+def projection_basis(
+    ln_weight: Optional[torch.Tensor],
+    ln_bias: Optional[torch.Tensor],
+    in_proj_weight: torch.Tensor,
+    in_proj_bias: Optional[torch.Tensor],
+    borrowed_channels: int,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """:func:`stdd_kernels.reference.projection_basis` in ``dtype`` with autocast off; ``ln_*`` ``None``:
+    the LayerNorm without affine parameters (1 and 0)."""
+    width = in_proj_weight.shape[1]
+    with torch.autocast(device_type=in_proj_weight.device.type, enabled=False):
+        weight = in_proj_weight.to(dtype)
+        ln_weight = weight.new_ones(width) if ln_weight is None else ln_weight.to(dtype)
+        ln_bias = weight.new_zeros(width) if ln_bias is None else ln_bias.to(dtype)
+        bias = None if in_proj_bias is None else in_proj_bias.to(dtype)
+        return reference.projection_basis(ln_weight, ln_bias, weight, bias, borrowed_channels)
+
+
 def mix_project(
     x: torch.Tensor,
     qkv: torch.Tensor,
@@ -186,6 +205,7 @@ def mix_project(
     mixing: str = "continual",
     backend: Optional[str] = None,
     validate: bool = True,
+    basis: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The mixed paths' projections from the full path's (docs/stca.md, section 6).
 
@@ -205,6 +225,10 @@ def mix_project(
     projection of the mixed tokens when ``qkv`` is the projection of ``x``; it is
     differentiable in ``x``, ``qkv`` and every weight. Runs with autocast off (the
     statistics and factors in float32, float64 for float64 tokens).
+
+    ``basis``: :func:`~stdd_kernels.reference.projection_basis` of exactly these
+    weights in that dtype, for a caller that keeps it while the weights do not
+    change (``STCABlock`` does, outside training); ``None`` computes it.
     """
     check_float_tensor(x, "x", 3)
     check_float_tensor(qkv, "qkv", 3)
@@ -235,13 +259,16 @@ def mix_project(
                          "use another backend or projection='per_path'")
     phase = _phase_for(phase, rows // geometry.num_frames, geometry, x.device, validate)
     dtype = reference.factor_dtype(x.dtype)
+    expected_basis = (3 * width, geometry.borrowed_channels + 2)
+    if basis is not None and (not isinstance(basis, torch.Tensor) or tuple(basis.shape) != expected_basis
+                              or basis.dtype != dtype or basis.device != x.device):
+        got = (tuple(basis.shape), basis.dtype, basis.device) if isinstance(basis, torch.Tensor) else type(basis)
+        raise ValueError(f"basis must be projection_basis(...) of shape {expected_basis}, {dtype} on {x.device} "
+                         f"(or None), got {got}")
     with torch.autocast(device_type=x.device.type, enabled=False):
         ln_weight = x.new_ones(width, dtype=dtype) if ln_weight is None else ln_weight.to(dtype)
-        ln_bias = x.new_zeros(width, dtype=dtype) if ln_bias is None else ln_bias.to(dtype)
-        basis = reference.projection_basis(
-            ln_weight, ln_bias, in_proj_weight.to(dtype), None if in_proj_bias is None else in_proj_bias.to(dtype),
-            geometry.borrowed_channels,
-        )
+        if basis is None:
+            basis = projection_basis(ln_weight, ln_bias, in_proj_weight, in_proj_bias, geometry.borrowed_channels, dtype)
         gain, coefficients, mixed_mean = chosen.mix_factors(x, ln_weight, phase, geometry, float(ln_eps))
         qkv_mixed = chosen.project_mixed(qkv, gain, coefficients, basis, phase, geometry)
     return qkv_mixed, mixed_mean

@@ -288,10 +288,9 @@ def projection_basis(
     In the dtype of ``in_proj_weight``; the caller picks it (:func:`factor_dtype`).
     """
     weight = in_proj_weight
-    offset = weight @ ln_bias.to(weight.dtype)
+    offset, scale = (weight @ torch.stack([ln_bias, ln_weight], dim=1).to(weight.dtype)).unbind(1)  # one read of W
     if in_proj_bias is not None:
         offset = offset + in_proj_bias.to(weight.dtype)
-    scale = weight @ ln_weight.to(weight.dtype)
     return torch.cat([weight[:, :borrowed_channels], offset.unsqueeze(1), scale.unsqueeze(1)], dim=1)
 
 

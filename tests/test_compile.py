@@ -93,8 +93,11 @@ def _tiny_blocks(layers, width=32, heads=2, seed=0):
     return blocks.to(DEVICE)
 
 
-def test_stca_block_stack_traces_fullgraph_with_triton_backend():
-    """Two stdd.model.STCABlocks on the triton backend, compiled whole, forward and backward."""
+@pytest.mark.parametrize("projection", ["shared", "per_path"])
+def test_stca_block_stack_traces_fullgraph_with_triton_backend(projection):
+    """Two stdd.model.STCABlocks on the triton backend, compiled whole, forward and backward; with
+    shared projections (the default) the mixed paths' ops are mix_factors + project_mixed, written
+    out (per_path) mix_gather."""
     pytest.importorskip("open_clip")
     from stdd.model import STCABlock, STCASettings
 
@@ -104,7 +107,8 @@ def test_stca_block_stack_traces_fullgraph_with_triton_backend():
 
     def stack(backend):
         return torch.nn.ModuleList(
-            [STCABlock(block, STCASettings(channel_fold=8, backend=backend), num_frames=frames) for block in blocks]
+            [STCABlock(block, STCASettings(channel_fold=8, backend=backend, projection=projection), num_frames=frames)
+             for block in blocks]
         ).train()
 
     def run(modules, x, phase):
@@ -128,8 +132,11 @@ def test_stca_block_stack_traces_fullgraph_with_triton_backend():
     expected = [expected_loss.detach()] + [p.grad for p in blocks.parameters()]
 
     assert len(recorder.graphs) == 1
-    assert recorder.code().count("stdd_triton.mix_gather") == 2
-    assert recorder.code().count("stdd_triton.pad_scatter") == 2
+    mixed_ops = ("mix_factors", "project_mixed") if projection == "shared" else ("mix_gather",)
+    for op in (*mixed_ops, "pad_scatter"):
+        assert recorder.code().count(f"stdd_triton.{op}") == 2, op
+    if projection == "shared":
+        assert "stdd_triton.mix_gather" not in recorder.code()
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 

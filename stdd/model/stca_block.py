@@ -37,6 +37,7 @@ range) is skipped while compiling, and by ``validate=False``.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -44,7 +45,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import stdd_kernels
-from stdd_kernels.geometry import check_phase_tensor, positive_int
+from stdd_kernels.geometry import borrowed_channel_count, check_phase_tensor, positive_int
+from stdd_kernels.reference import factor_dtype
 
 from .stca_settings import STCASettings
 
@@ -326,7 +328,8 @@ class STCABlock(nn.Module):
         qkv = F.linear(norm(x), attn.in_proj_weight, attn.in_proj_bias)  # (B*T, 1+N, 3D): the full path's
         qkv_mixed, mixed_mean = stdd_kernels.mix_project(
             x, qkv, frames, ln_weight=norm.weight, ln_bias=norm.bias, ln_eps=norm.eps,
-            in_proj_weight=attn.in_proj_weight, in_proj_bias=attn.in_proj_bias, **mixing, **common,
+            in_proj_weight=attn.in_proj_weight, in_proj_bias=attn.in_proj_bias,
+            basis=self._kept_basis(factor_dtype(x.dtype)), **mixing, **common,
         )  # (S, B*T, 1+N_keep, 3D), (B*T, 1+N_keep, D)
         full = x + block.ls_1(output_projection(attn, attention_heads(attn, qkv, **attend)))
         n_scales, rows, kept, _ = qkv_mixed.shape
@@ -334,6 +337,45 @@ class STCABlock(nn.Module):
         heads = heads.reshape(n_scales, rows, kept, -1).mean(dim=0)  # (B*T, 1+N_keep, D)
         mixed = mixed_mean + block.ls_1(output_projection(attn, heads))
         return full, mixed.unsqueeze(0)
+
+    def _kept_basis(self, dtype: torch.dtype) -> Optional[torch.Tensor]:
+        """The block's ``projection_basis`` in ``dtype``, computed once while its weights stay as they are.
+
+        ``W [b, g]`` and ``W[:, :2I]`` (docs/stca.md section 6) depend on the weights only,
+        so a model that is not training (no gradient flows into them) reuses them in every
+        forward pass; a weight changed in place (optimizer step, ``load_state_dict``) or moved
+        (``.to()``) has another version or address and makes a new one. ``None`` (let
+        ``mix_project`` build it, with its gradient) when one could flow into those weights,
+        and while ``torch.compile`` traces.
+        """
+        block = self.block
+        weights = (block.ln_1.weight, block.ln_1.bias, block.attn.in_proj_weight, block.attn.in_proj_bias)
+        present = [w for w in weights if w is not None]
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any(w.requires_grad for w in present)):
+            return None
+        # The very tensors (weak references: a freed weight's address may be reused) at their versions.
+        kept = self._basis_made_of
+        if not (kept is not None and kept[0] == dtype and len(kept[1]) == len(weights) and all(
+            (ref is None and w is None) or (ref is not None and ref[0]() is w and ref[1] == w._version)
+            for ref, w in zip(kept[1], weights)
+        )):
+            width = block.attn.in_proj_weight.shape[1]
+            s = self.settings
+            self._basis = stdd_kernels.projection_basis(
+                *weights, borrowed_channel_count(width, s.channel_fold, s.mixing), dtype
+            )
+            self._basis_made_of = (dtype, [None if w is None else (weakref.ref(w), w._version) for w in weights])
+        return self._basis
+
+    _basis_made_of: Optional[tuple] = None  # (dtype, [(weak reference, version) of each weight])
+    _basis: Optional[torch.Tensor] = None
+
+    def __getstate__(self):
+        # The kept basis is derived (and weak references do not pickle): a pickled block makes its own.
+        state = super().__getstate__()
+        state.pop("_basis_made_of", None)
+        state.pop("_basis", None)
+        return state
 
     def extra_repr(self) -> str:
         return f"num_frames={self.num_frames}, settings={self.settings}"

@@ -91,7 +91,7 @@ class STCASettings:
     backend: Optional[str] = choice(None, backend_names)
     attention: str = choice("sdpa", ATTENTION_KINDS)  # "sdpa" (torch SDPA, any device) or "xformers" (CUDA only)
     # mixed paths' q, k, v: "shared" (from the full path's, exact; docs/stca.md section 6) or "per_path"
-    projection: str = choice("per_path", PROJECTIONS)
+    projection: str = choice("shared", PROJECTIONS)
 
     def __post_init__(self):
         for setting in fields(self):
