@@ -30,7 +30,9 @@ Eq.         code                                                        test
             ``"continual"``), called by ``STCABlock.forward``           test_stca_block.py (both mixings)
 7           ``STCABlock.forward``: ``mixed + ls_1(attn(ln_1(mixed)))``,   test_stca_block.py (literal spec)
             all scales in one attention call; average + padding in
-            ``stdd_kernels.pad_scatter``
+            ``stdd_kernels.pad_scatter``. By default (``projection=         test_shared_projection.py (equal
+            "shared"``) the mixed q, k, v come from the full path's:       to the written-out block, float64)
+            ``stdd_kernels.mix_project`` (docs/stca.md section 6)
 8           ``alignment.frame_prompt_scores`` / ``alignment_scores``     tests/test_model_alignment.py
 9           ``losses.classification_loss``                              tests/test_model_losses.py
 distill.    ``losses.ResidualProjector``, ``feature_distillation_loss``;  tests/test_model_losses.py
