@@ -50,10 +50,19 @@ passed (the rows not run are recorded as skipped).
      scatter is replaced by the residual add that ``pad_scatter`` fuses (so the
      floor moves no glue bytes at all). Training backpropagates from both
      streams, so every attention/MLP backward of the STCA block runs too.
-   - ``stca[<backend>]``: ``stdd.model.STCABlock`` (scales (1, 2), window (2, 2),
-     mask ratio 0.5, continual mixing or ``--mixing``) with that op backend; explicit phases
-     (eval phases for inference, seeded random per-clip phases for training),
-     checked once outside the timing.
+   - ``free-glue-shared``: the same floor for the shared projections (docs/stca.md
+     section 6), what ``stca[*]`` computes by default: per block LN1 + the in-projection
+     on the ``(B*T, 197, D)`` tokens only, the rank-``(2I+2)`` product of the mixed paths
+     (``coefficients @ basis^T``, the coefficients carried as their own stream, built once
+     outside the timing), one attention call over all scales, the mean over scales and ONE
+     ``out_proj`` for it, the full path's ``out_proj``, the MLP and the residual add;
+     ``mix_project``'s gathers and statistics and ``pad_scatter`` cost nothing.
+   - ``stca[<backend>]``: ``stdd.model.STCABlock`` with its default settings (shared
+     projections; scales (1, 2), window (2, 2), mask ratio 0.5, continual mixing or
+     ``--mixing``) with that op backend; explicit phases (eval phases for inference,
+     seeded random per-clip phases for training), checked once outside the timing.
+   - ``stca-per-path[<backend>]``: the same with ``projection="per_path"`` (step 3 as
+     written: every mixed path through LN1 and the in-projection).
    - ``boolean-mask``: the formulation a user would otherwise run, written
      from the description of the authors' code (:class:`BooleanMaskSTCABlock`):
      sequence-first tokens, boolean keep-masks, ``x[~mask]`` gathers,
@@ -64,7 +73,9 @@ passed (the rows not run are recorded as skipped).
      all 12), to show whether inductor's fusion of the LayerNorm/residual glue
      brings the stack toward the free-glue floor. Compile time (the first call)
      is reported in ``compile_s`` and excluded from the timing. These run last.
-   Ratios are to ``plain`` and to ``free-glue`` (target: STCA at most 1.10x the floor).
+   Ratios are to ``plain`` and to the floor of the row's formulation (``vs floor``:
+   ``free-glue-shared`` for ``stca[*]``, ``free-glue`` for ``stca-per-path[*]`` and the
+   boolean-mask peer).
 
 Timing: on GPU, CUDA events around each run after warm-up, median (and
 p10/p90) of the repeats; on CPU, ``time.perf_counter`` the same way. A timing
@@ -95,6 +106,7 @@ import torch  # noqa: E402
 from provenance import COMMIT_ENV_VAR, git_commit  # noqa: E402,F401  (COMMIT_ENV_VAR: in the record docs)
 import stdd_kernels  # noqa: E402
 from stdd_kernels.geometry import MIXING_MODES, make_geometry  # noqa: E402
+from stdd_kernels.reference import factor_dtype as reference_factor_dtype  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 
@@ -233,7 +245,7 @@ def format_tables(ops: list[dict], stack: list[dict]) -> str:
             ratio = lambda v: f"{v:9.2f}" if v else f"{'-':>9s}"  # noqa: E731
             lines.append(
                 f"{r['mode']:5s} {r['variant']:24s} {r['batch']:5d} {r['median_ms']:10.3f} "
-                f"{ratio(r.get('vs_plain'))} {ratio(r.get('vs_free_glue'))}"
+                f"{ratio(r.get('vs_plain'))} {ratio(r.get('vs_floor'))}"
             )
     return "\n".join(lines)
 
@@ -420,19 +432,48 @@ class FreeGlueStack(torch.nn.Module):
         return x, mixed
 
 
-def stca_blocks(blocks, shapes: Shapes, backend: str) -> list:
+class FreeGlueSharedStack(torch.nn.Module):
+    """The shared projections' work with zero-cost gathers, statistics and scatter (module docstring).
+
+    ``forward(x (B*T, 1+N, D), coefficients (S, B*T, 1+N_keep, 2I+2)) -> (y, mixed_sum)``:
+    ``mixed_sum`` adds up every block's mixed output ``(B*T, 1+N_keep, D)``, so that training
+    backpropagates through the mixed paths as well.
+    """
+
+    def __init__(self, blocks, borrowed_channels: int):
+        super().__init__()
+        self.blocks = blocks
+        self.borrowed = borrowed_channels
+
+    def forward(self, x, coefficients):
+        from stdd.model.stca_block import attention_heads, output_projection
+        from stdd_kernels.reference import projection_basis
+
+        n_scales, rows, kept, _ = coefficients.shape
+        mixed_sum = None
+        for block in self.blocks:
+            attn, norm = block.attn, block.ln_1
+            basis = projection_basis(norm.weight, norm.bias, attn.in_proj_weight, attn.in_proj_bias, self.borrowed)
+            qkv = torch.nn.functional.linear(norm(x), attn.in_proj_weight, attn.in_proj_bias)
+            qkv_mixed = (coefficients.reshape(n_scales * rows, kept, -1) @ basis.T).to(qkv.dtype)
+            heads = attention_heads(attn, qkv_mixed, training=self.training)
+            heads = heads.reshape(n_scales, rows, kept, -1).mean(dim=0)
+            mixed = block.ls_1(output_projection(attn, heads))
+            full = x + block.ls_1(output_projection(attn, attention_heads(attn, qkv, training=self.training)))
+            x = full + block.ls_2(block.mlp(block.ln_2(full)))
+            mixed_sum = mixed if mixed_sum is None else mixed_sum + mixed
+        return x, mixed_sum
+
+
+def stca_blocks(blocks, shapes: Shapes, backend: str, **changes) -> list:
+    """``STCABlock`` wrappers of ``blocks`` with the default settings, the shapes' and ``changes``."""
     from stdd.model import STCABlock, STCASettings
 
     settings = STCASettings(
         window=shapes.window, mask_ratio=shapes.mask_ratio, scales=shapes.scales,
-        channel_fold=shapes.channel_fold, mixing=shapes.mixing, backend=backend,
+        channel_fold=shapes.channel_fold, mixing=shapes.mixing, backend=backend, **changes,
     )
-    return [
-        STCABlock(
-            block, settings, num_frames=shapes.frames,
-        )
-        for block in blocks
-    ]
+    return [STCABlock(block, settings, num_frames=shapes.frames) for block in blocks]
 
 
 class STCAStack(torch.nn.Module):
@@ -554,8 +595,11 @@ def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, recorde
     ]
     # (name, module, input kind); eager variants first, compiled ones last (their compile time is long).
     variants = [("plain", PlainStack(blocks), "plain"), ("plain-sdpa", PlainStack([SDPABlock(b) for b in blocks]), "plain"),
-                ("free-glue", FreeGlueStack(blocks), "free-glue")]
+                ("free-glue", FreeGlueStack(blocks), "free-glue"),
+                ("free-glue-shared", FreeGlueSharedStack(blocks, geometry.borrowed_channels), "free-glue-shared")]
     variants += [(f"stca[{name}]", STCAStack(stca_blocks(blocks, shapes, name)), "stca") for name in backends]
+    variants += [(f"stca-per-path[{name}]", STCAStack(stca_blocks(blocks, shapes, name, projection="per_path")), "stca")
+                 for name in backends]
     variants += [("boolean-mask", STCAStack(boolean), "sequence-first")]
     # Built when their turn comes (a compiled module compiles on its first call).
     inductor = [("plain+inductor", lambda: PlainStack(compiled_blocks(blocks)), "plain")]
@@ -570,6 +614,9 @@ def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, recorde
             x = torch.randn(batch * T, tokens, D, generator=gen).to(device, dtype)
             x_sequence_first = x.transpose(0, 1).contiguous()
             mixed = x[:, :kept].repeat(S, 1, 1).contiguous()  # the floor's mixed stream, built once
+            # the shared floor's coefficient stream, built once: [u (2I), 1 - a, k] of plausible size
+            coefficients = 0.1 * torch.randn(S, batch * T, kept, geometry.borrowed_channels + 2, generator=gen)
+            coefficients = coefficients.to(device, reference_factor_dtype(dtype))
             if mode == "infer":
                 phase = stdd_kernels.mask_phase(batch, T, window=shapes.window, device=device)
             else:
@@ -577,6 +624,7 @@ def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, recorde
                                                 device=device)
             grad_y = torch.randn(x.shape, generator=gen).to(device, dtype)
             grad_mixed = torch.randn(mixed.shape, generator=gen).to(device, dtype)
+            grad_mixed_sum = torch.randn(batch * T, kept, D, generator=gen).to(device, dtype)
             for name, module, kind in group:
                 row = dict(section="stack", variant=name, mode=mode, batch=batch, frames=T, layers=shapes.layers,
                            width=D, dtype=str(dtype).replace("torch.", ""))
@@ -586,8 +634,9 @@ def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, recorde
                 try:
                     started = time.monotonic()
                     module = module() if callable(module) and not isinstance(module, torch.nn.Module) else module
-                    timing, compile_s = _time_variant(module, kind, mode, blocks, x, x_sequence_first, mixed, phase,
-                                                      grad_y, grad_mixed, device, warmup, repeats, started)
+                    timing, compile_s = _time_variant(module, kind, mode, blocks, x, x_sequence_first, mixed,
+                                                      coefficients, phase, grad_y, grad_mixed, grad_mixed_sum,
+                                                      device, warmup, repeats, started)
                 except Exception as error:  # one failing variant must not hide the others
                     recorder.add(dict(row, error=f"{type(error).__name__}: {error}"))
                     continue
@@ -598,14 +647,16 @@ def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, recorde
                 recorder.add(row)
 
 
-def _time_variant(module, kind, mode, blocks, x, x_sequence_first, mixed, phase, grad_y, grad_mixed, device,
-                  warmup, repeats, started):
+def _time_variant(module, kind, mode, blocks, x, x_sequence_first, mixed, coefficients, phase, grad_y, grad_mixed,
+                  grad_mixed_sum, device, warmup, repeats, started):
     module.train(mode == "train")
     blocks.requires_grad_(mode == "train")
 
     def run():
         if kind == "free-glue":
             return module(x, mixed)
+        if kind == "free-glue-shared":
+            return module(x, coefficients)
         if kind == "stca":
             return module(x, phase)
         if kind == "sequence-first":
@@ -625,6 +676,8 @@ def _time_variant(module, kind, mode, blocks, x, x_sequence_first, mixed, phase,
             out = run()
             if kind == "free-glue":
                 torch.autograd.backward(out, (grad_y, grad_mixed))
+            elif kind == "free-glue-shared":
+                torch.autograd.backward(out, (grad_y, grad_mixed_sum))
             else:
                 out.backward(grad)
 
@@ -635,10 +688,21 @@ def _time_variant(module, kind, mode, blocks, x, x_sequence_first, mixed, phase,
     return measure(step, device, max(0, warmup - 1), repeats), compile_s
 
 
+def floor_of(variant: str) -> str | None:
+    """The free-glue floor of a stack variant's formulation (None for the floors and plain stacks)."""
+    if variant.startswith("stca["):
+        return "free-glue-shared"
+    if variant.startswith("stca-per-path[") or variant == "boolean-mask":
+        return "free-glue"
+    return None
+
+
 def _add_ratios(row: dict, results: list[dict]) -> None:
     base = {r["variant"]: r["median_ms"] for r in results if r["mode"] == row["mode"]}
     row["vs_plain"] = row["median_ms"] / base["plain"] if base.get("plain") else None
-    row["vs_free_glue"] = row["median_ms"] / base["free-glue"] if base.get("free-glue") else None
+    floor = floor_of(row["variant"].removesuffix("+inductor"))
+    row["floor"] = floor
+    row["vs_floor"] = row["median_ms"] / base[floor] if floor and base.get(floor) else None
 
 
 # ---------------------------------------------------------------------------
