@@ -42,7 +42,7 @@ import torch
 from .data.annotations import ANNOTATION_FORMATS, OFFICIAL_SPLITS
 from .data.sampling import SPATIAL_CROPS
 from .engine import metrics, protocols
-from .engine.cli import ArgumentParser, cli_main
+from .cli import ArgumentParser, cli_main
 from .engine.config import ConfigError
 from .engine.distributed import DEVICES, cleanup_distributed, init_distributed
 from .engine.runlock import EVAL_LOCK_NAME, acquire_lock, describe_holder

@@ -40,7 +40,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .engine.cli import EXIT_FAILURES, EXIT_OK, ArgumentParser, cli_main, split_overrides
+from .cli import EXIT_FAILURES, EXIT_OK, ArgumentParser, cli_main, split_overrides
 from .engine.distributed import DEVICES
 from .errors import InputError
 
@@ -95,7 +95,7 @@ def video_paths(videos) -> list[Path]:
 
 
 def _prompts_for(names: list[str], prompts_file) -> dict[str, list[str]]:
-    from .askg import load_prompts
+    from .knowledge.prompts import load_prompts
     from .engine.task import build_prompts
 
     templates = build_prompts("templates", names)

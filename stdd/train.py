@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from .engine.cli import ArgumentParser, cli_main
+from .cli import ArgumentParser, cli_main
 from .engine.config import load_config
 from .engine.distributed import cleanup_distributed
 from .engine.resume import parse_allowed

@@ -429,7 +429,7 @@ def generate_synthetic_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from ..engine.cli import ArgumentParser  # the command lines' parser (errors: one line, exit 2)
+    from ..cli import ArgumentParser  # the command lines' parser (errors: one line, exit 2)
 
     parser = ArgumentParser(prog="python -m stdd.data.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("root", help="output directory")
@@ -457,6 +457,6 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from ..engine.cli import cli_main
+    from ..cli import cli_main
 
     sys.exit(cli_main(main))

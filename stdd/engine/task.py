@@ -76,8 +76,8 @@ def load_student_state_dict(model: nn.Module, state: dict, source: str = "checkp
 
 
 def _prompts_from_file(path: Path, class_names: Sequence[str]) -> dict[str, list[str]]:
-    """Prompts of ``class_names`` from a prompts or ASKG file (:func:`stdd.askg.load_prompts`)."""
-    from ..askg import load_prompts
+    """Prompts of ``class_names`` from a prompts or ASKG file (:func:`stdd.knowledge.load_prompts`)."""
+    from ..knowledge.prompts import load_prompts
 
     try:
         return load_prompts(path, class_names)
