@@ -77,6 +77,7 @@ from .precision import autocast
 from .resume import check_resume_config
 from .runlock import acquire_lock, describe_holder
 from .runlog import RESTART_EVENT, RESUME_EVENT, Progress, RunLogger
+from .task import build_training_task, prepare_synthetic
 
 
 def seed_everything(seed: int) -> None:
@@ -144,8 +145,6 @@ class Trainer:
             raise
 
     def _build(self, resume: Optional[str]) -> None:
-        from .task import build_training_task, prepare_synthetic  # model + data, imported lazily (heavy)
-
         cfg = self.cfg
         self.logger = RunLogger(self.run_directory, enabled=self.context.is_main, tensorboard=cfg.run.tensorboard)
         if self.lock is not None:
