@@ -284,9 +284,14 @@ class TrainingModule(nn.Module):
 
 
 class TrainingTask:
-    """What ``stdd.train.Trainer`` needs: module, datasets, batching, evaluation."""
+    """What ``stdd.train.Trainer`` needs: module, datasets, batching, evaluation.
 
-    def __init__(self, cfg: DictConfig, device):
+    Built on the CPU (the trainer moves :attr:`module` to its device). ``val_spec`` is the
+    validation split (``None``: the run has none); its dataset is built on the first
+    evaluation (:meth:`validation_dataset`).
+    """
+
+    def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.train_spec = data_spec(cfg, "train")
         model, text_encoder = build_model(cfg, "cpu")
@@ -301,10 +306,9 @@ class TrainingTask:
         self.phase_sampler = None if settings is None else PhaseSampler(
             settings, seed=cfg.run.seed, num_blocks=len(model.video_encoder.blocks))
         self.train_dataset = build_video_dataset(cfg, self.train_spec, training=True)
-        self.val_dataset = None
-        if cfg.data.val_annotations is not None or cfg.data.dataset == SYNTHETIC_DATASET:
-            self._val_spec = data_spec(cfg, "val")
-            self.val_dataset = "lazy"  # built on first evaluation
+        has_validation = cfg.data.val_annotations is not None or cfg.data.dataset == SYNTHETIC_DATASET
+        self.val_spec: Optional[DataSpec] = data_spec(cfg, "val") if has_validation else None
+        self._val_dataset = None
         self.epoch = 0
 
     # the Trainer calls these
@@ -331,6 +335,16 @@ class TrainingTask:
             **_clip_options(self.cfg, training=True),
         )
 
+    def validation_dataset(self):
+        """The validation split's dataset (built on the first call, with ``eval``'s views); ``None``
+        without a validation split."""
+        if self.val_spec is not None and self._val_dataset is None:
+            evaluation = self.cfg.eval
+            self._val_dataset = build_video_dataset(
+                self.cfg, self.val_spec, training=False, n_temporal_views=evaluation.n_temporal_views,
+                n_spatial_crops=evaluation.n_spatial_crops)
+        return self._val_dataset
+
     def student_state_dict(self) -> dict:
         return student_state_dict(self.module.model)
 
@@ -340,13 +354,12 @@ class TrainingTask:
     def evaluate(self, module: nn.Module, context, *, details: bool = False) -> dict:
         """Top-1/top-5 (%) on the validation split with the training classes (single process view);
         ``details``: also ``labels`` and ``predictions`` (class index per evaluated video, as lists)."""
+        dataset = self.validation_dataset()
+        if dataset is None:
+            raise ValueError("this training task has no validation split (data.val_annotations)")
         evaluation = self.cfg.eval
-        if self.val_dataset == "lazy":
-            self.val_dataset = build_video_dataset(
-                self.cfg, self._val_spec, training=False, n_temporal_views=evaluation.n_temporal_views,
-                n_spatial_crops=evaluation.n_spatial_crops)
         result = score_dataset(
-            module.model, self.val_dataset, module.text_features, module.text_mask,
+            module.model, dataset, module.text_features, module.text_mask,
             batch_size=evaluation.batch_size, num_workers=self.cfg.data.num_workers,
             device=module.text_features.device, context=context, seed=int(self.cfg.run.seed),
         )
@@ -358,5 +371,5 @@ class TrainingTask:
         return out
 
 
-def build_training_task(cfg: DictConfig, device) -> TrainingTask:
-    return TrainingTask(cfg, device)
+def build_training_task(cfg: DictConfig) -> TrainingTask:
+    return TrainingTask(cfg)

@@ -167,7 +167,7 @@ class Trainer:
                 prepare_synthetic(cfg)
             barrier(self.context)
         seed_everything(cfg.run.seed)
-        self.task = build_training_task(cfg, self.device)
+        self.task = build_training_task(cfg)
         seed_everything(derive_seed(cfg.run.seed, "process", self.context.rank))
         self.module = self.task.module.to(self.device)
         self.ddp = self.module
@@ -460,7 +460,7 @@ class Trainer:
     def evaluate(self, *, details: bool = False) -> dict:
         """Top-1 of the current weights on the validation set (if the task has one); ``details``: also
         the label and prediction of every video (``val_labels``, ``val_predictions``)."""
-        if getattr(self.task, "val_dataset", None) is None:
+        if self.task.val_spec is None:
             return {}
         metrics = self.task.evaluate(self.module, self.context, details=details)
         self.module.train()
