@@ -270,12 +270,28 @@ class _OpenClipAttention(torch.nn.Module):
         return self.out_drop(self.out_proj(merged))
 
 
+class _LayersLayerNorm(torch.nn.LayerNorm):
+    """open_clip's LayerNorm (F.layer_norm, the result cast back to the input's dtype) as its main branch
+    defines it: in ``open_clip.layers`` (3.x: ``open_clip.transformer``), the module named below."""
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+try:  # the installed open_clip's, where it has that module
+    from open_clip.layers import LayerNorm as _MainBranchLayerNorm
+except ImportError:
+    _LayersLayerNorm.__module__ = "open_clip.layers"
+    _MainBranchLayerNorm = _LayersLayerNorm
+
+
 class _OpenClipBlock(torch.nn.Module):
-    """open_clip's ResidualAttentionBlock layout (ln_1, attn, ls_1, ln_2, mlp, ls_2) around ``attn``."""
+    """open_clip's ResidualAttentionBlock layout (ln_1, attn, ls_1, ln_2, mlp, ls_2) around ``attn``, with
+    the LayerNorm of open_clip's main branch."""
 
     def __init__(self, attn, dim, ls_init_value=0.5):
         super().__init__()
-        self.ln_1, self.ln_2 = torch.nn.LayerNorm(dim), torch.nn.LayerNorm(dim)
+        self.ln_1, self.ln_2 = _MainBranchLayerNorm(dim), _MainBranchLayerNorm(dim)
         self.attn = attn
         self.ls_1, self.ls_2 = LayerScale(dim, ls_init_value), LayerScale(dim, ls_init_value)
         self.mlp = torch.nn.Sequential(OrderedDict([

@@ -196,7 +196,9 @@ def output_projection(attn: nn.Module, heads: torch.Tensor) -> torch.Tensor:
 # LayerNorm classes whose forward is F.layer_norm over the last dimension (open_clip's casts the
 # result back to the input dtype, LayerNormFp32 computes in float32): the norm the shared
 # projections' identity is written for. A subclass with its own forward could compute anything.
-_LAYER_NORM_MODULES = ("torch.nn.modules.normalization", "open_clip.transformer", "open_clip.model")
+# open_clip defines its LayerNorm / LayerNormFp32 in transformer.py (3.x) or layers.py (main branch).
+_LAYER_NORM_MODULES = ("torch.nn.modules.normalization", "open_clip.transformer", "open_clip.layers",
+                       "open_clip.model")
 
 
 def check_shared_projection_norm(block: nn.Module, width: int, name: str = "block") -> None:
