@@ -13,7 +13,7 @@ import sys
 from typing import Optional, Sequence
 
 from .engine import comparison
-from .engine.cli import ArgumentParser, cli_main
+from .cli import ArgumentParser, cli_main
 
 
 def run(argv: Optional[Sequence[str]] = None) -> int:

@@ -4,7 +4,7 @@ Every error stdd raises for bad input -- a config key or value, an argument, a
 file that is missing, malformed or in the way, weights that cannot be found, a
 checkpoint that cannot be used -- derives from :class:`UsageError`, and its
 message names the culprit (the dotted config key, the flag, the file and line).
-The command lines (:func:`stdd.engine.cli.cli_main`) print such an error as
+The command lines (:func:`stdd.cli.cli_main`) print such an error as
 one line ``error: <message>`` on stderr and exit with status 2; any other
 exception is a bug or a failure of the environment and keeps its traceback.
 

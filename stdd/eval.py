@@ -39,24 +39,28 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .data.annotations import ANNOTATION_FORMATS, OFFICIAL_SPLITS
+from .cli import ArgumentParser, cli_main
+from .data import load_annotations
+from .data.annotations import ANNOTATION_FORMATS, OFFICIAL_SPLITS, resolve_class_names
 from .data.sampling import SPATIAL_CROPS
 from .engine import metrics, protocols
-from .engine.cli import ArgumentParser, cli_main
 from .engine.config import ConfigError
 from .engine.distributed import DEVICES, cleanup_distributed, init_distributed
+from .engine.evaluation import score_dataset
+from .engine.inference import config_for_weights, load_model_for_inference
+from .engine.precision import autocast_dtype
 from .engine.runlock import EVAL_LOCK_NAME, acquire_lock, describe_holder
+from .engine.task import build_prompts, build_video_dataset, text_features_for
 from .errors import InputError
 from .files import atomic_write, remove_orphan_temporaries
-from .resources import DATASETS, K600_NOVEL_LISTS
+from .resources import DATASETS, K400_RENAMED_IN_K600, K600_NOVEL_LISTS
+from .resources import class_names as shipped  # the shipped class lists
 
 PROTOCOLS = ("ep1", "ep2", "ep3", "k600")
 
 
 def _records_for(args, class_names: Optional[list[str]]):
     """``(records, class names, per-file record index lists)`` from ``--annotations``."""
-    from .data import load_annotations
-
     all_records, per_file, names = [], [], class_names
     position = {}
     sources = list(args.annotations)
@@ -99,8 +103,6 @@ def build_splits(args, class_names: list[str], per_file: list[list[int]]) -> lis
                               "(UCF101 testlist01..03) or an HMDB51 split directory with --format hmdb51")
         return protocols.ep3_splits(class_names, per_file)
     if args.protocol == "k600":
-        from .resources import K400_RENAMED_IN_K600, class_names as shipped
-
         if args.k600_classes == "k600_new_release":
             return protocols.k600_splits(class_names, novel_names=shipped(args.k600_classes), seed=args.seed,
                                          num_splits=args.k600_splits)
@@ -155,8 +157,6 @@ def require_scored_videos(scored, records, sources) -> None:
 
 
 def run_evaluation(args) -> dict:
-    from .engine.inference import config_for_weights
-
     cfg, state = config_for_weights(args.checkpoint, args.config, args.overrides,
                                     trust_checkpoint_pretrained=args.trust_checkpoint_pretrained)
     context = init_distributed(cfg.run.device if args.device is None else args.device)
@@ -170,12 +170,6 @@ def run_evaluation(args) -> dict:
 
 def _evaluate(args, cfg, state, context, out: Path) -> dict:
     """The evaluation itself, with ``--out-dir`` held (:func:`run_evaluation`)."""
-    from .data.annotations import resolve_class_names
-    from .engine.evaluation import score_dataset
-    from .engine.inference import load_model_for_inference
-    from .engine.precision import autocast_dtype
-    from .engine.task import build_prompts, build_video_dataset, text_features_for
-
     class_names = resolve_class_names(args.classes, where="--classes") if args.classes else None
     records, class_names, per_file = _records_for(args, class_names)
     if not records:

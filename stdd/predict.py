@@ -40,17 +40,20 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .engine.cli import EXIT_FAILURES, EXIT_OK, ArgumentParser, cli_main, split_overrides
-from .engine.distributed import DEVICES
+from .cli import EXIT_FAILURES, EXIT_OK, ArgumentParser, cli_main, split_overrides
+from .data import VideoRecord, read_class_names
+from .data.decoders import VIDEO_SUFFIXES
+from .engine.distributed import DEVICES, resolve_device
+from .engine.metrics import aggregate_views
+from .engine.precision import autocast_dtype
 from .errors import InputError
+from .knowledge.prompts import load_prompts
 
 
 def _class_list(classes, class_file) -> list[str]:
     if classes is not None and class_file is not None:
         raise InputError("give either classes or class_file, not both")
     if class_file is not None:
-        from .data import read_class_names
-
         path = Path(os.path.expanduser(str(class_file)))
         if not path.is_file():
             raise InputError(f"class_file {path}: no such file")
@@ -73,8 +76,6 @@ def _class_list(classes, class_file) -> list[str]:
 
 def video_paths(videos) -> list[Path]:
     """The video files of ``videos`` (files, or folders standing for the videos directly in them)."""
-    from .data.decoders import VIDEO_SUFFIXES
-
     if isinstance(videos, (str, os.PathLike)):
         videos = [videos]
     paths = []
@@ -94,17 +95,12 @@ def video_paths(videos) -> list[Path]:
     return paths
 
 
-def _prompts_for(names: list[str], prompts_file) -> dict[str, list[str]]:
-    from .askg import load_prompts
-    from .engine.task import build_prompts
-
-    templates = build_prompts("templates", names)
-    if prompts_file is None:
-        return templates
-    covered = load_prompts(prompts_file, names, partial=True)  # classes missing from the file: templates
+def _file_prompts(names: list[str], prompts_file) -> dict[str, list[str]]:
+    """The prompts ``prompts_file`` holds for some of ``names`` (the others get the templates)."""
+    covered = load_prompts(prompts_file, names, partial=True)
     if not covered:
         raise InputError(f"prompts {prompts_file}: covers none of the classes {names[:5]}")
-    return {name: covered.get(name, templates[name]) for name in names}
+    return covered
 
 
 def predict(
@@ -126,23 +122,22 @@ def predict(
 
     ``trust_checkpoint_pretrained``: load the CLIP weights file that the checkpoint's stored
     config names in ``model.pretrained`` (refused by default; open_clip tags are always used)."""
-    from .data import VideoRecord
-    from .engine.evaluation import score_dataset
-    from .engine.metrics import aggregate_views
-    from .engine.inference import config_for_weights, load_model_for_inference
-    from .engine.precision import autocast_dtype
-    from .engine.task import build_video_dataset, text_features_for
-    from .model.clip_loading import WeightsUnavailableError
-
     paths = video_paths(videos)
     if not isinstance(top_k, int) or top_k < 1:
         raise InputError(f"top_k must be a positive integer, got {top_k!r}")
     names = _class_list(classes, class_file)
-    class_prompts = _prompts_for(names, prompts)
+    covered = {} if prompts is None else _file_prompts(names, prompts)
+    # The model's side imports open_clip (seconds): here, after the arguments are checked, so that
+    # --help and a bad argument answer at once.
+    from .engine.evaluation import score_dataset
+    from .engine.inference import config_for_weights, load_model_for_inference
+    from .engine.task import build_prompts, build_video_dataset, text_features_for
+    from .model.clip_loading import WeightsUnavailableError
+
+    templates = build_prompts("templates", names)
+    class_prompts = {name: covered.get(name, templates[name]) for name in names}
     cfg, state = config_for_weights(None if checkpoint is None else str(checkpoint), config, list(overrides),
                                     trust_checkpoint_pretrained=trust_checkpoint_pretrained)
-    from .engine.distributed import resolve_device
-
     run_device = resolve_device(device or cfg.run.device)
     try:
         model, text = load_model_for_inference(cfg, state, run_device)

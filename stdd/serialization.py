@@ -84,7 +84,7 @@ def load_state_dict_file(path: Union[str, os.PathLike], what: str = "weights fil
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise UnreadableFileError(f"{what} {path}: no such file")
-        try:
+        try:  # optional package: only .safetensors files need it
             from safetensors.torch import load_file
         except ImportError as error:
             raise UnreadableFileError(f"{what} {path}: reading .safetensors needs the safetensors package") from error

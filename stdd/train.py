@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from .engine.cli import ArgumentParser, cli_main
+from .cli import ArgumentParser, cli_main
+from .engine.comparison import run_demo
 from .engine.config import load_config
 from .engine.distributed import cleanup_distributed
 from .engine.resume import parse_allowed
@@ -42,8 +43,6 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     """The command line's work; errors are raised (:func:`main` reports them)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
-        from .engine.comparison import run_demo
-
         run_demo()
         return 0
     args = build_argument_parser().parse_args(argv)

@@ -20,12 +20,12 @@ REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["moving left", "moving right", "growing"]
 
 
-def run_cli(module, *args, env_extra=None, timeout=300):
+def run_cli(module, *args, env_extra=None, timeout=300, python_options=()):
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop(cli.DEBUG_ENV, None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, *python_options, "-m", module, *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -151,6 +151,28 @@ def test_predict_errors_are_one_line(videos, weights, tmp_path):
     missing = tmp_path / "nothing.mp4"
     assert_one_line_usage_error(run_cli("stdd.predict", missing, "--classes", "a,b", "--checkpoint", weights),
                                 missing)
+
+
+def test_help_and_bad_arguments_do_not_import_what_the_command_does_not_need(tmp_path):
+    """``--help`` and a bad argument answer before the slow imports: stdd.predict without open_clip (the
+    model's side, seconds to import), stdd.askg without torch. Read off ``python -X importtime``."""
+
+    def imported(result):
+        return {line.rsplit("|", 1)[1].strip().split(".")[0] for line in result.stderr.splitlines()
+                if line.startswith("import time:") and "|" in line}
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    runs = {
+        "stdd.predict": [("--help",), (tmp_path / "missing.mp4", "--classes", "a,b"), (empty, "--classes", "a,b")],
+        "stdd.askg": [("--help",), ("prompts", "--graph", tmp_path / "missing", "--out", tmp_path / "p.json")],
+    }
+    avoided = {"stdd.predict": "open_clip", "stdd.askg": "torch"}
+    for module, argument_lists in runs.items():
+        for arguments in argument_lists:
+            result = run_cli(module, *arguments, python_options=("-X", "importtime"))
+            assert result.returncode == (0 if arguments == ("--help",) else cli.EXIT_USAGE), result.stderr[-3000:]
+            assert "stdd" in imported(result) and avoided[module] not in imported(result), (module, arguments)
 
 
 def test_predict_takes_folders_and_overrides_anywhere(videos, weights, tmp_path):

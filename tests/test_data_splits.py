@@ -64,13 +64,19 @@ def records_of(dataset):
 def test_hmdb51_training_reads_the_train_videos_and_validation_the_test_videos(hmdb51, tmp_path):
     _, videos = hmdb51
     cfg = hmdb_config(hmdb51, tmp_path)
-    task = TrainingTask(cfg, "cpu")  # what the trainer builds
+    task = TrainingTask(cfg)  # what the trainer builds
     assert records_of(task.train_dataset) == expected(1, 1, videos)
     item = task.train_dataset[0]  # a real clip of a train video
     assert not item["failures"] and item["video"].shape[0] == 4
-    val = build_video_dataset(cfg, data_spec(cfg, "val"), training=False)
-    assert records_of(val) == expected(1, 2, videos)
+    val = task.validation_dataset()  # what the trainer's evaluations read: built on the first one, then kept
+    assert records_of(val) == expected(1, 2, videos) and task.validation_dataset() is val
+    assert val[0]["video"].shape[:2] == (cfg.eval.n_temporal_views * cfg.eval.n_spatial_crops, 4)
     assert not set(records_of(task.train_dataset)) & set(records_of(val))
+
+
+def test_a_run_without_validation_annotations_has_no_validation_split(hmdb51, tmp_path):
+    task = TrainingTask(hmdb_config(hmdb51, tmp_path, "data.val_annotations=null"))
+    assert task.val_spec is None and task.validation_dataset() is None
 
 
 def test_hmdb51_split_is_a_config_key(hmdb51, tmp_path):

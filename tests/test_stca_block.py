@@ -2,16 +2,20 @@
 matches a literal, step-by-step reading of docs/stca.md (steps 1-4) otherwise."""
 
 import copy
+import re
+from collections import OrderedDict
 
 import pytest
 import torch
 
 pytest.importorskip("open_clip")
 
-from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
+import open_clip.transformer as open_clip_transformer
+from open_clip.transformer import CustomResidualAttentionBlock, LayerScale, ResidualAttentionBlock, VisionTransformer
 
 import stdd_kernels
-from stdd.model import STCABlock, STCASettings, multi_head_self_attention
+from stdd.model import STCABlock, STCASettings, VideoEncoder, multi_head_self_attention
+from stdd.model.stca_settings import PROJECTIONS
 from stdd_kernels import reference
 from stdd_kernels.geometry import make_geometry
 
@@ -221,6 +225,170 @@ def test_block_check_is_duck_typed_on_what_stca_uses():
         broken = _PackedAttentionBlock(48, 4)
         broken.attn.num_heads = 5
         STCABlock(broken, num_frames=3)
+
+
+class _OpenClipAttention(torch.nn.Module):
+    """Laid out like open_clip's own ``Attention`` (with which its main branch builds every
+    ``ResidualAttentionBlock``): a packed ``in_proj_weight`` (3D, D) and ``in_proj_bias``, ``out_proj``,
+    ``num_heads``, ``head_dim``, ``scale``, ``attn_drop`` and ``out_drop`` dropouts; ``ln_q`` / ``ln_k``
+    (qk-norm, per head) and ``ln_inner`` (inner norm) that are ``nn.Identity`` unless switched on;
+    ``logit_scale`` (scaled-cosine attention) and ``head_scale`` that are ``None`` unless switched on;
+    and no ``batch_first`` attribute: it takes (N, L, D) by construction. ``batch_first`` given: the
+    attribute is set (an older layout that had the setting)."""
+
+    def __init__(self, dim, num_heads, *, qk_norm=False, scaled_cosine=False, scale_heads=False, inner_norm=False,
+                 proj_drop=0.0, scale=None, batch_first=None):
+        super().__init__()
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.scale = self.head_dim ** -0.5 if scale is None else scale
+        self.in_proj_weight = torch.nn.Parameter(torch.randn(3 * dim, dim) * dim**-0.5)
+        self.in_proj_bias = torch.nn.Parameter(0.1 * torch.randn(3 * dim))
+        self.ln_q = torch.nn.LayerNorm(self.head_dim) if qk_norm else torch.nn.Identity()
+        self.ln_k = torch.nn.LayerNorm(self.head_dim) if qk_norm else torch.nn.Identity()
+        self.logit_scale = torch.nn.Parameter(torch.full((num_heads, 1, 1), 2.3)) if scaled_cosine else None
+        self.head_scale = torch.nn.Parameter(torch.rand(num_heads, 1, 1) + 0.5) if scale_heads else None
+        self.ln_inner = torch.nn.LayerNorm(dim) if inner_norm else torch.nn.Identity()
+        self.attn_drop = torch.nn.Dropout(0.0)
+        self.out_proj = torch.nn.Linear(dim, dim)
+        self.out_drop = torch.nn.Dropout(proj_drop)
+        if batch_first is not None:
+            self.batch_first = batch_first
+
+    def forward(self, x, attn_mask=None):  # (N, L, D)
+        n, length, dim = x.shape
+        q, k, v = (part.reshape(n, length, self.num_heads, self.head_dim).transpose(1, 2)
+                   for part in torch.nn.functional.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1))
+        if self.logit_scale is not None:
+            unit = torch.nn.functional.normalize
+            logits = unit(q, dim=-1) @ unit(k, dim=-1).transpose(-1, -2) * self.logit_scale.exp()
+        else:
+            logits = self.ln_q(q) @ self.ln_k(k).transpose(-1, -2) * self.scale
+        heads = self.attn_drop(logits.softmax(dim=-1)) @ v  # (N, H, L, head_dim)
+        if self.head_scale is not None:
+            heads = heads * self.head_scale
+        merged = self.ln_inner(heads.transpose(1, 2).reshape(n, length, dim))
+        return self.out_drop(self.out_proj(merged))
+
+
+class _LayersLayerNorm(torch.nn.LayerNorm):
+    """open_clip's LayerNorm (F.layer_norm, the result cast back to the input's dtype) as its main branch
+    defines it: in ``open_clip.layers`` (3.x: ``open_clip.transformer``), the module named below."""
+
+    def forward(self, x):
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps).to(x.dtype)
+
+
+try:  # the installed open_clip's, where it has that module
+    from open_clip.layers import LayerNorm as _MainBranchLayerNorm
+except ImportError:
+    _LayersLayerNorm.__module__ = "open_clip.layers"
+    _MainBranchLayerNorm = _LayersLayerNorm
+
+
+class _OpenClipBlock(torch.nn.Module):
+    """open_clip's ResidualAttentionBlock layout (ln_1, attn, ls_1, ln_2, mlp, ls_2) around ``attn``, with
+    the LayerNorm of open_clip's main branch."""
+
+    def __init__(self, attn, dim, ls_init_value=0.5):
+        super().__init__()
+        self.ln_1, self.ln_2 = _MainBranchLayerNorm(dim), _MainBranchLayerNorm(dim)
+        self.attn = attn
+        self.ls_1, self.ls_2 = LayerScale(dim, ls_init_value), LayerScale(dim, ls_init_value)
+        self.mlp = torch.nn.Sequential(OrderedDict([
+            ("c_fc", torch.nn.Linear(dim, 2 * dim)), ("gelu", torch.nn.GELU()), ("c_proj", torch.nn.Linear(2 * dim, dim)),
+        ]))
+
+    def forward(self, x, attn_mask=None):
+        x = x + self.ls_1(self.attn(self.ln_1(x)))
+        return x + self.ls_2(self.mlp(self.ln_2(x)))
+
+
+def _open_clip_block(dim=48, heads=4, *, attention="written", seed=0, **options):
+    torch.manual_seed(seed)
+    if attention == "written":
+        attn = _OpenClipAttention(dim, heads, **options)
+    else:  # the installed open_clip's own module, where it has one
+        if getattr(open_clip_transformer, "Attention", None) is None:
+            pytest.skip("this open_clip has no Attention module")
+        attn = open_clip_transformer.Attention(dim, heads, **options)
+    block = _OpenClipBlock(attn, dim)
+    with torch.no_grad():  # non-trivial biases, norms and layer scales
+        for p in block.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return block.eval()
+
+
+def _multihead_twin(block, dim=48, heads=4):
+    """``block`` with an nn.MultiheadAttention holding the same weights."""
+    twin = copy.deepcopy(block)
+    twin.attn = torch.nn.MultiheadAttention(dim, heads, batch_first=True)
+    with torch.no_grad():
+        twin.attn.in_proj_weight.copy_(block.attn.in_proj_weight)
+        twin.attn.in_proj_bias.copy_(block.attn.in_proj_bias)
+        twin.attn.out_proj.load_state_dict(block.attn.out_proj.state_dict())
+    return twin.eval()
+
+
+@pytest.mark.parametrize("attention", ["written", "open_clip"])
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_open_clip_attention_module_layout_is_computed_as_its_block(projection, attention):
+    block = _open_clip_block(attention=attention)
+    assert not hasattr(block.attn, "batch_first")
+    x = torch.randn(2 * 3, 17, 48)
+    with torch.no_grad():
+        off = STCASettings(mask_ratio=0.0, mixing="none", backend="reference", projection=projection)
+        torch.testing.assert_close(STCABlock(block, off, num_frames=3).eval()(x), block(x), atol=1e-5, rtol=1e-5)
+        # STCA on: what the same weights give in an nn.MultiheadAttention block
+        twin = _multihead_twin(block)
+        h = block.ln_1(x)
+        torch.testing.assert_close(twin.attn(h, h, h, need_weights=False)[0], block.attn(h), atol=1e-5, rtol=1e-5)
+        on = STCASettings(channel_fold=8, backend="reference", projection=projection)
+        phase = torch.tensor([[0, 1, 2], [3, 1, 0]])
+        torch.testing.assert_close(STCABlock(block, on, num_frames=3).eval()(x, phase),
+                                   STCABlock(twin, on, num_frames=3).eval()(x, phase), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("projection", PROJECTIONS)
+def test_video_encoder_converts_a_vit_built_with_that_attention_module(projection):
+    torch.manual_seed(0)
+    visual = VisionTransformer(image_size=16, patch_size=4, width=48, layers=2, heads=4, mlp_ratio=2.0,
+                               output_dim=24).eval()
+    video = torch.randn(2, 3, 3, 16, 16)
+    with torch.no_grad():
+        expected = visual(video.flatten(0, 1)).reshape(2, 3, -1)
+        blocks = visual.transformer.resblocks
+        for index, block in enumerate(blocks):  # the same weights in blocks laid out as open_clip's main branch's
+            attention = _OpenClipAttention(48, 4)
+            attention.in_proj_weight.copy_(block.attn.in_proj_weight)
+            attention.in_proj_bias.copy_(block.attn.in_proj_bias)
+            attention.out_proj.load_state_dict(block.attn.out_proj.state_dict())
+            blocks[index] = _OpenClipBlock(attention, 48)
+            for part in ("ln_1", "ls_1", "ln_2", "mlp", "ls_2"):
+                setattr(blocks[index], part, getattr(block, part))
+        torch.testing.assert_close(visual(video.flatten(0, 1)).reshape(2, 3, -1), expected, atol=1e-5, rtol=1e-5)
+        settings = STCASettings(window=(2, 2), mask_ratio=0.0, mixing="none", backend="reference",
+                                projection=projection)
+        encoder = VideoEncoder(visual, settings).eval()
+        torch.testing.assert_close(encoder(video), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(qk_norm=True), "qk-norm (ln_q)"),
+    (dict(qk_norm=True, batch_first=True), "qk-norm (ln_q)"),
+    (dict(qk_norm=True, attention="open_clip"), "qk-norm (ln_q)"),
+    (dict(scaled_cosine=True), "scaled-cosine attention (logit_scale)"),
+    (dict(scale_heads=True), "head scaling (head_scale)"),
+    (dict(inner_norm=True), "inner attention norm (ln_inner)"),
+    (dict(inner_norm=True, attention="open_clip"), "inner attention norm (ln_inner)"),
+    (dict(proj_drop=0.1), "drops out its output (out_drop"),
+    (dict(scale=0.5), "scales its attention logits by 0.5"),
+    (dict(batch_first=False), "must be batch-first"),
+])
+def test_open_clip_attention_variants_stca_does_not_compute_are_refused(options, message):
+    block = _open_clip_block(**options)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        STCABlock(block, STCASettings(channel_fold=8), num_frames=3)
 
 
 def test_xformers_request_without_xformers_is_a_clear_error():

@@ -14,7 +14,7 @@ Two stages per class, against any OpenAI-compatible chat-completions endpoint
            action triples ("Try to complete the whole sentence according to each
            relation triple").
 
-Every answer is parsed as JSON and validated (`stdd.askg.schema`); an invalid
+Every answer is parsed as JSON and validated (`stdd.knowledge.schema`); an invalid
 answer, HTTP 429/5xx, a timeout or a dropped connection is retried with
 exponential backoff (the retry of an invalid answer shows the model its errors),
 up to `retries` times, after which the class is reported as failed and the run
@@ -44,7 +44,6 @@ import base64
 import concurrent.futures
 import dataclasses
 import email.utils
-import hashlib
 import json
 import logging
 import os
@@ -58,9 +57,9 @@ from urllib.parse import parse_qsl, quote, quote_plus, unquote, urlsplit, urluns
 
 from ..files import atomic_write
 from ..resources import CLASS_COUNTS, display_name
-from .schema import (
+from ..knowledge.schema import (
     OBJECTS_MAX, OBJECTS_MIN, SCHEMA_VERSION, SUB_ACTIONS_MAX, SUB_ACTIONS_MIN, AskgError, AskgFileError,
-    normalize_entity, read_json_file, validate_graph, validate_stage1,
+    class_slug, normalize_entity, read_json_file, validate_graph, validate_stage1,
 )
 
 log = logging.getLogger("stdd.askg")
@@ -285,15 +284,6 @@ def retry_after_seconds(exc: Exception) -> float | None:
         return None
 
 
-def class_slug(name: str) -> str:
-    """File-name-safe, collision-free name: readable part + hash of the exact name.
-
-    (K600 has names differing only in case, e.g. "passing American/american football".)
-    """
-    readable = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")[:60] or "class"
-    return f"{readable}-{hashlib.sha1(name.encode('utf-8')).hexdigest()[:8]}"
-
-
 def atomic_write_json(path: Path, payload: Any) -> None:
     """Write ``payload`` as UTF-8 JSON to ``path`` atomically (:func:`stdd.files.atomic_write`)."""
     atomic_write(path, json.dumps(payload, ensure_ascii=False, indent=1) + "\n")
@@ -372,7 +362,9 @@ def resolve_classes(spec: str) -> tuple[str, list[str]]:
     Files are read by the data package's class-list reader (`stdd.data.annotations.read_class_names`:
     one name per line, or UCF101's "<id> <name>" classInd.txt). The dataset name of a file is its stem.
     """
-    from stdd.data.annotations import resolve_class_names
+    # Imported here, not at the top: the data package imports torch (seconds), which
+    # `python -m stdd.askg` needs for nothing else (its --help and other commands start in 0.1 s).
+    from ..data.annotations import resolve_class_names
 
     names = resolve_class_names(spec, where="--classes")
     return (spec.lower() if spec.lower() in CLASS_COUNTS else Path(spec).stem), names
@@ -400,7 +392,7 @@ class AskgBuilder:
                 raise AskgError(
                     f"no API key: environment variable {config.api_key_env} is not set "
                     f"(name another with --api-key-env; for a local server that ignores keys, set it to any value)")
-            import openai  # imported here: the rest of stdd.askg works without it
+            import openai  # optional package: only talking to an endpoint needs it
 
             client = openai.OpenAI(api_key=api_key, base_url=config.base_url,
                                    max_retries=0, timeout=config.timeout_s)
@@ -442,7 +434,7 @@ class AskgBuilder:
     @staticmethod
     def _classify(exc: Exception) -> str:
         """'retry' (transient / invalid answer) or 'fatal' (the endpoint will refuse every class)."""
-        import openai
+        import openai  # optional package: only the errors of an endpoint's client are classified here
 
         if isinstance(exc, (_UnusableAnswer, json.JSONDecodeError, openai.APIResponseValidationError)):
             return "retry"

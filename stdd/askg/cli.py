@@ -32,12 +32,14 @@ import logging
 import sys
 from pathlib import Path
 
-from ..engine.cli import ArgumentParser, cli_main
+from ..cli import ArgumentParser, cli_main
+from ..knowledge.prompts import format_graph, load_graphs, prompt_lists
+from ..knowledge.schema import AskgError, read_json_file, validate_askg_document
 from ..resources import ASKG_SETS, askg_path
 from . import builder as askg_lib
-from .builder import AskgBuilder, AskgConfig, AskgError
-from .prompts import format_graph, load_graphs, prompt_lists
+from .builder import AskgBuilder, AskgConfig
 from .release import RELEASE_SETS, RELEASE_TEMPLATE_COUNT, describe_match, import_release, write_release_import
+
 
 def _graph_source(spec: str) -> Path:
     return askg_path(spec) if spec.lower() in ASKG_SETS and not Path(spec).exists() else Path(spec)
@@ -111,8 +113,6 @@ def _cmd_inspect(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from .schema import read_json_file, validate_askg_document
-
     # Every file is read first: one that cannot be read or is not JSON is bad input (exit 2, one line).
     documents = [(path, read_json_file(path)) for path in map(_graph_source, args.files)]
     status = 0
@@ -251,5 +251,5 @@ def run(argv: list[str] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m stdd.askg``: exit status as in the module docstring (:func:`stdd.engine.cli.cli_main`)."""
+    """``python -m stdd.askg``: exit status as in the module docstring (:func:`stdd.cli.cli_main`)."""
     return cli_main(run, argv)

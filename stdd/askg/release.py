@@ -30,7 +30,7 @@ Spatial prompts come from ``xprompt_oo``, temporal ones from ``xprompt_ao`` +
 
 :func:`import_release` reads the three files (:class:`ReleaseImport`);
 :func:`write_release_import` writes ``askg.json`` (this project's graph file,
-``stdd.askg.schema``), ``prompts.json`` (xmix), ``prompts_spatial.json``,
+``stdd.knowledge.schema``), ``prompts.json`` (xmix), ``prompts_spatial.json``,
 ``prompts_temporal.json`` (``{class: [sentences]}``, what ``stdd.eval
 --prompts`` reads) and ``report.json``. ``python -m stdd.askg import-release``
 is the command line.
@@ -44,9 +44,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Hashable, Mapping, Optional, Sequence
 
+import yaml
+
+from ..knowledge.prompts import DEFAULT_TEMPLATES
+from ..knowledge.schema import (
+    SCHEMA_VERSION, AskgError, class_node_keys, normalize_entity, prompt_prefix, validate_graph,
+)
 from ..resources import class_names, display_name
-from .builder import AskgError, atomic_write_json
-from .schema import SCHEMA_VERSION, class_node_keys, normalize_entity, prompt_prefix, validate_graph
+from .builder import atomic_write_json
 
 # The sets the release ships knowledge files for.
 RELEASE_SETS = ("ucf101", "hmdb51", "k400")
@@ -106,8 +111,6 @@ def release_prompts(class_text: str, clauses: Sequence[str], templates: Sequence
 
 def _load_yaml(path: Path, argument: str) -> tuple[Any, list[str]]:
     """The document in ``path`` and the top-level keys it repeats (YAML keeps the last; we report them)."""
-    import yaml
-
     repeated: list[str] = []
 
     class _Loader(yaml.SafeLoader):
@@ -313,7 +316,7 @@ def import_release(
     counted; in the triples the class, spelled as the release's files spell it, is
     written as its display name (the graph's class node). Templates:
     the first ``num_templates`` of the ``labels`` file; without one, this project's
-    video templates (``stdd.model.DEFAULT_TEMPLATES``), said so in the report.
+    video templates (``stdd.knowledge.DEFAULT_TEMPLATES``), said so in the report.
     Errors (an unreadable file, a field of the wrong type) are
     :class:`ReleaseFormatError` naming the argument and the file.
     """
@@ -334,8 +337,6 @@ def import_release(
         label_classes, all_templates = _read_labels(Path(labels))
         template_source = f"the first {num_templates} of {Path(labels).name}"
     else:
-        from ..model import DEFAULT_TEMPLATES
-
         label_classes, all_templates = None, list(DEFAULT_TEMPLATES)
         template_source = f"no --labels: the first {num_templates} of this project's templates"
     templates = all_templates[:num_templates]

@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from ..errors import UsageError
+from ..resources import CLASS_COUNTS
+from ..resources import class_names as shipped_class_names
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +145,6 @@ def resolve_class_names(spec, *, where: str = "classes") -> list[str]:
 
     ``ValueError`` (an `AnnotationError` for a malformed file) names ``where`` and the problem.
     """
-    from stdd.resources import CLASS_COUNTS, class_names
-
     if spec is None:
         raise ValueError(f"{where}: no class list given")
     if isinstance(spec, Sequence) and not isinstance(spec, str):
@@ -153,7 +153,7 @@ def resolve_class_names(spec, *, where: str = "classes") -> list[str]:
         if duplicates:
             raise ValueError(f"{where}: duplicated class names {duplicates[:5]}")
     elif str(spec).lower() in CLASS_COUNTS:
-        names = class_names(str(spec).lower())
+        names = shipped_class_names(str(spec).lower())
     else:
         path = Path(os.path.expanduser(str(spec)))
         if not path.is_file():

@@ -87,7 +87,7 @@ DALI_READERS = ("legacy", "experimental")
 
 def dali_available() -> bool:
     try:
-        import nvidia.dali  # noqa: F401
+        import nvidia.dali  # noqa: F401  (optional package: this module imports DALI only in functions)
     except ImportError:
         return False
     return True
@@ -107,7 +107,7 @@ def _clip_transforms(video, *, training: bool, crop_size: int, short_side: int, 
 
     is_wide: CPU DataNode, 1.0 where width >= height (needed for 3 crops only; it comes from the
     PyAV probe, so no GPU -> CPU shape transfer is needed)."""
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn, types  # optional package (see dali_available)
 
     mean = [value * 255.0 for value in CLIP_MEAN]
     std = [value * 255.0 for value in CLIP_STD]
@@ -137,7 +137,7 @@ def _clip_transforms(video, *, training: bool, crop_size: int, short_side: int, 
 
 def _reader_pipeline(*, filenames, positions, device, reader, training, clip_length, stride, step, shard_id, num_shards,
                      initial_fill, apply_transforms, transform_options):
-    from nvidia.dali import fn
+    from nvidia.dali import fn  # optional package (see dali_available)
 
     options = dict(
         device=device,
@@ -166,7 +166,7 @@ def _reader_pipeline(*, filenames, positions, device, reader, training, clip_len
 
 
 def _indexed_pipeline(*, source, decoder_device, training, apply_transforms, transform_options):
-    from nvidia.dali import fn, types
+    from nvidia.dali import fn, types  # optional package (see dali_available)
 
     outputs = fn.external_source(
         source=source, num_outputs=4 if source.with_orientation else 3, batch=True, batch_info=True,
@@ -528,7 +528,7 @@ def build_dali_loader(
     probe_cache: a JSON file remembering the build-time probe per video (size + mtime checked).
     apply_transforms=False returns the decoded uint8 frames (B, F, H, W, 3) untouched (for checks).
     """
-    _require_dali()
+    _require_dali()  # DALI is an optional package: imported once a loader is built, after this check
     from nvidia.dali import pipeline_def
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 

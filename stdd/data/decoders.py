@@ -349,7 +349,7 @@ def build_frame_index(path: str | os.PathLike, *, threads: int = 1) -> FrameInde
 
 def _index_container(path, container) -> FrameIndex:
     """Index the first video stream of an open `container` (read to its end; seek before decoding)."""
-    import av
+    import av  # optional package: only decoding needs PyAV, not the rest of stdd.data
 
     errors = (av.error.FFmpegError, OSError, ValueError, RuntimeError)
     stream = container.streams.video[0]
@@ -445,7 +445,7 @@ def _check_matroska_duration(path, container, stream, end_seconds: float, frame_
 
 
 def _open(path: str | os.PathLike):
-    import av
+    import av  # optional package: only decoding needs PyAV, not the rest of stdd.data
 
     if not os.path.isfile(path):
         raise VideoDecodeError(path, "file not found" if not os.path.isdir(path) else "is a directory, not a video file")
@@ -531,7 +531,7 @@ class PyAVDecoder:
     def verify(self, path: str | os.PathLike) -> VideoInfo:
         """Decode every frame (without converting it to RGB); VideoDecodeError unless all frames the
         index counts come out. Catches corrupt data inside a file, which indexing cannot see."""
-        import av
+        import av  # optional package: only decoding needs PyAV, not the rest of stdd.data
 
         info = self.index(path).info
         container, stream = self._open_stream(path)
@@ -576,7 +576,7 @@ class PyAVDecoder:
                            indices=indices, info=info)
 
     def _decode(self, path, choose_indices) -> DecodedClip:
-        import av
+        import av  # optional package: only decoding needs PyAV, not the rest of stdd.data
 
         key = self.index_cache.key(path)
         index = self.index_cache.get(key)
@@ -669,7 +669,7 @@ class PyAVDecoder:
             if container is not None:
                 container.close()
             return self._decode_in_order(path, index, wanted)
-        import av
+        import av  # optional package: only decoding needs PyAV, not the rest of stdd.data
 
         convert = self._converter(index.info)
         number_of = {int(pts): number for number, pts in enumerate(index.pts.tolist())}

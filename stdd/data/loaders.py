@@ -13,6 +13,7 @@ from typing import Sequence
 from torch.utils.data.distributed import DistributedSampler
 
 from .annotations import VideoRecord
+from .dali import build_dali_loader  # imports DALI itself only when a loader is built
 from .dataset import VideoLoader, build_dataset, distributed_rank_world, video_dataloader
 from .sampling import ClipSampling
 
@@ -54,8 +55,6 @@ def build_dataloader(
     backend: "pyav" (CPU decoding in `num_workers` processes) or "dali" (see stdd.data.dali).
     """
     if backend == "dali":
-        from .dali import build_dali_loader
-
         return build_dali_loader(
             annotation_file, training=training, records=records, format=format, root=root, class_names=class_names,
             batch_size=batch_size, sampling=sampling, crop_size=crop_size, short_side=short_side,

@@ -50,7 +50,9 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image, ImageDraw
 
+from ..cli import ArgumentParser, cli_main
 from ..files import atomic_output, atomic_write
 
 # Class name -> (motion kind, sign). Order fixes the label ids.
@@ -228,8 +230,6 @@ def render_motion_frames(
     Drawn at `supersample` times the size and box-filtered down, so edges are anti-aliased and sub-pixel
     motion stays smooth.
     """
-    from PIL import Image, ImageDraw
-
     if num_frames < 2:
         raise ValueError(f"num_frames: expected at least 2 frames to show motion, got {num_frames}")
     if height < 16 or width < 16:
@@ -270,7 +270,7 @@ def encode_video(
     Height and width must be even (yuv420p chroma subsampling). keyframe_interval: maximum frames
     between keyframes (encoder default if None); small values make seeking matter in tests.
     """
-    import av
+    import av  # PyAV is optional until a video is written: the package's other parts work without it
 
     if codec not in CODEC_SETTINGS:
         raise ValueError(f"codec: expected one of {list(CODEC_SETTINGS)}, got {codec!r}")
@@ -429,8 +429,6 @@ def generate_synthetic_dataset(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    from ..engine.cli import ArgumentParser  # the command lines' parser (errors: one line, exit 2)
-
     parser = ArgumentParser(prog="python -m stdd.data.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("root", help="output directory")
     parser.add_argument("--videos-per-class", type=int, default=16, help="training videos per class")
@@ -457,6 +455,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from ..engine.cli import cli_main
-
     sys.exit(cli_main(main))

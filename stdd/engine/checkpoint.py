@@ -45,6 +45,7 @@ from omegaconf import OmegaConf
 from ..errors import UsageError
 from ..files import atomic_write
 from ..serialization import UnreadableFileError, load_torch_file
+from .distributed import all_gather_objects, barrier
 
 CHECKPOINT_FORMAT = "stdd-checkpoint-v1"
 WEIGHTS_FORMAT = "stdd-weights-v1"
@@ -327,8 +328,6 @@ class CheckpointManager:
 
     def save(self, state: Mapping[str, Any]) -> Optional[Path]:
         """Write ``state`` plus ``rng`` (one entry per rank) and ``world_size``; prune old mid-epoch ones."""
-        from .distributed import all_gather_objects, barrier
-
         state = dict(state, rng=all_gather_objects(capture_rng_state(), self.context),
                      world_size=self.context.world_size)
         path = None
@@ -363,8 +362,6 @@ class CheckpointManager:
     def _find_latest_usable(self) -> Optional[tuple[Path, dict]]:
         """``--resume auto``: rank 0 finds the newest usable checkpoint, setting aside (``.corrupt``) and
         reporting the unusable ones; the other ranks then load the one it chose."""
-        from .distributed import all_gather_objects
-
         found = None
         if self.context.is_main:
             skipped: list = []

@@ -42,11 +42,15 @@ from typing import Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
+from ..data.synthetic import MOTION_CLASSES
 from ..errors import UsageError
 from ..files import atomic_write
 from .checkpoint import list_checkpoints
 from .config import apply_overrides, load_config
+from .metrics import confusion_matrix, per_class_accuracy, plot_confusion_matrix, write_per_class_csv
 from .runlock import RunLockError, describe_holder, lock_holder
+from .task import prepare_synthetic
+from .trainer import Trainer
 
 WORK_DIR = "runs/demo"  # where the videos and the two runs go unless told otherwise
 
@@ -120,9 +124,6 @@ def prepare_run_directory(directory: Path, resume: bool, say=print) -> Optional[
 def train_and_evaluate(cfg, *, quiet: bool = False, resume: Optional[str] = None) -> dict:
     """Train ``cfg`` into ``cfg.run.output_dir`` (from scratch, or continued with ``resume="auto"``), evaluate
     on its validation set, write ``per_class.csv`` and ``confusion.png`` there: one result row."""
-    from .metrics import confusion_matrix, per_class_accuracy, plot_confusion_matrix, write_per_class_csv
-    from .trainer import Trainer
-
     start = time.time()
     trainer = Trainer(cfg, resume=resume, quiet=quiet)
     resumed = trainer.checkpoints.last_good
@@ -171,8 +172,6 @@ def _stca_setting(cfg) -> str:
 
 def _opposites(classes: Sequence[str]) -> str:
     """The pairs of the demo's classes that differ only in their direction, as the report names them."""
-    from ..data.synthetic import MOTION_CLASSES
-
     pairs = []
     for index, first in enumerate(classes):
         for second in classes[index + 1:]:
@@ -218,8 +217,6 @@ def run_demo(work_dir: str = WORK_DIR, overrides: Sequence[str] = (), out: Optio
              quiet: bool = False, resume: bool = False, variant: str = DEFAULT_VARIANT) -> dict:
     """Train and evaluate STDD and frame-only with the ``variant``'s preset (:data:`DEMO_VARIANTS`);
     ``resume``: continue the runs a killed demo left in ``work_dir``."""
-    from .task import prepare_synthetic
-
     if variant not in DEMO_VARIANTS:
         raise UsageError(f"--variant {variant!r}: expected one of {', '.join(DEMO_VARIANTS)}")
     start = time.time()

@@ -9,6 +9,7 @@ and saves (``DistributedContext.is_main``).
 from __future__ import annotations
 
 import datetime
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -143,8 +144,6 @@ class ResumableDistributedSampler(DistributedSampler):
 
 def parameters_digest(module: torch.nn.Module) -> str:
     """SHA-256 of every parameter's bytes (names, shapes, values), computed on the CPU."""
-    import hashlib
-
     digest = hashlib.sha256()
     for name, parameter in module.named_parameters():
         tensor = parameter.detach().to("cpu").contiguous()

@@ -19,6 +19,8 @@ from typing import Optional
 
 import torch
 
+from ..data.dataset import video_dataloader
+from ..model.phases import PhaseSampler
 from .distributed import DistributedContext, all_gather_objects
 from .runlog import Progress
 
@@ -52,9 +54,6 @@ def score_dataset(
     Videos that fail to decode are dropped and listed in ``failures``. ``seed``: the run
     seed the shuffled evaluation phases derive from (used only with ``eval_shuffle_phases``).
     """
-    from ..data.dataset import video_dataloader
-    from ..model.phases import PhaseSampler
-
     device = torch.device(device) if device is not None else text_features.device
     rank, world = (context.rank, context.world_size) if context is not None else (0, 1)
     subset = list(range(rank, len(dataset), world))

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
+from ..model.clip_loading import is_pretrained_tag
 from .checkpoint import load_weights
 from .config import (RUNTIME_KEYS, ConfigError, STDDConfig, apply_overrides, check_value_ranges, load_config,
                      typed_config)
@@ -48,8 +49,6 @@ def _refuse_stored_weights_path(cfg: DictConfig, checkpoint: str, overrides: Seq
     """A weights file path in a checkpoint's stored ``model.pretrained`` is not followed by default:
     a weights file one was given could point at any file on the machine. open_clip tags and
     ``null`` are fine; ``model.pretrained=...`` given by the user is their own choice."""
-    from ..model.clip_loading import is_pretrained_tag
-
     pretrained = cfg.model.pretrained
     given = any(item.lstrip("+").split("=", 1)[0] == "model.pretrained" for item in overrides)
     if given or pretrained is None or str(pretrained).strip().lower() in ("", "none", "null"):

@@ -131,6 +131,8 @@ def plot_confusion_matrix(path: Union[str, Path], matrix: np.ndarray, class_name
 
 def confusion_matrix_png(matrix: np.ndarray, class_names: Sequence[str], title: Optional[str] = None) -> bytes:
     """The bytes of :func:`plot_confusion_matrix`'s PNG."""
+    # Imported here, where a PNG is made: pyplot takes half a second to import (every command line
+    # imports this module), and choosing its backend is process-wide, which only plotting should do.
     import matplotlib
 
     matplotlib.use("Agg", force=True)

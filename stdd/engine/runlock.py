@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from ..errors import UsageError
+from .distributed import all_gather_objects
 
 LOCK_NAME = "run.lock"  # a training run's directory
 EVAL_LOCK_NAME = "eval.lock"  # an evaluation's --out-dir
@@ -162,8 +163,6 @@ def acquire_lock(directory: Union[str, os.PathLike], context=None, **options) ->
     """Rank 0 locks ``directory`` for all processes of a (DDP) job; every rank raises the same
     :class:`RunLockError` when it cannot. ``options``: :class:`RunLock`'s. Returns rank 0's lock
     (None on the other ranks). ``context``: the job's ``DistributedContext`` (None: one process)."""
-    from .distributed import all_gather_objects
-
     lock, refusal = None, None
     if context is None or context.is_main:
         try:

@@ -28,6 +28,8 @@ import time
 from pathlib import Path
 from typing import Optional, TextIO, Union
 
+from tqdm import tqdm
+
 METRICS_NAME = "metrics.jsonl"
 RESUME_EVENT = "resume"  # a run continues a checkpoint at step S
 RESTART_EVENT = "restart"  # a run starts over at step 0 where earlier records are
@@ -57,9 +59,9 @@ class RunLogger:
         self.earlier_last_step = _last_step(self.path)
         self._jsonl = open(self.path, "a", encoding="utf-8")
         if tensorboard:
-            try:
+            try:  # optional package (the JSONL file is the record), needed only when run.tensorboard is on
                 from torch.utils.tensorboard import SummaryWriter
-            except ImportError:  # tensorboard is optional; the JSONL file is the record
+            except ImportError:
                 print("[stdd] tensorboard is not installed: logging metrics.jsonl only", file=sys.stderr)
             else:
                 self._writer = SummaryWriter(log_dir=str(self.run_directory / "tensorboard"))
@@ -170,8 +172,6 @@ class Progress:
         self._started, self._initial = time.time(), int(initial)
         self._bar = None
         if _is_terminal(self.stream):
-            from tqdm import tqdm
-
             self._bar = tqdm(total=self.total, initial=self.position, unit=unit, desc=desc, file=self.stream,
                              dynamic_ncols=True, mininterval=1.0)
 

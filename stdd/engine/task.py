@@ -13,7 +13,7 @@ no information crosses frames.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -21,17 +21,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from ..data import ClipSampling, build_dataloader, build_dataset, generate_synthetic_dataset
 from ..data.annotations import OFFICIAL_SPLIT_FORMATS, resolve_class_names
-from ..model.phases import PhaseSampler
+from ..knowledge.prompts import load_prompts, template_prompts
+from ..model import TEXT_FEATURE_SOURCES, PhaseSampler, build_stdd, orthogonal_class_features
+from ..resources import ASKG_SETS, K400_RENAMED_IN_K600, askg_path, display_name
 from .config import DATASETS, SYNTHETIC_DATASET, ConfigError, stca_settings_of
+from .evaluation import score_dataset
+from .metrics import evaluate_split
+from .protocols import ZeroShotSplit
 
 # ----------------------------------------------------------------------------- model settings
 
 
 def build_model(cfg: DictConfig, device, *, with_teacher: Optional[bool] = None):
     """``(STDDModel, TextEncoder)`` from ``cfg.model`` / ``cfg.loss`` (weights as configured)."""
-    from ..model import build_stdd
-
     distill_weight = 0.0 if with_teacher is False else float(cfg.loss.distillation_weight)
     pretrained = cfg.model.pretrained
     if isinstance(pretrained, str) and pretrained.strip().lower() in ("", "none", "null"):
@@ -76,9 +80,7 @@ def load_student_state_dict(model: nn.Module, state: dict, source: str = "checkp
 
 
 def _prompts_from_file(path: Path, class_names: Sequence[str]) -> dict[str, list[str]]:
-    """Prompts of ``class_names`` from a prompts or ASKG file (:func:`stdd.askg.load_prompts`)."""
-    from ..askg import load_prompts
-
+    """Prompts of ``class_names`` from a prompts or ASKG file (:func:`stdd.knowledge.load_prompts`)."""
     try:
         return load_prompts(path, class_names)
     except ValueError as error:  # the loader's errors name the file
@@ -89,8 +91,6 @@ def _k600_askg_prompts(class_names: Sequence[str]) -> dict[str, list[str]]:
     """Shipped ASKG prompts of Kinetics-600 classes: the 220 new ones from ``k600_new``; the 12 K400
     classes that K600 only renamed (in the authors' 232-class list, ``k600_new_release``) from the
     K400 graph of their K400 name (``K400_RENAMED_IN_K600``: the same action, so the same knowledge)."""
-    from ..resources import K400_RENAMED_IN_K600, askg_path
-
     k400_name = {new: old for old, new in K400_RENAMED_IN_K600.items()}
     renamed = [name for name in class_names if name in k400_name]
     prompts = {}
@@ -112,9 +112,6 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
     dataset's own ``prompts.json``, e.g. the synthetic set), or a JSON file.
     ``with_templates`` adds the template sentences to file/ASKG prompts.
     """
-    from ..model import template_prompts
-    from ..resources import ASKG_SETS, askg_path, display_name
-
     key = (dataset or "").lower()
     displayed = [display_name(key, n) if key else " ".join(n.split()) for n in class_names]
     templates = {name: sentences for name, sentences in
@@ -153,10 +150,6 @@ def text_features_for(text_encoder, prompts: dict, text_cfg, class_list: Optiona
     """The class features of ``prompts`` as the ``text`` config section says (``features``, ``cache_dir``):
     what training, evaluation and prediction all use. ``class_list``: the whole ordered class list when
     ``prompts`` holds only some of its classes (orthogonal features are a function of the whole list)."""
-    from dataclasses import replace
-
-    from ..model import TEXT_FEATURE_SOURCES, orthogonal_class_features
-
     if text_cfg.features not in TEXT_FEATURE_SOURCES:
         raise ConfigError(f"text.features={text_cfg.features!r}: expected one of {', '.join(TEXT_FEATURE_SOURCES)}")
     if text_cfg.features == "orthogonal":
@@ -192,8 +185,6 @@ SPLIT_SUBSET = {"train": "train", "val": "test"}
 
 def prepare_synthetic(cfg: DictConfig) -> "object":
     """Generate (or reuse) the synthetic motion set under ``data.root``."""
-    from ..data import generate_synthetic_dataset
-
     options = {key: value for key, value in OmegaConf.to_container(cfg.data.synthetic).items() if value is not None}
     if "size" in options:
         options["height"] = options["width"] = options.pop("size")
@@ -223,8 +214,6 @@ def data_spec(cfg: DictConfig, split: str) -> DataSpec:
 
 
 def clip_sampling(cfg: DictConfig, *, training: bool, n_temporal_views: int = 1, n_spatial_crops: int = 1):
-    from ..data import ClipSampling
-
     return ClipSampling(
         mode=cfg.data.sampling,
         clip_length=cfg.data.num_frames,
@@ -261,8 +250,6 @@ def _annotation_options(spec: DataSpec) -> dict:
 def build_video_dataset(cfg: DictConfig, spec: Optional[DataSpec], *, training: bool, n_temporal_views: int = 1,
                         n_spatial_crops: int = 1, records=None):
     """The PyAV dataset of ``spec``'s annotation file, or of ready ``records``."""
-    from ..data import build_dataset
-
     options = _clip_options(cfg, training=training, n_temporal_views=n_temporal_views,
                             n_spatial_crops=n_spatial_crops)
     options["frame_cache_mb"] = cfg.data.frame_cache_mb  # PyAV only (DALI decodes on the GPU)
@@ -297,9 +284,14 @@ class TrainingModule(nn.Module):
 
 
 class TrainingTask:
-    """What ``stdd.train.Trainer`` needs: module, datasets, batching, evaluation."""
+    """What ``stdd.train.Trainer`` needs: module, datasets, batching, evaluation.
 
-    def __init__(self, cfg: DictConfig, device):
+    Built on the CPU (the trainer moves :attr:`module` to its device). ``val_spec`` is the
+    validation split (``None``: the run has none); its dataset is built on the first
+    evaluation (:meth:`validation_dataset`).
+    """
+
+    def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.train_spec = data_spec(cfg, "train")
         model, text_encoder = build_model(cfg, "cpu")
@@ -314,10 +306,9 @@ class TrainingTask:
         self.phase_sampler = None if settings is None else PhaseSampler(
             settings, seed=cfg.run.seed, num_blocks=len(model.video_encoder.blocks))
         self.train_dataset = build_video_dataset(cfg, self.train_spec, training=True)
-        self.val_dataset = None
-        if cfg.data.val_annotations is not None or cfg.data.dataset == SYNTHETIC_DATASET:
-            self._val_spec = data_spec(cfg, "val")
-            self.val_dataset = "lazy"  # built on first evaluation
+        has_validation = cfg.data.val_annotations is not None or cfg.data.dataset == SYNTHETIC_DATASET
+        self.val_spec: Optional[DataSpec] = data_spec(cfg, "val") if has_validation else None
+        self._val_dataset = None
         self.epoch = 0
 
     # the Trainer calls these
@@ -338,13 +329,21 @@ class TrainingTask:
 
     def build_dali_train_loader(self, batch_size: int):
         """The DALI training loader (GPU decoding; see stdd.data.dali) for ``data.decoder: dali``."""
-        from ..data import build_dataloader
-
         return build_dataloader(
             str(self.train_spec.annotation_file), backend="dali", batch_size=batch_size,
             num_workers=self.cfg.data.num_workers, **_annotation_options(self.train_spec),
             **_clip_options(self.cfg, training=True),
         )
+
+    def validation_dataset(self):
+        """The validation split's dataset (built on the first call, with ``eval``'s views); ``None``
+        without a validation split."""
+        if self.val_spec is not None and self._val_dataset is None:
+            evaluation = self.cfg.eval
+            self._val_dataset = build_video_dataset(
+                self.cfg, self.val_spec, training=False, n_temporal_views=evaluation.n_temporal_views,
+                n_spatial_crops=evaluation.n_spatial_crops)
+        return self._val_dataset
 
     def student_state_dict(self) -> dict:
         return student_state_dict(self.module.model)
@@ -355,21 +354,15 @@ class TrainingTask:
     def evaluate(self, module: nn.Module, context, *, details: bool = False) -> dict:
         """Top-1/top-5 (%) on the validation split with the training classes (single process view);
         ``details``: also ``labels`` and ``predictions`` (class index per evaluated video, as lists)."""
-        from .evaluation import score_dataset
-
+        dataset = self.validation_dataset()
+        if dataset is None:
+            raise ValueError("this training task has no validation split (data.val_annotations)")
         evaluation = self.cfg.eval
-        if self.val_dataset == "lazy":
-            self.val_dataset = build_video_dataset(
-                self.cfg, self._val_spec, training=False, n_temporal_views=evaluation.n_temporal_views,
-                n_spatial_crops=evaluation.n_spatial_crops)
         result = score_dataset(
-            module.model, self.val_dataset, module.text_features, module.text_mask,
+            module.model, dataset, module.text_features, module.text_mask,
             batch_size=evaluation.batch_size, num_workers=self.cfg.data.num_workers,
             device=module.text_features.device, context=context, seed=int(self.cfg.run.seed),
         )
-        from .metrics import evaluate_split
-        from .protocols import ZeroShotSplit
-
         split = ZeroShotSplit("val", tuple(range(len(self.class_names))))
         metrics = evaluate_split(result.view_scores, result.labels, split, aggregation=evaluation.aggregation)
         out = {"top1": metrics["top1"], "top5": metrics["top5"], "videos": metrics["num_videos"]}
@@ -378,5 +371,5 @@ class TrainingTask:
         return out
 
 
-def build_training_task(cfg: DictConfig, device) -> TrainingTask:
-    return TrainingTask(cfg, device)
+def build_training_task(cfg: DictConfig) -> TrainingTask:
+    return TrainingTask(cfg)

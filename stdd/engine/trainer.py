@@ -77,6 +77,7 @@ from .precision import autocast
 from .resume import check_resume_config
 from .runlock import acquire_lock, describe_holder
 from .runlog import RESTART_EVENT, RESUME_EVENT, Progress, RunLogger
+from .task import build_training_task, prepare_synthetic
 
 
 def seed_everything(seed: int) -> None:
@@ -144,8 +145,6 @@ class Trainer:
             raise
 
     def _build(self, resume: Optional[str]) -> None:
-        from .task import build_training_task, prepare_synthetic  # model + data, imported lazily (heavy)
-
         cfg = self.cfg
         self.logger = RunLogger(self.run_directory, enabled=self.context.is_main, tensorboard=cfg.run.tensorboard)
         if self.lock is not None:
@@ -168,7 +167,7 @@ class Trainer:
                 prepare_synthetic(cfg)
             barrier(self.context)
         seed_everything(cfg.run.seed)
-        self.task = build_training_task(cfg, self.device)
+        self.task = build_training_task(cfg)
         seed_everything(derive_seed(cfg.run.seed, "process", self.context.rank))
         self.module = self.task.module.to(self.device)
         self.ddp = self.module
@@ -461,7 +460,7 @@ class Trainer:
     def evaluate(self, *, details: bool = False) -> dict:
         """Top-1 of the current weights on the validation set (if the task has one); ``details``: also
         the label and prediction of every video (``val_labels``, ``val_predictions``)."""
-        if getattr(self.task, "val_dataset", None) is None:
+        if self.task.val_spec is None:
             return {}
         metrics = self.task.evaluate(self.module, self.context, details=details)
         self.module.train()

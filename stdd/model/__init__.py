@@ -7,8 +7,9 @@
 - :class:`VideoEncoder` / :class:`FrozenImageEncoder` (``video_encoder.py``): the STCA
   student ``(B, T, 3, H, W) -> (B, T, E)`` (``stca=None``: open_clip's own blocks, the
   frame-only baseline) and the frozen per-frame CLIP teacher.
-- :class:`TextEncoder`, :func:`template_prompts`
-  (``text_encoder.py``): prompts -> frozen text features ``(K, N_max, E)`` + mask, cached.
+- :class:`TextEncoder` (``text_encoder.py``): prompts -> frozen text features ``(K, N_max, E)``
+  + mask, cached; :func:`template_prompts` / ``DEFAULT_TEMPLATES`` are re-exported from
+  :mod:`stdd.knowledge`, where the prompt sources live.
 - :func:`alignment_scores`, :func:`frame_prompt_scores` (``alignment.py``): Eq. 8.
 - :func:`classification_loss`, :class:`ResidualProjector`,
   :func:`feature_distillation_loss` (``losses.py``): Eq. 9 + distillation.
@@ -40,6 +41,7 @@ distill.    ``losses.ResidualProjector``, ``feature_distillation_loss``;  tests/
 ==========  ==========================================================  =========================================
 """
 
+from ..knowledge.prompts import DEFAULT_TEMPLATES, template_prompts  # (their home: stdd.knowledge)
 from .alignment import SCORE_MODES, alignment_scores, frame_prompt_scores
 from .clip_loading import TINY_MODEL_NAMES, ClipSource, load_clip, register_model_configs, vision_tower
 from .losses import ResidualProjector, classification_loss, feature_distillation_loss
@@ -47,14 +49,7 @@ from .phases import PhaseSampler
 from .stca_block import STCABlock, multi_head_self_attention
 from .stca_settings import STCASettings
 from .stdd_model import STDDModel, STDDOutput, build_stdd
-from .text_encoder import (
-    DEFAULT_TEMPLATES,
-    TEXT_FEATURE_SOURCES,
-    ClassTextFeatures,
-    TextEncoder,
-    orthogonal_class_features,
-    template_prompts,
-)
+from .text_encoder import TEXT_FEATURE_SOURCES, ClassTextFeatures, TextEncoder, orthogonal_class_features
 from .video_encoder import FrozenImageEncoder, VideoEncoder
 
 __all__ = [

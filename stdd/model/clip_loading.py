@@ -37,6 +37,9 @@ from typing import Optional, Union
 
 import open_clip
 import torch
+from open_clip.convert import convert_state_dict
+from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
+from open_clip.transformer import VisionTransformer
 from torch import nn
 
 from ..errors import UsageError
@@ -154,7 +157,7 @@ def _cache_only(offline: bool):
     if not offline:
         yield
         return
-    try:
+    try:  # optional package (open_clip works without it)
         from huggingface_hub import constants
     except ImportError:  # no hub client: open_clip downloads by URL, which fails at once offline
         constants = None
@@ -260,9 +263,6 @@ def _load_clip_state_dict(model: nn.Module, state_dict: dict) -> None:
     """Load a CLIP state dict into an open_clip model strictly, converting it as
     ``open_clip.factory.load_checkpoint`` does after reading a file (third-party and old
     layouts, scalar vs 1-d logit scale/bias, positional embeddings of another size)."""
-    from open_clip.convert import convert_state_dict
-    from open_clip.model import convert_to_custom_text_state_dict, resize_pos_embed, resize_text_pos_embed
-
     state_dict = convert_state_dict(model, dict(state_dict))
     if "positional_embedding" in state_dict and not hasattr(model, "positional_embedding"):
         state_dict = convert_to_custom_text_state_dict(state_dict)
@@ -280,8 +280,6 @@ def _load_clip_state_dict(model: nn.Module, state_dict: dict) -> None:
 
 def vision_tower(clip_model: nn.Module) -> nn.Module:
     """The open_clip ``VisionTransformer`` of a CLIP model (``ValueError`` if it has none)."""
-    from open_clip.transformer import VisionTransformer
-
     visual = getattr(clip_model, "visual", None)
     if not isinstance(visual, VisionTransformer):
         raise ValueError(

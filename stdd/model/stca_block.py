@@ -51,15 +51,19 @@ from stdd_kernels.reference import factor_dtype
 from .stca_settings import STCASettings
 
 # Parts of a block or attention module that would change its output but that STCA does not
-# apply; a block that has one (not None / not switched off) is refused rather than
-# computed wrongly.
+# apply; a block that has one (not None / not nn.Identity) is refused rather than computed
+# wrongly. The names are open_clip's (its own ``Attention``: ln_q / ln_k when qk-norm is on,
+# logit_scale for scaled-cosine attention, head_scale, ln_inner for the inner norm), torch's
+# (``nn.MultiheadAttention``'s add_bias_kv) and those of other attention modules (q_norm, k_norm).
 _UNSUPPORTED_BLOCK_PARTS = {
     "ln_1_kv": "is a cross-attention block (ln_1_kv); STCA needs self-attention",
     "ln_attn": "has a post-attention norm ln_attn (open_clip's CustomResidualAttentionBlock)",
 }
 _UNSUPPORTED_ATTENTION_PARTS = {
-    "bias_k": "add_bias_kv", "bias_v": "add_bias_kv", "logit_scale": "scaled-cosine attention",
-    "head_scale": "head scaling", "q_norm": "qk-norm", "k_norm": "qk-norm",
+    "bias_k": "add_bias_kv", "bias_v": "add_bias_kv",
+    "ln_q": "qk-norm", "ln_k": "qk-norm", "q_norm": "qk-norm", "k_norm": "qk-norm",
+    "logit_scale": "scaled-cosine attention", "head_scale": "head scaling",
+    "ln_inner": "an inner attention norm",
 }
 
 
@@ -75,7 +79,10 @@ def check_block_supported(block: nn.Module, name: str = "block") -> int:
     ``Attention``): a block ``ln_1 -> attn -> ls_1``, ``ln_2 -> mlp -> ls_2`` whose
     ``attn`` is batch-first self-attention with one packed ``in_proj_weight``
     ``(3D, D)``, an optional ``in_proj_bias`` ``(3D,)``, an ``out_proj`` linear
-    ``(D, D)`` and ``num_heads`` dividing ``D``, and nothing STCA would skip.
+    ``(D, D)`` and ``num_heads`` dividing ``D``, and nothing STCA would skip
+    (:data:`_UNSUPPORTED_ATTENTION_PARTS`, an ``out_drop`` that drops). An attention
+    module without a ``batch_first`` attribute is batch-first by construction
+    (open_clip's ``Attention`` has no such setting); one with it needs ``True``.
     """
     missing = [part for part in ("ln_1", "attn", "ls_1", "ln_2", "mlp", "ls_2") if not hasattr(block, part)]
     if missing:
@@ -110,10 +117,9 @@ def check_block_supported(block: nn.Module, name: str = "block") -> int:
     heads = getattr(attn, "num_heads", None)
     if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or width % heads:
         raise ValueError(f"{where}.num_heads must be a positive int dividing the width {width}, got {heads!r}")
-    if getattr(attn, "batch_first", None) is not True:
+    if hasattr(attn, "batch_first") and attn.batch_first is not True:
         raise ValueError(
-            f"{where} must be batch-first (batch_first=True, tokens (N, L, D)), "
-            f"got batch_first={getattr(attn, 'batch_first', None)!r}"
+            f"{where} must be batch-first (batch_first=True, tokens (N, L, D)), got batch_first={attn.batch_first!r}"
         )
     if getattr(attn, "add_zero_attn", False):
         raise ValueError(f"{where} uses add_zero_attn, which STCA does not support")
@@ -121,6 +127,14 @@ def check_block_supported(block: nn.Module, name: str = "block") -> int:
         value = getattr(attn, part, None)
         if value is not None and not isinstance(value, nn.Identity):
             raise ValueError(f"{where} uses {what} ({part}), which STCA does not support")
+    out_drop = getattr(attn, "out_drop", None)
+    if out_drop is not None and not (isinstance(out_drop, nn.Dropout) and out_drop.p == 0):
+        raise ValueError(f"{where} drops out its output (out_drop: {out_drop}), which STCA does not support")
+    scale = getattr(attn, "scale", None)
+    head_dim = width // heads
+    if scale is not None and (not isinstance(scale, (int, float)) or abs(scale * head_dim**0.5 - 1) > 1e-6):
+        raise ValueError(f"{where} scales its attention logits by {scale!r}; STCA computes the usual "
+                         f"1/sqrt(head_dim) = {head_dim ** -0.5:g}")
     return width
 
 
@@ -184,7 +198,9 @@ def output_projection(attn: nn.Module, heads: torch.Tensor) -> torch.Tensor:
 # LayerNorm classes whose forward is F.layer_norm over the last dimension (open_clip's casts the
 # result back to the input dtype, LayerNormFp32 computes in float32): the norm the shared
 # projections' identity is written for. A subclass with its own forward could compute anything.
-_LAYER_NORM_MODULES = ("torch.nn.modules.normalization", "open_clip.transformer", "open_clip.model")
+# open_clip defines its LayerNorm / LayerNormFp32 in transformer.py (3.x) or layers.py (main branch).
+_LAYER_NORM_MODULES = ("torch.nn.modules.normalization", "open_clip.transformer", "open_clip.layers",
+                       "open_clip.model")
 
 
 def check_shared_projection_norm(block: nn.Module, width: int, name: str = "block") -> None:

@@ -141,7 +141,7 @@ class STCASettings:
                 ) from error
         if self.attention == "xformers":
             try:
-                import xformers.ops  # noqa: F401  (availability check)
+                import xformers.ops  # noqa: F401  (optional package: is it installed?)
             except ImportError as error:
                 raise ValueError(
                     "attention='xformers' needs the xformers package (pip install 'stdd[xformers]'); "

@@ -3,7 +3,7 @@
 Typical use (the training/eval code builds on this)::
 
     model, text = build_stdd("ViT-B-16", "openai", device="cuda")      # or a checkpoint file
-    classes = text.class_features(stdd.askg.load_prompts("k400_prompts.json", names), cache_dir="cache/")
+    classes = text.class_features(stdd.knowledge.load_prompts("k400_prompts.json", names), cache_dir="cache/")
     out = model(video, classes.features.cuda(), classes.mask.cuda(), labels=labels)  # training
     out.loss.backward()
     scores = model(video, features, mask).scores                       # (B, K) zero-shot scores

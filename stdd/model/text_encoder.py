@@ -3,8 +3,8 @@
 Prompt sources (both give an ordered ``{class name: [sentence, ...]}`` dict whose
 order is the class index order):
 
-- :func:`template_prompts`: hand-written templates x class name;
-- :func:`stdd.askg.load_prompts`: a prompts or ASKG file (the one prompt loader).
+- :func:`stdd.knowledge.template_prompts`: hand-written templates x class name;
+- :func:`stdd.knowledge.load_prompts`: a prompts or ASKG file (the one prompt loader).
 
 :class:`TextEncoder` runs the frozen open_clip text tower and returns
 :class:`ClassTextFeatures`: ``features (K, N_max, E)`` (unit norm) and a
@@ -32,62 +32,14 @@ import open_clip
 import torch
 from torch import nn
 
-from ..askg.prompts import check_prompts
 from ..files import atomic_write
+from ..knowledge.prompts import check_prompts
 from ..serialization import load_torch_file
 from .clip_loading import ClipSource, load_clip
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-
-# Video templates in the style of ActionCLIP / FROSTER (photo/video/example/demonstration of a person ...).
-DEFAULT_TEMPLATES: tuple[str, ...] = (
-    "a photo of {}.",
-    "a photo of a person {}.",
-    "a photo of a person doing {}.",
-    "a photo of a person performing {}.",
-    "a video of {}.",
-    "a video of a person {}.",
-    "a video of a person doing {}.",
-    "a video of a person performing {}.",
-    "a video of a person practicing {}.",
-    "an example of {}.",
-    "an example of a person {}.",
-    "an example of a person doing {}.",
-    "a demonstration of {}.",
-    "a demonstration of a person {}.",
-    "a demonstration of a person performing {}.",
-    "{}",
-)
-
-
-def _check_class_names(class_names, name: str = "class_names") -> list[str]:
-    if isinstance(class_names, str) or not isinstance(class_names, Sequence):
-        raise ValueError(f"{name} must be a sequence of class-name strings, got {type(class_names).__name__}")
-    names = list(class_names)
-    for item in names:
-        if not isinstance(item, str) or not item.strip():
-            raise ValueError(f"{name} must hold non-empty strings, got {item!r}")
-    duplicates = sorted({n for n in names if names.count(n) > 1})
-    if duplicates:
-        raise ValueError(f"{name} has duplicate entries: {duplicates[:10]}")
-    if not names:
-        raise ValueError(f"{name} is empty")
-    return names
-
-
-def template_prompts(
-    class_names: Sequence[str], templates: Sequence[str] = DEFAULT_TEMPLATES
-) -> dict[str, list[str]]:
-    """``{class: [template.format(class) for template in templates]}`` in ``class_names`` order."""
-    names = _check_class_names(class_names)
-    if isinstance(templates, str) or not templates:
-        raise ValueError("templates must be a non-empty sequence of strings with one '{}' each")
-    for template in templates:
-        if not isinstance(template, str) or template.count("{}") != 1:
-            raise ValueError(f"every template needs exactly one '{{}}' placeholder, got {template!r}")
-    return {name: [template.format(name) for template in templates] for name in names}
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,9 @@ import copy
 import re
 from typing import Optional
 
+import open_clip
 import torch
+from open_clip.transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -65,9 +67,6 @@ class VideoEncoder(nn.Module):
 
     def __init__(self, visual: nn.Module, stca: Optional[STCASettings] = STCASettings()):
         super().__init__()
-        import open_clip
-        from open_clip.transformer import VisionTransformer
-
         if not isinstance(visual, VisionTransformer):
             raise ValueError(
                 "visual must be an open_clip VisionTransformer (clip_model.visual of a ViT model), "
