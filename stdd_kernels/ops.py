@@ -155,11 +155,12 @@ def pad_scatter(
     )
 
 
-def _check_vector(value, name: str, length: int, like: torch.Tensor, optional: bool = True) -> None:
-    if value is None and optional:
+def _check_optional_vector(value, name: str, length: int, like: torch.Tensor) -> None:
+    """``value`` is ``None`` or a float tensor ``(length,)`` on ``like``'s device."""
+    if value is None:
         return
     if not isinstance(value, torch.Tensor) or not value.dtype.is_floating_point:
-        raise ValueError(f"{name} must be a float tensor of shape ({length},){' or None' if optional else ''}, "
+        raise ValueError(f"{name} must be a float tensor of shape ({length},) or None, "
                          f"got {type(value).__name__ if not isinstance(value, torch.Tensor) else value.dtype}")
     if tuple(value.shape) != (length,):
         raise ValueError(f"{name} must have shape ({length},), got {tuple(value.shape)}")
@@ -218,7 +219,7 @@ def mix_project(
     - ``qkv_mixed`` ``(S, B*T, 1 + N_keep, 3D)`` in ``qkv``'s dtype: what
       ``F.linear(layer_norm(mix_gather(x, ...)), in_proj_weight, in_proj_bias)`` would give,
       computed from ``qkv``'s rows at the kept positions, a per-token rescale and a
-      rank-``2I`` correction, without projecting the mixed tokens;
+      rank-``(2I + 2)`` correction, without projecting the mixed tokens;
     - ``mixed_mean`` ``(B*T, 1 + N_keep, D)`` in ``x``'s dtype: ``mix_gather(x, ...).mean(0)``.
 
     The other keyword arguments are :func:`mix_gather`'s. The result equals the
@@ -248,9 +249,9 @@ def mix_project(
                          f"got {tuple(in_proj_weight.shape)}")
     if in_proj_weight.device != x.device:
         raise ValueError(f"in_proj_weight is on {in_proj_weight.device} but x is on {x.device}")
-    _check_vector(in_proj_bias, "in_proj_bias", 3 * width, x)
-    _check_vector(ln_weight, "ln_weight", width, x)
-    _check_vector(ln_bias, "ln_bias", width, x)
+    _check_optional_vector(in_proj_bias, "in_proj_bias", 3 * width, x)
+    _check_optional_vector(ln_weight, "ln_weight", width, x)
+    _check_optional_vector(ln_bias, "ln_bias", width, x)
     if isinstance(ln_eps, bool) or not isinstance(ln_eps, (int, float)) or not ln_eps >= 0:
         raise ValueError(f"ln_eps must be a number >= 0, got {ln_eps!r}")
     chosen = resolve_backend(backend, x.device, x.dtype)
