@@ -24,6 +24,8 @@ list of formats: `ANNOTATION_FORMATS`), and `resolve_videos(records, on_missing=
 that the files exist (counted and reported either way). The official splits of UCF101 and HMDB51
 (`OFFICIAL_SPLIT_FORMATS`) take `split` (1, 2 or 3) and `subset` ("train" or "test").
 
+A line "# ..." ("#" then a blank) is a comment; "#" starting a word is data (`is_comment`).
+
 A file that lists the same video with the same label more than once is read as it is (a user may
 weight videos on purpose), but each reader logs one warning naming the file and how many lines
 repeat an earlier one: a repeated line makes that video count more in training and in the accuracy.
@@ -67,14 +69,20 @@ class VideoRecord:
     label: int
 
 
+def is_comment(text: str) -> bool:
+    """Whether a stripped line is a comment: "#" followed by a blank or nothing ("# train split"). A "#" that
+    starts a word is data: HMDB51 has videos named "#437_How_To_Ride_A_Bike_ride_bike_f_cm_np1_ba_med_1.avi"."""
+    return text.startswith("#") and (len(text) == 1 or text[1].isspace())
+
+
 def _content_lines(path: Path) -> Iterable[tuple[int, str]]:
-    """(1-based line number, stripped text) for non-empty, non-comment lines."""
+    """(1-based line number, stripped text) for non-empty, non-comment lines (`is_comment`)."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
     with open(path, encoding="utf-8-sig") as handle:  # -sig: tolerate a UTF-8 byte order mark
         for line_number, line in enumerate(handle, start=1):
             text = line.strip()
-            if text and not text.startswith("#"):
+            if text and not is_comment(text):
                 yield line_number, text
 
 
@@ -200,7 +208,7 @@ def read_csv_list(
         raise FileNotFoundError(f"annotation file not found: {path}")
     with open(path, newline="", encoding="utf-8-sig") as handle:
         for row_number, row in enumerate(csv.reader(handle), start=1):
-            if not row or all(not cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
+            if not row or all(not cell.strip() for cell in row) or is_comment(row[0].strip()):
                 continue
             if len(row) != 2:
                 raise AnnotationError(path, row_number, f"expected 2 columns 'path,label', got {len(row)}: {row!r}")
