@@ -52,6 +52,7 @@ from .text_encoder import (
     TextEncoder,
     orthogonal_class_features,
     template_prompts,
+    word_class_features,
 )
 from .video_encoder import FrozenImageEncoder, VideoEncoder
 
@@ -72,6 +73,7 @@ __all__ = [
     "TextEncoder",
     "VideoEncoder",
     "orthogonal_class_features",
+    "word_class_features",
     "alignment_scores",
     "build_stdd",
     "classification_loss",
