@@ -198,8 +198,11 @@ def run_evaluation(args) -> dict:
     checkpoints = list(args.checkpoint or [None])
     if args.protocol in SPLIT_PROTOCOLS:
         split = resolve_split(args.dataset, args.protocol, where="--dataset")
-        if args.shots is not None:
-            split.train_list(args.shots)  # a shot count that has no list: refused before any model is loaded
+        if args.shots is not None:  # a shot count that has no list: refused before any model is loaded
+            try:
+                split.train_list(args.shots)
+            except ValueError as error:
+                raise ConfigError(f"--{error}") from error
         # every model's config, before anything is scored or written: a bad one stops the whole evaluation
         models = [(checkpoint, *config_for_weights(checkpoint, args.config, args.overrides,
                                                    trust_checkpoint_pretrained=args.trust_checkpoint_pretrained))

@@ -198,10 +198,10 @@ def test_few_shot_evaluation_and_what_it_refuses(bench, synthetic_split, seed_mo
     assert "trained on the base2novel split" in capsys.readouterr().err
     assert eval_cli.main([*common, "--shots", "16", "--config", "demo", "--out-dir", str(tmp_path / "y")]) == 2
     error = capsys.readouterr().err
-    assert "shots=16: the fewshot split" in error and "its lists have shots 2" in error
+    assert "--shots=16: the fewshot split" in error and "its lists have shots 2" in error
     assert eval_cli.main(["--protocol", "fewshot", "--dataset", "ucf101", "--shots", "3", "--root", str(root),
                           "--config", "demo", "--out-dir", str(tmp_path / "v")]) == 2
-    assert capsys.readouterr().err == ("error: shots=3: the fewshot split ucf101 has no training list for it; its "
+    assert capsys.readouterr().err == ("error: --shots=3: the fewshot split ucf101 has no training list for it; its "
                                        "lists have shots 2, 4, 8, 16\n")
     assert eval_cli.main(["--protocol", "base2novel", "--dataset", str(b2n), "--root", str(tmp_path / "empty"),
                           "--checkpoint", str(seed_models[0]), "--out-dir", str(tmp_path / "z")]) == 2
