@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pool-per-class", type=int, default=112, help="generated training videos per base class")
     parser.add_argument("--per-class", type=int, default=96, help="videos per base class in a seed's training list")
     parser.add_argument("--val-per-class", type=int, default=64,
-                        help="validation videos per class (64: a top-1 of 50% on 128 novel videos has a binomial standard error of 4.4 points)")
+                        help="validation videos per class (64: chance-level top-1 on 128 novel videos has a "
+                             "binomial standard error of 4.4 points)")
     parser.add_argument("--wait-idle", action="store_true", help="wait (at most 10 minutes) for a 1-minute load "
                                                                  "average below 0.5 before starting")
     parser.add_argument("--work-dir", help="where the runs go (default: a temporary directory, deleted after)")
