@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from stdd.askg import load_prompts
+from stdd.knowledge import load_prompts
 from stdd.askg.builder import class_slug
-from stdd.askg.prompts import PromptSourceError
-from stdd.askg.schema import validate_askg_file
+from stdd.knowledge.prompts import PromptSourceError
+from stdd.knowledge.schema import validate_askg_file
 from stdd.resources import askg_path
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,7 +29,7 @@ pytest.importorskip("openai")
 from stdd.askg import cli as askg_cli
 from stdd.askg import builder as askg_lib
 from stdd.askg.builder import AskgBuilder, AskgConfig, AskgError, FatalEndpointError, class_slug
-from stdd.askg.schema import validate_askg_file, validate_graph
+from stdd.knowledge.schema import validate_askg_file, validate_graph
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "sk-test-NEVER-WRITE-ME-4f9c2b"

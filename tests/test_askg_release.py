@@ -13,7 +13,7 @@ from stdd.askg.cli import main
 from stdd.askg.release import (
     RELEASE_SETS, RELEASE_TEMPLATE_COUNT, ReleaseFormatError, import_release, match_key, parse_triple, release_prompts,
 )
-from stdd.askg.schema import validate_askg_document
+from stdd.knowledge.schema import validate_askg_document
 from stdd.resources import class_names, display_name
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from stdd.resources import ASKG_DIR, ASKG_SETS, class_names, display_name
-from stdd.askg.schema import (
+from stdd.knowledge.schema import (
     check_prompt, validate_askg_document, validate_askg_file, validate_graph, validate_stage1,
 )
 
@@ -184,7 +184,7 @@ def test_shipped_askg_file_is_present_and_valid(dataset):
 
 def test_prompt_sources_for_the_text_side(tmp_path):
     from stdd.askg import cli as askg_cli
-    from stdd.askg import AskgError, load_prompts
+    from stdd.knowledge import AskgError, load_prompts
 
     spatial = load_prompts("hmdb51", only="S")
     both = load_prompts("hmdb51", only="ST")

@@ -14,7 +14,7 @@ pytest.importorskip("omegaconf")
 pytest.importorskip("open_clip")
 pytest.importorskip("av")
 
-from stdd.engine import cli
+from stdd import cli
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["moving left", "moving right", "growing"]

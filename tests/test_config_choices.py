@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("omegaconf")
 pytest.importorskip("open_clip")
 
-from stdd.engine import cli
+from stdd import cli
 from stdd.engine.config import VALUE_CHOICES, ConfigError, STDDConfig, load_config
 from stdd.model.stca_settings import allowed_values
 
@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Free-form string keys (paths, names, file-or-keyword values); every other string key is a choice.
 FREE_FORM = {"run.output_dir", "model.clip_name", "model.pretrained", "text.prompts", "text.cache_dir", "data.root",
-             "data.train_annotations", "data.val_annotations"}
+             "data.train_annotations", "data.val_annotations", "data.published.dataset"}
 
 
 def _string_keys(cls=STDDConfig, prefix=""):
@@ -68,9 +68,10 @@ def test_the_table_refers_to_each_lists_one_home():
     from stdd.model.alignment import SCORE_MODES
     from stdd.model.stca_settings import ATTENTION_KINDS, backend_names, choice_fields
     from stdd.model.text_encoder import TEXT_FEATURE_SOURCES
+    from stdd.resources import SPLIT_PROTOCOLS
     from stdd_kernels.geometry import MASK_ROUNDINGS, MIXING_MODES
 
-    homes = {"run.device": DEVICES, "run.precision": PRECISIONS, "text.features": TEXT_FEATURE_SOURCES,
+    homes = {"data.published.protocol": SPLIT_PROTOCOLS, "run.device": DEVICES, "run.precision": PRECISIONS, "text.features": TEXT_FEATURE_SOURCES,
              "loss.score": SCORE_MODES, "data.split": OFFICIAL_SPLITS, "data.decoder": DECODERS,
              "data.sampling": SAMPLING_MODES, "data.on_missing": ON_MISSING_POLICIES,
              "data.on_error": ON_ERROR_POLICIES, "data.synthetic.codec": CODEC_SETTINGS,
@@ -84,10 +85,10 @@ def test_the_table_refers_to_each_lists_one_home():
         assert VALUE_CHOICES[f"model.stca.{name}"] is allowed
 
 
-def test_data_dataset_is_synthetic_or_an_annotation_format():
+def test_data_dataset_is_synthetic_published_or_an_annotation_format():
     from stdd.data.annotations import ANNOTATION_FORMATS, ANNOTATION_READERS
 
-    assert allowed_values(VALUE_CHOICES["data.dataset"]) == ("synthetic", *ANNOTATION_FORMATS)
+    assert allowed_values(VALUE_CHOICES["data.dataset"]) == ("synthetic", "published", *ANNOTATION_FORMATS)
     assert ANNOTATION_FORMATS == tuple(ANNOTATION_READERS)
 
 

@@ -227,3 +227,19 @@ def test_duplicate_lines_are_kept_with_one_warning_naming_the_file_and_count(tmp
     with caplog.at_level("WARNING", logger="stdd.data.annotations"):
         read_video_list(write(tmp_path / "clean.txt", "a.mp4 0\nb.mp4 0\n"))
     assert not caplog.records
+
+
+def test_a_video_named_with_a_leading_hash_is_an_entry_not_a_comment(tmp_path):
+    """HMDB51 names videos "#437_How_To_Ride_A_Bike_...avi"; "# text" is still a comment."""
+    name = "#437_How_To_Ride_A_Bike_ride_bike_f_cm_np1_ba_med_1.avi"
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# a comment\n#\n{name} 5\nother.avi 1\n")
+    assert read_video_list(listing, root=tmp_path) == [VideoRecord(tmp_path / name, 5),
+                                                       VideoRecord(tmp_path / "other.avi", 1)]
+    splits = tmp_path / "splits"
+    splits.mkdir()
+    (splits / "ride_bike_test_split1.txt").write_text(f"{name} 2 \nplain_ride_bike_u_nm_np1_fr_med_0.avi 1 \n")
+    records, _ = read_hmdb51_split(splits, tmp_path / "videos", split=1, subset="test")
+    assert records == [VideoRecord(tmp_path / "videos" / "ride_bike" / name, 0)]
+    table = write(tmp_path / "list.csv", f"# a comment\n{name},1\n")
+    assert read_csv_list(table) == [VideoRecord(tmp_path / name, 1)]

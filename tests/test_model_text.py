@@ -9,7 +9,7 @@ import torch
 
 pytest.importorskip("open_clip")
 
-from stdd.askg import load_prompts
+from stdd.knowledge import load_prompts
 from stdd.model import TextEncoder, load_clip, template_prompts
 
 TINY = "STDD-Tiny-ViT"
@@ -175,3 +175,34 @@ def test_text_features_config_picks_the_source_for_training_and_evaluation():
     whole = orthogonal_class_features({name: ["x"] for name in names}, 32)
     assert torch.equal(subset.features, whole.features[[1, 2]]) and subset.class_names == tuple(prompts)
     assert not torch.equal(subset.features, orthogonal.features)  # without the list: a different basis
+
+
+def test_word_class_features_share_what_the_prompts_share():
+    pytest.importorskip("omegaconf")
+    from stdd.engine.config import load_config
+    from stdd.engine.task import text_features_for
+    from stdd.model import word_class_features
+
+    prompts = {"moving left": ["horizontal decreasing"], "moving up": ["vertical decreasing"],
+               "moving down": ["Vertical, increasing!", "vertical increasing vertical"]}
+    features = word_class_features(prompts, 32)
+    assert features.features.shape == (3, 2, 32) and features.mask.tolist() == [[True, False], [True, False],
+                                                                                [True, True]]
+    assert torch.allclose(features.features[features.mask].norm(dim=-1), torch.ones(4))
+    assert torch.equal(features.features[0, 1], torch.zeros(32))  # padding, masked
+    # a word is the same vector in every class list and process: classes that share a word share its direction
+    torch.manual_seed(7)
+    alone = word_class_features({"moving up": ["vertical decreasing"]}, 32)
+    assert torch.equal(alone.features[0, 0], features.features[1, 0])
+    word = {w: word_class_features({w: [w]}, 32).features[0, 0].double() for w in
+            ("horizontal", "vertical", "decreasing", "increasing")}
+    left, up, down = (features.features[i, 0].double() for i in range(3))
+    assert torch.allclose(left, (word["horizontal"] + word["decreasing"]) / (word["horizontal"] + word["decreasing"]).norm(),
+                          atol=1e-6)
+    assert (up @ (word["decreasing"] - word["increasing"])) > 0 > (down @ (word["decreasing"] - word["increasing"]))
+    assert not torch.allclose(features.features[2, 0], features.features[2, 1], atol=1e-3)  # a repeat weighs more
+    encoder = _encoder()
+    chosen = text_features_for(encoder, prompts, load_config("demo", ["text.features=words"]).text)
+    assert torch.equal(chosen.features, word_class_features(prompts, encoder.output_dim).features)
+    with pytest.raises(ValueError, match="prompt '!!' of class 'x' has no word"):
+        word_class_features({"x": ["!!"]}, 8)

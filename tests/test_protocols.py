@@ -149,7 +149,7 @@ def test_eval_cli_k600_classes_selects_the_candidate_list():
 def test_shipped_askg_prompts_cover_the_release_k600_list():
     """The 12 K400 renames of the 232-class list read the K400 graph of their K400 name."""
     pytest.importorskip("omegaconf")
-    from stdd.askg import load_prompts
+    from stdd.knowledge import load_prompts
     from stdd.engine.task import build_prompts
 
     release = class_names("k600_new_release")

@@ -651,7 +651,7 @@ class AskgBuilder:
             regenerate += f" --base-url {base}"
         return {"generator": "stdd.askg build",
                 "how": "two-stage LLM pipeline (knowledge graph, then prompts), JSON answers validated "
-                       "against stdd.askg.schema",
+                       "against stdd.knowledge.schema",
                 "model": self.config.model, "prompt_version": PROMPT_VERSION,
                 "temperature": self.config.temperature,
                 "base_url": base or "https://api.openai.com/v1",

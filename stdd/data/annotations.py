@@ -18,6 +18,20 @@ Supported (each parser names the file and line of a malformed entry and says wha
 - `read_kinetics_csv`: Kinetics csv "label,youtube_id,time_start,time_end,split[,is_cc]"; file names
   from `path_template` (default "{youtube_id}_{time_start:06d}_{time_end:06d}.mp4", optionally with
   "{split}/{label}/" directories).
+- `read_ssv2_json`: Something-Something v2's official annotation files (``something-something-v2-
+  train.json`` / ``-validation.json`` / ``-test.json``): a JSON list of {"id", "template", ...};
+  videos ``<root>/<id>.webm``; the label is the template without its brackets ("Putting [something]
+  onto [something]" -> "Putting something onto something"), looked up in the 174-class list (the
+  shipped ``ssv2`` list by default, or the official ``something-something-v2-labels.json``).
+- `read_split_folder` / `resolve_split`: a published split (base-to-novel or few-shot): a folder whose
+  ``split.json`` names its class lists, its training lists (one per seed or shot count) and its
+  validation lists, all "list" files (the shipped ones: `stdd.resources.split_dir`).
+
+Every line-based file may be gzip-compressed (a name ending in ".gz"); a line "# ..." ("#" then a blank) is
+a comment, while "#" starting a word is data (`is_comment`). A "list" file read with
+``class_directories=True`` also finds a video that is not at ``<root>/<listed path>`` at
+``<root>/<listed folder>/<class>/<file name>`` (UCF101 and HMDB51 keep each class in its own folder;
+the published split lists name the files alone).
 
 `load_annotations(path, format=..., ...)` picks a parser by name from `ANNOTATION_READERS` (the one
 list of formats: `ANNOTATION_FORMATS`), and `resolve_videos(records, on_missing="fail"|"skip")` checks
@@ -32,10 +46,12 @@ repeat an earlier one: a repeated line makes that video count more in training a
 from __future__ import annotations
 
 import csv
+import gzip
+import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -69,15 +85,32 @@ class VideoRecord:
     label: int
 
 
+def is_comment(text: str) -> bool:
+    """Whether a stripped line is a comment: "#" followed by a blank or nothing ("# train split"). A "#" that
+    starts a word is data: HMDB51 has videos named "#437_How_To_Ride_A_Bike_ride_bike_f_cm_np1_ba_med_1.avi"."""
+    return text.startswith("#") and (len(text) == 1 or text[1].isspace())
+
+
+def _open_text(path: Path):
+    """``path`` opened for reading text; a name ending in ".gz" is decompressed (-sig: a UTF-8 byte order
+    mark is tolerated)."""
+    if path.suffix == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return open(path, encoding="utf-8-sig")
+
+
 def _content_lines(path: Path) -> Iterable[tuple[int, str]]:
-    """(1-based line number, stripped text) for non-empty, non-comment lines."""
+    """(1-based line number, stripped text) for non-empty, non-comment lines (`is_comment`)."""
     if not path.is_file():
         raise FileNotFoundError(f"annotation file not found: {path}")
-    with open(path, encoding="utf-8-sig") as handle:  # -sig: tolerate a UTF-8 byte order mark
-        for line_number, line in enumerate(handle, start=1):
-            text = line.strip()
-            if text and not text.startswith("#"):
-                yield line_number, text
+    with _open_text(path) as handle:
+        try:
+            for line_number, line in enumerate(handle, start=1):
+                text = line.strip()
+                if text and not is_comment(text):
+                    yield line_number, text
+        except (OSError, EOFError, UnicodeDecodeError) as error:  # a damaged .gz, bytes that are not text
+            raise AnnotationError(path, None, f"cannot be read as text ({error})") from error
 
 
 def _join(root: Path | None, relative: str) -> Path:
@@ -164,12 +197,41 @@ def resolve_class_names(spec, *, where: str = "classes") -> list[str]:
     return names
 
 
+def class_directory_names(class_name: str) -> tuple[str, ...]:
+    """The folder names a class's videos may sit in: the name as written, and with "_" for its spaces
+    (Kinetics copies spell "air drumming" either way)."""
+    joined = "_".join(class_name.split())
+    return (class_name,) if joined == class_name else (class_name, joined)
+
+
+def _in_class_directory(path: Path, class_name: str) -> Path:
+    """``path`` if it exists, else ``<its folder>/<class folder>/<its name>`` where that exists; else ``path``
+    (reported as missing by `resolve_videos`)."""
+    if path.is_file():
+        return path
+    for directory in class_directory_names(class_name):
+        candidate = path.parent / directory / path.name
+        if candidate.is_file():
+            return candidate
+    return path
+
+
 def read_video_list(
-    path: str | os.PathLike, root: str | os.PathLike | None = None, *, num_classes: int | None = None
+    path: str | os.PathLike,
+    root: str | os.PathLike | None = None,
+    *,
+    num_classes: int | None = None,
+    class_directories: Sequence[str] | None = None,
 ) -> list[VideoRecord]:
-    """mmaction2-style list: "relative/path label" per line; paths joined to `root` (default: the list's directory)."""
+    """mmaction2-style list: "relative/path label" per line; paths joined to `root` (default: the list's directory).
+
+    ``class_directories``: the class names the labels index; a video that is not at ``<root>/<relative
+    path>`` is then also looked for in its class's folder (`_in_class_directory`). The list may be gzipped.
+    """
     path = Path(path)
     root_path = Path(root) if root is not None else path.parent
+    if class_directories is not None:
+        num_classes = len(class_directories) if num_classes is None else num_classes
     records = []
     for line_number, text in _content_lines(path):
         parts = text.rsplit(maxsplit=1)
@@ -177,7 +239,10 @@ def read_video_list(
             raise AnnotationError(path, line_number, f"expected '<relative/path> <integer label>', got {text!r}")
         label = int(parts[1])
         _check_label(path, line_number, label, num_classes)
-        records.append(VideoRecord(_join(root_path, parts[0]), label))
+        video = _join(root_path, parts[0])
+        if class_directories is not None:
+            video = _in_class_directory(video, class_directories[label])
+        records.append(VideoRecord(video, label))
     warn_duplicate_lines(records, path)
     return records
 
@@ -200,7 +265,7 @@ def read_csv_list(
         raise FileNotFoundError(f"annotation file not found: {path}")
     with open(path, newline="", encoding="utf-8-sig") as handle:
         for row_number, row in enumerate(csv.reader(handle), start=1):
-            if not row or all(not cell.strip() for cell in row) or row[0].lstrip().startswith("#"):
+            if not row or all(not cell.strip() for cell in row) or is_comment(row[0].strip()):
                 continue
             if len(row) != 2:
                 raise AnnotationError(path, row_number, f"expected 2 columns 'path,label', got {len(row)}: {row!r}")
@@ -414,6 +479,249 @@ def read_kinetics_csv(
     return records, list(class_names)
 
 
+SSV2_VIDEO_SUFFIX = ".webm"  # Something-Something v2 ships every video as <id>.webm
+
+
+def ssv2_class_name(template: str) -> str:
+    """The class of a Something-Something v2 template: its brackets removed ("Putting [something] onto
+    [something]" -> "Putting something onto something"), as the official label file spells classes."""
+    return " ".join(template.replace("[", "").replace("]", "").split())
+
+
+def _read_json(path: Path, what: str):
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise AnnotationError(path, None, f"expected a JSON file ({error})") from error
+
+
+def read_ssv2_labels(path: str | os.PathLike) -> list[str]:
+    """Class names by label from the official ``something-something-v2-labels.json`` ({"name": "index"})."""
+    path = Path(path)
+    data = _read_json(path, "Something-Something v2 label file")
+    if not isinstance(data, dict) or not data:
+        raise AnnotationError(path, None, 'expected a JSON object {"<class name>": "<index>", ...}')
+    by_index: dict[int, str] = {}
+    for name, index in data.items():
+        if not str(index).isdigit() or int(index) in by_index:
+            raise AnnotationError(path, None, f"class {name!r}: expected a distinct integer index, got {index!r}")
+        by_index[int(index)] = name
+    if sorted(by_index) != list(range(len(by_index))):
+        raise AnnotationError(path, None, f"expected the indices 0..{len(by_index) - 1}, each once")
+    return [by_index[i] for i in range(len(by_index))]
+
+
+def read_ssv2_json(
+    path: str | os.PathLike,
+    video_root: str | os.PathLike,
+    *,
+    class_names: Sequence[str] | None = None,
+    labels_file: str | os.PathLike | None = None,
+    suffix: str = SSV2_VIDEO_SUFFIX,
+) -> tuple[list[VideoRecord], list[str]]:
+    """Something-Something v2 annotations: a JSON list of {"id": "78687", "template": "Holding [something]
+    next to [something]", ...} (train / validation; entries without "template", as in the test file,
+    get label -1). Videos ``video_root/<id><suffix>``. Labels index ``class_names``, else the names of
+    ``labels_file`` (the official labels JSON), else the shipped ``ssv2`` list (the same 174 names in
+    the same order). Returns (records, class names)."""
+    path = Path(path)
+    if class_names is None:
+        class_names = read_ssv2_labels(labels_file) if labels_file is not None else resolve_class_names("ssv2")
+    label_of = {name: index for index, name in enumerate(class_names)}
+    entries = _read_json(path, "annotation file")
+    if not isinstance(entries, list):
+        raise AnnotationError(path, None, 'expected a JSON list of {"id": ..., "template": ...} entries')
+    records = []
+    for position, entry in enumerate(entries, start=1):
+        video_id = entry.get("id") if isinstance(entry, dict) else None
+        if not isinstance(video_id, (str, int)) or not str(video_id).strip() or "/" in str(video_id):
+            raise AnnotationError(path, None, f"entry {position}: expected an object with a video \"id\", got {entry!r:.120}")
+        label = -1
+        template = entry.get("template")
+        if template is not None:
+            name = ssv2_class_name(str(template))
+            if name not in label_of:
+                raise AnnotationError(path, None, f"entry {position} (id {video_id}): template {template!r} names no "
+                                                  f"class of the {len(class_names)}-class list ({name!r})")
+            label = label_of[name]
+        records.append(VideoRecord(Path(video_root) / f"{str(video_id).strip()}{suffix}", label))
+    warn_duplicate_lines(records, path)
+    return records, list(class_names)
+
+
+# ----------------------------------------------------------------------------- published split folders
+
+SPLIT_FILE = "split.json"  # the description of a split folder
+
+
+@dataclass(frozen=True)
+class SplitFolder:
+    """A published split: its class lists, its training lists and its validation lists (``split.json``).
+
+    ``classes``: part -> class names in label order ("base" and "novel" for base-to-novel, "all" for
+    few-shot); ``train``: the training lists by key (``train_key``: "seed" or "shots"), labelled with the
+    classes of ``train_part``; ``val``: part -> the validation list labelled with that part's classes.
+    ``dataset``: the dataset's name (display names, shipped ASKG prompts), None for others; ``prompts``:
+    a prompts JSON of the split (``text.prompts: dataset``), if any.
+    """
+
+    folder: Path
+    protocol: str
+    dataset: str | None
+    classes: dict[str, list[str]]
+    train_key: str
+    train_part: str
+    train: dict[int, Path]
+    val: dict[str, Path]
+    prompts: Path | None = None
+    files: dict = field(default_factory=dict)  # file name -> {"source", "sha256", "lines"} (shipped splits)
+
+    def describe(self) -> str:
+        return f"the {self.protocol} split {self.dataset or self.folder}"
+
+    def train_list(self, key) -> Path:
+        """The training list of ``key`` (a seed or a shot count); ``ValueError`` naming the keys there are."""
+        if isinstance(key, bool) or not isinstance(key, int) or key not in self.train:
+            have = ", ".join(map(str, sorted(self.train)))
+            given = "null" if key is None else repr(key)
+            raise ValueError(f"{self.train_key}={given}: {self.describe()} has no training list for it; its lists "
+                             f"have {self.train_key} {have}")
+        return self.train[key]
+
+    def records(self, list_file: Path, part: str, root) -> list[VideoRecord]:
+        """The videos of one of this split's lists (labels index the classes of ``part``) under ``root``; a
+        video not where the list puts it is also looked for in its class's folder."""
+        return read_video_list(list_file, root, class_directories=self.classes[part])
+
+
+def read_split_folder(folder: str | os.PathLike) -> SplitFolder:
+    """The split described by ``<folder>/split.json``::
+
+        {"protocol": "base2novel" | "fewshot", "dataset": "<name>" | null,
+         "classes": {"<part>": "<class file in the folder, or a shipped class list name>", ...},
+         "train": {"key": "seed" | "shots", "part": "<part>", "lists": {"<key>": "<list file>", ...}},
+         "val": {"<part>": "<list file>", ...}, "prompts": "<prompts JSON>" (optional)}
+
+    Every list is a "list" file ("<relative path> <label>" lines, gzipped or not) whose labels index the
+    classes of its part. A malformed description is an `AnnotationError` naming the file and the key.
+    """
+    from stdd.resources import SPLIT_PROTOCOLS
+
+    folder = Path(folder)
+    path = folder / SPLIT_FILE
+    data = _read_json(path, "split description")
+
+    def need(mapping, key, kind, where):
+        value = mapping.get(key) if isinstance(mapping, dict) else None
+        if not isinstance(value, kind) or not value:
+            raise AnnotationError(path, None, f"{where}{key}: expected a non-empty {kind.__name__}")
+        return value
+
+    def existing(name, where):
+        file = folder / str(name)
+        if not file.is_file():
+            raise AnnotationError(path, None, f"{where}: names {name!r}, which is not a file in {folder}")
+        return file
+
+    protocol = need(data, "protocol", str, "")
+    if protocol not in SPLIT_PROTOCOLS:
+        raise AnnotationError(path, None, f"protocol: expected one of {', '.join(SPLIT_PROTOCOLS)}, got {protocol!r}")
+    classes = {}
+    for part, spec in need(data, "classes", dict, "").items():
+        source = folder / str(spec)
+        classes[part] = read_class_names(source) if source.is_file() else resolve_class_names(
+            str(spec), where=f"{path}: classes.{part}")
+    train = need(data, "train", dict, "")
+    train_part = need(train, "part", str, "train.")
+    if train_part not in classes:
+        raise AnnotationError(path, None, f"train.part: {train_part!r} is not one of its class lists "
+                                          f"({', '.join(classes)})")
+    lists = {}
+    for key, name in need(train, "lists", dict, "train.").items():
+        if not str(key).isdigit():
+            raise AnnotationError(path, None, f"train.lists: expected integer keys, got {key!r}")
+        lists[int(key)] = existing(name, f"train.lists.{key}")
+    val = {}
+    for part, name in need(data, "val", dict, "").items():
+        if part not in classes:
+            raise AnnotationError(path, None, f"val.{part}: not one of its class lists ({', '.join(classes)})")
+        val[part] = existing(name, f"val.{part}")
+    prompts = existing(data["prompts"], "prompts") if data.get("prompts") else None
+    dataset = data.get("dataset")
+    return SplitFolder(folder=folder, protocol=protocol, dataset=str(dataset) if dataset else None, classes=classes,
+                       train_key=need(train, "key", str, "train."), train_part=train_part, train=lists, val=val,
+                       prompts=prompts, files=dict(data.get("files") or {}))
+
+
+def write_split_folder(
+    folder: str | os.PathLike,
+    *,
+    protocol: str,
+    classes: dict[str, Sequence[str]],
+    train_key: str,
+    train_part: str,
+    train: dict[int, Sequence[tuple[str, int]]],
+    val: dict[str, Sequence[tuple[str, int]]],
+    dataset: str | None = None,
+    prompts: dict[str, Sequence[str]] | None = None,
+) -> SplitFolder:
+    """Write a split folder of one's own (the format `read_split_folder` reads) and read it back.
+
+    ``classes``: part -> class names in label order; ``train``: key -> ("<relative path>", label) entries
+    labelled with the classes of ``train_part``; ``val``: part -> entries labelled with that part's classes;
+    ``prompts``: {class: [sentences]} for ``text.prompts: dataset``. Files: ``<part>_classes.txt``,
+    ``train_<key>.txt``, ``<part>_val.txt``, ``prompts.json``, ``split.json`` (each written atomically).
+    """
+    from ..files import atomic_write
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def listing(name: str, entries) -> str:
+        atomic_write(folder / name, "".join(f"{path} {int(label)}\n" for path, label in entries))
+        return name
+
+    description = {"protocol": protocol, "dataset": dataset, "classes": {}, "val": {},
+                   "train": {"key": train_key, "part": train_part, "lists": {}}}
+    for part, names in classes.items():
+        description["classes"][part] = f"{part}_classes.txt"
+        atomic_write(folder / f"{part}_classes.txt", "".join(f"{name}\n" for name in names))
+    for key, entries in train.items():
+        description["train"]["lists"][str(int(key))] = listing(f"train_{int(key)}.txt", entries)
+    for part, entries in val.items():
+        description["val"][part] = listing(f"{part}_val.txt", entries)
+    if prompts is not None:
+        description["prompts"] = "prompts.json"
+        atomic_write(folder / "prompts.json", json.dumps({name: list(s) for name, s in prompts.items()}, indent=1) + "\n")
+    atomic_write(folder / SPLIT_FILE, json.dumps(description, indent=1) + "\n")
+    return read_split_folder(folder)
+
+
+def resolve_split(spec, protocol: str, *, where: str = "split") -> SplitFolder:
+    """The ``protocol`` split ``spec`` names: a shipped one by its dataset (``hmdb51``; see
+    `stdd.resources.published_datasets`) or a folder holding a ``split.json`` of that protocol.
+    ``ValueError`` naming ``where`` and what exists."""
+    from stdd.resources import SPLIT_PROTOCOLS, published_datasets, split_dir
+
+    if protocol not in SPLIT_PROTOCOLS:
+        raise ValueError(f"{where}: protocol {protocol!r}: expected one of {', '.join(SPLIT_PROTOCOLS)}")
+    shipped = published_datasets(protocol)
+    text = str(spec) if spec is not None else ""
+    if text.lower() in shipped:
+        folder = split_dir(protocol, text.lower())
+    else:
+        folder = Path(os.path.expanduser(text))
+        if not text or not (folder / SPLIT_FILE).is_file():
+            raise ValueError(f"{where} {spec!r}: no published {protocol} split for it; expected one of "
+                             f"{', '.join(shipped)} or a folder holding a {SPLIT_FILE}")
+    split = read_split_folder(folder)
+    if split.protocol != protocol:
+        raise ValueError(f"{where} {spec!r}: {folder / SPLIT_FILE} describes a {split.protocol} split, not {protocol}")
+    return split
+
+
 @dataclass
 class MissingVideoReport:
     total: int
@@ -462,9 +770,12 @@ def resolve_videos(
     return kept, report
 
 
-def _load_list(path, root, class_names, **options):
+def _load_list(path, root, class_names, *, class_directories: bool = False, **options):
     _no_options("list", options)
-    records = read_video_list(path, root, num_classes=len(class_names) if class_names is not None else None)
+    if class_directories and class_names is None:
+        raise ValueError(f"list annotations {path}: class_directories needs the class names")
+    records = read_video_list(path, root, num_classes=len(class_names) if class_names is not None else None,
+                              class_directories=list(class_names) if class_directories else None)
     return records, list(class_names) if class_names is not None else None
 
 
@@ -500,6 +811,12 @@ def _load_kinetics(path, root, class_names, **options):
     return read_kinetics_csv(path, root, class_names=class_names, **options)
 
 
+def _load_ssv2(path, root, class_names, **options):
+    if root is None:
+        raise ValueError("root: Something-Something v2 needs the video folder (<root>/<id>.webm)")
+    return read_ssv2_json(path, root, class_names=class_names, **options)
+
+
 def _no_options(format: str, options: dict) -> None:
     if options:
         raise TypeError(f"load_annotations(format={format!r}): unexpected options {sorted(options)}")
@@ -512,6 +829,7 @@ ANNOTATION_READERS: dict[str, Callable] = {
     "ucf101": _load_ucf101,
     "hmdb51": _load_hmdb51,
     "kinetics": _load_kinetics,
+    "ssv2": _load_ssv2,
 }
 ANNOTATION_FORMATS = tuple(ANNOTATION_READERS)
 OFFICIAL_SPLIT_FORMATS = ("ucf101", "hmdb51")  # formats that take split= and subset= (`check_split_arguments`)
@@ -525,12 +843,15 @@ def load_annotations(
     class_names: Sequence[str] | str | os.PathLike | None = None,
     **options,
 ) -> tuple[list[VideoRecord], list[str] | None]:
-    """Read annotations of `format` (one of `ANNOTATION_FORMATS`: "list" | "csv" | "ucf101" | "hmdb51" | "kinetics").
+    """Read annotations of `format` (one of `ANNOTATION_FORMATS`: "list" | "csv" | "ucf101" | "hmdb51" |
+    "kinetics" | "ssv2").
 
-    path: the list/csv file; for "ucf101" the train/testlist file (options: class_index_file, defaults to
-    classInd.txt next to it; split and subset, which an officially named list must match); for "hmdb51"
-    the split directory (options split and subset, both required); for "kinetics" the csv (options:
-    path_template). root: the video root. class_names: a list or a class-name file.
+    path: the list/csv file (for "list" options: class_directories, see `read_video_list`); for "ucf101"
+    the train/testlist file (options: class_index_file, defaults to classInd.txt next to it; split and
+    subset, which an officially named list must match); for "hmdb51" the split directory (options split
+    and subset, both required); for "kinetics" the csv (options: path_template); for "ssv2" the official
+    JSON (options: labels_file, suffix; class names default to the shipped ``ssv2`` list). root: the video
+    root. class_names: a list or a class-name file.
     Returns (records, class names or None when the format carries none and none were given).
     """
     if format not in ANNOTATION_READERS:

@@ -21,8 +21,8 @@ values (:data:`VALUE_CHOICES`, which points at each list's one home, e.g.
 ``stdd.data.sampling.SAMPLING_MODES``, and takes every ``model.stca`` field
 declared with :func:`stdd.model.stca_settings.choice`), and what only makes
 sense together (a warm-up no longer than the run; UCF101 lists of the split
-``data.split`` names). Each error is one line naming the dotted key, the value
-and what was expected.
+``data.split`` names; a published split list that exists, ``data.published``).
+Each error is one line naming the dotted key, the value and what was expected.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from typing import Any, Optional, Sequence, Union
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from ..data.annotations import ANNOTATION_FORMATS, OFFICIAL_SPLITS, ON_MISSING_POLICIES, ucf101_list_mismatch
+from ..data.annotations import (ANNOTATION_FORMATS, OFFICIAL_SPLITS, ON_MISSING_POLICIES, SplitFolder, resolve_split,
+                                ucf101_list_mismatch)
 from ..data.dataset import ON_ERROR_POLICIES
 from ..data.loaders import DECODERS
 from ..data.sampling import SAMPLING_MODES, SPATIAL_CROPS
@@ -47,6 +48,7 @@ from ..model.alignment import SCORE_MODES
 from ..model.stca_settings import STCASettings, allowed_values, choice_fields
 from ..model.stdd_model import DISTILL_WEIGHT
 from ..model.text_encoder import TEXT_FEATURE_SOURCES
+from ..resources import SPLIT_PROTOCOLS
 from .distributed import DEVICES
 from .metrics import AGGREGATIONS
 from .optimization import NONFINITE_POLICIES
@@ -55,7 +57,8 @@ from .precision import PRECISIONS
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEFAULT_PRESET = "demo"
 SYNTHETIC_DATASET = "synthetic"  # data.dataset of the generated motion set; the others are annotation formats
-DATASETS = (SYNTHETIC_DATASET, *ANNOTATION_FORMATS)  # the values of data.dataset
+PUBLISHED_DATASET = "published"  # data.dataset of a published split list (data.published says which)
+DATASETS = (SYNTHETIC_DATASET, PUBLISHED_DATASET, *ANNOTATION_FORMATS)  # the values of data.dataset
 
 
 class ConfigError(UsageError, ValueError):
@@ -103,7 +106,8 @@ class TextConfig:
     cache_dir: Optional[str] = None  # text-feature cache directory; null: no cache
     with_templates: bool = False  # add the template sentences to file / ASKG prompts
     # encoder: the frozen text tower reads the prompts (the paper) | orthogonal: a fixed orthonormal vector per
-    # class, prompts unread (stand-in for a pretrained tower when training from random weights: the demo)
+    # class, prompts unread (stand-in for a pretrained tower when training from random weights: the demo) |
+    # words: each prompt the mean of fixed random word vectors (a stand-in whose classes share structure)
     features: str = "encoder"
 
 
@@ -127,8 +131,18 @@ class SyntheticConfig:
 
 
 @dataclass
+class PublishedSplitConfig:
+    """A published split list to train on (``data.dataset: published``; stdd/resources/splits/README.md)."""
+
+    protocol: Optional[str] = None  # base2novel (a seed's list of the base classes) | fewshot (K videos per class)
+    dataset: Optional[str] = None  # k400 | hmdb51 | ucf101 | ssv2 (fewshot: not k400), or a folder with a split.json
+    seed: Optional[int] = None  # base2novel: which training list, 1, 2 or 3
+    shots: Optional[int] = None  # fewshot: videos per class, 2, 4, 8 or 16
+
+
+@dataclass
 class DataConfig:
-    dataset: str = "kinetics"  # kinetics (csv) | list (mmaction2) | csv | ucf101 | hmdb51 | synthetic
+    dataset: str = "kinetics"  # kinetics (csv) | list (mmaction2) | csv | ucf101 | hmdb51 | ssv2 | synthetic | published
     root: Optional[str] = None  # video root directory (synthetic: where the set is generated)
     train_annotations: Optional[str] = None  # annotation file of the training split (hmdb51: the split directory)
     val_annotations: Optional[str] = None  # annotation file of the validation split (optional; hmdb51: as above)
@@ -149,6 +163,7 @@ class DataConfig:
     on_missing: str = "skip"  # listed videos that do not exist: skip (counted) | fail
     on_error: str = "skip"  # videos that do not decode: skip (counted, replaced in training) | fail
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    published: PublishedSplitConfig = field(default_factory=PublishedSplitConfig)
 
 
 @dataclass
@@ -286,6 +301,7 @@ VALUE_CHOICES: dict[str, Any] = {
     "data.on_missing": ON_MISSING_POLICIES,
     "data.on_error": ON_ERROR_POLICIES,
     "data.synthetic.codec": CODEC_SETTINGS,
+    "data.published.protocol": SPLIT_PROTOCOLS,
     "optim.on_nonfinite_loss": NONFINITE_POLICIES,
     "eval.n_spatial_crops": SPATIAL_CROPS,
     "eval.aggregation": AGGREGATIONS,
@@ -323,7 +339,11 @@ def check_run_settings(cfg: DictConfig) -> DictConfig:
       run's end, so the learning rate would only climb and never decay (a warm-up of the whole run is
       taken as written);
     - UCF101 (``data.dataset: ucf101``): annotation files named as the official lists must be the train
-      list (training) and the test list (validation) of split ``data.split``.
+      list (training) and the test list (validation) of split ``data.split``;
+    - a published split (``data.dataset: published`` with ``data.published.protocol``): it exists and has a
+      training list of ``data.published.seed`` / ``shots`` (:func:`published_split_of`);
+    - Something-Something v2 (its format, class list or published split) without horizontal flips: a flip
+      turns some of its classes into others.
     """
     optim = cfg.optim
     if float(optim.warmup_epochs) > int(optim.epochs):
@@ -338,7 +358,56 @@ def check_run_settings(cfg: DictConfig) -> DictConfig:
             mismatch = None if path is None else ucf101_list_mismatch(path, int(data.split), subset)
             if mismatch is not None:
                 raise ConfigError(f"data.{role}_annotations={path}: {mismatch} (data.split={int(data.split)})")
+    if data.dataset == PUBLISHED_DATASET and data.published.protocol is not None:
+        published_split_of(cfg)  # (without a protocol the run stops where it reads its data, as without a list)
+    if data.horizontal_flip and _dataset_name(cfg) == "ssv2":
+        raise ConfigError("data.horizontal_flip=true: Something-Something v2 has classes a flip turns into others "
+                          "('Pushing something from left to right'); set data.horizontal_flip=false")
     return cfg
+
+
+def _dataset_name(cfg: DictConfig) -> Optional[str]:
+    """Which benchmark dataset a run reads, where the config says it: ssv2 (its format or its class list), or
+    a published split's dataset; None otherwise."""
+    data = cfg.data
+    if data.dataset == PUBLISHED_DATASET:
+        return str(data.published.dataset).lower() if data.published.dataset else None
+    if data.dataset == "ssv2" or (isinstance(data.class_names, str) and data.class_names.lower() == "ssv2"):
+        return "ssv2"
+    return None
+
+
+# what picks the training list of a published split: base-to-novel by seed, few-shot by shot count
+_PUBLISHED_KEY = {"base2novel": "seed", "fewshot": "shots"}
+
+
+def published_split_of(cfg: DictConfig) -> tuple[SplitFolder, int]:
+    """The published split and training-list key (seed or shots) of ``data.published`` (``data.dataset:
+    published``), each value checked: :class:`ConfigError` naming the dotted key and what exists. Its
+    lists name the videos and classes, so ``data.train_annotations``, ``data.val_annotations`` and
+    ``data.class_names`` must stay null."""
+    data, published = cfg.data, cfg.data.published
+    for key in ("train_annotations", "val_annotations", "class_names"):
+        if data[key] is not None:
+            raise ConfigError(f"data.{key}={data[key]}: not read with data.dataset=published (the split's own lists "
+                              f"and class lists are); leave it null")
+    if published.protocol is None:
+        raise ConfigError(f"data.published.protocol=null: data.dataset=published needs one of "
+                          f"{', '.join(SPLIT_PROTOCOLS)}")
+    try:
+        split = resolve_split(published.dataset, published.protocol, where="data.published.dataset")
+    except ValueError as error:
+        raise ConfigError(str(error)) from error
+    name = _PUBLISHED_KEY[published.protocol]
+    other = "shots" if name == "seed" else "seed"
+    if published[other] is not None:
+        raise ConfigError(f"data.published.{other}={published[other]}: a {published.protocol} split picks its list "
+                          f"by data.published.{name}; leave {other} null")
+    try:
+        split.train_list(published[name])
+    except ValueError as error:
+        raise ConfigError(f"data.published.{error}") from error
+    return split, int(published[name])
 
 
 def _error_text(error: OmegaConfBaseException) -> str:

@@ -158,3 +158,32 @@ def confusion_matrix_png(matrix: np.ndarray, class_names: Sequence[str], title: 
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def harmonic_mean(base: float, novel: float) -> float:
+    """HM = 2BN / (B + N) of a base and a novel accuracy, the base-to-novel summary (0 when both are 0)."""
+    if base < 0 or novel < 0:
+        raise ValueError(f"harmonic_mean: accuracies must be >= 0, got base {base}, novel {novel}")
+    return 0.0 if base + novel == 0 else 2.0 * base * novel / (base + novel)
+
+
+def summarize_runs(runs: Sequence[dict], parts: Sequence[str], ks: Sequence[int] = (1, 5)) -> dict:
+    """The mean ± std over ``runs`` (models: one per training seed) of each part's top-k.
+
+    ``runs``: dicts holding ``{part: {"top1": ..., "top5": ...}}`` for every part. With parts ``base`` and
+    ``novel`` (base-to-novel) each run gets its ``hm`` and the summary the ``hm`` of the mean base and mean
+    novel top-1, as the field reports it (and ``hm_of_runs_mean``, the mean of the runs' HMs, beside it).
+    """
+    if not runs:
+        raise ValueError("summarize_runs: no runs")
+    summary = {"num_runs": len(runs)}
+    for part in parts:
+        for k in ks:
+            mean, std = mean_std([run[part][f"top{k}"] for run in runs])
+            summary[f"{part}_top{k}_mean"], summary[f"{part}_top{k}_std"] = mean, std
+    if set(parts) == {"base", "novel"}:
+        for run in runs:
+            run["hm"] = harmonic_mean(run["base"]["top1"], run["novel"]["top1"])
+        summary["hm"] = harmonic_mean(summary["base_top1_mean"], summary["novel_top1_mean"])
+        summary["hm_of_runs_mean"] = mean_std([run["hm"] for run in runs])[0]
+    return summary

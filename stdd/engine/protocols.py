@@ -12,6 +12,15 @@
   authors' STDD release draws from 232 classes instead (the 220 plus the 12
   K400 classes that K600 renamed): ``k600_splits(..., novel_names=...)``.
 
+- Base-to-novel (ViFi-CLIP, Rasheed et al. 2023): a model trained on the published 16-shot list of a
+  seed (base classes only) is scored on the base classes' validation videos against the base classes
+  and on the novel classes' videos against the novel classes; per seed and over the three seeds,
+  with the harmonic mean HM = 2BN / (B + N) (``stdd.engine.metrics.summarize_runs``).
+- Few-shot: a model trained on the published K-shot list (K = 2, 4, 8, 16) is scored on the
+  validation list, all classes.
+  Both read published split folders (``stdd.data.annotations.SplitFolder``; the shipped ones in
+  ``stdd/resources/splits/``); :func:`published_run_key` checks what a model was trained on.
+
 "Seeded random" draws here are made by ranking each class by a SHA-256 hash
 of ``"<seed>/<round>/<class name>"``: the same seed gives the same classes on
 every machine, Python and NumPy version, and regardless of the order in which
@@ -33,6 +42,8 @@ from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from ..data.annotations import SplitFolder
 
 K600_NOVEL_CLASS_COUNT = 220
 K600_SPLIT_SIZE = 160
@@ -244,3 +255,37 @@ def read_split_file(path: Union[str, Path], class_names: Sequence[str]) -> list[
     if not splits:
         raise ValueError(f"split file {path}: no splits found")
     return splits
+
+
+# ----------------------------------------------------------------------------- published split lists
+
+
+def _same_split(first: SplitFolder, second: SplitFolder) -> bool:
+    return first.protocol == second.protocol and first.folder.resolve() == second.folder.resolve()
+
+
+def published_run_key(protocol: str, split: SplitFolder, trained: Optional[tuple[SplitFolder, int]], *,
+                      shots: Optional[int] = None, source: str = "--checkpoint") -> Optional[int]:
+    """Whether a model may be scored on ``split`` by ``protocol``, given the published split it was trained
+    on: returns the seed (base2novel) or shot count (fewshot) of its training list, or None when it was not
+    trained on a published split (``trained`` None: e.g. plain CLIP, or a model of one's own lists).
+
+    Refused with a ``ValueError`` naming ``source``:
+
+    - base2novel: a model trained on a few-shot list (it holds the novel classes too, so its novel
+      accuracy would not be zero-shot), or on the base classes of another split;
+    - fewshot: a model trained on a base-to-novel list or on another split, or (``shots`` given) with
+      another shot count.
+    """
+    if trained is None:
+        return None
+    trained_split, key = trained
+    if protocol == "base2novel" and trained_split.protocol == "fewshot":
+        raise ValueError(f"{source}: trained on the {key}-shot list of {trained_split.describe()}, which holds the "
+                         f"novel classes too: its novel accuracy would not be zero-shot")
+    if not _same_split(trained_split, split):
+        raise ValueError(f"{source}: trained on {trained_split.describe()} (its {trained_split.train_key} {key}), "
+                         f"scored on {split.describe()}: give a model trained on this split")
+    if protocol == "fewshot" and shots is not None and key != shots:
+        raise ValueError(f"{source}: trained on the {key}-shot list, scored as --shots {shots}")
+    return key

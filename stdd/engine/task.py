@@ -24,9 +24,15 @@ from torch import nn
 from ..data import ClipSampling, build_dataloader, build_dataset, generate_synthetic_dataset
 from ..data.annotations import OFFICIAL_SPLIT_FORMATS, resolve_class_names
 from ..knowledge.prompts import load_prompts, template_prompts
-from ..model import TEXT_FEATURE_SOURCES, PhaseSampler, build_stdd, orthogonal_class_features
+from ..model import (
+    TEXT_FEATURE_SOURCES,
+    PhaseSampler,
+    build_stdd,
+    orthogonal_class_features,
+    word_class_features,
+)
 from ..resources import ASKG_SETS, K400_RENAMED_IN_K600, askg_path, display_name
-from .config import DATASETS, SYNTHETIC_DATASET, ConfigError, stca_settings_of
+from .config import DATASETS, PUBLISHED_DATASET, SYNTHETIC_DATASET, ConfigError, published_split_of, stca_settings_of
 from .evaluation import score_dataset
 from .metrics import evaluate_split
 from .protocols import ZeroShotSplit
@@ -152,6 +158,8 @@ def text_features_for(text_encoder, prompts: dict, text_cfg, class_list: Optiona
     ``prompts`` holds only some of its classes (orthogonal features are a function of the whole list)."""
     if text_cfg.features not in TEXT_FEATURE_SOURCES:
         raise ConfigError(f"text.features={text_cfg.features!r}: expected one of {', '.join(TEXT_FEATURE_SOURCES)}")
+    if text_cfg.features == "words":
+        return word_class_features(prompts, text_encoder.output_dim)
     if text_cfg.features == "orthogonal":
         names = list(class_list) if class_list is not None else list(prompts)
         whole = orthogonal_class_features({name: prompts.get(name, []) for name in names}, text_encoder.output_dim)
@@ -192,15 +200,26 @@ def prepare_synthetic(cfg: DictConfig) -> "object":
 
 
 def data_spec(cfg: DictConfig, split: str) -> DataSpec:
-    """``split``: ``train`` or ``val``. ``data.dataset`` is ``synthetic`` or an annotation format; an
-    official split (UCF101, HMDB51) is read as ``data.split`` says, its train half for training and its
-    test half for validation (:data:`SPLIT_SUBSET`)."""
+    """``split``: ``train`` or ``val``. ``data.dataset`` is ``synthetic``, ``published`` or an annotation
+    format; an official split (UCF101, HMDB51) is read as ``data.split`` says, its train half for training
+    and its test half for validation (:data:`SPLIT_SUBSET`); a published split (``data.published``) trains
+    on the list of its seed or shot count, labelled with its training classes (base-to-novel: the base
+    classes only), and validates on its validation list of those classes."""
     data = cfg.data
     kind = data.dataset
     if kind == SYNTHETIC_DATASET:
         generated = prepare_synthetic(cfg)
         return DataSpec(generated.annotation_files[split], "list", generated.root, list(generated.class_names),
                         None, generated.prompts_file)
+    if kind == PUBLISHED_DATASET:
+        published, key = published_split_of(cfg)
+        if data.root is None:
+            raise ConfigError(f"data.root is required for data.dataset=published: the folder of the videos that "
+                              f"{published.describe()} names")
+        part = published.train_part
+        listing = published.train_list(key) if split == "train" else published.val[part]
+        return DataSpec(listing, "list", Path(os.path.expanduser(data.root)), list(published.classes[part]),
+                        published.dataset, published.prompts, options={"class_directories": True})
     if kind not in DATASETS:  # (load_config has checked it; this is for configs built otherwise)
         raise ConfigError(f"data.dataset={kind!r}: expected one of {', '.join(DATASETS)}")
     annotations = data[f"{split}_annotations"]
@@ -306,7 +325,8 @@ class TrainingTask:
         self.phase_sampler = None if settings is None else PhaseSampler(
             settings, seed=cfg.run.seed, num_blocks=len(model.video_encoder.blocks))
         self.train_dataset = build_video_dataset(cfg, self.train_spec, training=True)
-        has_validation = cfg.data.val_annotations is not None or cfg.data.dataset == SYNTHETIC_DATASET
+        has_validation = cfg.data.val_annotations is not None or cfg.data.dataset in (SYNTHETIC_DATASET,
+                                                                                     PUBLISHED_DATASET)
         self.val_spec: Optional[DataSpec] = data_spec(cfg, "val") if has_validation else None
         self._val_dataset = None
         self.epoch = 0

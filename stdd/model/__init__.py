@@ -49,7 +49,13 @@ from .phases import PhaseSampler
 from .stca_block import STCABlock, multi_head_self_attention
 from .stca_settings import STCASettings
 from .stdd_model import STDDModel, STDDOutput, build_stdd
-from .text_encoder import TEXT_FEATURE_SOURCES, ClassTextFeatures, TextEncoder, orthogonal_class_features
+from .text_encoder import (
+    TEXT_FEATURE_SOURCES,
+    ClassTextFeatures,
+    TextEncoder,
+    orthogonal_class_features,
+    word_class_features,
+)
 from .video_encoder import FrozenImageEncoder, VideoEncoder
 
 __all__ = [
@@ -69,6 +75,7 @@ __all__ = [
     "TextEncoder",
     "VideoEncoder",
     "orthogonal_class_features",
+    "word_class_features",
     "alignment_scores",
     "build_stdd",
     "classification_loss",

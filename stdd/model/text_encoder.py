@@ -24,6 +24,7 @@ import io
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
@@ -63,7 +64,7 @@ class ClassTextFeatures:
         return replace(self, features=self.features.to(device), mask=self.mask.to(device))
 
 
-TEXT_FEATURE_SOURCES = ("encoder", "orthogonal")  # what gives the class features (config: text.features)
+TEXT_FEATURE_SOURCES = ("encoder", "orthogonal", "words")  # what gives the class features (config: text.features)
 
 
 def orthogonal_class_features(prompts: Mapping[str, Sequence[str]], dim: int) -> ClassTextFeatures:
@@ -89,6 +90,50 @@ def orthogonal_class_features(prompts: Mapping[str, Sequence[str]], dim: int) ->
     basis = basis * torch.sign(torch.diagonal(triangle))  # the sign QR leaves open, fixed: each stays near its draw
     features = basis.T.to(torch.float32).unsqueeze(1).contiguous()
     return TextEncoder._result(prompts, features, torch.ones(len(names), 1, dtype=torch.bool), None, cache_hit=False)
+
+
+def _word_vector(word: str, dim: int) -> torch.Tensor:
+    """A fixed unit vector of ``word`` (a Gaussian draw seeded by its SHA-256), float64."""
+    seed = int.from_bytes(hashlib.sha256(word.encode("utf-8")).digest()[:8], "little")
+    vector = torch.randn(dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return vector / vector.norm()
+
+
+def word_class_features(prompts: Mapping[str, Sequence[str]], dim: int) -> ClassTextFeatures:
+    """Class features in which classes share what their prompts share: each prompt is the normalised mean
+    of one fixed random unit vector per word (seeded by the word, so a word means the same in every class
+    list; words are the lower-case runs of letters and digits). ``features (K, N_max, E)``, padded prompts
+    masked.
+
+    A stand-in for a pretrained text tower for models trained from random weights, like the orthogonal
+    features, but with structure: "horizontal decreasing" and "vertical decreasing" share a direction, so
+    a model can score classes it was not trained on from words it was trained on (the synthetic
+    base-to-novel benchmark, bench/b2n_synthetic.py). Word vectors are random, not orthogonal: in E
+    dimensions two of them have a cosine of about ``1/sqrt(E)``.
+    """
+    names = list(prompts)
+    if not names:
+        raise ValueError("word class features: expected at least one class")
+    rows = []
+    for name in names:
+        sentences = list(prompts[name])
+        if not sentences:
+            raise ValueError(f"word class features: class {name!r} has no prompt")
+        features = []
+        for sentence in sentences:
+            words = re.findall(r"[a-z0-9]+", sentence.lower())
+            if not words:
+                raise ValueError(f"word class features: prompt {sentence!r} of class {name!r} has no word")
+            mean = torch.stack([_word_vector(word, dim) for word in words]).mean(0)
+            features.append(mean / mean.norm())
+        rows.append(torch.stack(features))
+    width = max(len(row) for row in rows)
+    features = torch.zeros(len(names), width, dim, dtype=torch.float32)
+    mask = torch.zeros(len(names), width, dtype=torch.bool)
+    for index, row in enumerate(rows):
+        features[index, : len(row)] = row.to(torch.float32)
+        mask[index, : len(row)] = True
+    return TextEncoder._result(prompts, features, mask, None, cache_hit=False)
 
 
 class TextEncoder(nn.Module):

@@ -12,6 +12,11 @@ Kinetics-400 (the K600 zero-shot benchmark), i.e. K600 minus K400 minus the
 K400 classes that Kinetics-600 only renamed (`K400_RENAMED_IN_K600`).
 `k600_new_release` is the open-set list of the authors' STDD release: the 232
 K600 names not spelled as in K400, i.e. `k600_new` plus those 12 renames.
+`ssv2` is Something-Something v2's 174 action templates, alphabetical.
+
+`splits/` holds the published base-to-novel and few-shot split lists (one folder
+per protocol and dataset, described by its `split.json`; see splits/README.md):
+`split_dir(protocol, dataset)` finds one, `published_datasets(protocol)` lists them.
 """
 
 from __future__ import annotations
@@ -23,14 +28,17 @@ from pathlib import Path
 RESOURCES_DIR = Path(__file__).resolve().parent
 CLASSES_DIR = RESOURCES_DIR / "classes"
 ASKG_DIR = RESOURCES_DIR / "askg"
+SPLITS_DIR = RESOURCES_DIR / "splits"
 
 # Expected number of classes per shipped list; a list with another count is a
 # corrupted install or a bad edit and must fail loudly, not shift class indices.
 CLASS_COUNTS = {"ucf101": 101, "hmdb51": 51, "k400": 400, "k600": 600, "k600_new": 220,
-                "k600_new_release": 232}
+                "k600_new_release": 232, "ssv2": 174}
 DATASETS = tuple(CLASS_COUNTS)
 # The candidate lists of the Kinetics-600 zero-shot protocol: the usual 220 (default) and the release's 232.
 K600_NOVEL_LISTS = ("k600_new", "k600_new_release")
+# The protocols whose published split lists ship in splits/<protocol>/<dataset>/ (one folder each).
+SPLIT_PROTOCOLS = ("base2novel", "fewshot")
 # The sets whose ASKG graphs and prompts ship in askg/ (Kinetics-600 as k400 + its 220 new classes).
 ASKG_SETS = ("ucf101", "hmdb51", "k400", "k600_new")
 
@@ -98,8 +106,10 @@ def display_name(dataset: str, class_name: str) -> str:
 
     UCF101: CamelCase split into words ("ApplyEyeMakeup" -> "apply eye makeup",
     "YoYo" -> "yo yo"); HMDB51: underscores to spaces ("brush_hair" -> "brush
-    hair"); Kinetics: unchanged. Any other dataset name (a user's own class
-    file) gets the Kinetics rule: the name as written, whitespace collapsed.
+    hair"); Something-Something v2: lower case ("Pushing something from left to
+    right" -> "pushing something from left to right"); Kinetics: unchanged. Any
+    other dataset name (a user's own class file) gets the Kinetics rule: the
+    name as written, whitespace collapsed.
     """
     if not isinstance(class_name, str) or not class_name.strip():
         raise ValueError(f"class_name={class_name!r}: expected a non-empty string")
@@ -110,6 +120,8 @@ def display_name(dataset: str, class_name: str) -> str:
         return " ".join(w.lower() for w in _CAMEL_WORD.findall(class_name))
     if key == "hmdb51":
         return " ".join(class_name.replace("_", " ").split())
+    if key == "ssv2":
+        return " ".join(class_name.lower().split())
     return " ".join(class_name.split())
 
 
@@ -121,7 +133,28 @@ def askg_path(dataset: str) -> Path:
     return ASKG_DIR / f"{dataset}.json"
 
 
+def _check_protocol(protocol: str) -> str:
+    if protocol not in SPLIT_PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}: expected one of {', '.join(SPLIT_PROTOCOLS)}")
+    return protocol
+
+
+def published_datasets(protocol: str) -> tuple[str, ...]:
+    """The datasets whose published ``protocol`` split ships here (a folder with a ``split.json``), sorted."""
+    folder = SPLITS_DIR / _check_protocol(protocol)
+    return tuple(sorted(p.parent.name for p in folder.glob("*/split.json")))
+
+
+def split_dir(protocol: str, dataset: str) -> Path:
+    """The folder of the published ``protocol`` split of ``dataset`` (``ValueError`` naming what exists)."""
+    available = published_datasets(protocol)
+    if not isinstance(dataset, str) or dataset.lower() not in available:
+        raise ValueError(f"dataset={dataset!r}: no published {protocol} split lists for it; expected one of "
+                         f"{', '.join(available)}")
+    return SPLITS_DIR / protocol / dataset.lower()
+
+
 __all__ = [
     "ASKG_DIR", "ASKG_SETS", "CLASSES_DIR", "CLASS_COUNTS", "DATASETS", "K400_RENAMED_IN_K600", "K600_NOVEL_LISTS",
-    "askg_path", "class_names", "display_name",
+    "SPLITS_DIR", "SPLIT_PROTOCOLS", "askg_path", "class_names", "display_name", "published_datasets", "split_dir",
 ]
