@@ -17,7 +17,12 @@ its files are written); a second one stops at once naming the holder. ``results.
 written last, so where it is, the other two beside it are of the same evaluation.
 
 Weights: ``--checkpoint`` takes ``final.pt`` / ``averaged.pt`` / ``ema.pt`` or a training
-checkpoint; the model settings come from the config stored in it (``--config`` and
+checkpoint, or a checkpoint of Open-VCLIP, FROSTER or ViFi-CLIP (the format is found from its keys;
+``--checkpoint-format`` forces one), scored by its method's published recipe (the presets
+``open_vclip``, ``froster``, ``vifi_clip``) or, with ``--recipe stdd`` (or another recipe), under
+that recipe's protocol: frames, pixels, prompts, score and views (``stdd.engine.config.PROTOCOL_KEYS``);
+the model (its temporal attention, weights, weight interpolation and text tower) stays the checkpoint's.
+For an stdd checkpoint the model settings come from the config stored in it (``--config`` and
 ``key=value`` overrides change them), its run-time settings (device, precision, workers, frame
 cache, batch size: ``stdd.engine.config.RUNTIME_KEYS``) do not: they are this command's defaults
 and options. A CLIP weights *file* named by the stored config's
@@ -47,6 +52,8 @@ from .engine import metrics, protocols
 from .engine.config import ConfigError
 from .engine.distributed import DEVICES, cleanup_distributed, init_distributed
 from .engine.evaluation import score_dataset
+from .engine.checkpoint_formats import AUTO, CHECKPOINT_FORMATS, RECIPES
+from .engine.config import temporal_of
 from .engine.inference import config_for_weights, load_model_for_inference
 from .engine.precision import autocast_dtype
 from .engine.runlock import EVAL_LOCK_NAME, acquire_lock, describe_holder
@@ -158,7 +165,8 @@ def require_scored_videos(scored, records, sources) -> None:
 
 def run_evaluation(args) -> dict:
     cfg, state = config_for_weights(args.checkpoint, args.config, args.overrides,
-                                    trust_checkpoint_pretrained=args.trust_checkpoint_pretrained)
+                                    trust_checkpoint_pretrained=args.trust_checkpoint_pretrained,
+                                    checkpoint_format=args.checkpoint_format, recipe=args.recipe)
     context = init_distributed(cfg.run.device if args.device is None else args.device)
     out, lock = prepare_out_dir(args.out_dir, context)
     try:
@@ -183,13 +191,16 @@ def _evaluate(args, cfg, state, context, out: Path) -> dict:
     aggregation = args.aggregation or cfg.eval.aggregation
     dataset = build_video_dataset(cfg, None, training=False, n_temporal_views=views, n_spatial_crops=crops,
                                   records=records)
-    model, text = load_model_for_inference(cfg, state, context.device)
+    model, text, loaded = load_model_for_inference(cfg, state, context.device)
+    if loaded is not None and context.is_main and not args.quiet:
+        print(f"[stdd] --checkpoint {args.checkpoint}: {loaded.summary()}", file=sys.stderr)
     # Only the classes some split uses get text features (K600: the 220 new ones, whose shipped
     # ASKG prompts exist; the K400 classes of the list are never scored).
     needed = sorted(set().union(*(split.class_indices for split in splits)))
     needed_names = [class_names[i] for i in needed]
     prompts = build_prompts(args.prompts or cfg.text.prompts, needed_names, dataset=dataset_key,
-                            with_templates=args.with_templates)
+                            with_templates=args.with_templates or cfg.text.with_templates,
+                            templates=cfg.text.templates, class_name_form=cfg.text.class_name_form)
     features = text_features_for(text, prompts, cfg.text, class_list=class_names)
     start = time.time()
     scored = score_dataset(
@@ -214,8 +225,11 @@ def _evaluate(args, cfg, state, context, out: Path) -> dict:
     report = {
         "protocol": args.protocol if not args.split_file else f"split-file:{args.split_file}",
         "checkpoint": args.checkpoint,
+        "checkpoint_weights": None if loaded is None else loaded.to_json(),
+        "recipe": args.recipe,
         "model": str(cfg.model.clip_name),
-        "stca": bool(cfg.model.stca.enabled),
+        "stca": temporal_of(cfg) == "stca",
+        "temporal": temporal_of(cfg),
         "views": f"{views} temporal x {crops} spatial",
         "aggregation": aggregation,
         "videos": int(len(records)),
@@ -236,7 +250,13 @@ def _evaluate(args, cfg, state, context, out: Path) -> dict:
 
 def build_argument_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m stdd.eval", description=__doc__.split("\n")[0], epilog=__doc__)
-    parser.add_argument("--checkpoint", help="weights file (final.pt / averaged.pt / ema.pt) or training checkpoint")
+    parser.add_argument("--checkpoint", help="weights file (final.pt / averaged.pt / ema.pt), training checkpoint, or "
+                                             "an Open-VCLIP / FROSTER / ViFi-CLIP checkpoint")
+    parser.add_argument("--checkpoint-format", choices=(AUTO, *CHECKPOINT_FORMATS), default=AUTO,
+                        help="the checkpoint's format (default: found from its keys)")
+    parser.add_argument("--recipe", choices=RECIPES, default=RECIPES[0],
+                        help="how to score: own (the checkpoint's method's published recipe; default), stdd (stdd's "
+                             "protocol, for comparing checkpoints under one protocol) or another method's")
     parser.add_argument("--config", help="preset or YAML (default: the config stored in --checkpoint)")
     parser.add_argument("--trust-checkpoint-pretrained", action="store_true",
                         help="load the CLIP weights file the checkpoint's stored config names in model.pretrained "
