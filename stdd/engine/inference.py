@@ -180,9 +180,16 @@ def load_peer_weights(model, text, checkpoint: PeerCheckpoint, cfg: DictConfig) 
     visual, text_state, logit_scale = split_tower_keys(checkpoint.state)
     encoder = model.video_encoder
     expected_visual = {block_free_name(name): value for name, value in encoder.visual.state_dict().items()}
-    _require(checkpoint, set(expected_visual) - set(visual), "of the image tower")
-    _require(checkpoint, set() if logit_scale is not None else {"logit_scale"}, "(the logit scale)")
     _check_shapes(checkpoint, visual, expected_visual, cfg, "visual.")
+    missing, extra = set(expected_visual) - set(visual), set(visual) - set(expected_visual)
+    if missing and extra:
+        raise CheckpointError(
+            f"{checkpoint.describe()}: its image tower is not model.clip_name={cfg.model.clip_name}'s: it has "
+            f"{checkpoint.file_key('visual.' + sorted(extra)[0])} ({len(extra)} weights this model lacks) and lacks "
+            f"{checkpoint.file_key('visual.' + sorted(missing)[0])} ({len(missing)}): give the checkpoint's "
+            f"architecture as model.clip_name (e.g. ViT-L-14 with model.pretrained=openai)")
+    _require(checkpoint, {"visual." + name for name in missing}, "of the image tower")
+    _require(checkpoint, set() if logit_scale is not None else {"logit_scale"}, "(the logit scale)")
     report = WeightsReport(checkpoint.format, unused=list(checkpoint.unused), text_tower=str(cfg.text.tower))
     report.unused += [checkpoint.file_key("visual." + name) for name in sorted(set(visual) - set(expected_visual))]
     encoder.load_clip_visual_state_dict({name: visual[name] for name in expected_visual}, strict=True)
