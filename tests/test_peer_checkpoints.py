@@ -189,6 +189,12 @@ def test_open_vclip_interpolates_every_weight_with_clip_and_keeps_clips_text_tow
     _, plain, _, _ = _load(weights["open_vclip"], ["model.weight_interpolation=0"])
     for key, value in plain.video_encoder.visual.state_dict().items():
         assert torch.equal(value, trained["visual." + key]), key
+    _, large, _, _ = _load(weights["open_vclip"], ["model.weight_interpolation=0.6"])  # its L/14 share: r on CLIP
+    key = "transformer.resblocks.1.mlp.c_fc.weight"
+    assert torch.allclose(large.video_encoder.visual.state_dict()[key],
+                          0.6 * clip["visual." + key] + 0.4 * trained["visual." + key], atol=1e-6)
+    mixed_log_scale = 0.6 * float(clip["logit_scale"]) + 0.4 * float(trained["logit_scale"])
+    assert float(large.logit_scale) == pytest.approx(math.exp(mixed_log_scale), rel=1e-5)
 
 
 def test_froster_and_vifi_clip_read_their_own_text_towers(weights):
