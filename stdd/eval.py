@@ -49,11 +49,10 @@ from .data import load_annotations
 from .data.annotations import ANNOTATION_FORMATS, OFFICIAL_SPLITS, resolve_class_names
 from .data.sampling import SPATIAL_CROPS
 from .engine import metrics, protocols
-from .engine.config import ConfigError
+from .engine.checkpoint_formats import AUTO, CHECKPOINT_FORMATS, RECIPES
+from .engine.config import ConfigError, temporal_of
 from .engine.distributed import DEVICES, cleanup_distributed, init_distributed
 from .engine.evaluation import score_dataset
-from .engine.checkpoint_formats import AUTO, CHECKPOINT_FORMATS, RECIPES
-from .engine.config import temporal_of
 from .engine.inference import config_for_weights, load_model_for_inference
 from .engine.precision import autocast_dtype
 from .engine.runlock import EVAL_LOCK_NAME, acquire_lock, describe_holder

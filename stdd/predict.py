@@ -26,8 +26,9 @@ are those of the machine it was trained on: here they are the defaults, or ``key
 ``--prompts``: a JSON file ``{"class": ["sentence", ...]}`` (what ``python -m stdd.askg
 prompts`` writes), a shipped ASKG file or a class-description file ``{"0": "Name: description"}``
 (FROSTER's); classes it does not cover fall back to the templates (``text.templates``).
-``--checkpoint`` also takes Open-VCLIP, FROSTER and ViFi-CLIP checkpoints, scored by their method's
-recipe or ``--recipe`` (see ``python -m stdd.eval --help``). Without ``--checkpoint`` the weights of the configured CLIP model are used
+``--checkpoint`` also takes Open-VCLIP, FROSTER and ViFi-CLIP checkpoints, scored by their
+method's recipe or ``--recipe`` (see ``python -m stdd.eval --help``).
+Without ``--checkpoint`` the weights of the configured CLIP model are used
 (``--config``, default ``k400_vitb16``: ViT-B/16 ``openai``, which must be available locally).
 Weights come from one of three places: ``--checkpoint`` (an STDD weights file), a local CLIP
 file (``model.pretrained=/path/clip.bin``), or an open_clip tag already in the local cache (or
@@ -149,7 +150,7 @@ def predict(
     if prompts is None and cfg.text.prompts == CLASS_DESCRIPTIONS:
         build_prompts(CLASS_DESCRIPTIONS, names)  # says which file the recipe needs
     if prompts is not None:  # read again with the config's templates (a class-description file uses them)
-        covered = _file_prompts(names, prompts, TEMPLATE_SETS.get(cfg.text.templates, TEMPLATE_SETS["stdd"]))
+        covered = _file_prompts(names, prompts, TEMPLATE_SETS[cfg.text.templates])
     templates = build_prompts("templates", names, templates=cfg.text.templates,
                               class_name_form=cfg.text.class_name_form)
     class_prompts = {name: covered.get(name, templates[name]) for name in names}
