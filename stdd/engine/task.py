@@ -130,12 +130,12 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
     try:
         named = [prompt_name(key, n, class_name_form) for n in class_names]
     except ValueError as error:
-        raise ConfigError(f"text.class_name_form={class_name_form!r}: {error}") from error
-    templates = {name: sentences for name, sentences in
+        raise ConfigError(f"class names for the prompts (text.class_name_form={class_name_form}): {error}") from error
+    templated = {name: sentences for name, sentences in
                  zip(class_names, template_prompts(named, template_set).values())}
     source = "templates" if source is None else str(source)
     if source == "templates":
-        return templates
+        return templated
     if source == CLASS_DESCRIPTIONS:
         raise ConfigError(
             f"text.prompts={CLASS_DESCRIPTIONS}: this recipe (FROSTER's) reads each class's description from a "
@@ -164,7 +164,7 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
             raise ConfigError(f"text.prompts {source!r}: expected templates, askg, dataset or a JSON file")
         prompts = _prompts_from_file(path, class_names, template_set)
     if with_templates:
-        prompts = {name: list(prompts[name]) + templates[name] for name in class_names}
+        prompts = {name: list(prompts[name]) + templated[name] for name in class_names}
     return prompts
 
 
