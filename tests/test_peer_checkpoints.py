@@ -223,7 +223,8 @@ def test_a_weight_the_recipe_needs_is_named_when_missing(weights, tmp_path):
     with pytest.raises(CheckpointError, match=r"lacks 1 weight\(s\) of the image tower: model\.visual\.proj"):
         _load(write_open_vclip(tmp_path / "no_proj.pth", state))
     gap = write_vifi(tmp_path / "no_ln.pth", weights["trained"], drop=("module.text_encoder.ln_final.weight",))
-    with pytest.raises(CheckpointError, match=r"text tower \(text.tower=checkpoint\): module\.text_encoder\.ln_final\.weight"):
+    with pytest.raises(CheckpointError,
+                       match=r"text tower \(text.tower=checkpoint\): module\.text_encoder\.ln_final\.weight"):
         _load(gap)
     _load(gap, ["text.tower=clip"])  # with CLIP's text tower the file has all the recipe needs
     with pytest.raises(CheckpointError, match="model.clip_name=STDD-Tiny-ViT-64 has"):
@@ -283,7 +284,8 @@ def test_froster_class_descriptions_make_29_prompts_matched_by_name(tmp_path):
     renamed.write_text(json.dumps({"0": "Barbecuing: grilling food", "1": "Yo Yo: Spinning a yo-yo"}))
     assert build_prompts(str(renamed), ["barbeque", "yo yo"], templates="open_vclip")["barbeque"][-1] == \
         "Barbecuing: grilling food"
-    with pytest.raises(ConfigError, match=r"named like 2 of 3 classes, e.g. \['barbeque', 'juggling'\] \(and list 2 classes, not 3\)"):
+    unmatched = r"named like 2 of 3 classes, e.g. \['barbeque', 'juggling'\] \(and list 2 classes, not 3\)"
+    with pytest.raises(ConfigError, match=unmatched):
         build_prompts(str(renamed), ["barbeque", "yo yo", "juggling"], templates="open_vclip")
 
 

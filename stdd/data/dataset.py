@@ -200,8 +200,8 @@ class VideoDataset(Dataset):
             return train_transform(frames[0], self.crop_size, flip=self.horizontal_flip, scale=self.scale,
                                    generator=generator, normalization=self.normalization)
         views = [
-            eval_transform(view, self.crop_size, short_side=self.short_side, n_spatial_crops=self.sampling.n_spatial_crops,
-                           normalization=self.normalization)
+            eval_transform(view, self.crop_size, short_side=self.short_side,
+                           n_spatial_crops=self.sampling.n_spatial_crops, normalization=self.normalization)
             for view in frames
         ]  # each (n_spatial, T, 3, S, S)
         return torch.cat(views)  # (Vt * n_spatial, T, 3, S, S), temporal-major
