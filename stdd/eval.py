@@ -28,7 +28,12 @@ its files are written); a second one stops at once naming the holder. ``results.
 written last, so where it is, the other two beside it are of the same evaluation.
 
 Weights: ``--checkpoint`` takes ``final.pt`` / ``averaged.pt`` / ``ema.pt`` or a training
-checkpoint; the model settings come from the config stored in it (``--config`` and
+checkpoint, or a checkpoint of Open-VCLIP, FROSTER or ViFi-CLIP (the format is found from its keys;
+``--checkpoint-format`` forces one), scored by its method's published recipe (the presets
+``open_vclip``, ``froster``, ``vifi_clip``) or, with ``--recipe stdd`` (or another recipe), under
+that recipe's protocol: frames, pixels, prompts, score and views (``stdd.engine.config.PROTOCOL_KEYS``);
+the model (its temporal attention, weights, weight interpolation and text tower) stays the checkpoint's.
+For an stdd checkpoint the model settings come from the config stored in it (``--config`` and
 ``key=value`` overrides change them), its run-time settings (device, precision, workers, frame
 cache, batch size: ``stdd.engine.config.RUNTIME_KEYS``) do not: they are this command's defaults
 and options. A CLIP weights *file* named by the stored config's
@@ -55,7 +60,8 @@ from .data import load_annotations
 from .data.annotations import ANNOTATION_FORMATS, OFFICIAL_SPLITS, resolve_class_names, resolve_split, resolve_videos
 from .data.sampling import SPATIAL_CROPS
 from .engine import metrics, protocols
-from .engine.config import PUBLISHED_DATASET, ConfigError, published_split_of
+from .engine.checkpoint_formats import AUTO, CHECKPOINT_FORMATS, RECIPES
+from .engine.config import PUBLISHED_DATASET, ConfigError, published_split_of, temporal_of
 from .engine.distributed import DEVICES, cleanup_distributed, init_distributed
 from .engine.evaluation import score_dataset
 from .engine.inference import config_for_weights, load_model_for_inference
@@ -196,6 +202,8 @@ def _check_arguments(args) -> None:
 def run_evaluation(args) -> dict:
     _check_arguments(args)
     checkpoints = list(args.checkpoint or [None])
+    weights = dict(trust_checkpoint_pretrained=args.trust_checkpoint_pretrained,
+                   checkpoint_format=args.checkpoint_format, recipe=args.recipe)
     if args.protocol in SPLIT_PROTOCOLS:
         split = resolve_split(args.dataset, args.protocol, where="--dataset")
         if args.shots is not None:  # a shot count that has no list: refused before any model is loaded
@@ -204,8 +212,7 @@ def run_evaluation(args) -> dict:
             except ValueError as error:
                 raise ConfigError(f"--{error}") from error
         # every model's config, before anything is scored or written: a bad one stops the whole evaluation
-        models = [(checkpoint, *config_for_weights(checkpoint, args.config, args.overrides,
-                                                   trust_checkpoint_pretrained=args.trust_checkpoint_pretrained))
+        models = [(checkpoint, *config_for_weights(checkpoint, args.config, args.overrides, **weights))
                   for checkpoint in checkpoints]
         keys = [_published_key(args, split, checkpoint, cfg) for checkpoint, cfg, _ in models]
         records, missing = _published_records(split, Path(os.path.expanduser(args.root)))
@@ -216,8 +223,7 @@ def run_evaluation(args) -> dict:
         finally:
             if lock is not None:
                 lock.release()
-    cfg, state = config_for_weights(checkpoints[0], args.config, args.overrides,
-                                    trust_checkpoint_pretrained=args.trust_checkpoint_pretrained)
+    cfg, state = config_for_weights(checkpoints[0], args.config, args.overrides, **weights)
     context = init_distributed(cfg.run.device if args.device is None else args.device)
     out, lock = prepare_out_dir(args.out_dir, context)
     try:
@@ -278,15 +284,19 @@ def _evaluate_published(args, split, models, keys, records, missing, context, ou
         views = int(args.views or cfg.eval.n_temporal_views)
         crops = int(args.crops or cfg.eval.n_spatial_crops)
         aggregation = args.aggregation or cfg.eval.aggregation
-        model, text = load_model_for_inference(cfg, state, context.device)
+        model, text, loaded = load_model_for_inference(cfg, state, context.device)
+        if loaded is not None and context.is_main and not args.quiet:
+            print(f"[stdd] --checkpoint {checkpoint}: {loaded.summary()}", file=sys.stderr)
         run = {"checkpoint": checkpoint, split.train_key: key, "views": f"{views} temporal x {crops} spatial",
-               "aggregation": aggregation}
+               "aggregation": aggregation, "checkpoint_weights": None if loaded is None else loaded.to_json()}
         for part in parts:
             classes = split.classes[part]
             dataset = build_video_dataset(cfg, None, training=False, n_temporal_views=views, n_spatial_crops=crops,
                                           records=records[part])
             prompts = build_prompts(args.prompts or cfg.text.prompts, classes, dataset=split.dataset,
-                                    dataset_prompts=split.prompts, with_templates=args.with_templates)
+                                    dataset_prompts=split.prompts,
+                                    with_templates=args.with_templates or cfg.text.with_templates,
+                                    templates=cfg.text.templates, class_name_form=cfg.text.class_name_form)
             features = text_features_for(text, prompts, cfg.text)
             scored = score_dataset(
                 model, dataset, features.features, features.mask,
@@ -370,13 +380,16 @@ def _evaluate(args, cfg, state, context, out: Path) -> dict:
     aggregation = args.aggregation or cfg.eval.aggregation
     dataset = build_video_dataset(cfg, None, training=False, n_temporal_views=views, n_spatial_crops=crops,
                                   records=records)
-    model, text = load_model_for_inference(cfg, state, context.device)
+    model, text, loaded = load_model_for_inference(cfg, state, context.device)
+    if loaded is not None and context.is_main and not args.quiet:
+        print(f"[stdd] --checkpoint {(args.checkpoint or [None])[0]}: {loaded.summary()}", file=sys.stderr)
     # Only the classes some split uses get text features (K600: the 220 new ones, whose shipped
     # ASKG prompts exist; the K400 classes of the list are never scored).
     needed = sorted(set().union(*(split.class_indices for split in splits)))
     needed_names = [class_names[i] for i in needed]
     prompts = build_prompts(args.prompts or cfg.text.prompts, needed_names, dataset=dataset_key,
-                            with_templates=args.with_templates)
+                            with_templates=args.with_templates or cfg.text.with_templates,
+                            templates=cfg.text.templates, class_name_form=cfg.text.class_name_form)
     features = text_features_for(text, prompts, cfg.text, class_list=class_names)
     start = time.time()
     scored = score_dataset(
@@ -401,8 +414,11 @@ def _evaluate(args, cfg, state, context, out: Path) -> dict:
     report = {
         "protocol": args.protocol if not args.split_file else f"split-file:{args.split_file}",
         "checkpoint": (args.checkpoint or [None])[0],
+        "checkpoint_weights": None if loaded is None else loaded.to_json(),
+        "recipe": args.recipe,
         "model": str(cfg.model.clip_name),
-        "stca": bool(cfg.model.stca.enabled),
+        "stca": temporal_of(cfg) == "stca",
+        "temporal": temporal_of(cfg),
         "views": f"{views} temporal x {crops} spatial",
         "aggregation": aggregation,
         "videos": int(len(records)),
@@ -424,8 +440,13 @@ def _evaluate(args, cfg, state, context, out: Path) -> dict:
 def build_argument_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="python -m stdd.eval", description=__doc__.split("\n")[0], epilog=__doc__)
     parser.add_argument("--checkpoint", nargs="+",
-                        help="weights file (final.pt / averaged.pt / ema.pt) or training checkpoint; base2novel / "
-                             "fewshot: one per training seed")
+                        help="weights file (final.pt / averaged.pt / ema.pt), training checkpoint, or an Open-VCLIP / "
+                             "FROSTER / ViFi-CLIP checkpoint; base2novel / fewshot: one per training seed")
+    parser.add_argument("--checkpoint-format", choices=(AUTO, *CHECKPOINT_FORMATS), default=AUTO,
+                        help="the checkpoints' format (default: found from the keys of each)")
+    parser.add_argument("--recipe", choices=RECIPES, default=RECIPES[0],
+                        help="how to score: own (the checkpoint's method's published recipe; default), stdd (stdd's "
+                             "protocol, for comparing checkpoints under one protocol) or another method's")
     parser.add_argument("--config", help="preset or YAML (default: the config stored in --checkpoint)")
     parser.add_argument("--trust-checkpoint-pretrained", action="store_true",
                         help="load the CLIP weights file the checkpoint's stored config names in model.pretrained "

@@ -2,7 +2,7 @@
 
     python -m stdd.predict video.mp4 [more.mp4 | folder/ ...] --classes "juggling,cooking,dancing" \
         [--class-file names.txt] [--prompts askg.json] [--checkpoint averaged.pt] [--top-k 5] [--json] \
-        [key=value ...]
+        [--checkpoint-format auto] [--recipe own] [key=value ...]
 
 A folder stands for every video file directly in it (by suffix, sorted). ``key=value`` config
 overrides may stand anywhere on the line. Exit status: 0 every video classified; 1 some video
@@ -16,14 +16,19 @@ From Python::
     results[0]["predictions"]   # [{"class": "juggling", "score": 0.93}, ...] best first
 
 Scores are the mean over views (``eval.n_temporal_views`` x ``eval.n_spatial_crops`` of the
-config) of the softmax over the given classes of the STDD alignment score (paper Eq. 8).
+config) of the softmax over the given classes of the model's score (``loss.score``: STDD's is
+paper Eq. 8); with ``eval.aggregation: mean_score`` (Open-VCLIP's and FROSTER's recipes, which sum
+the views' logits) the softmax of the views' mean score.
 With ``--checkpoint`` the config is the one stored in it, but for its run-time settings (device,
 precision, workers, decoder, frame cache, batch sizes: ``stdd.engine.config.RUNTIME_KEYS``), which
 are those of the machine it was trained on: here they are the defaults, or ``key=value`` (e.g.
 ``data.frame_cache_mb=512``).
 ``--prompts``: a JSON file ``{"class": ["sentence", ...]}`` (what ``python -m stdd.askg
-prompts`` writes) or a shipped ASKG file; classes it does not cover fall back to the
-video templates. Without ``--checkpoint`` the weights of the configured CLIP model are used
+prompts`` writes), a shipped ASKG file or a class-description file ``{"0": "Name: description"}``
+(FROSTER's); classes it does not cover fall back to the templates (``text.templates``).
+``--checkpoint`` also takes Open-VCLIP, FROSTER and ViFi-CLIP checkpoints, scored by their
+method's recipe or ``--recipe`` (see ``python -m stdd.eval --help``).
+Without ``--checkpoint`` the weights of the configured CLIP model are used
 (``--config``, default ``k400_vitb16``: ViT-B/16 ``openai``, which must be available locally).
 Weights come from one of three places: ``--checkpoint`` (an STDD weights file), a local CLIP
 file (``model.pretrained=/path/clip.bin``), or an open_clip tag already in the local cache (or
@@ -43,11 +48,12 @@ from typing import Optional, Sequence, Union
 from .cli import EXIT_FAILURES, EXIT_OK, ArgumentParser, cli_main, split_overrides
 from .data import VideoRecord, read_class_names
 from .data.decoders import VIDEO_SUFFIXES
+from .engine.checkpoint_formats import AUTO, CHECKPOINT_FORMATS, RECIPES
 from .engine.distributed import DEVICES, resolve_device
 from .engine.metrics import aggregate_views
 from .engine.precision import autocast_dtype
 from .errors import InputError
-from .knowledge.prompts import load_prompts
+from .knowledge.prompts import TEMPLATE_SETS, load_prompts
 
 
 def _class_list(classes, class_file) -> list[str]:
@@ -95,9 +101,10 @@ def video_paths(videos) -> list[Path]:
     return paths
 
 
-def _file_prompts(names: list[str], prompts_file) -> dict[str, list[str]]:
-    """The prompts ``prompts_file`` holds for some of ``names`` (the others get the templates)."""
-    covered = load_prompts(prompts_file, names, partial=True)
+def _file_prompts(names: list[str], prompts_file, templates=TEMPLATE_SETS["stdd"]) -> dict[str, list[str]]:
+    """The prompts ``prompts_file`` holds for some of ``names`` (the others get the templates);
+    ``templates``: those a class-description file is read with."""
+    covered = load_prompts(prompts_file, names, partial=True, templates=templates)
     if not covered:
         raise InputError(f"prompts {prompts_file}: covers none of the classes {names[:5]}")
     return covered
@@ -116,12 +123,15 @@ def predict(
     device: Optional[str] = None,
     batch_size: int = 4,
     trust_checkpoint_pretrained: bool = False,
+    checkpoint_format: str = AUTO,
+    recipe: str = RECIPES[0],
 ) -> list[dict]:
     """Top-k actions per video: ``[{"video": path, "predictions": [{"class", "score"}, ...]}]``
     (or ``{"video": path, "error": reason}`` for a video that cannot be decoded).
 
     ``trust_checkpoint_pretrained``: load the CLIP weights file that the checkpoint's stored
-    config names in ``model.pretrained`` (refused by default; open_clip tags are always used)."""
+    config names in ``model.pretrained`` (refused by default; open_clip tags are always used).
+    ``checkpoint_format`` / ``recipe``: as ``stdd.eval``'s ``--checkpoint-format`` / ``--recipe``."""
     paths = video_paths(videos)
     if not isinstance(top_k, int) or top_k < 1:
         raise InputError(f"top_k must be a positive integer, got {top_k!r}")
@@ -131,16 +141,22 @@ def predict(
     # --help and a bad argument answer at once.
     from .engine.evaluation import score_dataset
     from .engine.inference import config_for_weights, load_model_for_inference
-    from .engine.task import build_prompts, build_video_dataset, text_features_for
+    from .engine.task import CLASS_DESCRIPTIONS, build_prompts, build_video_dataset, text_features_for
     from .model.clip_loading import WeightsUnavailableError
 
-    templates = build_prompts("templates", names)
-    class_prompts = {name: covered.get(name, templates[name]) for name in names}
     cfg, state = config_for_weights(None if checkpoint is None else str(checkpoint), config, list(overrides),
-                                    trust_checkpoint_pretrained=trust_checkpoint_pretrained)
+                                    trust_checkpoint_pretrained=trust_checkpoint_pretrained,
+                                    checkpoint_format=checkpoint_format, recipe=recipe)
+    if prompts is None and cfg.text.prompts == CLASS_DESCRIPTIONS:
+        build_prompts(CLASS_DESCRIPTIONS, names)  # says which file the recipe needs
+    if prompts is not None:  # read again with the config's templates (a class-description file uses them)
+        covered = _file_prompts(names, prompts, TEMPLATE_SETS[cfg.text.templates])
+    templates = build_prompts("templates", names, templates=cfg.text.templates,
+                              class_name_form=cfg.text.class_name_form)
+    class_prompts = {name: covered.get(name, templates[name]) for name in names}
     run_device = resolve_device(device or cfg.run.device)
     try:
-        model, text = load_model_for_inference(cfg, state, run_device)
+        model, text, loaded = load_model_for_inference(cfg, state, run_device)
     except WeightsUnavailableError as error:
         reason = str(error).split(". Provide weights")[0]
         raise WeightsUnavailableError(
@@ -148,6 +164,8 @@ def predict(
             f"model.pretrained=<a local CLIP checkpoint file>, or the open_clip weights of tag "
             f"{cfg.model.pretrained!r} in the local cache (downloaded once where the hub is reachable)"
         ) from error
+    if loaded is not None:
+        print(f"[stdd] --checkpoint {checkpoint}: {loaded.summary()}", file=sys.stderr)
     features = text_features_for(text, class_prompts, cfg.text)
     dataset = build_video_dataset(
         cfg, None, training=False, records=[VideoRecord(path, -1) for path in paths],
@@ -156,7 +174,10 @@ def predict(
     scored = score_dataset(model, dataset, features.features, features.mask, batch_size=batch_size,
                            device=run_device, autocast_dtype=autocast_dtype(cfg.run.precision, run_device),
                            seed=int(cfg.run.seed))
-    probabilities = aggregate_views(scored.view_scores, range(len(names)))  # (N, C)
+    # (N, C): the mean of the views' softmax, or (eval.aggregation: mean_score) the softmax of their mean score
+    probabilities = aggregate_views(scored.view_scores, range(len(names)), cfg.eval.aggregation)
+    if cfg.eval.aggregation == "mean_score":
+        probabilities = probabilities.softmax(dim=-1)
     k = min(top_k, len(names))
     by_index = {int(i): row for i, row in zip(scored.indices, probabilities)}
     errors = {f.index: f.reason for f in scored.failures}
@@ -181,7 +202,12 @@ def build_argument_parser() -> ArgumentParser:
     group.add_argument("--classes", help='comma-separated action names, e.g. "juggling,cooking,dancing"')
     group.add_argument("--class-file", help="file with one action name per line")
     parser.add_argument("--prompts", help="prompt JSON {class: [sentences]} or ASKG file (default: templates)")
-    parser.add_argument("--checkpoint", help="weights (final.pt / averaged.pt) or training checkpoint")
+    parser.add_argument("--checkpoint", help="weights (final.pt / averaged.pt), training checkpoint, or an "
+                                             "Open-VCLIP / FROSTER / ViFi-CLIP checkpoint")
+    parser.add_argument("--checkpoint-format", choices=(AUTO, *CHECKPOINT_FORMATS), default=AUTO,
+                        help="the checkpoint's format (default: found from its keys)")
+    parser.add_argument("--recipe", choices=RECIPES, default=RECIPES[0],
+                        help="how to score: own (the checkpoint's method's recipe; default), stdd, or another method's")
     parser.add_argument("--config", help="preset or YAML (default: the checkpoint's config, else k400_vitb16)")
     parser.add_argument("--trust-checkpoint-pretrained", action="store_true",
                         help="load the CLIP weights file the checkpoint's stored config names in model.pretrained "
@@ -201,7 +227,8 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
     results = predict(videos, args.classes, class_file=args.class_file, prompts=args.prompts,
                       checkpoint=args.checkpoint, config=args.config, overrides=overrides,
                       top_k=args.top_k, device=args.device,
-                      trust_checkpoint_pretrained=args.trust_checkpoint_pretrained)
+                      trust_checkpoint_pretrained=args.trust_checkpoint_pretrained,
+                      checkpoint_format=args.checkpoint_format, recipe=args.recipe)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

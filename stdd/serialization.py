@@ -13,19 +13,29 @@ files, and local CLIP weights given as ``model.pretrained``) goes through
   only tensors and plain containers can come out of it, and nothing in the
   file is executed (an explicit ``weights_only=True`` is not overridden by
   ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD``); there is no retry without it;
-* ``.safetensors`` files are read with ``safetensors`` (no pickle at all).
+* ``.safetensors`` files are read with ``safetensors`` (no pickle at all);
+* the configuration objects other training code stores beside its weights
+  (:data:`CONFIG_CLASSES_AS_MAPPINGS`: ViFi-CLIP's checkpoints hold a yacs
+  ``CfgNode``) are read as plain ordered mappings: that code is not imported and
+  nothing of it runs, and the file still loads under ``weights_only=True``.
 
 Any failure is a :class:`UnreadableFileError` naming the file.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import zipfile
 from pathlib import Path
 from typing import Union
 
 import torch
+
+# Classes of configuration objects (dict subclasses) that training code pickles into its checkpoints, by
+# the name the pickle gives them: unpickled as collections.OrderedDict (which weights_only allows), never
+# as themselves. yacs' CfgNode: ViFi-CLIP saves its whole run config in every checkpoint.
+CONFIG_CLASSES_AS_MAPPINGS = ("yacs.config.CfgNode",)
 
 
 class UnreadableFileError(ValueError):
@@ -65,7 +75,8 @@ def load_torch_file(path: Union[str, os.PathLike], what: str = "file", *, map_lo
     if require_archive or zipfile.is_zipfile(path):
         verify_archive(path, what)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals([(collections.OrderedDict, name) for name in CONFIG_CLASSES_AS_MAPPINGS]):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # unpickling refused, wrong format, a crafted file ...
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
         hint = (" (a TorchScript archive: save its state_dict() with torch.save instead)"

@@ -61,14 +61,17 @@ def test_the_table_refers_to_each_lists_one_home():
     from stdd.data.loaders import DECODERS
     from stdd.data.sampling import SAMPLING_MODES, SPATIAL_CROPS
     from stdd.data.synthetic import CODEC_SETTINGS
+    from stdd.data.transforms import NORMALIZATIONS
     from stdd.engine.distributed import DEVICES
     from stdd.engine.metrics import AGGREGATIONS
     from stdd.engine.optimization import NONFINITE_POLICIES
     from stdd.engine.precision import PRECISIONS
     from stdd.model.alignment import SCORE_MODES
     from stdd.model.stca_settings import ATTENTION_KINDS, backend_names, choice_fields
-    from stdd.model.text_encoder import TEXT_FEATURE_SOURCES
-    from stdd.resources import SPLIT_PROTOCOLS
+    from stdd.knowledge.prompts import TEMPLATE_SETS
+    from stdd.model.text_encoder import TEXT_FEATURE_SOURCES, TEXT_TOWERS
+    from stdd.model.video_encoder import TEMPORAL_KINDS
+    from stdd.resources import CLASS_NAME_FORMS, SPLIT_PROTOCOLS
     from stdd_kernels.geometry import MASK_ROUNDINGS, MIXING_MODES
 
     homes = {"data.published.protocol": SPLIT_PROTOCOLS, "run.device": DEVICES, "run.precision": PRECISIONS, "text.features": TEXT_FEATURE_SOURCES,
@@ -78,7 +81,9 @@ def test_the_table_refers_to_each_lists_one_home():
              "optim.on_nonfinite_loss": NONFINITE_POLICIES, "eval.n_spatial_crops": SPATIAL_CROPS,
              "eval.aggregation": AGGREGATIONS, "model.stca.mixing": MIXING_MODES,
              "model.stca.mask_rounding": MASK_ROUNDINGS, "model.stca.attention": ATTENTION_KINDS,
-             "model.stca.backend": backend_names}
+             "model.stca.backend": backend_names, "model.temporal": TEMPORAL_KINDS,
+             "data.normalization": NORMALIZATIONS, "text.templates": TEMPLATE_SETS,
+             "text.class_name_form": CLASS_NAME_FORMS, "text.tower": TEXT_TOWERS}
     for key, home in homes.items():
         assert VALUE_CHOICES[key] is home, key  # the list itself, not a copy
     for name, allowed in choice_fields().items():  # every choice field of STCASettings, as declared there

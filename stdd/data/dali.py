@@ -71,7 +71,7 @@ from .annotations import VideoRecord, load_annotations, resolve_videos
 from .dataset import DecodeFailure, EpochReport, ON_ERROR_POLICIES, distributed_rank_world, log_new_failures
 from .decoders import PyAVDecoder, VideoDecodeError, VideoInfo, upright_frame
 from .sampling import ClipSampling, clip_span, sample_clip_indices
-from .transforms import CLIP_MEAN, CLIP_STD
+from .transforms import normalization_stats
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _require_dali() -> None:
 
 
 def _clip_transforms(video, *, training: bool, crop_size: int, short_side: int, horizontal_flip: bool,
-                     scale: tuple[float, float], n_spatial_crops: int, is_wide=None):
+                     scale: tuple[float, float], n_spatial_crops: int, is_wide=None, normalization: str = "clip"):
     """video: DataNode (F, H, W, 3) uint8 -> (F, 3, S, S) float32, or in evaluation with 3 crops
     (3, F, 3, S, S). One crop window (and flip) per sample, shared by all its frames.
 
@@ -109,8 +109,9 @@ def _clip_transforms(video, *, training: bool, crop_size: int, short_side: int, 
     PyAV probe, so no GPU -> CPU shape transfer is needed)."""
     from nvidia.dali import fn, types  # optional package (see dali_available)
 
-    mean = [value * 255.0 for value in CLIP_MEAN]
-    std = [value * 255.0 for value in CLIP_STD]
+    pixel_mean, pixel_std = normalization_stats(normalization)
+    mean = [value * 255.0 for value in pixel_mean]
+    std = [value * 255.0 for value in pixel_std]
     normalise = dict(dtype=types.FLOAT, output_layout="FCHW", mean=mean, std=std)
     if training:
         video = fn.random_resized_crop(
@@ -516,6 +517,7 @@ def build_dali_loader(
     verify_videos: str = "open",
     probe_cache: str | os.PathLike | None = None,
     apply_transforms: bool = True,
+    normalization: str = "clip",
 ) -> DALIVideoLoader:
     """Build a DALI loader (arguments as `stdd.data.build_dataloader`, plus):
 
@@ -527,7 +529,9 @@ def build_dali_loader(
     the module docstring).
     probe_cache: a JSON file remembering the build-time probe per video (size + mtime checked).
     apply_transforms=False returns the decoded uint8 frames (B, F, H, W, 3) untouched (for checks).
+    normalization: the pixel statistics (`stdd.data.transforms.NORMALIZATIONS`: "clip" or "imagenet").
     """
+    normalization_stats(normalization)  # a bad name fails before DALI is needed
     _require_dali()  # DALI is an optional package: imported once a loader is built, after this check
     from nvidia.dali import pipeline_def
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
@@ -601,7 +605,7 @@ def build_dali_loader(
         device_id, torch_device = None, torch.device("cpu")
     transform_options = dict(
         crop_size=crop_size, short_side=short_side, horizontal_flip=horizontal_flip, scale=tuple(scale),
-        n_spatial_crops=sampling.n_spatial_crops,
+        n_spatial_crops=sampling.n_spatial_crops, normalization=normalization,
     )
     pipeline_options = dict(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
                             prefetch_queue_depth=prefetch_queue_depth)

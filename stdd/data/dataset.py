@@ -50,7 +50,7 @@ from ..errors import InputError, UsageError, one_line
 from .annotations import VideoRecord, load_annotations, resolve_videos
 from .decoders import PyAVDecoder, VideoDecodeError
 from .sampling import ClipSampling, sample_clip_indices
-from .transforms import eval_transform, train_transform
+from .transforms import eval_transform, normalization_stats, train_transform
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,8 @@ class VideoDataset(Dataset):
     decoded with their shorter side resized to this (default crop_size); training then takes a
     random-resized crop of it, evaluation centre/three crops. scale: area range of the random crop.
     frame_cache_mb: keep whole decoded videos in memory, at most this many MiB per process (0: off; see
-    `stdd.data.decoders`); the clips are the same with and without it.
+    `stdd.data.decoders`); the clips are the same with and without it. normalization: the pixel
+    statistics clips are normalised with (`stdd.data.transforms.NORMALIZATIONS`: "clip" or "imagenet").
     """
 
     def __init__(
@@ -146,7 +147,9 @@ class VideoDataset(Dataset):
         seed: int = 0,
         decoder: PyAVDecoder | None = None,
         frame_cache_mb: float = 0,
+        normalization: str = "clip",
     ):
+        normalization_stats(normalization)  # a bad name fails here, not in a worker
         if on_error not in ON_ERROR_POLICIES:
             raise ValueError(f"on_error: expected one of {ON_ERROR_POLICIES}, got {on_error!r}")
         if crop_size < 1:
@@ -166,6 +169,7 @@ class VideoDataset(Dataset):
         self.replace_failed = training if replace_failed is None else replace_failed
         self.max_replacements = max_replacements
         self.seed = seed
+        self.normalization = normalization
         self.epoch = 0
         if decoder is not None and frame_cache_mb:
             raise ValueError("frame_cache_mb: give it to the decoder you pass (PyAVDecoder(frame_cache_mb=...))")
@@ -193,9 +197,11 @@ class VideoDataset(Dataset):
         )
         frames = torch.from_numpy(clip.frames).permute(0, 1, 4, 2, 3)  # (Vt, T, H, W, 3) -> (Vt, T, 3, H, W)
         if self.training:
-            return train_transform(frames[0], self.crop_size, flip=self.horizontal_flip, scale=self.scale, generator=generator)
+            return train_transform(frames[0], self.crop_size, flip=self.horizontal_flip, scale=self.scale,
+                                   generator=generator, normalization=self.normalization)
         views = [
-            eval_transform(view, self.crop_size, short_side=self.short_side, n_spatial_crops=self.sampling.n_spatial_crops)
+            eval_transform(view, self.crop_size, short_side=self.short_side,
+                           n_spatial_crops=self.sampling.n_spatial_crops, normalization=self.normalization)
             for view in frames
         ]  # each (n_spatial, T, 3, S, S)
         return torch.cat(views)  # (Vt * n_spatial, T, 3, S, S), temporal-major

@@ -1,4 +1,4 @@
-"""Clip transforms on torch tensors (CPU or GPU): resize, crops, flip, CLIP normalisation.
+"""Clip transforms on torch tensors (CPU or GPU): resize, crops, flip, normalisation (CLIP's or ImageNet's).
 
 Frames travel as (T, 3, H, W) tensors (uint8 or float); every function keeps the leading time axis
 and applies the SAME geometry to all frames of a clip (a clip is one view of one moment of the video).
@@ -17,6 +17,19 @@ import torch.nn.functional as F
 # OpenAI CLIP's pixel statistics (open_clip.constants.OPENAI_DATASET_MEAN / _STD), for 0..1 pixels.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# ImageNet's (mmaction2's img_norm_cfg 123.675, 116.28, 103.53 / 58.395, 57.12, 57.375 on 0..255 pixels):
+# what ViFi-CLIP feeds its CLIP, trained and evaluated.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The pixel normalisations a clip can get (config: data.normalization): name -> (mean, std) for 0..1 pixels.
+NORMALIZATIONS = {"clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
+def normalization_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` of normalisation ``name`` (one of :data:`NORMALIZATIONS`), for 0..1 pixels."""
+    if name not in NORMALIZATIONS:
+        raise ValueError(f"normalization: expected one of {', '.join(NORMALIZATIONS)}, got {name!r}")
+    return NORMALIZATIONS[name]
 
 
 def _check_clip(frames: torch.Tensor, name: str = "frames") -> None:
@@ -152,19 +165,26 @@ def train_transform(
     flip: bool = True,
     scale: tuple[float, float] = (0.25, 1.0),
     generator: torch.Generator | None = None,
+    normalization: str = "clip",
 ) -> torch.Tensor:
-    """uint8/float (T, 3, H, W) -> normalised float32 (T, 3, crop_size, crop_size)."""
+    """uint8/float (T, 3, H, W) -> normalised float32 (T, 3, crop_size, crop_size).
+
+    normalization: a name of `NORMALIZATIONS` ("clip" or "imagenet")."""
+    mean, std = normalization_stats(normalization)
     frames = random_resized_crop(frames, crop_size, scale=scale, generator=generator)
     if flip and torch.rand(1, generator=generator).item() < 0.5:
         frames = horizontal_flip(frames)
-    return normalize(frames)
+    return normalize(frames, mean, std)
 
 
-def eval_transform(frames: torch.Tensor, crop_size: int, *, short_side: int | None = None, n_spatial_crops: int = 1) -> torch.Tensor:
+def eval_transform(frames: torch.Tensor, crop_size: int, *, short_side: int | None = None, n_spatial_crops: int = 1,
+                   normalization: str = "clip") -> torch.Tensor:
     """uint8/float (T, 3, H, W) -> normalised float32 (n_spatial_crops, T, 3, crop_size, crop_size).
 
-    Short side resized to `short_side` (default crop_size), then 1 centre crop or 3 crops.
+    Short side resized to `short_side` (default crop_size), then 1 centre crop or 3 crops; normalised as
+    `normalization` (a name of `NORMALIZATIONS`) says.
     """
+    mean, std = normalization_stats(normalization)
     frames = short_side_resize(frames, short_side or crop_size)
     if n_spatial_crops == 1:
         crops = [center_crop(frames, crop_size)]
@@ -172,4 +192,4 @@ def eval_transform(frames: torch.Tensor, crop_size: int, *, short_side: int | No
         crops = three_crops(frames, crop_size)
     else:
         raise ValueError(f"n_spatial_crops: expected 1 or 3, got {n_spatial_crops}")
-    return normalize(torch.stack(crops))
+    return normalize(torch.stack(crops), mean, std)

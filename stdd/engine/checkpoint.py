@@ -151,8 +151,18 @@ def load_weights(path: Union[str, Path], map_location: Union[str, torch.device] 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint {path}: no such file")
-    payload = _load_plain_data(path, map_location, "--checkpoint")
-    if not isinstance(payload, dict) or payload.get("format") not in (WEIGHTS_FORMAT, CHECKPOINT_FORMAT):
+    return weights_of(_load_plain_data(path, map_location, "--checkpoint"), path)
+
+
+def is_stdd_payload(payload) -> bool:
+    """Whether a loaded file is an stdd weights file or training checkpoint (its ``format`` says so)."""
+    return isinstance(payload, dict) and payload.get("format") in (WEIGHTS_FORMAT, CHECKPOINT_FORMAT)
+
+
+def weights_of(payload, path: Union[str, Path]) -> dict:
+    """:func:`load_weights`'s result from an already loaded file ``payload`` (checked the same way)."""
+    path = Path(path)
+    if not is_stdd_payload(payload):
         raise CheckpointError(
             f"--checkpoint {path}: not an stdd weights file or training checkpoint "
             f"(expected format {WEIGHTS_FORMAT!r} or {CHECKPOINT_FORMAT!r})"

@@ -42,13 +42,16 @@ from ..data.dataset import ON_ERROR_POLICIES
 from ..data.loaders import DECODERS
 from ..data.sampling import SAMPLING_MODES, SPATIAL_CROPS
 from ..data.synthetic import CODEC_SETTINGS
+from ..data.transforms import NORMALIZATIONS
 from ..errors import UsageError
 from ..files import atomic_write
+from ..knowledge.prompts import TEMPLATE_SETS
 from ..model.alignment import SCORE_MODES
 from ..model.stca_settings import STCASettings, allowed_values, choice_fields
 from ..model.stdd_model import DISTILL_WEIGHT
-from ..model.text_encoder import TEXT_FEATURE_SOURCES
-from ..resources import SPLIT_PROTOCOLS
+from ..model.text_encoder import TEXT_FEATURE_SOURCES, TEXT_TOWERS
+from ..model.video_encoder import TEMPORAL_KINDS
+from ..resources import CLASS_NAME_FORMS, SPLIT_PROTOCOLS
 from .distributed import DEVICES
 from .metrics import AGGREGATIONS
 from .optimization import NONFINITE_POLICIES
@@ -82,7 +85,8 @@ class RunConfig:
 def _stca_config_class():
     """``model.stca``: ``enabled`` plus every :class:`STCASettings` field with its type and default."""
     hints = typing.get_type_hints(STCASettings)
-    specs = [("enabled", bool, field(default=True))]  # false: the frame-only baseline (open_clip's blocks)
+    # false: no STCA (with model.temporal: stca, the frame-only baseline: the older spelling of temporal none)
+    specs = [("enabled", bool, field(default=True))]
     specs += [(f.name, hints[f.name], field(default=f.default)) for f in fields(STCASettings)]
     cls = make_dataclass("STCAConfig", specs)
     cls.__doc__ = "``enabled`` (false: frame-only, open_clip's own blocks) + the fields of STCASettings."
@@ -97,18 +101,36 @@ class ModelConfig:
     clip_name: str = "ViT-B-16"  # an open_clip architecture name (open_clip.list_models())
     pretrained: Optional[str] = "openai"  # an open_clip tag or a local checkpoint file; null: random init
     allow_random_init: bool = False  # pretrained null needs this: never train from random weights silently
+    # how frames meet: stca (the paper, settings in model.stca) | expand_view (every block's attention also reads
+    # the neighbour frames: Open-VCLIP, FROSTER) | none (frame-only: open_clip's blocks). model.stca.enabled=false
+    # is the older spelling of none
+    temporal: str = "stca"
+    # at evaluation, every weight w of a checkpoint becomes r * w_clip + (1 - r) * w with r this share of the
+    # CLIP weights of model.pretrained (Open-VCLIP's test-time interpolation: 0.5 for B/16, 0.6 for L/14); 0: as is
+    weight_interpolation: float = 0.0
     stca: STCAConfig = field(default_factory=STCAConfig)
 
 
 @dataclass
 class TextConfig:
-    prompts: str = "templates"  # templates | askg (shipped ASKG prompts) | dataset (its prompts.json) | a file
+    # templates | askg (shipped ASKG prompts) | dataset (its prompts.json) | a file (prompts, ASKG or class
+    # descriptions) | class_descriptions (a class-description file must be given: FROSTER's recipe)
+    prompts: str = "templates"
     cache_dir: Optional[str] = None  # text-feature cache directory; null: no cache
     with_templates: bool = False  # add the template sentences to file / ASKG prompts
     # encoder: the frozen text tower reads the prompts (the paper) | orthogonal: a fixed orthonormal vector per
     # class, prompts unread (stand-in for a pretrained tower when training from random weights: the demo) |
     # words: each prompt the mean of fixed random word vectors (a stand-in whose classes share structure)
     features: str = "encoder"
+    # templates x class name for prompts=templates (and for class-description files): stdd | open_vclip (its 28)
+    # | vifi_clip ("a photo of a {}.")
+    templates: str = "stdd"
+    # how a class is named in the prompts: words (plain lower-case words: ApplyEyeMakeup -> apply eye makeup) |
+    # listed (as the class list writes it, underscores read as spaces: ViFi-CLIP's label files)
+    class_name_form: str = "words"
+    # which text tower reads the prompts: clip (the frozen CLIP of model.pretrained: STDD, Open-VCLIP) |
+    # checkpoint (the checkpoint's own fine-tuned tower: FROSTER, ViFi-CLIP)
+    tower: str = "clip"
 
 
 @dataclass
@@ -156,6 +178,7 @@ class DataConfig:
     sampling: str = "dense"  # dense | segments (TSN)
     input_size: int = 224  # crop size in pixels (the model's image size)
     short_side: Optional[int] = None  # frames are decoded with this shorter side; null: input_size
+    normalization: str = "clip"  # pixel statistics: clip (OpenAI CLIP's) | imagenet (ViFi-CLIP's)
     horizontal_flip: bool = True  # random horizontal flips in training
     batch_size: int = 4  # clips per process and step
     num_workers: int = 2  # decoding worker processes (0: in the main process)
@@ -249,6 +272,27 @@ RUNTIME_KEYS = (
     "eval.batch_size",
 )
 
+# How a checkpoint is scored rather than what it is: the frames a video gives, their pixels, the prompts
+# and the score. A recipe (stdd.engine.inference.RECIPES: stdd's protocol, or a method's published one) sets
+# these keys and nothing else, so checkpoints of any method can be scored under one protocol. What the
+# model is (architecture, temporal kind, weights and their interpolation, text tower) is never among them.
+PROTOCOL_KEYS = (
+    "data.num_frames",
+    "data.stride",
+    "data.sampling",
+    "data.input_size",
+    "data.short_side",
+    "data.normalization",
+    "text.prompts",
+    "text.with_templates",
+    "text.templates",
+    "text.class_name_form",
+    "loss.score",
+    "eval.n_temporal_views",
+    "eval.n_spatial_crops",
+    "eval.aggregation",
+)
+
 # ----------------------------------------------------------------------------- value ranges
 
 # dotted key -> (what it must be, check); a null value of an Optional key is never checked.
@@ -284,6 +328,7 @@ VALUE_RANGES: dict[str, tuple[str, Any]] = {
     "eval.n_temporal_views": _POSITIVE_INT,
     "eval.batch_size": _POSITIVE_INT,
     "loss.distillation_weight": _NON_NEGATIVE,
+    "model.weight_interpolation": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
 }
 
 # dotted key -> its allowed values: the list's one home (a sequence, or a function giving one, for names
@@ -292,12 +337,17 @@ VALUE_RANGES: dict[str, tuple[str, Any]] = {
 VALUE_CHOICES: dict[str, Any] = {
     "run.device": DEVICES,
     "run.precision": PRECISIONS,
+    "model.temporal": TEMPORAL_KINDS,
     "text.features": TEXT_FEATURE_SOURCES,
+    "text.templates": TEMPLATE_SETS,
+    "text.class_name_form": CLASS_NAME_FORMS,
+    "text.tower": TEXT_TOWERS,
     "loss.score": SCORE_MODES,
     "data.dataset": DATASETS,
     "data.split": OFFICIAL_SPLITS,
     "data.decoder": DECODERS,
     "data.sampling": SAMPLING_MODES,
+    "data.normalization": NORMALIZATIONS,
     "data.on_missing": ON_MISSING_POLICIES,
     "data.on_error": ON_ERROR_POLICIES,
     "data.synthetic.codec": CODEC_SETTINGS,
@@ -431,10 +481,18 @@ def typed_config(data: Union[DictConfig, dict], source: str) -> DictConfig:
     return cfg
 
 
+def temporal_of(cfg: DictConfig) -> str:
+    """The video encoder's temporal kind (one of ``TEMPORAL_KINDS``): ``model.temporal``, except that
+    ``model.stca.enabled: false`` with ``model.temporal: stca`` (the older spelling) is ``none``."""
+    temporal = str(cfg.model.temporal)
+    return "none" if temporal == "stca" and not cfg.model.stca.enabled else temporal
+
+
 def stca_settings_of(cfg: DictConfig) -> Optional[STCASettings]:
-    """The :class:`STCASettings` of ``cfg.model.stca``; ``None`` when ``enabled`` is false (frame-only)."""
+    """The :class:`STCASettings` of ``cfg.model.stca``; ``None`` unless the encoder runs STCA
+    (:func:`temporal_of` is ``stca``: not frame-only, not the widened-time attention)."""
     section = cfg.model.stca
-    if not section.enabled:
+    if temporal_of(cfg) != "stca":
         return None
     values = OmegaConf.to_container(section, resolve=True)
     try:

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..data import ClipSampling, build_dataloader, build_dataset, generate_synthetic_dataset
 from ..data.annotations import OFFICIAL_SPLIT_FORMATS, resolve_class_names
-from ..knowledge.prompts import load_prompts, template_prompts
+from ..knowledge.prompts import TEMPLATE_SETS, load_prompts, template_prompts
 from ..model import (
     TEXT_FEATURE_SOURCES,
     PhaseSampler,
@@ -31,8 +31,16 @@ from ..model import (
     orthogonal_class_features,
     word_class_features,
 )
-from ..resources import ASKG_SETS, K400_RENAMED_IN_K600, askg_path, display_name
-from .config import DATASETS, PUBLISHED_DATASET, SYNTHETIC_DATASET, ConfigError, published_split_of, stca_settings_of
+from ..resources import ASKG_SETS, K400_RENAMED_IN_K600, askg_path, prompt_name
+from .config import (
+    DATASETS,
+    PUBLISHED_DATASET,
+    SYNTHETIC_DATASET,
+    ConfigError,
+    published_split_of,
+    stca_settings_of,
+    temporal_of,
+)
 from .evaluation import score_dataset
 from .metrics import evaluate_split
 from .protocols import ZeroShotSplit
@@ -56,6 +64,7 @@ def build_model(cfg: DictConfig, device, *, with_teacher: Optional[bool] = None)
             cfg.model.clip_name,
             pretrained,
             stca=stca_settings_of(cfg),
+            temporal=temporal_of(cfg),
             allow_random_init=cfg.model.allow_random_init,
             device=device,
             distill_weight=distill_weight,
@@ -85,10 +94,12 @@ def load_student_state_dict(model: nn.Module, state: dict, source: str = "checkp
 # ----------------------------------------------------------------------------- classes and prompts
 
 
-def _prompts_from_file(path: Path, class_names: Sequence[str]) -> dict[str, list[str]]:
-    """Prompts of ``class_names`` from a prompts or ASKG file (:func:`stdd.knowledge.load_prompts`)."""
+def _prompts_from_file(path: Path, class_names: Sequence[str], templates: Sequence[str] = TEMPLATE_SETS["stdd"]
+                       ) -> dict[str, list[str]]:
+    """Prompts of ``class_names`` from a prompts, ASKG or class-description file
+    (:func:`stdd.knowledge.load_prompts`; ``templates``: those a class-description file is read with)."""
     try:
-        return load_prompts(path, class_names)
+        return load_prompts(path, class_names, templates=templates)
     except ValueError as error:  # the loader's errors name the file
         raise ConfigError(str(error)) from error
 
@@ -109,22 +120,41 @@ def _k600_askg_prompts(class_names: Sequence[str]) -> dict[str, list[str]]:
     return {name: prompts[name] for name in class_names}
 
 
+# text.prompts of a recipe that reads class descriptions (FROSTER's): the file must be given.
+CLASS_DESCRIPTIONS = "class_descriptions"
+
+
 def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] = None,
-                  dataset_prompts: Optional[Path] = None, with_templates: bool = False) -> dict[str, list[str]]:
+                  dataset_prompts: Optional[Path] = None, with_templates: bool = False, templates: str = "stdd",
+                  class_name_form: str = "words") -> dict[str, list[str]]:
     """``{class: [sentences]}`` in class order.
 
-    ``source``: ``templates`` (the model's video templates x display name),
-    ``askg`` (the shipped ASKG prompts of ``dataset``), ``dataset`` (the
-    dataset's own ``prompts.json``, e.g. the synthetic set), or a JSON file.
+    ``source``: ``templates`` (the template set ``templates`` of
+    :data:`~stdd.knowledge.prompts.TEMPLATE_SETS` x each class's name in ``class_name_form``,
+    :func:`stdd.resources.prompt_name`), ``askg`` (the shipped ASKG prompts of ``dataset``),
+    ``dataset`` (the dataset's own ``prompts.json``, e.g. the synthetic set), or a JSON file
+    (prompts, ASKG, or class descriptions read with the template set). ``class_descriptions``
+    stands for a class-description file the recipe needs and that was not given (an error).
     ``with_templates`` adds the template sentences to file/ASKG prompts.
     """
     key = (dataset or "").lower()
-    displayed = [display_name(key, n) if key else " ".join(n.split()) for n in class_names]
-    templates = {name: sentences for name, sentences in
-                 zip(class_names, template_prompts(displayed).values())}
+    if templates not in TEMPLATE_SETS:
+        raise ConfigError(f"text.templates={templates!r}: expected one of {', '.join(TEMPLATE_SETS)}")
+    template_set = TEMPLATE_SETS[templates]
+    try:
+        named = [prompt_name(key, n, class_name_form) for n in class_names]
+    except ValueError as error:
+        raise ConfigError(f"class names for the prompts (text.class_name_form={class_name_form}): {error}") from error
+    templated = {name: sentences for name, sentences in
+                 zip(class_names, template_prompts(named, template_set).values())}
     source = "templates" if source is None else str(source)
     if source == "templates":
-        return templates
+        return templated
+    if source == CLASS_DESCRIPTIONS:
+        raise ConfigError(
+            f"text.prompts={CLASS_DESCRIPTIONS}: this recipe (FROSTER's) reads each class's description from a "
+            "JSON file {\"0\": \"Name: description\", ...} (FROSTER's label_rephrase/<set>_rephrased_classes.json, "
+            "not shipped with stdd): give it with --prompts FILE or text.prompts=FILE")
     if source == "askg":
         if not key:
             raise ConfigError(f"text.prompts=askg needs a known dataset ({', '.join(ASKG_SETS)}, k600)")
@@ -146,9 +176,9 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
         path = Path(os.path.expanduser(source))
         if not path.is_file():
             raise ConfigError(f"text.prompts {source!r}: expected templates, askg, dataset or a JSON file")
-        prompts = _prompts_from_file(path, class_names)
+        prompts = _prompts_from_file(path, class_names, template_set)
     if with_templates:
-        prompts = {name: list(prompts[name]) + templates[name] for name in class_names}
+        prompts = {name: list(prompts[name]) + templated[name] for name in class_names}
     return prompts
 
 
@@ -252,6 +282,7 @@ def _clip_options(cfg: DictConfig, *, training: bool, n_temporal_views: int = 1,
         crop_size=data.input_size,
         short_side=data.short_side or data.input_size,
         horizontal_flip=data.horizontal_flip,
+        normalization=data.normalization,
         on_missing=data.on_missing,
         on_error=data.on_error,
         seed=cfg.run.seed,
@@ -316,7 +347,8 @@ class TrainingTask:
         model, text_encoder = build_model(cfg, "cpu")
         self.class_names = self.train_spec.class_names
         prompts = build_prompts(cfg.text.prompts, self.class_names, dataset=self.train_spec.dataset_key,
-                                dataset_prompts=self.train_spec.prompts_file, with_templates=cfg.text.with_templates)
+                                dataset_prompts=self.train_spec.prompts_file, with_templates=cfg.text.with_templates,
+                                templates=cfg.text.templates, class_name_form=cfg.text.class_name_form)
         features = text_features_for(text_encoder, prompts, cfg.text)
         del text_encoder  # frozen and no longer needed: training reads the cached features
         self.module = TrainingModule(model, features.features, features.mask)

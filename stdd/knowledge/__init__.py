@@ -17,6 +17,7 @@ with an LLM, importing the authors' release and ``python -m stdd.askg`` are in
 
 from .prompts import (
     DEFAULT_TEMPLATES,
+    TEMPLATE_SETS,
     PromptSourceError,
     check_prompts,
     load_graphs,
@@ -27,7 +28,7 @@ from .prompts import (
 from .schema import AskgError, AskgFileError, validate_askg_document, validate_askg_file, validate_graph
 
 __all__ = [
-    "DEFAULT_TEMPLATES", "AskgError", "AskgFileError", "PromptSourceError", "check_prompts", "load_graphs",
-    "load_prompts", "prompt_lists", "template_prompts", "validate_askg_document", "validate_askg_file",
+    "DEFAULT_TEMPLATES", "TEMPLATE_SETS", "AskgError", "AskgFileError", "PromptSourceError", "check_prompts",
+    "load_graphs", "load_prompts", "prompt_lists", "template_prompts", "validate_askg_document", "validate_askg_file",
     "validate_graph",
 ]

@@ -1,13 +1,16 @@
 """The prompt sentences the model's text side consumes, from ASKG graphs, prompt files or templates.
 
-- :func:`template_prompts`: hand-written templates (:data:`DEFAULT_TEMPLATES`) x class name.
+- :func:`template_prompts`: hand-written templates (:data:`DEFAULT_TEMPLATES`, or another set of
+  :data:`TEMPLATE_SETS`) x class name.
 - :func:`load_graphs`: ``(dataset, {class: graph})`` from a shipped / merged
   ASKG file or a ``python -m stdd.askg build --out`` directory, validated.
 - :func:`prompt_lists`: ``{class: [sentences]}`` (spatial, temporal or both,
   the paper's [S] + [T]).
 - :func:`load_prompts`: the one prompt loader: any prompt source (a shipped set
   name, an ASKG file or build directory, a ``{"class": ["sentence", ...]}``
-  prompts file), optionally for given classes, in their order.
+  prompts file, a ``{"0": "Name: description", ...}`` class-description file),
+  optionally for given classes, in their order.
+- :func:`description_prompts`: FROSTER's prompts of a class description.
 - :func:`check_prompts`: the check of a ``{class: [sentences]}`` mapping that
   every prompt source (and the text encoder) passes.
 """
@@ -15,7 +18,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
@@ -41,6 +46,21 @@ DEFAULT_TEMPLATES: tuple[str, ...] = (
     "a demonstration of a person performing {}.",
     "{}",
 )
+
+# Open-VCLIP's 28 templates (its text classifier, and FROSTER's with class descriptions): every opening with
+# every ending, spelt as it spells them ("a example of").
+_OPEN_VCLIP_OPENINGS = ("a photo of", "a video of", "a example of", "a demonstration of")
+_OPEN_VCLIP_ENDINGS = ("{}.", "a person {}.", "a person using {}.", "a person doing {}.", "a person during {}.",
+                       "a person performing {}.", "a person practicing {}.")
+OPEN_VCLIP_TEMPLATES: tuple[str, ...] = tuple(
+    f"{opening} {ending}" for opening in _OPEN_VCLIP_OPENINGS for ending in _OPEN_VCLIP_ENDINGS)
+# ViFi-CLIP's one prompt: its context "a photo of a", the class name and a full stop.
+VIFI_CLIP_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+# The template sets a config can name (text.templates).
+TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
+    "stdd": DEFAULT_TEMPLATES, "open_vclip": OPEN_VCLIP_TEMPLATES, "vifi_clip": VIFI_CLIP_TEMPLATES}
+
+logger = logging.getLogger(__name__)
 
 
 class PromptSourceError(AskgError, ValueError):
@@ -185,6 +205,56 @@ def _plain(name: str) -> str:
     return " ".join(name.replace("_", " ").lower().split())
 
 
+def is_class_descriptions(document) -> bool:
+    """Whether a JSON document is a class-description file: ``{"0": "Name: description", ...}``, keys the
+    class indices (FROSTER's ``label_rephrase/*_rephrased_classes.json``)."""
+    return (isinstance(document, dict) and bool(document)
+            and all(isinstance(key, str) and key.strip().isdigit() for key in document)
+            and all(isinstance(value, str) for value in document.values()))
+
+
+def description_prompts(description: str, templates: Sequence[str] = OPEN_VCLIP_TEMPLATES) -> list[str]:
+    """FROSTER's prompts of one class description ``"Name: description"``: every template with the name
+    (the text before the first colon), a space and the whole description; then the description alone."""
+    name = description.split(":")[0]
+    return [template.format(name) + " " + description for template in templates] + [description]
+
+
+def _compact(name: str) -> str:
+    """Comparison key of a class-description name: letters and digits, lower case ("Apply Eye Makeup"
+    matches "ApplyEyeMakeup", "Brush hair" matches "brush_hair")."""
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _description_prompts(document: dict, path: Path, class_names: Optional[Sequence[str]],
+                         templates: Sequence[str], partial: bool) -> dict[str, list[str]]:
+    """``{class: prompts}`` of a class-description file (:func:`is_class_descriptions`)."""
+    entries = [document[key] for key in sorted(document, key=lambda key: int(key))]
+    if class_names is None:
+        return {entry.split(":")[0].strip(): description_prompts(entry, templates) for entry in entries}
+    if isinstance(class_names, str):
+        raise PromptSourceError("class_names must be a sequence of class names, not one string")
+    by_name = {}
+    for entry in entries:
+        by_name.setdefault(_compact(entry.split(":")[0]), entry)
+    chosen = {name: by_name.get(_compact(name)) for name in class_names}
+    missing = [name for name, entry in chosen.items() if entry is None]
+    if missing and len(entries) == len(class_names):
+        # the file's names do not all match (rephrased): its i-th entry describes the i-th class
+        paired = [f"{name} <- {entries[index].split(':')[0]!r}" for index, name in enumerate(class_names)
+                  if chosen[name] is None]
+        logger.warning("class descriptions %s: %d classes matched by position, not by name: %s", path,
+                       len(paired), "; ".join(paired[:10]))
+        chosen = {name: entry if entry is not None else entries[index]
+                  for index, (name, entry) in enumerate(chosen.items())}
+        missing = []
+    if missing and not partial:
+        raise PromptSourceError(
+            f"class descriptions {path} describe no class named like {len(missing)} of {len(class_names)} "
+            f"classes, e.g. {missing[:5]} (and list {len(entries)} classes, not {len(class_names)})")
+    return {name: description_prompts(entry, templates) for name, entry in chosen.items() if entry is not None}
+
+
 def load_prompts(
     source: Union[str, os.PathLike],
     class_names: Optional[Sequence[str]] = None,
@@ -192,6 +262,7 @@ def load_prompts(
     only: str = "ST",
     allow_missing: bool = False,
     partial: bool = False,
+    templates: Sequence[str] = OPEN_VCLIP_TEMPLATES,
 ) -> dict[str, list[str]]:
     """``{class: [prompt sentences]}`` from any prompt source the model's text side may be given.
 
@@ -199,7 +270,11 @@ def load_prompts(
     an ASKG json (shipped format or ``build --out DIR/askg.json``), a build
     directory (``allow_missing``: classes not built yet are left out), or a
     prompts json ``{"class": ["sentence", ...]}`` such as ``python -m stdd.askg
-    prompts`` writes (``only`` applies to graphs: a prompts file cannot be re-split).
+    prompts`` writes (``only`` applies to graphs: a prompts file cannot be re-split),
+    or a class-description file ``{"0": "Name: description", ...}`` (FROSTER's), whose
+    prompts are :func:`description_prompts` with ``templates`` and whose entries are
+    matched to ``class_names`` by their names' letters and digits (by position when
+    some do not match and the file lists as many classes).
     Without ``class_names`` the source's classes come in its order; with them,
     exactly those classes in that order, each matched by its exact name, else by
     its plain words (:func:`_plain`); a class the source lacks is an error naming
@@ -217,6 +292,8 @@ def load_prompts(
             document = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise PromptSourceError(f"prompt file {path} is not valid UTF-8 JSON: {error}") from None
+    if is_class_descriptions(document):
+        return _description_prompts(document, path, class_names, templates, partial)
     if isinstance(document, dict) and "classes" not in document:
         prompts = check_prompts(document, source=f"prompt file {path}")
     else:

@@ -6,7 +6,8 @@
 - :class:`STCABlock` (``stca_block.py``): an open_clip ViT block made space-time (Eq. 1-7).
 - :class:`VideoEncoder` / :class:`FrozenImageEncoder` (``video_encoder.py``): the STCA
   student ``(B, T, 3, H, W) -> (B, T, E)`` (``stca=None``: open_clip's own blocks, the
-  frame-only baseline) and the frozen per-frame CLIP teacher.
+  frame-only baseline; ``temporal="expand_view"``: Open-VCLIP's widened-time attention,
+  ``expand_view.py``) and the frozen per-frame CLIP teacher.
 - :class:`TextEncoder` (``text_encoder.py``): prompts -> frozen text features ``(K, N_max, E)``
   + mask, cached; :func:`template_prompts` / ``DEFAULT_TEMPLATES`` are re-exported from
   :mod:`stdd.knowledge`, where the prompt sources live.
@@ -56,11 +57,12 @@ from .text_encoder import (
     orthogonal_class_features,
     word_class_features,
 )
-from .video_encoder import FrozenImageEncoder, VideoEncoder
+from .video_encoder import TEMPORAL_KINDS, FrozenImageEncoder, VideoEncoder
 
 __all__ = [
     "DEFAULT_TEMPLATES",
     "SCORE_MODES",
+    "TEMPORAL_KINDS",
     "TEXT_FEATURE_SOURCES",
     "TINY_MODEL_NAMES",
     "ClassTextFeatures",

@@ -12,6 +12,17 @@ similarities scaled by CLIP's logit scale,
 
 The ablation ``mode="mean_pool"`` scores the mean-pooled video feature against each
 class's mean prompt feature: ``logit_scale * cos(mean_t z, mean_j c_k)``.
+
+Two more modes score as other methods do, each against the class weight
+``w_k = normalise(mean_{valid j} normalise(c_{k,j}))`` (the prompts' unit
+features averaged, then renormalised: one classifier row per class)::
+
+    frame_logit_mean:  S[n,k] = mean_t  logit_scale * cos(z_{n,t}, w_k)      (Open-VCLIP, FROSTER)
+    feature_mean:      S[n,k] = logit_scale * cos(mean_t z_{n,t}, w_k)       (ViFi-CLIP)
+
+``frame_logit_mean`` averages the per-frame logits; ``feature_mean`` averages the
+frames' raw (unnormalised) features and normalises the mean, which is not what
+``mean_pool`` does (it averages the unit frame features).
 """
 
 from __future__ import annotations
@@ -19,7 +30,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SCORE_MODES = ("frame_prompt", "mean_pool")  # Eq. 8 (the default) | the mean-pooled ablation
+# Eq. 8 (the default) | the mean-pooled ablation | mean of per-frame logits (Open-VCLIP, FROSTER) |
+# logits of the mean raw frame feature (ViFi-CLIP)
+SCORE_MODES = ("frame_prompt", "mean_pool", "frame_logit_mean", "feature_mean")
 
 
 def _check_mask(text_mask: torch.Tensor, classes: int, prompts: int) -> torch.Tensor:
@@ -65,7 +78,8 @@ def alignment_scores(
 
     ``mode="frame_prompt"``: Eq. 8 (:func:`frame_prompt_scores`) on logit-scaled
     cosine similarities. ``mode="mean_pool"``: the mean-pooled video feature against each
-    class's mean (real) prompt feature, logit-scaled cosine. ``logit_scale`` is
+    class's mean (real) prompt feature, logit-scaled cosine. ``"frame_logit_mean"`` and
+    ``"feature_mean"``: see the module docstring. ``logit_scale`` is
     a float or a scalar tensor (CLIP's ``logit_scale.exp()``, 100 for the
     released models). ``validate=False`` skips the check that every class
     has a real prompt (it reads the mask back from the device); callers that
@@ -92,8 +106,12 @@ def alignment_scores(
     if mode == "frame_prompt":
         similarity = torch.einsum("bte,kne->bktn", frames, prompts_unit) * logit_scale
         return frame_prompt_scores(similarity, mask)
-    # mean-pooled ablation
-    video = F.normalize(frames.mean(dim=1), dim=-1)  # (B, E)
     weights = mask.to(prompts_unit.dtype).unsqueeze(-1)  # (K, N_max, 1)
     class_mean = F.normalize((prompts_unit * weights).sum(dim=1) / weights.sum(dim=1), dim=-1)  # (K, E)
+    if mode == "frame_logit_mean":
+        return (logit_scale * frames @ class_mean.t()).mean(dim=1)  # (B, T, K) -> (B, K)
+    if mode == "feature_mean":
+        video = F.normalize(video_features.mean(dim=1), dim=-1)  # the raw features' mean, then unit length
+    else:  # mean-pooled ablation: the unit frame features' mean
+        video = F.normalize(frames.mean(dim=1), dim=-1)  # (B, E)
     return logit_scale * video @ class_mean.t()

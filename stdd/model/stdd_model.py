@@ -133,6 +133,7 @@ def build_stdd(
     pretrained: Optional[str],
     *,
     stca: Optional[STCASettings] = STCASettings(),
+    temporal: Optional[str] = None,
     allow_random_init: bool = False,
     device="cpu",
     precision: str = "fp32",
@@ -147,8 +148,9 @@ def build_stdd(
 
     The teacher (when ``distill_weight > 0``) is a frozen copy of the original
     image tower, taken before the STCA conversion. See :func:`load_clip` for
-    ``model_name`` / ``pretrained``; ``stca`` is :class:`VideoEncoder`'s
-    (``None``: the frame-only baseline, open_clip's own blocks).
+    ``model_name`` / ``pretrained``; ``stca`` and ``temporal`` are :class:`VideoEncoder`'s
+    (``stca=None``: the frame-only baseline, open_clip's own blocks; ``temporal="expand_view"``
+    with ``stca=None``: Open-VCLIP's widened-time attention).
     """
     clip_model, source = load_clip(
         model_name, pretrained, allow_random_init=allow_random_init, device=device,
@@ -156,7 +158,7 @@ def build_stdd(
     )
     visual = vision_tower(clip_model)
     teacher = FrozenImageEncoder(visual, gpu_dtype=teacher_gpu_dtype) if distill_weight > 0 else None
-    encoder = VideoEncoder(visual, stca)
+    encoder = VideoEncoder(visual, stca, temporal=temporal)
     encoder.source = source
     logit_scale = float(clip_model.logit_scale.detach().float().exp())
     model = STDDModel(

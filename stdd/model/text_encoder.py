@@ -65,6 +65,9 @@ class ClassTextFeatures:
 
 
 TEXT_FEATURE_SOURCES = ("encoder", "orthogonal", "words")  # what gives the class features (config: text.features)
+# Whose text tower encodes the prompts (config: text.tower): the CLIP the model was built from (frozen: STDD,
+# Open-VCLIP), or the one a checkpoint carries (fine-tuned with the video side: FROSTER, ViFi-CLIP).
+TEXT_TOWERS = ("clip", "checkpoint")
 
 
 def orthogonal_class_features(prompts: Mapping[str, Sequence[str]], dim: int) -> ClassTextFeatures:

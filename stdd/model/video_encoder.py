@@ -1,10 +1,13 @@
 """Video encoders on an open_clip ``VisionTransformer``.
 
-- :class:`VideoEncoder`: the STDD student. With STCA settings, every
-  transformer block of the ViT becomes an
-  :class:`~stdd.model.stca_block.STCABlock` (same parameters, no new ones);
-  with ``stca=None`` open_clip's own blocks are left untouched (the frame-only
-  baseline: open_clip's forward on every frame, at plain-CLIP cost). A clip
+- :class:`VideoEncoder`: the STDD student. Its temporal modelling is one of
+  :data:`TEMPORAL_KINDS`: ``"stca"`` (with STCA settings, every transformer block
+  of the ViT becomes an :class:`~stdd.model.stca_block.STCABlock`; same
+  parameters, no new ones), ``"expand_view"`` (every block's self-attention
+  widened in time as Open-VCLIP and FROSTER do it, :mod:`stdd.model.expand_view`;
+  open_clip's blocks and parameter names, nothing added) or ``"none"``
+  (``stca=None``: open_clip's own blocks, the frame-only baseline: open_clip's
+  forward on every frame, at plain-CLIP cost). A clip
   ``(B, T, 3, H, W)`` gives per-frame embeddings ``(B, T, E)`` after ``ln_post``
   and ``proj`` (``z_{t,cls}^L`` of the paper, projected into the joint space).
 - :class:`FrozenImageEncoder`: the distillation teacher, a frozen copy of the
@@ -25,6 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .clip_loading import ClipSource, load_clip, vision_tower
+from .expand_view import expand_view_block
 from .losses import at_least_float32
 from .stca_block import STCABlock, check_block_supported
 from .stca_settings import STCASettings
@@ -43,8 +47,17 @@ def _check_video(video: torch.Tensor, image_size: tuple[int, int], name: str = "
         raise ValueError(f"{name} must be a float tensor (normalised pixels), got {video.dtype}")
 
 
+# How the video encoder relates a clip's frames (config: model.temporal): STCA blocks (the paper), every
+# block's attention widened to the neighbour frames (Open-VCLIP / FROSTER), or nothing (frame-only).
+TEMPORAL_KINDS = ("stca", "expand_view", "none")
+
+
 class VideoEncoder(nn.Module):
     """An open_clip ``VisionTransformer`` whose blocks are all STCA blocks (or, ``stca=None``, its own).
+
+    ``temporal`` (one of :data:`TEMPORAL_KINDS`; default: ``"stca"`` with settings, ``"none"``
+    without): ``"expand_view"`` keeps open_clip's blocks and their parameter names but runs every
+    block with widened-time attention (:mod:`stdd.model.expand_view`); it takes no STCA settings.
 
     Build it with :meth:`from_pretrained` (weights by open_clip name + tag or
     checkpoint file) or directly from a ``VisionTransformer`` (``clip.visual``),
@@ -65,7 +78,8 @@ class VideoEncoder(nn.Module):
     construction.
     """
 
-    def __init__(self, visual: nn.Module, stca: Optional[STCASettings] = STCASettings()):
+    def __init__(self, visual: nn.Module, stca: Optional[STCASettings] = STCASettings(), *,
+                 temporal: Optional[str] = None):
         super().__init__()
         if not isinstance(visual, VisionTransformer):
             raise ValueError(
@@ -74,11 +88,20 @@ class VideoEncoder(nn.Module):
             )
         if stca is not None and not isinstance(stca, STCASettings):
             raise ValueError(f"stca must be an STCASettings or None (frame-only), got {type(stca).__name__}")
+        if temporal is None:
+            temporal = "stca" if stca is not None else "none"
+        if temporal not in TEMPORAL_KINDS:
+            raise ValueError(f"temporal must be one of {TEMPORAL_KINDS}, got {temporal!r}")
+        if (temporal == "stca") != (stca is not None):
+            raise ValueError(f"temporal={temporal!r} " + ("needs STCA settings (stca=STCASettings(...))"
+                             if stca is None else "takes no STCA settings: pass stca=None"))
         self.visual = visual
         self.stca = stca
+        self.temporal = temporal
         self.grad_checkpointing = False
-        if stca is None:
+        if temporal == "none":
             return  # the frame-only baseline: open_clip's own blocks and forward
+        what = "STCA" if temporal == "stca" else "widened-time attention"
         if not (hasattr(visual, "_embeds") and hasattr(visual, "_pool")):
             raise ValueError(
                 f"this open_clip ({open_clip.__version__}) VisionTransformer lacks _embeds/_pool; "
@@ -88,17 +111,19 @@ class VideoEncoder(nn.Module):
             raise ValueError("visual uses attentional pooling (CoCa-style); STDD needs the CLS/avg-pooled ViT")
         if not isinstance(visual.patch_dropout, nn.Identity):
             raise ValueError(
-                "visual has patch dropout enabled, which drops patch tokens and breaks the STCA window "
-                "grid; create the model with force_patch_dropout=0"
+                f"visual has patch dropout enabled, which drops patch tokens and breaks {what} (its tokens must "
+                "stay in place from frame to frame); create the model with force_patch_dropout=0"
             )
-        grid = tuple(visual.grid_size)
-        if grid[0] != grid[1]:
-            raise ValueError(f"visual has a {grid[0]}x{grid[1]} patch grid; STCA needs a square grid")
         blocks = visual.transformer.resblocks
         for index, block in enumerate(blocks):
             if isinstance(block, STCABlock):
                 raise ValueError("visual is already converted to STCA blocks")
             check_block_supported(block, f"visual.transformer.resblocks[{index}]")
+        if temporal == "expand_view":
+            return  # open_clip's blocks, run by forward() with widened-time attention
+        grid = tuple(visual.grid_size)
+        if grid[0] != grid[1]:
+            raise ValueError(f"visual has a {grid[0]}x{grid[1]} patch grid; STCA needs a square grid")
         stca.check_model(visual.transformer.width, grid[0])
         for index in range(len(blocks)):
             # num_frames is only the blocks' default clip length: forward passes the input's
@@ -112,6 +137,7 @@ class VideoEncoder(nn.Module):
         pretrained: Optional[str],
         *,
         stca: Optional[STCASettings] = STCASettings(),
+        temporal: Optional[str] = None,
         allow_random_init: bool = False,
         device="cpu",
         precision: str = "fp32",
@@ -119,14 +145,14 @@ class VideoEncoder(nn.Module):
     ) -> "VideoEncoder":
         """Load CLIP ``model_name`` with weights ``pretrained`` (tag or file) and convert its ViT.
 
-        The text tower is dropped. ``stca``: as in the constructor.
+        The text tower is dropped. ``stca`` / ``temporal``: as in the constructor.
         ``encoder.source`` says which weights were loaded.
         """
         clip_model, source = load_clip(
             model_name, pretrained, allow_random_init=allow_random_init, device=device,
             precision=precision, cache_dir=cache_dir,
         )
-        encoder = cls(vision_tower(clip_model), stca)
+        encoder = cls(vision_tower(clip_model), stca, temporal=temporal)
         encoder.source = source
         return encoder
 
@@ -152,7 +178,7 @@ class VideoEncoder(nn.Module):
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Recompute each block in backward (activation memory ~ one block)."""
         self.grad_checkpointing = bool(enable)
-        if self.stca is None:
+        if self.temporal == "none":
             self.visual.set_grad_checkpointing(self.grad_checkpointing)
 
     def load_clip_visual_state_dict(self, state_dict: dict, strict: bool = True):
@@ -190,13 +216,21 @@ class VideoEncoder(nn.Module):
         batch, frames = video.shape[:2]
         visual = self.visual
         frames_flat = video.reshape(batch * frames, *video.shape[2:]).to(visual.conv1.weight.dtype)
-        if self.stca is None:
-            if phase is not None:
-                raise ValueError("phase was given but this encoder has no STCA blocks (stca=None)")
+        if self.stca is None and phase is not None:
+            raise ValueError(f"phase was given but this encoder has no STCA blocks (temporal={self.temporal!r})")
+        if self.temporal == "none":
             features = visual(frames_flat)  # open_clip's own forward, frame by frame
             if isinstance(features, tuple):  # output_tokens=True towers
                 features = features[0]
             return features.reshape(batch, frames, -1)
+        if self.temporal == "expand_view":
+            tokens = visual._embeds(frames_flat)  # (B*T, 1+N, D): conv1, CLS, positions, ln_pre
+            for block in self.blocks:
+                if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                    tokens = checkpoint(expand_view_block, block, tokens, frames, use_reentrant=False)
+                else:
+                    tokens = expand_view_block(block, tokens, frames)
+            return self._project(tokens).reshape(batch, frames, -1)
         if phase is None and not self.training and self.stca.eval_shuffle_phases:
             raise ValueError(
                 "these STCA settings shuffle the evaluation phases (eval_shuffle_phases=True), and the encoder "
@@ -214,10 +248,14 @@ class VideoEncoder(nn.Module):
                 )
             else:
                 tokens = block(tokens, block_phase, validate=False, num_frames=frames)
-        pooled, _ = visual._pool(tokens)  # ln_post + CLS (or average) pooling
-        if visual.proj is not None:
-            pooled = pooled @ visual.proj
-        return pooled.reshape(batch, frames, -1)
+        return self._project(tokens).reshape(batch, frames, -1)
+
+    def _project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The frames' embeddings ``(B*T, E)`` from the last block's tokens: ``ln_post``, CLS pooling, ``proj``."""
+        pooled, _ = self.visual._pool(tokens)  # ln_post + CLS (or average) pooling
+        if self.visual.proj is not None:
+            pooled = pooled @ self.visual.proj
+        return pooled
 
 
 class FrozenImageEncoder(nn.Module):

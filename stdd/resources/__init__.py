@@ -2,7 +2,9 @@
 
 `class_names(dataset)` returns the official class names in the official order
 (the order class indices refer to); `display_name(dataset, name)` is the plain
-text form used in prompts ("ApplyEyeMakeup" -> "apply eye makeup").
+text form used in prompts ("ApplyEyeMakeup" -> "apply eye makeup");
+`prompt_name(dataset, name, form)` is the name a prompt mentions in one of
+`CLASS_NAME_FORMS`.
 
 Sources of the lists (see classes/README.md): UCF101 classInd.txt, HMDB51's 51
 directory names, the Kinetics-400 / Kinetics-600 label csvs (as shipped by
@@ -123,6 +125,25 @@ def display_name(dataset: str, class_name: str) -> str:
     if key == "ssv2":
         return " ".join(class_name.lower().split())
     return " ".join(class_name.split())
+
+
+# How prompts name a class (config: text.class_name_form): "words" (display_name: plain lower-case words,
+# as stdd, Open-VCLIP and FROSTER write them) or "listed" (as the class list writes it, underscores read as
+# spaces: ViFi-CLIP's label files, e.g. "ApplyEyeMakeup", "brush hair").
+CLASS_NAME_FORMS = ("words", "listed")
+
+
+def prompt_name(dataset, class_name: str, form: str = "words") -> str:
+    """The name prompts give ``class_name`` in ``form`` (one of :data:`CLASS_NAME_FORMS`).
+
+    ``words``: :func:`display_name` for a known ``dataset``, else the name with its whitespace
+    collapsed; ``listed``: the name as listed with underscores read as spaces, whitespace collapsed.
+    """
+    if form not in CLASS_NAME_FORMS:
+        raise ValueError(f"class name form {form!r}: expected one of {', '.join(CLASS_NAME_FORMS)}")
+    if form == "listed":
+        return " ".join(class_name.replace("_", " ").split())
+    return display_name(dataset, class_name) if dataset else " ".join(class_name.split())
 
 
 def askg_path(dataset: str) -> Path:
