@@ -9,10 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
+pytest.importorskip("omegaconf")  # a minimal install (the GPU image) has none of these: the module skips
 pytest.importorskip("av")
 pytest.importorskip("open_clip")
+
+from omegaconf import OmegaConf  # noqa: E402
 
 from stdd.data import generate_synthetic_dataset  # noqa: E402
 from stdd.engine.checkpoint import save_weights  # noqa: E402
