@@ -263,7 +263,7 @@ class Shapes:
     frames: int
     layers: int
     op_batch: int
-    infer_batch: int
+    infer_batch: tuple  # one stack measurement per batch size
     train_batch: int
     scales: tuple = (1, 2)
     window: tuple = (2, 2)
@@ -609,7 +609,7 @@ def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, recorde
         )
     results = []
     for group in (variants, inductor) if compiled else (variants,):
-        for mode, batch in (("infer", shapes.infer_batch), ("train", shapes.train_batch)):
+        for mode, batch in [("infer", b) for b in shapes.infer_batch] + [("train", shapes.train_batch)]:
             gen = torch.Generator().manual_seed(1)
             x = torch.randn(batch * T, tokens, D, generator=gen).to(device, dtype)
             x_sequence_first = x.transpose(0, 1).contiguous()
@@ -698,7 +698,7 @@ def floor_of(variant: str) -> str | None:
 
 
 def _add_ratios(row: dict, results: list[dict]) -> None:
-    base = {r["variant"]: r["median_ms"] for r in results if r["mode"] == row["mode"]}
+    base = {r["variant"]: r["median_ms"] for r in results if (r["mode"], r["batch"]) == (row["mode"], row["batch"])}
     row["vs_plain"] = row["median_ms"] / base["plain"] if base.get("plain") else None
     floor = floor_of(row["variant"].removesuffix("+inductor"))
     row["floor"] = floor
@@ -781,7 +781,8 @@ def parse_args(argv=None):
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--op-batch", type=int, default=None, help="clips for the op section (default 32 GPU, 2 CPU)")
-    parser.add_argument("--infer-batch", type=int, default=None, help="default 32 GPU, 1 CPU")
+    parser.add_argument("--infer-batch", type=int, nargs="+", default=None,
+                        help="clips per inference batch, one stack measurement each (default 32 GPU, 1 CPU)")
     parser.add_argument("--train-batch", type=int, default=None, help="default 16 GPU, 1 CPU")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None, help="stack repeats; the ops use 4x as many")
@@ -796,14 +797,14 @@ def main(argv=None) -> int:
     gpu = device.type == "cuda"
     dtype = DTYPES[args.dtype or ("bf16" if gpu else "fp32")]
     if args.tiny:
-        shapes = Shapes(width=64, heads=4, grid=4, frames=4, layers=2, op_batch=2, infer_batch=2, train_batch=1,
+        shapes = Shapes(width=64, heads=4, grid=4, frames=4, layers=2, op_batch=2, infer_batch=(2,), train_batch=1,
                         mixing=args.mixing)
         warmup, repeats = args.warmup or 1, args.repeats or 2
     else:
         shapes = Shapes(
             width=args.width, heads=args.heads, grid=args.grid, frames=args.frames, layers=args.layers,
             op_batch=args.op_batch or (32 if gpu else 2),
-            infer_batch=args.infer_batch or (32 if gpu else 1),
+            infer_batch=tuple(args.infer_batch or [32 if gpu else 1]),
             train_batch=args.train_batch or (16 if gpu else 1), mixing=args.mixing,
         )
         warmup, repeats = args.warmup or (5 if gpu else 1), args.repeats or (25 if gpu else 3)
