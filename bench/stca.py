@@ -78,7 +78,10 @@ passed (the rows not run are recorded as skipped).
    boolean-mask peer).
 
 Timing: on GPU, CUDA events around each run after warm-up, median (and
-p10/p90) of the repeats; on CPU, ``time.perf_counter`` the same way. A timing
+p10/p90) of the repeats; on CPU, ``time.perf_counter`` the same way. The stack
+variants of one mode and batch size run interleaved (one run of each in turn,
+``repeats`` times), so their ratios come from the same machine state; their
+rows are printed when the whole group is measured. A timing
 means something only with its device: see ``bench/results/README.md``.
 """
 
@@ -162,10 +165,6 @@ def measure_interleaved(fns, device: torch.device, warmup: int, repeats: int) ->
                 fn()
                 times[i].append((time.perf_counter() - start) * 1e3)
     return [_summary(t) for t in times]
-
-
-def measure(fn, device: torch.device, warmup: int, repeats: int) -> Timing:
-    return measure_interleaved([fn], device, warmup, repeats)[0]
 
 
 def of_copy(gbps: float, copy_gbps: float) -> float | None:
@@ -625,6 +624,7 @@ def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, recorde
             grad_y = torch.randn(x.shape, generator=gen).to(device, dtype)
             grad_mixed = torch.randn(mixed.shape, generator=gen).to(device, dtype)
             grad_mixed_sum = torch.randn(batch * T, kept, D, generator=gen).to(device, dtype)
+            prepared = []  # (row, step, compile_s) of the variants that ran once
             for name, module, kind in group:
                 row = dict(section="stack", variant=name, mode=mode, batch=batch, frames=T, layers=shapes.layers,
                            width=D, dtype=str(dtype).replace("torch.", ""))
@@ -634,12 +634,21 @@ def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, recorde
                 try:
                     started = time.monotonic()
                     module = module() if callable(module) and not isinstance(module, torch.nn.Module) else module
-                    timing, compile_s = _time_variant(module, kind, mode, blocks, x, x_sequence_first, mixed,
-                                                      coefficients, phase, grad_y, grad_mixed, grad_mixed_sum,
-                                                      device, warmup, repeats, started)
+                    step = _prepare_variant(module, kind, mode, blocks, x, x_sequence_first, mixed, coefficients,
+                                            phase, grad_y, grad_mixed, grad_mixed_sum)
+                    step()  # first call: compiles the compiled variants; the same one-off cost for all
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    prepared.append((row, step, time.monotonic() - started))
                 except Exception as error:  # one failing variant must not hide the others
                     recorder.add(dict(row, error=f"{type(error).__name__}: {error}"))
-                    continue
+            if not prepared:
+                continue
+            # All variants of one (mode, batch) in turn, run after run, so that their ratios are taken in
+            # the same machine state (a CPU's clock and load drift over the minutes a group takes).
+            blocks.requires_grad_(mode == "train")
+            timings = measure_interleaved([step for _, step, _ in prepared], device, max(0, warmup - 1), repeats)
+            for (row, _, compile_s), timing in zip(prepared, timings):
                 row.update(median_ms=timing.median_ms, p10_ms=timing.p10_ms, p90_ms=timing.p90_ms,
                            runs=timing.runs, compile_s=compile_s if group is inductor else None)
                 results.append(row)
@@ -647,8 +656,10 @@ def stack_rows(shapes: Shapes, device, dtype, backends, warmup, repeats, recorde
                 recorder.add(row)
 
 
-def _time_variant(module, kind, mode, blocks, x, x_sequence_first, mixed, coefficients, phase, grad_y, grad_mixed,
-                  grad_mixed_sum, device, warmup, repeats, started):
+def _prepare_variant(module, kind, mode, blocks, x, x_sequence_first, mixed, coefficients, phase, grad_y, grad_mixed,
+                     grad_mixed_sum):
+    """The timed step of one stack variant: an inference forward under ``no_grad``, or a training step
+    (forward + backward of every parameter)."""
     module.train(mode == "train")
     blocks.requires_grad_(mode == "train")
 
@@ -681,11 +692,7 @@ def _time_variant(module, kind, mode, blocks, x, x_sequence_first, mixed, coeffi
             else:
                 out.backward(grad)
 
-    step()  # first call: compiles the compiled variants; the same one-off cost for all
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    compile_s = time.monotonic() - started
-    return measure(step, device, max(0, warmup - 1), repeats), compile_s
+    return step
 
 
 def floor_of(variant: str) -> str | None:
