@@ -47,6 +47,7 @@ from ..errors import UsageError
 from ..files import atomic_write
 from ..knowledge.prompts import TEMPLATE_SETS
 from ..model.alignment import SCORE_MODES
+from ..model.prompt_adaptation import ADAPTATIONS, PromptSettings
 from ..model.stca_settings import STCASettings, allowed_values, choice_fields
 from ..model.stdd_model import DISTILL_WEIGHT
 from ..model.text_encoder import TEXT_FEATURE_SOURCES, TEXT_TOWERS
@@ -97,6 +98,14 @@ STCAConfig = _stca_config_class()
 
 
 @dataclass
+class PromptConfig:
+    """``model.prompt``: the prompt generators of ``model.adaptation: prompt`` (PromptSettings)."""
+
+    tokens: int = PromptSettings.tokens  # prompt tokens per frame, prepended in every block but the first
+    hidden: Optional[int] = PromptSettings.hidden  # the generators' hidden width; null: the model width / 4
+
+
+@dataclass
 class ModelConfig:
     clip_name: str = "ViT-B-16"  # an open_clip architecture name (open_clip.list_models())
     pretrained: Optional[str] = "openai"  # an open_clip tag or a local checkpoint file; null: random init
@@ -108,6 +117,11 @@ class ModelConfig:
     # at evaluation, every weight w of a checkpoint becomes r * w_clip + (1 - r) * w with r this share of the
     # CLIP weights of model.pretrained (Open-VCLIP's test-time interpolation: 0.5 for B/16, 0.6 for L/14); 0: as is
     weight_interpolation: float = 0.0
+    # full: every weight of the CLIP tower trains (the paper's STDD; Table 4's fully-tuned) | prompt: the tower
+    # frozen as loaded, STCA kept, only a small MLP per block gap trains, turning a block's output tokens into
+    # prompt tokens prepended to the next block's (Table 4's prompt-based; settings in model.prompt)
+    adaptation: str = ADAPTATIONS[0]
+    prompt: PromptConfig = field(default_factory=PromptConfig)
     stca: STCAConfig = field(default_factory=STCAConfig)
 
 
@@ -329,6 +343,8 @@ VALUE_RANGES: dict[str, tuple[str, Any]] = {
     "eval.batch_size": _POSITIVE_INT,
     "loss.distillation_weight": _NON_NEGATIVE,
     "model.weight_interpolation": ("a number in [0, 1]", lambda v: 0 <= v <= 1),
+    "model.prompt.tokens": _POSITIVE_INT,
+    "model.prompt.hidden": _POSITIVE_INT,
 }
 
 # dotted key -> its allowed values: the list's one home (a sequence, or a function giving one, for names
@@ -338,6 +354,7 @@ VALUE_CHOICES: dict[str, Any] = {
     "run.device": DEVICES,
     "run.precision": PRECISIONS,
     "model.temporal": TEMPORAL_KINDS,
+    "model.adaptation": ADAPTATIONS,
     "text.features": TEXT_FEATURE_SOURCES,
     "text.templates": TEMPLATE_SETS,
     "text.class_name_form": CLASS_NAME_FORMS,
@@ -501,6 +518,30 @@ def stca_settings_of(cfg: DictConfig) -> Optional[STCASettings]:
         raise ConfigError(f"model.stca: {error}") from error
 
 
+def prompt_settings_of(cfg: DictConfig) -> Optional[PromptSettings]:
+    """The :class:`PromptSettings` of ``model.prompt`` with ``model.adaptation: prompt``, else ``None``.
+
+    Prompt-based adaptation keeps the CLIP tower as loaded and trains only the prompt generators, so
+    it needs STCA (``model.temporal: stca``: the generators read STCA blocks' outputs), and nothing
+    that mixes CLIP weights into trained ones applies (``model.weight_interpolation``,
+    ``averaging.include_raw_clip``): each is a :class:`ConfigError` naming the key.
+    """
+    model = cfg.model
+    if model.adaptation != "prompt":
+        return None
+    if temporal_of(cfg) != "stca":
+        raise ConfigError(f"model.adaptation=prompt: the prompt generators read STCA blocks' outputs; it needs "
+                          f"model.temporal=stca with model.stca.enabled=true, got {temporal_of(cfg)}")
+    if float(model.weight_interpolation):
+        raise ConfigError(f"model.weight_interpolation={float(model.weight_interpolation):g}: with model.adaptation="
+                          "prompt the CLIP tower is not trained (nothing to mix CLIP back into); set it to 0")
+    if cfg.averaging.include_raw_clip:
+        raise ConfigError("averaging.include_raw_clip=true: with model.adaptation=prompt the average holds only the "
+                          "prompt generators, which CLIP has no weights of; set it to false")
+    return PromptSettings(tokens=int(model.prompt.tokens),
+                          hidden=None if model.prompt.hidden is None else int(model.prompt.hidden))
+
+
 def list_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
 
@@ -594,6 +635,7 @@ def load_config(config: Optional[Union[str, Path]] = None, overrides: Sequence[s
     check_value_ranges(cfg)
     check_run_settings(cfg)
     stca_settings_of(cfg)  # the STCA values are checked now, not when the model is built
+    prompt_settings_of(cfg)
     return cfg
 
 

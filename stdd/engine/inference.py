@@ -33,7 +33,7 @@ from .checkpoint import CheckpointError
 from .checkpoint_formats import (AUTO, FILLED_FROM_CLIP, FORMAT_NAMES, FORMAT_RECIPES, RECIPE_PRESETS,
                                  PeerCheckpoint, block_free_name, key_groups, read_checkpoint, split_tower_keys)
 from .config import (PROTOCOL_KEYS, RUNTIME_KEYS, ConfigError, STDDConfig, apply_overrides, check_value_ranges,
-                     load_config, stca_settings_of, typed_config)
+                     load_config, prompt_settings_of, stca_settings_of, typed_config)
 from .task import build_model, load_student_state_dict
 
 
@@ -92,6 +92,7 @@ def with_recipe(cfg: DictConfig, recipe: Optional[str]) -> DictConfig:
 def _finished(cfg: DictConfig, overrides: Sequence[str], source: Optional[str] = None) -> DictConfig:
     cfg = check_value_ranges(apply_overrides(cfg, overrides), source)
     stca_settings_of(cfg)  # the STCA values are checked now, not when the model is built
+    prompt_settings_of(cfg)
     return cfg
 
 
@@ -234,6 +235,11 @@ def load_model_for_inference(cfg: DictConfig, state, device, *, checkpoint_name:
 
     ``model.weight_interpolation`` r > 0 mixes the CLIP weights the model was built from back into the
     loaded ones (the image tower, the logit scale in log space, and a checkpoint's text tower)."""
+    if prompt_settings_of(cfg) is not None and (state is None or isinstance(state, PeerCheckpoint)):
+        what = "no checkpoint" if state is None else f"a {FORMAT_NAMES[state.format]} checkpoint"
+        raise ConfigError(f"model.adaptation=prompt: {checkpoint_name} gives {what}, and the prompt generators would "
+                          f"be untrained: give an stdd checkpoint trained with model.adaptation=prompt, or "
+                          f"model.adaptation=full")
     model, text = build_model(cfg, "cpu", with_teacher=False)
     ratio = float(cfg.model.weight_interpolation)
     clip_visual = _snapshot(model.video_encoder) if ratio else None

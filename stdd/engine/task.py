@@ -37,6 +37,7 @@ from .config import (
     PUBLISHED_DATASET,
     SYNTHETIC_DATASET,
     ConfigError,
+    prompt_settings_of,
     published_split_of,
     stca_settings_of,
     temporal_of,
@@ -65,6 +66,7 @@ def build_model(cfg: DictConfig, device, *, with_teacher: Optional[bool] = None)
             pretrained,
             stca=stca_settings_of(cfg),
             temporal=temporal_of(cfg),
+            prompts=prompt_settings_of(cfg),
             allow_random_init=cfg.model.allow_random_init,
             device=device,
             distill_weight=distill_weight,
@@ -73,20 +75,41 @@ def build_model(cfg: DictConfig, device, *, with_teacher: Optional[bool] = None)
     return model, text
 
 
+# The state-dict keys of the frozen CLIP tower under prompt-based adaptation (model.adaptation: prompt):
+# never trained, so never stored; the checkpoint's FROZEN_DIGEST_KEY says which tower they were.
+FROZEN_PREFIXES = ("video_encoder.visual.", "logit_scale")
+FROZEN_DIGEST_KEY = "video_encoder.frozen_digest"
+
+
 def student_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What training changes: everything but the frozen teacher (encoder, projector, logit scale)."""
-    return {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
+    """What training changes: everything but the frozen teacher (encoder, projector, logit scale).
+
+    With prompt-based adaptation: the prompt generators, the projector and the digest of the frozen
+    CLIP tower (its weights come from ``model.pretrained`` when the model is built again)."""
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("teacher.")}
+    if getattr(model.video_encoder, "prompts", None) is not None:
+        state = {k: v for k, v in state.items() if not k.startswith(FROZEN_PREFIXES)}
+    return state
 
 
 def load_student_state_dict(model: nn.Module, state: dict, source: str = "checkpoint") -> None:
-    """Load student weights; the projector is optional (absent when trained without distillation)."""
+    """Load student weights; the projector is optional (absent when trained without distillation).
+
+    Prompt generators are loaded only onto the frozen tower they were trained on: the stored digest
+    must be the one of the tower this model was built from (``model.pretrained``)."""
     own = student_state_dict(model)
     missing = [k for k in own if k not in state and not k.startswith("projector.")]
     unexpected = [k for k in state if k not in own and not k.startswith("projector.")]
     if missing or unexpected:
         raise ValueError(
             f"{source}: weights do not fit this model (missing {missing[:4]}, unexpected {unexpected[:4]}); "
-            f"were they trained with another model.clip_name or model.stca.enabled?"
+            f"were they trained with another model.clip_name, model.stca.enabled, model.adaptation or model.prompt?"
+        )
+    if FROZEN_DIGEST_KEY in own and not torch.equal(own[FROZEN_DIGEST_KEY].cpu(), state[FROZEN_DIGEST_KEY].cpu()):
+        raise ValueError(
+            f"{source}: its prompt generators were trained on another frozen CLIP tower than the one "
+            "model.pretrained gives here (the digests of the tower's weights differ): build the model from the "
+            "CLIP weights it was trained with (model.clip_name, model.pretrained)"
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 

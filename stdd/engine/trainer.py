@@ -86,8 +86,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _without_teacher(state: dict) -> dict:
-    return {k: v for k, v in state.items() if not k.startswith("teacher.")}
+def _student_part(state: dict, student_keys) -> dict:
+    """The entries of a whole-model state dict that a student state dict holds (no teacher; with
+    prompt-based adaptation no frozen tower either)."""
+    return {k: v for k, v in state.items() if k in student_keys}
 
 
 def _check_policies(cfg: DictConfig) -> None:
@@ -476,7 +478,8 @@ class Trainer:
             ema = self.optimization.ema
             if ema is not None:
                 out["ema_weights"] = str(save_weights(
-                    self.run_directory / "ema.pt", _without_teacher(ema.averaged_state_dict(self.module.model)),
+                    self.run_directory / "ema.pt", _student_part(ema.averaged_state_dict(self.module.model),
+                                                                     set(self.task.student_state_dict())),
                     self.cfg
                 ))
             selection = self.cfg.averaging.epochs

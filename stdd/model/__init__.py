@@ -14,6 +14,8 @@
 - :func:`alignment_scores`, :func:`frame_prompt_scores` (``alignment.py``): Eq. 8.
 - :func:`classification_loss`, :class:`ResidualProjector`,
   :func:`feature_distillation_loss` (``losses.py``): Eq. 9 + distillation.
+- :class:`PromptSettings`, :class:`PromptGenerator` (``prompt_adaptation.py``): prompt-based
+  adaptation (Table 4): the tower frozen, STCA outputs turned into the next block's prompts.
 - :class:`STDDModel`, :func:`build_stdd` (``stdd_model.py``): all of it assembled.
 - :func:`load_clip` (``clip_loading.py``): open_clip name + tag / checkpoint file;
   registers the tiny configs in ``configs/`` (``STDD-Tiny-ViT``, ``STDD-Tiny-ViT-64``).
@@ -47,6 +49,7 @@ from .alignment import SCORE_MODES, alignment_scores, frame_prompt_scores
 from .clip_loading import TINY_MODEL_NAMES, ClipSource, load_clip, register_model_configs, vision_tower
 from .losses import ResidualProjector, classification_loss, feature_distillation_loss
 from .phases import PhaseSampler
+from .prompt_adaptation import ADAPTATIONS, PromptGenerator, PromptSettings
 from .stca_block import STCABlock, multi_head_self_attention
 from .stca_settings import STCASettings
 from .stdd_model import STDDModel, STDDOutput, build_stdd
@@ -60,6 +63,7 @@ from .text_encoder import (
 from .video_encoder import TEMPORAL_KINDS, FrozenImageEncoder, VideoEncoder
 
 __all__ = [
+    "ADAPTATIONS",
     "DEFAULT_TEMPLATES",
     "SCORE_MODES",
     "TEMPORAL_KINDS",
@@ -69,6 +73,8 @@ __all__ = [
     "ClipSource",
     "FrozenImageEncoder",
     "PhaseSampler",
+    "PromptGenerator",
+    "PromptSettings",
     "ResidualProjector",
     "STCABlock",
     "STCASettings",

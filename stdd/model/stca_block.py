@@ -272,14 +272,18 @@ class STCABlock(nn.Module):
             device=device,
         )
 
-    def _attend(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``ls_1(attn(ln_1(tokens)))`` with the wrapped block's weights; ``(R, L, D)``."""
+    def _attend(self, tokens: torch.Tensor, prompts: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``ls_1(attn(ln_1(tokens)))`` with the wrapped block's weights; ``(R, L, D)``. With ``prompts``
+        ``(R, P, D)``: the same on ``[prompts; tokens]``, the prompt rows dropped."""
         block = self.block
-        return block.ls_1(
+        if prompts is not None:
+            tokens = torch.cat([prompts, tokens], dim=1)
+        out = block.ls_1(
             multi_head_self_attention(
                 block.attn, block.ln_1(tokens), kind=self.settings.attention, training=self.training
             )
         )
+        return out if prompts is None else out[:, prompts.shape[1]:]
 
     def forward(
         self,
@@ -288,18 +292,28 @@ class STCABlock(nn.Module):
         *,
         num_frames: Optional[int] = None,
         validate: bool = True,
+        prompts: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """``x`` ``(B*T, 1+N, D)`` -> ``(B*T, 1+N, D)``; see the class docstring for ``phase``.
 
         ``num_frames`` overrides the constructor's ``T`` for this call (the video
         encoder passes the clip length of its input). ``validate=False`` skips
-        the checks of an explicit ``phase`` (the caller did them).
+        the checks of an explicit ``phase`` (the caller did them). ``prompts``
+        ``(B*T, P, D)`` (prompt-based adaptation, :mod:`stdd.model.prompt_adaptation`):
+        tokens prepended to the visual tokens in the attention of the full path and of
+        every mixed path (keys and values through the block's own ``ln_1`` and
+        in-projection), whose own outputs are dropped: the result is what the block
+        computes on ``[prompts; tokens]`` without the prompt rows.
         """
         frames = self.num_frames if num_frames is None else num_frames
         if x.dim() != 3:
             raise ValueError(f"x must have shape (B*T, 1+N, D), got {tuple(x.shape)}")
         if x.shape[0] % frames:
             raise ValueError(f"x.shape[0] (B*T = {x.shape[0]}) must be divisible by num_frames={frames}")
+        if prompts is not None and (prompts.dim() != 3 or prompts.shape[0] != x.shape[0]
+                                    or prompts.shape[2] != x.shape[2]):
+            raise ValueError(f"prompts must have shape (B*T, P, D) = ({x.shape[0]}, P, {x.shape[2]}), "
+                             f"got {tuple(prompts.shape)}")
         if phase is not None and validate:
             phase = self.check_phase(phase, x.shape[0] // frames, x.device, frames)
         # The ops' keyword arguments, from the settings (the one place they are fed).
@@ -307,10 +321,12 @@ class STCABlock(nn.Module):
         common = dict(window=s.window, mask_ratio=s.mask_ratio, mask_rounding=s.mask_rounding, phase=phase,
                       backend=s.backend, validate=False)
         mixing = dict(scales=s.scales, channel_fold=s.channel_fold, mixing=s.mixing)
+        if prompts is not None:
+            prompts = prompts.to(x.dtype)
         if s.projection == "shared":
-            full, mixed = self._paths_shared(x, frames, common, mixing)
+            full, mixed = self._paths_shared(x, frames, common, mixing, prompts)
         else:
-            full, mixed = self._paths_per_path(x, frames, common, mixing)
+            full, mixed = self._paths_per_path(x, frames, common, mixing, prompts)
         # Step 4: padding + short-cut; the MLP reads the full path (Eq. 2).
         block = self.block
         residual = block.ls_2(block.mlp(block.ln_2(full)))
@@ -320,18 +336,19 @@ class STCABlock(nn.Module):
         residual = residual.to(full.dtype)
         return stdd_kernels.pad_scatter(full, mixed, frames, residual=residual, **common)
 
-    def _paths_per_path(self, x, frames, common, mixing) -> tuple[torch.Tensor, torch.Tensor]:
+    def _paths_per_path(self, x, frames, common, mixing, prompts=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-3 as written: ``(full (B*T, 1+N, D), mixed (S, B*T, 1+N_keep, D))``."""
         # Steps 1-2: (S, B*T, 1+N_keep, D), every scale from the same input tokens.
         mixed = stdd_kernels.mix_gather(x, frames, **mixing, **common)
         # Step 3: full path on all 1+N tokens; all scales' mixed tokens as one
         # (S*B*T, 1+N_keep, D) batch through the same ln_1/attention weights.
-        full = x + self._attend(x)
+        full = x + self._attend(x, prompts)
         n_scales, rows, kept, width = mixed.shape
         flat = mixed.reshape(n_scales * rows, kept, width)
-        return full, (flat + self._attend(flat)).reshape(n_scales, rows, kept, width)
+        flat_prompts = None if prompts is None else prompts.repeat(n_scales, 1, 1)  # each scale's rows
+        return full, (flat + self._attend(flat, flat_prompts)).reshape(n_scales, rows, kept, width)
 
-    def _paths_shared(self, x, frames, common, mixing) -> tuple[torch.Tensor, torch.Tensor]:
+    def _paths_shared(self, x, frames, common, mixing, prompts=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Steps 1-3 with shared projections (docs/stca.md section 6): ``(full, mixed (1, B*T, 1+N_keep, D))``.
 
         The mixed paths' q, k, v come from the full path's (``stdd_kernels.mix_project``);
@@ -347,9 +364,18 @@ class STCABlock(nn.Module):
             in_proj_weight=attn.in_proj_weight, in_proj_bias=attn.in_proj_bias,
             basis=self._kept_basis(factor_dtype(x.dtype)), **mixing, **common,
         )  # (S, B*T, 1+N_keep, 3D), (B*T, 1+N_keep, D)
-        full = x + block.ls_1(output_projection(attn, attention_heads(attn, qkv, **attend)))
         n_scales, rows, kept, _ = qkv_mixed.shape
-        heads = attention_heads(attn, qkv_mixed.reshape(n_scales * rows, kept, -1), **attend)
+        flat = qkv_mixed.reshape(n_scales * rows, kept, -1)
+        if prompts is None:
+            full = x + block.ls_1(output_projection(attn, attention_heads(attn, qkv, **attend)))
+            heads = attention_heads(attn, flat, **attend)
+        else:  # the prompts' own q, k, v prepended to every path; their output rows dropped
+            count = prompts.shape[1]
+            qkv_prompts = F.linear(norm(prompts), attn.in_proj_weight, attn.in_proj_bias).to(qkv.dtype)
+            heads = attention_heads(attn, torch.cat([qkv_prompts, qkv], dim=1), **attend)[:, count:]
+            full = x + block.ls_1(output_projection(attn, heads))
+            flat_prompts = qkv_prompts.to(flat.dtype).repeat(n_scales, 1, 1)
+            heads = attention_heads(attn, torch.cat([flat_prompts, flat], dim=1), **attend)[:, count:]
         heads = heads.reshape(n_scales, rows, kept, -1).mean(dim=0)  # (B*T, 1+N_keep, D)
         mixed = mixed_mean + block.ls_1(output_projection(attn, heads))
         return full, mixed.unsqueeze(0)

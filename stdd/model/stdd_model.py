@@ -10,7 +10,8 @@ Typical use (the training/eval code builds on this)::
 
 Only the video encoder (and the distillation projector) train; the text
 tower, the teacher and CLIP's logit scale are frozen (paper: "we only optimize
-the parameters of E_V").
+the parameters of E_V"); with prompt-based adaptation only the encoder's prompt
+generators (:mod:`stdd.model.prompt_adaptation`) and the projector do.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from torch import nn
 from .alignment import SCORE_MODES, alignment_scores
 from .clip_loading import ClipSource, load_clip, vision_tower
 from .losses import PROJECTOR_ALPHA, ResidualProjector, classification_loss, feature_distillation_loss
+from .prompt_adaptation import PromptSettings
 from .stca_settings import STCASettings
 from .text_encoder import TextEncoder
 from .video_encoder import FrozenImageEncoder, VideoEncoder
@@ -134,6 +136,7 @@ def build_stdd(
     *,
     stca: Optional[STCASettings] = STCASettings(),
     temporal: Optional[str] = None,
+    prompts: Optional[PromptSettings] = None,
     allow_random_init: bool = False,
     device="cpu",
     precision: str = "fp32",
@@ -148,9 +151,10 @@ def build_stdd(
 
     The teacher (when ``distill_weight > 0``) is a frozen copy of the original
     image tower, taken before the STCA conversion. See :func:`load_clip` for
-    ``model_name`` / ``pretrained``; ``stca`` and ``temporal`` are :class:`VideoEncoder`'s
+    ``model_name`` / ``pretrained``; ``stca``, ``temporal`` and ``prompts`` are :class:`VideoEncoder`'s
     (``stca=None``: the frame-only baseline, open_clip's own blocks; ``temporal="expand_view"``
-    with ``stca=None``: Open-VCLIP's widened-time attention).
+    with ``stca=None``: Open-VCLIP's widened-time attention; ``prompts``: prompt-based adaptation,
+    the tower frozen and only prompt generators trained).
     """
     clip_model, source = load_clip(
         model_name, pretrained, allow_random_init=allow_random_init, device=device,
@@ -158,7 +162,7 @@ def build_stdd(
     )
     visual = vision_tower(clip_model)
     teacher = FrozenImageEncoder(visual, gpu_dtype=teacher_gpu_dtype) if distill_weight > 0 else None
-    encoder = VideoEncoder(visual, stca, temporal=temporal)
+    encoder = VideoEncoder(visual, stca, temporal=temporal, prompts=prompts)
     encoder.source = source
     logit_scale = float(clip_model.logit_scale.detach().float().exp())
     model = STDDModel(

@@ -30,6 +30,7 @@ from torch.utils.checkpoint import checkpoint
 from .clip_loading import ClipSource, load_clip, vision_tower
 from .expand_view import expand_view_block
 from .losses import at_least_float32
+from .prompt_adaptation import PromptGenerator, PromptSettings, frozen_digest
 from .stca_block import STCABlock, check_block_supported
 from .stca_settings import STCASettings
 
@@ -76,10 +77,16 @@ class VideoEncoder(nn.Module):
     ``eval_shuffle_phases`` an evaluation-mode forward needs them). Any ``T >= 1``
     works; the settings are checked against the model's patch grid and width at
     construction.
+
+    ``prompts`` (:class:`~stdd.model.prompt_adaptation.PromptSettings`, STCA only): prompt-based
+    adaptation. The tower is frozen (``requires_grad=False``) as it is when converted, one
+    ``PromptGenerator`` between each two blocks (``prompt_generators``) turns a block's output into
+    the next block's prompt tokens, and the buffer ``frozen_digest`` records which tower it was
+    (:func:`~stdd.model.prompt_adaptation.frozen_digest`, taken before conversion).
     """
 
     def __init__(self, visual: nn.Module, stca: Optional[STCASettings] = STCASettings(), *,
-                 temporal: Optional[str] = None):
+                 temporal: Optional[str] = None, prompts: Optional[PromptSettings] = None):
         super().__init__()
         if not isinstance(visual, VisionTransformer):
             raise ValueError(
@@ -95,9 +102,15 @@ class VideoEncoder(nn.Module):
         if (temporal == "stca") != (stca is not None):
             raise ValueError(f"temporal={temporal!r} " + ("needs STCA settings (stca=STCASettings(...))"
                              if stca is None else "takes no STCA settings: pass stca=None"))
+        if prompts is not None and not isinstance(prompts, PromptSettings):
+            raise ValueError(f"prompts must be a PromptSettings or None (full adaptation), got {type(prompts).__name__}")
+        if prompts is not None and temporal != "stca":
+            raise ValueError(f"prompt-based adaptation turns STCA blocks' tokens into prompts: it needs "
+                             f"temporal='stca', got {temporal!r}")
         self.visual = visual
         self.stca = stca
         self.temporal = temporal
+        self.prompts = prompts
         self.grad_checkpointing = False
         if temporal == "none":
             return  # the frame-only baseline: open_clip's own blocks and forward
@@ -125,9 +138,16 @@ class VideoEncoder(nn.Module):
         if grid[0] != grid[1]:
             raise ValueError(f"visual has a {grid[0]}x{grid[1]} patch grid; STCA needs a square grid")
         stca.check_model(visual.transformer.width, grid[0])
+        if prompts is not None:  # the tower is frozen as loaded; only the prompt generators train
+            self.register_buffer("frozen_digest", frozen_digest(visual))
+            visual.requires_grad_(False)
         for index in range(len(blocks)):
             # num_frames is only the blocks' default clip length: forward passes the input's
             blocks[index] = STCABlock(blocks[index], stca, num_frames=1)
+        if prompts is not None:  # one generator between each two blocks (stdd.model.prompt_adaptation)
+            self.prompt_generators = nn.ModuleList(
+                PromptGenerator(visual.transformer.width, 1 + grid[0] * grid[1], prompts)
+                for _ in range(len(blocks) - 1))
 
     # ----------------------------------------------------------- construction
     @classmethod
@@ -138,6 +158,7 @@ class VideoEncoder(nn.Module):
         *,
         stca: Optional[STCASettings] = STCASettings(),
         temporal: Optional[str] = None,
+        prompts: Optional[PromptSettings] = None,
         allow_random_init: bool = False,
         device="cpu",
         precision: str = "fp32",
@@ -145,14 +166,14 @@ class VideoEncoder(nn.Module):
     ) -> "VideoEncoder":
         """Load CLIP ``model_name`` with weights ``pretrained`` (tag or file) and convert its ViT.
 
-        The text tower is dropped. ``stca`` / ``temporal``: as in the constructor.
+        The text tower is dropped. ``stca`` / ``temporal`` / ``prompts``: as in the constructor.
         ``encoder.source`` says which weights were loaded.
         """
         clip_model, source = load_clip(
             model_name, pretrained, allow_random_init=allow_random_init, device=device,
             precision=precision, cache_dir=cache_dir,
         )
-        encoder = cls(vision_tower(clip_model), stca, temporal=temporal)
+        encoder = cls(vision_tower(clip_model), stca, temporal=temporal, prompts=prompts)
         encoder.source = source
         return encoder
 
@@ -240,14 +261,18 @@ class VideoEncoder(nn.Module):
         tokens = visual._embeds(frames_flat)  # (B*T, 1+N, D): conv1, CLS, positions, ln_pre
         if phase is not None:  # checked once here, not once per block
             phase = self.check_phase(phase, batch, frames, tokens.device)
+        prompts = None
         for index, block in enumerate(self.blocks):
             block_phase = phase[index] if phase is not None and phase.dim() == 3 else phase
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 tokens = checkpoint(
-                    block, tokens, block_phase, validate=False, num_frames=frames, use_reentrant=False
+                    block, tokens, block_phase, validate=False, num_frames=frames, prompts=prompts,
+                    use_reentrant=False,
                 )
             else:
-                tokens = block(tokens, block_phase, validate=False, num_frames=frames)
+                tokens = block(tokens, block_phase, validate=False, num_frames=frames, prompts=prompts)
+            if self.prompts is not None and index + 1 < len(self.blocks):
+                prompts = self.prompt_generators[index](tokens)  # for the next block; dropped by it
         return self._project(tokens).reshape(batch, frames, -1)
 
     def _project(self, tokens: torch.Tensor) -> torch.Tensor:
