@@ -67,7 +67,7 @@ from .engine.evaluation import score_dataset
 from .engine.inference import config_for_weights, load_model_for_inference
 from .engine.precision import autocast_dtype
 from .engine.runlock import EVAL_LOCK_NAME, acquire_lock, describe_holder
-from .engine.task import build_prompts, build_video_dataset, text_features_for
+from .engine.task import build_prompts, build_video_dataset, check_prompt_kinds, text_features_for
 from .errors import InputError
 from .files import atomic_write, remove_orphan_temporaries
 from .resources import DATASETS, K400_RENAMED_IN_K600, K600_NOVEL_LISTS, SPLIT_PROTOCOLS, published_datasets
@@ -215,6 +215,8 @@ def run_evaluation(args) -> dict:
         models = [(checkpoint, *config_for_weights(checkpoint, args.config, args.overrides, **weights))
                   for checkpoint in checkpoints]
         keys = [_published_key(args, split, checkpoint, cfg) for checkpoint, cfg, _ in models]
+        for _, cfg, _ in models:
+            check_prompt_kinds(cfg, args.prompts, dataset_prompts=split.prompts)
         records, missing = _published_records(split, Path(os.path.expanduser(args.root)))
         context = init_distributed(models[0][1].run.device if args.device is None else args.device)
         out, lock = prepare_out_dir(args.out_dir, context)
@@ -224,6 +226,7 @@ def run_evaluation(args) -> dict:
             if lock is not None:
                 lock.release()
     cfg, state = config_for_weights(checkpoints[0], args.config, args.overrides, **weights)
+    check_prompt_kinds(cfg, args.prompts)  # before --out-dir is written
     context = init_distributed(cfg.run.device if args.device is None else args.device)
     out, lock = prepare_out_dir(args.out_dir, context)
     try:
@@ -296,7 +299,8 @@ def _evaluate_published(args, split, models, keys, records, missing, context, ou
             prompts = build_prompts(args.prompts or cfg.text.prompts, classes, dataset=split.dataset,
                                     dataset_prompts=split.prompts,
                                     with_templates=args.with_templates or cfg.text.with_templates,
-                                    templates=cfg.text.templates, class_name_form=cfg.text.class_name_form)
+                                    templates=cfg.text.templates, class_name_form=cfg.text.class_name_form,
+                                    prompt_kinds=cfg.text.prompt_kinds)
             features = text_features_for(text, prompts, cfg.text)
             scored = score_dataset(
                 model, dataset, features.features, features.mask,
@@ -389,7 +393,8 @@ def _evaluate(args, cfg, state, context, out: Path) -> dict:
     needed_names = [class_names[i] for i in needed]
     prompts = build_prompts(args.prompts or cfg.text.prompts, needed_names, dataset=dataset_key,
                             with_templates=args.with_templates or cfg.text.with_templates,
-                            templates=cfg.text.templates, class_name_form=cfg.text.class_name_form)
+                            templates=cfg.text.templates, class_name_form=cfg.text.class_name_form,
+                            prompt_kinds=cfg.text.prompt_kinds)
     features = text_features_for(text, prompts, cfg.text, class_list=class_names)
     start = time.time()
     scored = score_dataset(

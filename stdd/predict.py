@@ -25,7 +25,10 @@ are those of the machine it was trained on: here they are the defaults, or ``key
 ``data.frame_cache_mb=512``).
 ``--prompts``: a JSON file ``{"class": ["sentence", ...]}`` (what ``python -m stdd.askg
 prompts`` writes), a shipped ASKG file or a class-description file ``{"0": "Name: description"}``
-(FROSTER's); classes it does not cover fall back to the templates (``text.templates``).
+(FROSTER's); classes it does not cover fall back to the templates (``text.templates``). Of an ASKG
+file it reads the prompts ``text.prompt_kinds`` names (S, T or ST, from the checkpoint's config or an
+override); S or T with a prompts or class-description file is refused. The template fallback is
+used as it is.
 ``--checkpoint`` also takes Open-VCLIP, FROSTER and ViFi-CLIP checkpoints, scored by their
 method's recipe or ``--recipe`` (see ``python -m stdd.eval --help``).
 Without ``--checkpoint`` the weights of the configured CLIP model are used
@@ -53,7 +56,7 @@ from .engine.distributed import DEVICES, resolve_device
 from .engine.metrics import aggregate_views
 from .engine.precision import autocast_dtype
 from .errors import InputError
-from .knowledge.prompts import TEMPLATE_SETS, load_prompts
+from .knowledge.prompts import ALL_PROMPT_KINDS, TEMPLATE_SETS, UnsplitPromptsError, load_prompts
 
 
 def _class_list(classes, class_file) -> list[str]:
@@ -101,10 +104,17 @@ def video_paths(videos) -> list[Path]:
     return paths
 
 
-def _file_prompts(names: list[str], prompts_file, templates=TEMPLATE_SETS["stdd"]) -> dict[str, list[str]]:
+def _file_prompts(names: list[str], prompts_file, templates=TEMPLATE_SETS["stdd"],
+                  prompt_kinds: str = ALL_PROMPT_KINDS) -> dict[str, list[str]]:
     """The prompts ``prompts_file`` holds for some of ``names`` (the others get the templates);
-    ``templates``: those a class-description file is read with."""
-    covered = load_prompts(prompts_file, names, partial=True, templates=templates)
+    ``templates``: those a class-description file is read with; ``prompt_kinds``: which prompts of ASKG
+    graphs (``text.prompt_kinds``; S or T with a file without the spatial / temporal split: a ConfigError)."""
+    try:
+        covered = load_prompts(prompts_file, names, partial=True, templates=templates, only=prompt_kinds)
+    except UnsplitPromptsError as error:
+        from .engine.task import unsplit_prompts_error
+
+        raise unsplit_prompts_error(prompt_kinds, f"--prompts {prompts_file}") from error
     if not covered:
         raise InputError(f"prompts {prompts_file}: covers none of the classes {names[:5]}")
     return covered
@@ -150,7 +160,7 @@ def predict(
     if prompts is None and cfg.text.prompts == CLASS_DESCRIPTIONS:
         build_prompts(CLASS_DESCRIPTIONS, names)  # says which file the recipe needs
     if prompts is not None:  # read again with the config's templates (a class-description file uses them)
-        covered = _file_prompts(names, prompts, TEMPLATE_SETS[cfg.text.templates])
+        covered = _file_prompts(names, prompts, TEMPLATE_SETS[cfg.text.templates], cfg.text.prompt_kinds)
     templates = build_prompts("templates", names, templates=cfg.text.templates,
                               class_name_form=cfg.text.class_name_form)
     class_prompts = {name: covered.get(name, templates[name]) for name in names}

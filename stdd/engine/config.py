@@ -45,7 +45,7 @@ from ..data.synthetic import CODEC_SETTINGS
 from ..data.transforms import NORMALIZATIONS
 from ..errors import UsageError
 from ..files import atomic_write
-from ..knowledge.prompts import TEMPLATE_SETS
+from ..knowledge.prompts import PROMPT_KINDS, TEMPLATE_SETS
 from ..model.alignment import SCORE_MODES
 from ..model.prompt_adaptation import ADAPTATIONS, PromptSettings
 from ..model.stca_settings import STCASettings, allowed_values, choice_fields
@@ -132,6 +132,9 @@ class TextConfig:
     prompts: str = "templates"
     cache_dir: Optional[str] = None  # text-feature cache directory; null: no cache
     with_templates: bool = False  # add the template sentences to file / ASKG prompts
+    # which ASKG prompts a class gets: S (spatial) | T (temporal) | ST (spatial then temporal: the paper); S and T
+    # need ASKG graphs (text.prompts askg or an ASKG file): the paper's Figure 4 ablation
+    prompt_kinds: str = "ST"
     # encoder: the frozen text tower reads the prompts (the paper) | orthogonal: a fixed orthonormal vector per
     # class, prompts unread (stand-in for a pretrained tower when training from random weights: the demo) |
     # words: each prompt the mean of fixed random word vectors (a stand-in whose classes share structure)
@@ -299,6 +302,7 @@ PROTOCOL_KEYS = (
     "data.normalization",
     "text.prompts",
     "text.with_templates",
+    "text.prompt_kinds",
     "text.templates",
     "text.class_name_form",
     "loss.score",
@@ -357,6 +361,7 @@ VALUE_CHOICES: dict[str, Any] = {
     "model.adaptation": ADAPTATIONS,
     "text.features": TEXT_FEATURE_SOURCES,
     "text.templates": TEMPLATE_SETS,
+    "text.prompt_kinds": PROMPT_KINDS,
     "text.class_name_form": CLASS_NAME_FORMS,
     "text.tower": TEXT_TOWERS,
     "loss.score": SCORE_MODES,

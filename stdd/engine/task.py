@@ -23,7 +23,8 @@ from torch import nn
 
 from ..data import ClipSampling, build_dataloader, build_dataset, generate_synthetic_dataset
 from ..data.annotations import OFFICIAL_SPLIT_FORMATS, resolve_class_names
-from ..knowledge.prompts import TEMPLATE_SETS, load_prompts, template_prompts
+from ..knowledge.prompts import (ALL_PROMPT_KINDS, PROMPT_KINDS, TEMPLATE_SETS, UnsplitPromptsError,
+                                 has_prompt_kinds, load_prompts, template_prompts)
 from ..model import (
     TEXT_FEATURE_SOURCES,
     PhaseSampler,
@@ -117,28 +118,48 @@ def load_student_state_dict(model: nn.Module, state: dict, source: str = "checkp
 # ----------------------------------------------------------------------------- classes and prompts
 
 
-def _prompts_from_file(path: Path, class_names: Sequence[str], templates: Sequence[str] = TEMPLATE_SETS["stdd"]
-                       ) -> dict[str, list[str]]:
+def unsplit_prompts_error(prompt_kinds: str, what: str) -> ConfigError:
+    """The error of ``text.prompt_kinds`` S or T with a prompt source ``what`` that has no spatial /
+    temporal split (templates, a prompts file, class descriptions): one line naming both."""
+    return ConfigError(f"text.prompt_kinds={prompt_kinds}: {what} has no spatial / temporal split of its prompts "
+                       f"(only ASKG graphs have one: text.prompts=askg or an ASKG file); use text.prompt_kinds="
+                       f"{ALL_PROMPT_KINDS} with it")
+
+
+def _check_prompt_kinds(prompt_kinds: str) -> str:
+    if prompt_kinds not in PROMPT_KINDS:
+        raise ConfigError(f"text.prompt_kinds={prompt_kinds!r}: expected one of {', '.join(PROMPT_KINDS)}")
+    return prompt_kinds
+
+
+def _prompts_from_file(path: Path, class_names: Sequence[str], templates: Sequence[str] = TEMPLATE_SETS["stdd"],
+                       *, prompt_kinds: str = ALL_PROMPT_KINDS, what: Optional[str] = None) -> dict[str, list[str]]:
     """Prompts of ``class_names`` from a prompts, ASKG or class-description file
-    (:func:`stdd.knowledge.load_prompts`; ``templates``: those a class-description file is read with)."""
+    (:func:`stdd.knowledge.load_prompts`; ``templates``: those a class-description file is read with;
+    ``prompt_kinds``: which prompts of ASKG graphs, see ``text.prompt_kinds``; ``what``: the source as
+    the config names it, for the error of a file without the spatial / temporal split)."""
     try:
-        return load_prompts(path, class_names, templates=templates)
+        return load_prompts(path, class_names, only=prompt_kinds, templates=templates)
+    except UnsplitPromptsError as error:
+        raise unsplit_prompts_error(prompt_kinds, what or f"text.prompts={path}") from error
     except ValueError as error:  # the loader's errors name the file
         raise ConfigError(str(error)) from error
 
 
-def _k600_askg_prompts(class_names: Sequence[str]) -> dict[str, list[str]]:
+def _k600_askg_prompts(class_names: Sequence[str], prompt_kinds: str = ALL_PROMPT_KINDS) -> dict[str, list[str]]:
     """Shipped ASKG prompts of Kinetics-600 classes: the 220 new ones from ``k600_new``; the 12 K400
     classes that K600 only renamed (in the authors' 232-class list, ``k600_new_release``) from the
-    K400 graph of their K400 name (``K400_RENAMED_IN_K600``: the same action, so the same knowledge)."""
+    K400 graph of their K400 name (``K400_RENAMED_IN_K600``: the same action, so the same knowledge).
+    ``prompt_kinds``: as ``text.prompt_kinds``."""
     k400_name = {new: old for old, new in K400_RENAMED_IN_K600.items()}
     renamed = [name for name in class_names if name in k400_name]
     prompts = {}
     others = [name for name in class_names if name not in k400_name]
     if others:
-        prompts.update(_prompts_from_file(askg_path("k600_new"), others))
+        prompts.update(_prompts_from_file(askg_path("k600_new"), others, prompt_kinds=prompt_kinds))
     if renamed:
-        from_k400 = _prompts_from_file(askg_path("k400"), [k400_name[name] for name in renamed])
+        from_k400 = _prompts_from_file(askg_path("k400"), [k400_name[name] for name in renamed],
+                                       prompt_kinds=prompt_kinds)
         prompts.update({name: from_k400[k400_name[name]] for name in renamed})
     return {name: prompts[name] for name in class_names}
 
@@ -149,7 +170,7 @@ CLASS_DESCRIPTIONS = "class_descriptions"
 
 def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] = None,
                   dataset_prompts: Optional[Path] = None, with_templates: bool = False, templates: str = "stdd",
-                  class_name_form: str = "words") -> dict[str, list[str]]:
+                  class_name_form: str = "words", prompt_kinds: str = ALL_PROMPT_KINDS) -> dict[str, list[str]]:
     """``{class: [sentences]}`` in class order.
 
     ``source``: ``templates`` (the template set ``templates`` of
@@ -158,11 +179,15 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
     ``dataset`` (the dataset's own ``prompts.json``, e.g. the synthetic set), or a JSON file
     (prompts, ASKG, or class descriptions read with the template set). ``class_descriptions``
     stands for a class-description file the recipe needs and that was not given (an error).
-    ``with_templates`` adds the template sentences to file/ASKG prompts.
+    ``prompt_kinds`` (``text.prompt_kinds``, a key of :data:`~stdd.knowledge.prompts.PROMPT_KINDS`):
+    the spatial (S), temporal (T) or both (ST) prompts of ASKG graphs; S or T with a source that has no
+    such split is a :class:`ConfigError` naming ``text.prompt_kinds``.
+    ``with_templates`` adds the template sentences to file/ASKG prompts (after the chosen kinds).
     """
     key = (dataset or "").lower()
     if templates not in TEMPLATE_SETS:
         raise ConfigError(f"text.templates={templates!r}: expected one of {', '.join(TEMPLATE_SETS)}")
+    _check_prompt_kinds(prompt_kinds)
     template_set = TEMPLATE_SETS[templates]
     try:
         named = [prompt_name(key, n, class_name_form) for n in class_names]
@@ -171,6 +196,8 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
     templated = {name: sentences for name, sentences in
                  zip(class_names, template_prompts(named, template_set).values())}
     source = "templates" if source is None else str(source)
+    if source in ("templates", CLASS_DESCRIPTIONS) and prompt_kinds != ALL_PROMPT_KINDS:
+        raise unsplit_prompts_error(prompt_kinds, f"text.prompts={source}")
     if source == "templates":
         return templated
     if source == CLASS_DESCRIPTIONS:
@@ -182,7 +209,7 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
         if not key:
             raise ConfigError(f"text.prompts=askg needs a known dataset ({', '.join(ASKG_SETS)}, k600)")
         if key in ("k600", "k600_new_release"):
-            prompts = _k600_askg_prompts(class_names)
+            prompts = _k600_askg_prompts(class_names, prompt_kinds)
         else:
             try:
                 path = askg_path(key)
@@ -190,19 +217,49 @@ def build_prompts(source, class_names: Sequence[str], *, dataset: Optional[str] 
                 raise ConfigError(f"text.prompts=askg: {error}") from error
             if not path.is_file():
                 raise ConfigError(f"text.prompts=askg: no shipped ASKG prompts at {path}")
-            prompts = _prompts_from_file(path, class_names)
+            prompts = _prompts_from_file(path, class_names, prompt_kinds=prompt_kinds)
     elif source == "dataset":
         if dataset_prompts is None or not Path(dataset_prompts).is_file():
             raise ConfigError("text.prompts=dataset: this dataset has no prompts.json")
-        prompts = _prompts_from_file(Path(dataset_prompts), class_names)
+        prompts = _prompts_from_file(Path(dataset_prompts), class_names, prompt_kinds=prompt_kinds,
+                                     what=f"text.prompts=dataset ({dataset_prompts})")
     else:
         path = Path(os.path.expanduser(source))
         if not path.is_file():
             raise ConfigError(f"text.prompts {source!r}: expected templates, askg, dataset or a JSON file")
-        prompts = _prompts_from_file(path, class_names, template_set)
+        prompts = _prompts_from_file(path, class_names, template_set, prompt_kinds=prompt_kinds,
+                                     what=f"text.prompts={source}")
     if with_templates:
         prompts = {name: list(prompts[name]) + templated[name] for name in class_names}
     return prompts
+
+
+def check_prompt_kinds(cfg: DictConfig, source=None, *, dataset_prompts: Optional[Path] = None) -> None:
+    """Refuse ``text.prompt_kinds`` S or T with a prompt source that has no spatial / temporal split, from
+    what is known before a run generates or writes anything (:func:`build_prompts` refuses it as well, when
+    the prompts are read): ``text.prompts`` (or ``source``) ``templates`` or ``class_descriptions``, a prompts
+    or class-description file, or ``dataset`` prompts that are one: the synthetic set's ``prompts.json``
+    (always a prompts file), ``dataset_prompts`` where given, else a published split's prompts file."""
+    prompt_kinds = _check_prompt_kinds(str(cfg.text.prompt_kinds))
+    source = str(cfg.text.prompts if source is None else source)
+    if prompt_kinds == ALL_PROMPT_KINDS or source == "askg":
+        return
+    if source in ("templates", CLASS_DESCRIPTIONS):
+        raise unsplit_prompts_error(prompt_kinds, f"text.prompts={source}")
+    path = None
+    if source == "dataset":
+        what = "text.prompts=dataset"
+        if dataset_prompts is not None:
+            path, what = Path(dataset_prompts), f"{what} ({dataset_prompts})"
+        elif cfg.data.dataset == SYNTHETIC_DATASET:
+            raise unsplit_prompts_error(prompt_kinds, f"{what} (the synthetic set's prompts.json, a prompts file)")
+        elif cfg.data.dataset == PUBLISHED_DATASET and cfg.data.published.protocol is not None:
+            path = published_split_of(cfg)[0].prompts
+            what = f"{what} ({path})"
+    else:
+        path, what = Path(os.path.expanduser(source)), f"text.prompts={source}"
+    if path is not None and Path(path).is_file() and not has_prompt_kinds(path):
+        raise unsplit_prompts_error(prompt_kinds, what)
 
 
 def text_features_for(text_encoder, prompts: dict, text_cfg, class_list: Optional[Sequence[str]] = None) -> "object":
@@ -371,7 +428,8 @@ class TrainingTask:
         self.class_names = self.train_spec.class_names
         prompts = build_prompts(cfg.text.prompts, self.class_names, dataset=self.train_spec.dataset_key,
                                 dataset_prompts=self.train_spec.prompts_file, with_templates=cfg.text.with_templates,
-                                templates=cfg.text.templates, class_name_form=cfg.text.class_name_form)
+                                templates=cfg.text.templates, class_name_form=cfg.text.class_name_form,
+                                prompt_kinds=cfg.text.prompt_kinds)
         features = text_features_for(text_encoder, prompts, cfg.text)
         del text_encoder  # frozen and no longer needed: training reads the cached features
         self.module = TrainingModule(model, features.features, features.mask)

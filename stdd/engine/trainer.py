@@ -77,7 +77,7 @@ from .precision import autocast
 from .resume import check_resume_config
 from .runlock import acquire_lock, describe_holder
 from .runlog import RESTART_EVENT, RESUME_EVENT, Progress, RunLogger
-from .task import build_training_task, prepare_synthetic
+from .task import build_training_task, check_prompt_kinds, prepare_synthetic
 
 
 def seed_everything(seed: int) -> None:
@@ -135,6 +135,7 @@ class Trainer:
         self.quiet = quiet
         self.allow_config_change = tuple(allow_config_change)
         _check_policies(cfg)
+        check_prompt_kinds(cfg)  # a prompt source without the spatial / temporal split: before anything is written
         self.run_directory = Path(os.path.expanduser(str(cfg.run.output_dir)))
         self.checkpoint_directory = self.run_directory / "checkpoints"
         self.logger = None

@@ -67,6 +67,11 @@ class PromptSourceError(AskgError, ValueError):
     """A prompt source cannot be read, is malformed or lacks classes; the message names it."""
 
 
+class UnsplitPromptsError(PromptSourceError):
+    """Spatial or temporal prompts alone (``only`` S or T) were asked of a source that does not keep them
+    apart: a prompts file ``{"class": [sentences]}`` or a class-description file."""
+
+
 def _check_class_names(class_names, name: str = "class_names") -> list[str]:
     if isinstance(class_names, str) or not isinstance(class_names, Sequence):
         raise ValueError(f"{name} must be a sequence of class-name strings, got {type(class_names).__name__}")
@@ -177,14 +182,42 @@ def _cache_entry_result(cache: Path, name: str) -> object:
 
 
 PROMPT_KINDS = {"S": ("spatial",), "T": ("temporal",), "ST": ("spatial", "temporal")}
+ALL_PROMPT_KINDS = "ST"  # every prompt of a graph: what a source without the split gives
+
+
+def _prompt_kinds(only: str) -> tuple[str, ...]:
+    kinds = PROMPT_KINDS.get(str(only).upper())
+    if kinds is None:
+        raise ValueError(f"--only {only!r}: expected one of {', '.join(PROMPT_KINDS)}")
+    return kinds
 
 
 def prompt_lists(graphs: dict[str, dict], only: str = "ST") -> dict[str, list[str]]:
     """{class: [sentences]}: spatial, temporal, or spatial then temporal prompts."""
-    kinds = PROMPT_KINDS.get(only.upper())
-    if kinds is None:
-        raise ValueError(f"--only {only!r}: expected one of {', '.join(PROMPT_KINDS)}")
+    kinds = _prompt_kinds(only)
     return {name: [s for kind in kinds for s in graph["prompts"][kind]] for name, graph in graphs.items()}
+
+
+def has_prompt_kinds(source: Union[str, os.PathLike]) -> bool:
+    """Whether a prompt source keeps spatial and temporal prompts apart: ASKG graphs (a shipped set name,
+    an ASKG file, a build directory) do; a prompts file ``{"class": [sentences]}`` and a class-description
+    file do not. A file that cannot be read as JSON counts as graphs here: :func:`load_prompts` says
+    what is wrong with it."""
+    path = Path(os.path.expanduser(str(source)))
+    if not path.exists() and isinstance(source, str) and source.lower() in ASKG_SETS:
+        return True
+    if not path.is_file():
+        return True
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return True
+    return not _is_unsplit(document)
+
+
+def _is_unsplit(document) -> bool:
+    """A prompts or class-description document: prompts without a spatial / temporal split."""
+    return is_class_descriptions(document) or (isinstance(document, dict) and "classes" not in document)
 
 
 def format_graph(name: str, graph: dict) -> str:
@@ -270,8 +303,8 @@ def load_prompts(
     an ASKG json (shipped format or ``build --out DIR/askg.json``), a build
     directory (``allow_missing``: classes not built yet are left out), or a
     prompts json ``{"class": ["sentence", ...]}`` such as ``python -m stdd.askg
-    prompts`` writes (``only`` applies to graphs: a prompts file cannot be re-split),
-    or a class-description file ``{"0": "Name: description", ...}`` (FROSTER's), whose
+    prompts`` writes (``only`` applies to graphs: a prompts file cannot be re-split, so ``only`` S or
+    T with it is an :class:`UnsplitPromptsError`), or a class-description file ``{"0": "Name: description", ...}`` (FROSTER's), whose
     prompts are :func:`description_prompts` with ``templates`` and whose entries are
     matched to ``class_names`` by their names' letters and digits (by position when
     some do not match and the file lists as many classes).
@@ -281,6 +314,7 @@ def load_prompts(
     the source, or, with ``partial``, left out.
     Errors are :class:`PromptSourceError` (an ``AskgError`` and a ``ValueError``).
     """
+    kinds = _prompt_kinds(only)
     path = Path(os.path.expanduser(str(source)))
     if not path.exists() and isinstance(source, str) and source.lower() in ASKG_SETS:
         path = askg_path(source)
@@ -292,6 +326,11 @@ def load_prompts(
             document = json.loads(path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise PromptSourceError(f"prompt file {path} is not valid UTF-8 JSON: {error}") from None
+    if _is_unsplit(document) and kinds != PROMPT_KINDS[ALL_PROMPT_KINDS]:
+        what = "class-description" if is_class_descriptions(document) else "prompts"
+        raise UnsplitPromptsError(f"prompt file {path} is a {what} file, not ASKG graphs: its prompts are not "
+                                  f"split into spatial and temporal ones, so only={only!r} cannot be applied "
+                                  f"(only {ALL_PROMPT_KINDS})")
     if is_class_descriptions(document):
         return _description_prompts(document, path, class_names, templates, partial)
     if isinstance(document, dict) and "classes" not in document:
