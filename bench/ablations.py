@@ -168,16 +168,18 @@ def _text(spread: dict) -> str:
 
 
 def full_scale_commands() -> list[str]:
+    """The same grid on Kinetics-400 -> UCF101 (EP3) at full scale: what each preset's header says."""
+    evaluate = ("--protocol ep3 --format ucf101 --classes ucf101 --root /data/ucf101/videos "
+                "--annotations testlist01.txt testlist02.txt testlist03.txt")
     lines = []
-    for label, preset in ROWS:
+    for _, preset in ROWS:
         if preset == "table4_frozen":
-            lines.append(f"python -m stdd.eval --config {preset} --protocol ep3 --format ucf101 --annotations "
-                         "testlist01.txt testlist02.txt testlist03.txt --root /data/ucf101")
+            lines.append(f"python -m stdd.eval --config {preset} {evaluate} --out-dir runs/{preset}")
         else:
             lines.append(f"torchrun --nproc_per_node=8 -m stdd.train --config {preset} data.root=/data/k400 "
                          "data.train_annotations=/data/k400/train.csv data.val_annotations=/data/k400/val.csv && "
-                         f"python -m stdd.eval --checkpoint runs/{preset}/final.pt --protocol ep3 --format ucf101 "
-                         "--annotations testlist01.txt testlist02.txt testlist03.txt --root /data/ucf101")
+                         f"python -m stdd.eval --checkpoint runs/{preset}/averaged.pt {evaluate} "
+                         f"--out-dir runs/{preset}/eval_ucf101")
     return lines
 
 
