@@ -325,3 +325,23 @@ def test_every_table4_preset_is_its_row_and_runs(preset, tmp_path, data_root, cl
         assert result["global_step"] == 1
         stored = json.dumps(OmegaConf.to_container(OmegaConf.load(tmp_path / "run" / "config.yaml")))
         assert f'"adaptation": "{cfg.model.adaptation}"' in stored
+
+
+def test_the_release_settings_train_and_predict_with_prompt_adaptation(tmp_path, data_root, clip_files):
+    """The authors' release's STCA (k400_vitb16_official: official mixing, per-block shuffled phases, shuffled
+    evaluation phases) with prompt-based adaptation: a run, then a prediction from its checkpoint."""
+    from omegaconf import OmegaConf
+
+    from stdd.engine.trainer import run_training
+    from stdd.predict import predict
+
+    official = load_config("k400_vitb16_official")
+    release = [f"model.stca.{key}={value}" for key, value in OmegaConf.to_container(official.model.stca).items()
+               if key in ("mixing", "mask_rounding", "shuffle_phases", "per_block_phases", "eval_shuffle_phases")]
+    cfg = _prompt_run(tmp_path / "run", data_root, clip_files[0], "optim.epochs=1", *release)
+    assert cfg.model.stca.mixing == "official" and cfg.model.stca.per_block_phases
+    result = run_training(cfg, quiet=True)
+    video = sorted(Path(cfg.data.root).rglob("*.mp4"))[0]
+    predictions = predict(video, ["moving left", "moving right"], checkpoint=result["final_weights"],
+                          trust_checkpoint_pretrained=True, top_k=2, device="cpu")
+    assert len(predictions) == 1 and len(predictions[0]["predictions"]) == 2
