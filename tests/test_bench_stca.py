@@ -126,11 +126,15 @@ def test_default_output_is_a_temporary_directory(bench, capsys):
 
 
 def test_an_interrupted_run_keeps_every_row_it_printed(tmp_path):
-    """SIGINT (what a step timeout sends) after the first row: the JSON holds what was printed."""
+    """SIGINT (what a step timeout sends) after the first row: the JSON holds what was printed.
+
+    The stack section follows the op rows, so the run is still going when the signal comes even where this
+    test's process is slow to read the first row (on a loaded machine the four tiny op rows alone were
+    done before it was read, and the run ended normally)."""
     out = tmp_path / "stca.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     process = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--skip-stack", "--repeats", "400",
+        [sys.executable, str(SCRIPT), "--tiny", "--device", "cpu", "--skip-compiled", "--repeats", "400",
          "--backends", "reference", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=tmp_path,
     )
@@ -148,5 +152,5 @@ def test_an_interrupted_run_keeps_every_row_it_printed(tmp_path):
     assert process.returncode == 130, rest
     record = json.loads(out.read_text())
     assert record["status"] == "interrupted"
-    assert 1 <= len(record["ops"]) < 4 and out.with_suffix(".csv").is_file()
+    assert 1 <= len(record["ops"]) <= 4 and out.with_suffix(".csv").is_file()
     assert record["ops"][0]["op"] == "mix_gather" and record["ops"][0]["median_ms"] > 0

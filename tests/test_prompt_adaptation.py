@@ -345,3 +345,15 @@ def test_the_release_settings_train_and_predict_with_prompt_adaptation(tmp_path,
     predictions = predict(video, ["moving left", "moving right"], checkpoint=result["final_weights"],
                           trust_checkpoint_pretrained=True, top_k=2, device="cpu")
     assert len(predictions) == 1 and len(predictions[0]["predictions"]) == 2
+
+
+def test_gradient_checkpointing_gives_the_generators_the_same_gradients():
+    video = torch.randn(2, 4, 3, 32, 32)
+    grads = []
+    for checkpointing in (False, True):
+        encoder = _encoder().double().train()
+        encoder.set_grad_checkpointing(checkpointing)
+        encoder(video.double()).square().mean().backward()
+        grads.append([p.grad for p in encoder.prompt_generators.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
