@@ -357,3 +357,43 @@ def test_gradient_checkpointing_gives_the_generators_the_same_gradients():
         grads.append([p.grad for p in encoder.prompt_generators.parameters()])
     for a, b in zip(*grads):
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- bench/ablations.py
+
+
+def test_the_ablation_bench_runs_the_grid_and_writes_its_record(tmp_path):
+    """bench/ablations.py on a tiny set, one seed, one epoch: the stand-in is exported as an open_clip file whose
+    image tower is the frame-only run's, every Table 4 row runs from it with its preset's row keys, and the record
+    holds every row, the summary table and the full-scale commands."""
+    pytest.importorskip("av")
+    import importlib.util
+
+    from omegaconf import OmegaConf
+
+    from stdd.engine.checkpoint import load_weights
+
+    spec = importlib.util.spec_from_file_location("bench_ablations", PRESET_DIR.parents[1] / "bench" / "ablations.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert sorted(preset for _, preset in bench.ROWS) == TABLE4
+    overrides = bench.row_overrides("table4_prompt_wsm_mcm_separate")
+    cfg = load_config("demo", overrides)
+    for key, value in _row("table4_prompt_wsm_mcm_separate").items():
+        assert OmegaConf.select(cfg, key) == value
+
+    out = tmp_path / "record.json"
+    tiny = [o for o in TINY_RUN if not o.startswith("checkpoint.")] + ["optim.epochs=1"]
+    assert bench.main(["--machine", "test", "--seeds", "0", "--work-dir", str(tmp_path / "work"), "--out", str(out),
+                       *tiny]) == 0
+    record = json.loads(out.read_text())
+    runs = record["runs"]["0"]
+    assert set(runs) == {"clip_standin", *TABLE4}
+    assert runs["table4_frozen"]["top1"] == runs["clip_standin"]["top1"]  # the stand-in, scored as it is
+    assert set(record["summary"]) == set(TABLE4) and len(record["full_scale_commands"]) == len(TABLE4)
+    assert all(runs[p]["overrides"][-1] == f"run.output_dir={tmp_path / 'work' / 'seed0' / p}" for p in TABLE4)
+    # The exported file holds the frame-only run's image tower.
+    standin = load_weights(tmp_path / "work" / "seed0" / "clip_standin" / "final.pt")["model"]
+    clip, _ = load_clip(TINY_MODEL, str(tmp_path / "work" / "seed0" / "clip_standin.pt"))
+    for name, value in clip.visual.state_dict().items():
+        assert torch.equal(value, standin[f"video_encoder.visual.{name}"]), name
