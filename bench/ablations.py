@@ -196,7 +196,6 @@ def main(argv=None) -> int:
             parser.error(f"the preset {preset} is missing from {PRESET_DIR}")
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="stdd-ablations-"))
     out = Path(args.out or REPO / "bench" / "results" / f"ablations_table4_{args.machine}.json")
-    torch.set_num_threads(torch.get_num_threads())
     start = time.time()
     seeds = {}
     for seed in args.seeds:
