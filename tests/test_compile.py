@@ -17,26 +17,11 @@ import pytest
 import torch
 
 import stdd_kernels
+from triton_helpers import GraphRecorder
 
 triton_backend = importlib.import_module("stdd_kernels.triton_backend")
 triton_backend.reload_kernels()
 DEVICE = "cpu" if importlib.import_module("stdd_kernels.triton_mix_gather").interpreting() else "cuda"
-
-
-class GraphRecorder:
-    """A compile backend that keeps dynamo's graphs and hands them on to aot_eager."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, graph_module, example_inputs):
-        from torch._dynamo.backends.debugging import aot_eager
-
-        self.graphs.append(graph_module)
-        return aot_eager(graph_module, example_inputs)
-
-    def code(self) -> str:
-        return "\n".join(graph.code for graph in self.graphs)
 
 
 def _inputs(seed=0, rows=6, tokens=17, channels=16):

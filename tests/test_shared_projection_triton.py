@@ -24,7 +24,6 @@ gets bfloat16 ``tl.dot`` wrong, so project_mixed's bfloat16 forward runs on a GP
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import subprocess
 import sys
@@ -42,6 +41,7 @@ import torch.nn.functional as F
 import stdd_kernels
 from stdd_kernels import reference
 from stdd_kernels.geometry import make_geometry
+from triton_helpers import GraphRecorder, hopper_script, run_hopper_script
 
 triton_backend = importlib.import_module("stdd_kernels.triton_backend")
 triton_backend.reload_kernels()  # in case stdd_kernels was imported before the variable was set
@@ -251,7 +251,7 @@ def test_noncontiguous_inputs_and_gradients(poisoned_scratch):
     expanded (stride-0) and permuted upstream gradients."""
     case = CASES[1]
     geometry = geometry_of(case)
-    rows, tokens, D = case.clips * case.frames, 1 + case.grid**2, case.channels
+    rows, D = case.clips * case.frames, case.channels
     x = tokens_of(case).permute(2, 0, 1).contiguous().permute(1, 2, 0)  # channel stride B*T*(1+N)
     weight = (randn(2 * D, seed=11) + 1)[::2]  # stride 2
     phase = phases_of(case, seed=12).to(torch.int32).t().contiguous().t()
@@ -557,22 +557,6 @@ def test_double_backward_is_refused_loudly():
         grad_x.square().sum().backward()
 
 
-class GraphRecorder:
-    """A compile backend that keeps dynamo's graphs and hands them on to aot_eager."""
-
-    def __init__(self):
-        self.graphs = []
-
-    def __call__(self, graph_module, example_inputs):
-        from torch._dynamo.backends.debugging import aot_eager
-
-        self.graphs.append(graph_module)
-        return aot_eager(graph_module, example_inputs)
-
-    def code(self) -> str:
-        return "\n".join(graph.code for graph in self.graphs)
-
-
 def test_mix_project_traces_fullgraph():
     """torch.compile(fullgraph=True) over the full path's projection, mix_project (validate=False)
     and something after it: one graph with the stdd_triton ops, the same numbers and gradients."""
@@ -682,32 +666,12 @@ def test_launch_config_rules():
 # A subprocess without TRITON_INTERPRET: the real launchers call the kernels, Triton's runtime
 # specializes and compiles them for sm_90 (a stand-in driver names the target; warmup=True
 # compiles without launching), as on an H100/H200.
-COMPILE_FOR_HOPPER = textwrap.dedent(
-    r"""
-    import json, os, re, subprocess, sys, tempfile
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import JITFunction
-    import stdd_kernels
+COMPILE_FOR_HOPPER = hopper_script(
+    imports="""
     from stdd_kernels import triton_mix_project as kernels
     from stdd_kernels.geometry import make_geometry
-
-    class Hopper:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-        def get_current_device(self):
-            return 0
-        def get_current_stream(self, device=None):
-            return 0
-
-    triton.runtime.driver.set_active(Hopper())
-    compiled = []
-
-    def compile_instead_of_launching(kernel):
-        def run(*args, grid, warmup, **kwargs):
-            compiled.append((kernel, JITFunction.run(kernel, *args, grid=grid, warmup=True, **kwargs)))
-        kernel.run = run
-
+    """,
+    body=r"""
     ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 
     def resources(ptx):
@@ -761,19 +725,12 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
                 ops=sorted(set(re.findall(r"\b(?:div|sqrt|mma|wgmma)[.\w]*", ptx))),
                 spills=spills, registers=registers,
             )))
-    """
+    """,
 )
 
 
 def compile_for_hopper(configs) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_HOPPER, json.dumps(configs)], cwd=root, env=env, capture_output=True,
-        text=True, timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return run_hopper_script(COMPILE_FOR_HOPPER, configs, timeout=900)
 
 
 PAPER = dict(mask_ratio=0.5, scales=(1, 2), mixing="continual")

@@ -19,11 +19,7 @@ PyTorch's own computation in that precision (exact where PyTorch is exact).
 from __future__ import annotations
 
 import importlib
-import json
 import os
-import subprocess
-import sys
-import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -36,6 +32,7 @@ import pytest
 import stdd_kernels
 from stdd_kernels import reference
 from stdd_kernels.geometry import check_phase_tensor, make_geometry, same_device
+from triton_helpers import hopper_script, run_hopper_script
 
 triton_backend = importlib.import_module("stdd_kernels.triton_backend")
 triton_backend.reload_kernels()  # in case stdd_kernels was imported before the variable was set
@@ -558,32 +555,12 @@ def test_launch_config_rule():
 # specializes them (strides of 1 become constants, 16-divisible ints and pointers get
 # divisibility hints) and compiles them for sm_90, as on an H100/H200. A stand-in
 # driver names the target; warmup=True compiles without launching (no GPU needed).
-COMPILE_FOR_HOPPER = textwrap.dedent(
-    r"""
-    import json, re, sys
-    import torch, triton
-    from triton.backends.compiler import GPUTarget
-    from triton.runtime.jit import JITFunction
-    import stdd_kernels
+COMPILE_FOR_HOPPER = hopper_script(
+    imports="""
     from stdd_kernels import triton_mix_gather, triton_pad_scatter
     from stdd_kernels.geometry import check_phase_tensor, make_geometry, same_device
-
-    class Hopper:
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-        def get_current_device(self):
-            return 0
-        def get_current_stream(self, device=None):
-            return 0
-
-    triton.runtime.driver.set_active(Hopper())
-    compiled = []
-
-    def compile_instead_of_launching(kernel):
-        def run(*args, grid, warmup, **kwargs):
-            compiled.append((kernel, JITFunction.run(kernel, *args, grid=grid, warmup=True, **kwargs)))
-        kernel.run = run
-
+    """,
+    body=r"""
     for kernel in (triton_mix_gather._mix_gather_forward_kernel, triton_mix_gather._mix_gather_backward_kernel,
                    triton_pad_scatter._pad_scatter_forward_kernel, triton_pad_scatter._pad_scatter_backward_kernel):
         compile_instead_of_launching(kernel)
@@ -616,20 +593,13 @@ COMPILE_FOR_HOPPER = textwrap.dedent(
                            if ["tt.divisibility", 16] in [list(a) for a in attrs]],
                 ops=sorted(set(re.findall(r"\b(?:ld|st)\.global[.\w]*|\bdiv[.\w]*", result.asm["ptx"]))),
             )))
-    """
+    """,
 )
 
 
 def compile_for_hopper(configs) -> list[dict]:
     """Run COMPILE_FOR_HOPPER on ``configs``; one record per compiled kernel."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run(
-        [sys.executable, "-c", COMPILE_FOR_HOPPER, json.dumps(configs)], cwd=root, env=env, capture_output=True,
-        text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    return run_hopper_script(COMPILE_FOR_HOPPER, configs, timeout=600)
 
 
 PAPER_SETTINGS = dict(mask_ratio=0.5, scales=(1, 2), mixing="continual")
