@@ -47,6 +47,7 @@ from provenance import git_commit  # noqa: E402
 from stdd.engine.checkpoint import load_weights  # noqa: E402
 from stdd.engine.comparison import train_and_evaluate  # noqa: E402
 from stdd.engine.config import PRESET_DIR, load_config  # noqa: E402
+from stdd.engine.metrics import confusion_matrix, per_class_accuracy  # noqa: E402
 from stdd.engine.trainer import Trainer  # noqa: E402
 from stdd.files import atomic_write  # noqa: E402
 from stdd.model import load_clip  # noqa: E402
@@ -108,10 +109,11 @@ def evaluate_only(cfg) -> dict:
 
 
 def _result(evaluation: dict, class_names, seconds: float) -> dict:
-    labels = torch.tensor(evaluation["val_labels"])
-    predictions = torch.tensor(evaluation["val_predictions"])
-    per_class = {name: round(float((predictions[labels == i] == i).float().mean() * 100), 2)
-                 for i, name in enumerate(class_names) if (labels == i).any()}
+    """The row of an evaluation, with its per-class top-1 as ``train_and_evaluate`` gives it."""
+    matrix = confusion_matrix(torch.tensor(evaluation["val_labels"]), torch.tensor(evaluation["val_predictions"]),
+                              len(class_names))
+    accuracy, counts = per_class_accuracy(matrix)
+    per_class = {name: round(float(value), 2) for name, value, count in zip(class_names, accuracy, counts) if count}
     return {"top1": evaluation["val_top1"], "top5": evaluation["val_top5"], "per_class_top1": per_class,
             "seconds": round(seconds, 1)}
 
